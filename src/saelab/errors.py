@@ -1,0 +1,31 @@
+"""One exception type for bad input, so the CLI can print it as one line and exit non-zero."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed. The message names the field and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str | Iterable[Any]):
+        if not isinstance(allowed, str):
+            allowed = "one of " + ", ".join(repr(a) for a in allowed)
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={value!r} is not allowed: expected {allowed}")
+
+
+def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(field, value, choices)
+
+
+def check_positive(field: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
+    kind = "integer" if integer else "number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(field, value, f"a {kind}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(field, value, f"a {'non-negative' if allow_zero else 'positive'} {kind}")

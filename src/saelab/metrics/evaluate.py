@@ -1,0 +1,26 @@
+"""Run an SAE over held-out activations and return the reconstruction metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saelab.metrics.reconstruction import ReconstructionMetrics
+from saelab.saes.base import SAE
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, acts: Tensor, batch_size: int) -> tuple[dict[str, float], Tensor]:
+    """Metrics on `acts` (normalised held-out activations) and the per-latent log10 firing density."""
+    was_training = sae.training
+    sae.eval()
+    device = next(sae.parameters()).device
+    metrics = ReconstructionMetrics(sae.d_sae)
+    try:
+        for start in range(0, len(acts), batch_size):
+            x = acts[start : start + batch_size].to(device)
+            f = sae.encode(x)
+            metrics.update(x, sae.decode(f), f)
+    finally:
+        sae.train(was_training)
+    return metrics.compute(), metrics.log10_density()

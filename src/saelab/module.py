@@ -1,0 +1,99 @@
+"""The LightningModule that trains any SAE variant through the contract in saes/base.py.
+
+It knows nothing variant-specific: it sums the named loss terms, schedules the named coefficients,
+applies the unit-norm decoder constraint, and keeps the dead-latent statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from saelab.saes.base import SAE
+
+
+def lr_factor(step: int, max_steps: int, warmup_steps: int, warmup: str, decay_fraction: float) -> float:
+    """Warm-up from 0.1 lr (linear or cosine), then constant, then linear decay to 0 over the final fraction."""
+    factor = 1.0
+    if warmup_steps > 0 and step < warmup_steps:
+        t = step / warmup_steps
+        shape = t if warmup == "linear" else 0.5 * (1 - math.cos(math.pi * t))
+        factor = 0.1 + 0.9 * shape
+    decay_steps = int(decay_fraction * max_steps)
+    if decay_steps > 0 and step >= max_steps - decay_steps:
+        factor *= max(0.0, (max_steps - step) / decay_steps)
+    return factor
+
+
+class SAEModule(L.LightningModule):
+    def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int):
+        super().__init__()
+        self.sae = sae
+        self.optim_cfg = dict(optim)
+        self.max_steps = int(max_steps)
+        self.dead_window_tokens = int(dead_window_tokens)
+        # The normalisation scale C: saved in checkpoints, folded into the exported SAE.
+        self.register_buffer("norm_scale", torch.tensor(1.0, dtype=torch.float64))
+        self._step_times: deque[tuple[float, int]] = deque(maxlen=21)
+
+    def coefficients(self) -> dict[str, float]:
+        step = self.global_step
+        return {
+            name: value * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+            for name, (value, warmup) in self.sae.scheduled_coefficients.items()
+        }
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        coefficients = self.coefficients()
+        out = self.sae.training_loss(batch, coefficients)
+        loss = sum(out.terms.values())
+        if not torch.isfinite(loss):
+            bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
+            raise FloatingPointError(f"non-finite loss at step {self.global_step} in term(s) {bad}")
+        self.sae.record_firing(out.feature_acts)
+        logs = {f"loss/{name}": term.detach() for name, term in out.terms.items()}
+        logs |= {f"coef/{name}": value for name, value in coefficients.items()}
+        logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
+        logs["train/l0"] = (out.feature_acts > 0).sum(-1).float().mean()
+        logs["lr"] = self.optimizers().param_groups[0]["lr"]
+        if self.global_step % 50 == 0:
+            logs["train/dead_fraction"] = self.sae.dead_mask(self.dead_window_tokens).float().mean()
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self._log_throughput(batch.shape[0])
+        return loss
+
+    def _log_throughput(self, n_tokens: int) -> None:
+        """Tokens/s over the last 20 steps, data generation included (what the run actually achieves)."""
+        self._step_times.append((time.perf_counter(), n_tokens))
+        if len(self._step_times) > 1:
+            (t0, _), (t1, _) = self._step_times[0], self._step_times[-1]
+            tokens = sum(n for _, n in list(self._step_times)[1:])
+            self.log("tok/s", tokens / max(t1 - t0, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.sae.unit_norm_decoder:
+            self.sae.remove_parallel_decoder_grad()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.sae.unit_norm_decoder:
+            self.sae.normalise_decoder()
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        betas = tuple(cfg["betas"]) if cfg.get("betas") is not None else self.sae.recipe_adam_betas
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=float(cfg["lr"]), betas=betas)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, self.max_steps, int(cfg["lr_warmup_steps"]), str(cfg["lr_warmup"]),
+                                   float(cfg["lr_decay_fraction"])),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

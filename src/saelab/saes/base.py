@@ -1,0 +1,183 @@
+"""The SAE contract that every variant implements, and the factory that builds one from its config.
+
+The LightningModule only talks to this interface: it sums the named loss terms of `training_loss`,
+schedules the coefficients named in `scheduled_coefficients`, applies the decoder constraint and records
+which latents fired. Adding a variant is one Python file (a subclass + its `Config`) and one YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from saelab.errors import ConfigError, check_choice, check_positive
+
+
+@dataclass
+class SAEConfig:
+    """Knobs shared by every variant. Variants subclass this and add their own fields."""
+
+    d_in: int
+    d_sae: int | None = None  # number of latents; null = round(expansion_factor * d_in)
+    expansion_factor: float | None = 8.0
+    sparsity_coefficient: float = 0.0  # lambda, on the summed-over-dimensions MSE scale
+    sparsity_warmup_steps: int = 0  # linear warm-up of lambda from 0
+    decoder_constraint: str = "unit_norm"  # unit_norm | none
+    decoder_init_norm: float = 1.0  # norm of each decoder row at initialisation
+    apply_b_dec_to_input: bool = True  # the encoder sees x - b_dec
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field. Subclasses extend this and call super()."""
+        check_positive("sae.d_in", self.d_in, integer=True)
+        if self.d_sae is None:
+            if self.expansion_factor is None:
+                raise ConfigError("sae.d_sae", None, "an integer, or set sae.expansion_factor")
+            check_positive("sae.expansion_factor", self.expansion_factor)
+        else:
+            check_positive("sae.d_sae", self.d_sae, integer=True)
+        check_positive("sae.sparsity_coefficient", self.sparsity_coefficient, allow_zero=True)
+        check_positive("sae.sparsity_warmup_steps", self.sparsity_warmup_steps, allow_zero=True, integer=True)
+        check_choice("sae.decoder_constraint", self.decoder_constraint, ("unit_norm", "none"))
+        check_positive("sae.decoder_init_norm", self.decoder_init_norm)
+
+    @property
+    def width(self) -> int:
+        if self.d_sae is not None:
+            return int(self.d_sae)
+        return max(1, round(float(self.expansion_factor) * self.d_in))
+
+
+@dataclass
+class TrainStep:
+    """What one training forward returns: the named loss terms (summed into the loss) and the latents."""
+
+    terms: dict[str, Tensor]
+    feature_acts: Tensor  # [batch, d_sae], the latents used for L0 and dead-latent bookkeeping
+    extras: dict[str, Tensor] = field(default_factory=dict)  # logged as-is, not part of the loss
+
+
+def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """E_b ||x - x_hat||^2, summed over dimensions (SPEC section 0)."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+class SAE(nn.Module):
+    """Base class. Weights follow SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in]."""
+
+    Config: ClassVar[type[SAEConfig]] = SAEConfig
+    saelens_architecture: ClassVar[str] = "standard"
+    recipe_adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in, self.d_sae = int(cfg.d_in), cfg.width
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+        # Tokens seen since each latent last fired: dead-latent bookkeeping, saved in checkpoints.
+        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.long))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    # -- initialisation -------------------------------------------------------------------------
+    def init_decoder_and_tied_encoder(self) -> Tensor:
+        """Kaiming-uniform decoder rows scaled to `decoder_init_norm`; returns W_dec^T for W_enc."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.W_dec)
+            self.W_dec.mul_(self.cfg.decoder_init_norm / self.W_dec.norm(dim=1, keepdim=True))
+            return self.W_dec.t().clone().contiguous()
+
+    # -- the contract -----------------------------------------------------------------------------
+    def centre(self, x: Tensor) -> Tensor:
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def encode(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+        raise NotImplementedError
+
+    @property
+    def scheduled_coefficients(self) -> dict[str, tuple[float, int]]:
+        """name -> (final value, linear warm-up steps). The module passes the scheduled values back."""
+        return {"sparsity": (float(self.cfg.sparsity_coefficient), int(self.cfg.sparsity_warmup_steps))}
+
+    # -- decoder constraint -------------------------------------------------------------------------
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.cfg.decoder_constraint == "unit_norm"
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """g_i <- g_i - (g_i . d_i) d_i for unit-norm rows d_i, so the step does not change their norm."""
+        grad = self.W_dec.grad
+        if grad is not None:
+            grad.sub_((grad * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def record_firing(self, feature_acts: Tensor) -> None:
+        fired = (feature_acts > 0).any(dim=0)
+        self.tokens_since_fired.add_(feature_acts.shape[0]).masked_fill_(fired, 0)
+        self.tokens_seen.add_(feature_acts.shape[0])
+
+    def dead_mask(self, window_tokens: int) -> Tensor:
+        """Latents that have not fired in the last `window_tokens` tokens (or ever, if fewer were seen)."""
+        return self.tokens_since_fired >= min(int(window_tokens), max(int(self.tokens_seen), 1))
+
+    # -- export ------------------------------------------------------------------------------------------
+    def export_tensors(self, scale: float) -> dict[str, Tensor]:
+        """SAELens tensors for a model that takes raw activations x_raw = scale * x.
+
+        Biases and thresholds scale by `scale`, weights do not, so latents scale by `scale` too.
+        """
+        raise NotImplementedError
+
+    def export_config(self) -> dict[str, Any]:
+        """Architecture-specific cfg.json fields (beyond d_in, d_sae, ...)."""
+        return {"architecture": self.saelens_architecture}
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """YAML and the CLI turn 2e6 into a float: accept integral floats for int fields."""
+    if hint in (int, int | None) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def build_sae(sae_cfg: Mapping[str, Any]) -> SAE:
+    """Build and validate an SAE from its config group (`_target_` names the SAE class)."""
+    from hydra.utils import get_class
+
+    cfg = dict(sae_cfg)
+    target = cfg.pop("_target_", None)
+    try:
+        cls = get_class(str(target))
+    except Exception:
+        raise ConfigError("sae._target_", target, "an importable SAE class path") from None
+    if not (isinstance(cls, type) and issubclass(cls, SAE)):
+        raise ConfigError("sae._target_", target, "a subclass of saelab.saes.SAE")
+    config_cls = cls.Config
+    hints = typing.get_type_hints(config_cls)
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    for key, value in cfg.items():
+        if key not in names:
+            raise ConfigError(f"sae.{key}", value, f"a field of {cls.__name__}: " + ", ".join(names))
+    config = config_cls(**{k: _coerce(v, hints.get(k)) for k, v in cfg.items()})
+    config.validate()
+    return cls(config)

@@ -1,0 +1,51 @@
+"""ReLU SAE, the baseline (SPEC section 1): f = ReLU(W_enc (x - b_dec) + b_enc)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from saelab.errors import check_choice
+from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+
+
+@dataclass
+class ReluConfig(SAEConfig):
+    sparsity: str = "l1"  # l1: lambda ||f||_1 | ri_l1: lambda sum_i f_i ||d_i|| (April-2024 update)
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("sae.sparsity", self.sparsity, ("l1", "ri_l1"))
+
+
+class ReluSAE(SAE):
+    Config = ReluConfig
+    saelens_architecture = "standard"
+
+    def __init__(self, cfg: ReluConfig):
+        super().__init__(cfg)
+        self.W_enc = nn.Parameter(self.init_decoder_and_tied_encoder())
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(self.centre(x) @ self.W_enc + self.b_enc)
+
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        if self.cfg.sparsity == "l1":
+            penalty = f.sum(-1).mean()
+        else:
+            penalty = (f @ self.W_dec.norm(dim=1)).mean()
+        return TrainStep({"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
+
+    def export_tensors(self, scale: float) -> dict[str, Tensor]:
+        return {
+            "W_enc": self.W_enc.detach().clone(),
+            "W_dec": self.W_dec.detach().clone(),
+            "b_enc": self.b_enc.detach() * scale,
+            "b_dec": self.b_dec.detach() * scale,
+        }
