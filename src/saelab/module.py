@@ -79,13 +79,11 @@ class SAEModule(L.LightningModule):
             self.log("tok/s", tokens / max(t1 - t0, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.sae.unit_norm_decoder:
-            self.sae.remove_parallel_decoder_grad()
+        self.sae.before_optimizer_step()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self.sae.unit_norm_decoder:
-            self.sae.normalise_decoder()
+        self.sae.after_optimizer_step()
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

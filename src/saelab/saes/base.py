@@ -113,7 +113,17 @@ class SAE(nn.Module):
         """name -> (final value, linear warm-up steps). The module passes the scheduled values back."""
         return {"sparsity": (float(self.cfg.sparsity_coefficient), int(self.cfg.sparsity_warmup_steps))}
 
-    # -- decoder constraint -------------------------------------------------------------------------
+    # -- around the optimiser step (the module calls these; variants may extend them) ---------------
+    def before_optimizer_step(self) -> None:
+        """Called after backward, before the step: the unit-norm constraint's gradient projection."""
+        if self.unit_norm_decoder:
+            self.remove_parallel_decoder_grad()
+
+    def after_optimizer_step(self) -> None:
+        """Called after each step: renormalise the decoder (variants add e.g. threshold projection)."""
+        if self.unit_norm_decoder:
+            self.normalise_decoder()
+
     @property
     def unit_norm_decoder(self) -> bool:
         return self.cfg.decoder_constraint == "unit_norm"

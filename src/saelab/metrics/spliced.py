@@ -1,0 +1,163 @@
+"""Spliced downstream metrics (SPEC section 5): run the model with the hook's activation replaced by the SAE
+reconstruction and measure what the rest of the network makes of it.
+
+Causal LMs get next-token losses (CE clean / spliced / zero-ablated, delta LM loss, fraction of loss
+recovered, KL(clean || spliced)). Encoders without a trained LM head (e.g. MiniLM, whose checkpoint is a
+bare BertModel: the bridge's MLM head would be randomly initialised) get the cosine between mean-pooled
+final hidden states with and without the splice instead, and the result says which kind it is.
+
+Special-token positions (BOS/CLS, EOS/SEP, PAD) keep their original activation: the SAE never trains on
+them (the activation stream excludes them), so splicing them would measure an input the SAE never saw.
+Zero-ablation ablates the same positions the splice replaces. Splice hooks are temporary: the bridge
+removes them when each forward pass ends, even if it raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saelab.data.model import LoadedModel
+from saelab.data.tokens import SpecialTokens, keep_mask
+
+Reconstruct = Callable[[Tensor], Tensor]
+
+
+def is_causal_lm(model: LoadedModel) -> bool:
+    """A decoder-only model whose logits predict the next token (GPT-2, Pythia, Gemma...).
+
+    Bidirectional encoders (BERT, MiniLM) and encoder-decoders have no next-token objective to splice into.
+    """
+    cfg = model.bridge.cfg
+    hf_config = getattr(getattr(model.bridge, "original_model", None), "config", None)
+    if getattr(hf_config, "is_encoder_decoder", False):
+        return False
+    return getattr(cfg, "attention_dir", "causal") == "causal"
+
+
+def _splice_hook(reconstruct: Reconstruct | None, mask: Tensor) -> Callable[[Tensor, object], Tensor]:
+    """Hook replacing the activation at `mask` positions by reconstruct(activation) (None: by zero)."""
+
+    def hook(acts: Tensor, hook: object) -> Tensor:
+        replaced = torch.zeros_like(acts) if reconstruct is None else reconstruct(acts.float())
+        replaced = replaced.to(device=acts.device, dtype=acts.dtype)
+        return torch.where(mask.to(acts.device)[..., None], replaced, acts)
+
+    return hook
+
+
+def _logits(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None,
+            mask: Tensor | None) -> Tensor:
+    """Float32 logits [batch, ctx, vocab]; with a mask, the hook is spliced (reconstruct None = zeros)."""
+    fwd_hooks = [] if mask is None else [(hook, _splice_hook(reconstruct, mask))]
+    return model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits").float()
+
+
+@torch.no_grad()
+def spliced_lm_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor, special: SpecialTokens,
+                       batch_windows: int, hook: str | None = None) -> dict[str, float | str]:
+    """Next-token CE clean / spliced / zero-ablated, delta LM loss, loss recovered and KL(clean || spliced).
+
+    A prediction (logits at t for token t+1) counts only if both token t and token t+1 are real text, so
+    the BOS position and every special input or target are masked. Sums run over all windows before
+    dividing (a token mean, not a mean of batch means).
+    """
+    hook = hook or model.hooks[0]
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0}
+    n_predicted = 0
+    for start in range(0, len(windows), batch_windows):
+        tokens = windows[start : start + batch_windows].to(model.device)
+        keep = keep_mask(tokens, special)
+        predicted = keep[:, :-1] & keep[:, 1:]
+        targets = tokens[:, 1:][predicted]
+        log_probs = {}
+        for name, recon, mask in (("clean", None, None), ("sae", reconstruct, keep), ("zero", None, keep)):
+            logits = _logits(model, tokens, hook, recon, mask)
+            log_probs[name] = logits[:, :-1][predicted].log_softmax(-1)
+            sums[f"ce_{name}"] += float(F.nll_loss(log_probs[name], targets, reduction="sum"))
+        sums["kl_sae"] += float(F.kl_div(log_probs["sae"], log_probs["clean"], log_target=True, reduction="sum"))
+        n_predicted += int(predicted.sum())
+    if n_predicted == 0:
+        raise ValueError("no predicted positions: every window is special tokens only")
+    m = {k: v / n_predicted for k, v in sums.items()}
+    recoverable = m["ce_zero"] - m["ce_clean"]
+    return {
+        "spliced_kind": "causal_lm",
+        **m,
+        "delta_lm_loss": m["ce_sae"] - m["ce_clean"],
+        "loss_recovered": (m["ce_zero"] - m["ce_sae"]) / recoverable if recoverable != 0 else float("nan"),
+        "spliced_tokens": float(n_predicted),
+    }
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to skip everything after the last block (e.g. an untrained MLM head)."""
+
+
+def _final_hidden(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None,
+                  mask: Tensor | None) -> Tensor:
+    """Output of the last block [batch, ctx, d] (float32), with the hook spliced when a mask is given."""
+    final_hook = f"blocks.{int(model.bridge.cfg.n_layers) - 1}.hook_out"
+    captured: list[Tensor] = []
+
+    def capture(acts: Tensor, hook: object) -> Tensor:
+        captured.append(acts)
+        raise _Stop
+
+    fwd_hooks = [] if mask is None else [(hook, _splice_hook(reconstruct, mask))]
+    try:
+        model.bridge.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (final_hook, capture)], return_type=None)
+    except _Stop:
+        pass
+    if not captured:
+        raise RuntimeError(f"the forward pass never reached {final_hook}")
+    return captured[0].float()
+
+
+def _mean_pool(hidden: Tensor, keep: Tensor) -> Tensor:
+    weights = keep.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def spliced_encoder_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor,
+                            special: SpecialTokens, batch_windows: int,
+                            hook: str | None = None) -> dict[str, float | str]:
+    """Mean over windows of cos(pool(h_clean), pool(h_spliced)), h the last block's output, pooled over
+    real-text positions (the sentence-transformers embedding, before its final normalisation).
+
+    `spliced_hidden_cosine_zero` is the same with the hook zero-ablated: the floor to compare against.
+    """
+    hook = hook or model.hooks[0]
+    total = {"sae": 0.0, "zero": 0.0}
+    n_windows = 0
+    for start in range(0, len(windows), batch_windows):
+        tokens = windows[start : start + batch_windows].to(model.device)
+        keep = keep_mask(tokens, special)
+        clean = _mean_pool(_final_hidden(model, tokens, hook, None, None), keep)
+        for name, recon in (("sae", reconstruct), ("zero", None)):
+            spliced = _mean_pool(_final_hidden(model, tokens, hook, recon, keep), keep)
+            total[name] += float(F.cosine_similarity(clean, spliced, dim=-1).sum())
+        n_windows += len(tokens)
+    if n_windows == 0:
+        raise ValueError("no windows to evaluate")
+    return {
+        "spliced_kind": "encoder_hidden_cosine",
+        "spliced_hidden_cosine": total["sae"] / n_windows,
+        "spliced_hidden_cosine_zero": total["zero"] / n_windows,
+        "spliced_windows": float(n_windows),
+    }
+
+
+def spliced_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor, special: SpecialTokens,
+                    batch_windows: int, hook: str | None = None) -> dict[str, float | str]:
+    """The spliced metrics that fit the model: next-token losses for causal LMs, hidden cosine otherwise.
+
+    `reconstruct` maps raw activations [..., d] (float32, on the model's device) to raw reconstructions;
+    the caller composes the normalisation (x -> C * sae(x / C)). `hook` defaults to the trained hook.
+    """
+    metric = spliced_lm_metrics if is_causal_lm(model) else spliced_encoder_metrics
+    return metric(model, reconstruct, windows, special, batch_windows, hook)

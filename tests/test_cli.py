@@ -1,0 +1,99 @@
+"""The main job end to end through the real CLI, in a subprocess, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.export import load_exported
+from tests.conftest import run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    return sorted(p.parent for p in out.rglob("metrics.json"))
+
+
+def test_main_job_writes_a_complete_run_directory(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    out = tmp_path / "outputs"
+    result = run_cli([*tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "sae.sparsity_coefficient=0.01",
+                      "optim.lr=3e-3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = _run_dirs(out)
+    assert run_dir.parent.parent == out  # outputs/<date>/<time>/
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("l0", "fvu", "explained_variance", "shrinkage", "dead_fraction", "tokens_trained", "wall_time_s"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["tokens_trained"] == 100 * 256
+    # Training on structured text must learn: far better than predicting the mean (FVU 1).
+    assert metrics["fvu"] < 0.3, metrics
+    assert 1 <= metrics["l0"] < metrics["d_sae"] / 2, metrics
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "csv" / "metrics.csv").read_text().count("loss/rec") == 1
+    # The export takes raw activations and reproduces the trained SAE's reconstructions.
+    exported = load_exported(run_dir / "sae")
+    assert exported.cfg["architecture"] == "standard" and exported.cfg["d_sae"] == 128
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    scale = float(ckpt["state_dict"]["norm_scale"])
+    assert scale == pytest.approx(metrics["normalization_scale"])
+    assert exported.cfg["metadata"]["normalization_scale_folded"] == pytest.approx(scale)
+
+
+def test_wandb_offline_run_is_written_for_wandb_sync(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    out = tmp_path / "outputs"
+    args = [a for a in tiny_overrides(tiny_model_dir, tiny_corpus_dir, out) if not a.startswith("logger=")]
+    result = run_cli([*args, "logger=wandb", "data.train_tokens=2560"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = _run_dirs(out)
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+    assert "wandb sync" in result.stdout + result.stderr
+
+
+def test_multirun_writes_one_directory_per_job(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    out = tmp_path / "outputs"
+    result = run_cli(["-m", *tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "data.train_tokens=2560",
+                      "sae.sparsity_coefficient=0.001,0.1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _run_dirs(out / "multirun")
+    assert len(runs) == 2
+    l0 = {json.loads((r / "metrics.json").read_text())["overrides"][-1]: json.loads(
+        (r / "metrics.json").read_text())["l0"] for r in runs}
+    assert l0["sae.sparsity_coefficient=0.001"] > l0["sae.sparsity_coefficient=0.1"]
+
+
+BAD_INPUTS = [
+    (["sae=nonexistent"], "sae='nonexistent' is not allowed"),
+    (["data.batch_size=0"], "data.batch_size=0"),
+    (["data.batch_size=-5"], "data.batch_size=-5"),
+    (["sae.expansion_factor=-1"], "sae.expansion_factor=-1"),
+    (["sae.d_sae=abc"], "sae.d_sae='abc'"),
+    (["sae.sparsity=l7"], "sae.sparsity='l7'"),
+    (["model.hook=blocks.0.hook_outt"], "model.hook='blocks.0.hook_outt' is not allowed: expected a hook of the model such as blocks.0.hook_out"),
+    (["data.path=/nonexistent/corpus"], "data.path='/nonexistent/corpus'"),
+    (["model.dtype=float8"], "model.dtype='float8'"),
+    (["+sae.bandwidth=0.1"], "sae.bandwidth=0.1 is not allowed: expected a field of ReluSAE"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_INPUTS, ids=[b[0][0] for b in BAD_INPUTS])
+def test_bad_input_fails_with_one_line_and_leaves_no_run_directory(
+    override, message, tiny_model_dir, tiny_corpus_dir, tmp_path
+):
+    out = tmp_path / "outputs"
+    earlier = out / "earlier-run"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.json").write_text("{}")
+    result = run_cli([*tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), *override], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    leftovers = [p for p in out.rglob("*") if p.is_file() and earlier not in p.parents]
+    assert not leftovers, leftovers
+    assert (earlier / "metrics.json").read_text() == "{}"
