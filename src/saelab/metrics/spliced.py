@@ -14,6 +14,7 @@ removes them when each forward pass ends, even if it raises.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -78,7 +79,9 @@ def spliced_lm_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Te
             logits = _logits(model, tokens, hook, recon, mask)
             log_probs[name] = logits[:, :-1][predicted].log_softmax(-1)
             sums[f"ce_{name}"] += float(F.nll_loss(log_probs[name], targets, reduction="sum"))
-        sums["kl_sae"] += float(F.kl_div(log_probs["sae"], log_probs["clean"], log_target=True, reduction="sum"))
+        # KL(clean || spliced) = sum p_clean (log p_clean - log p_sae)
+        kl = F.kl_div(log_probs["sae"], log_probs["clean"], log_target=True, reduction="sum")
+        sums["kl_sae"] += float(kl)
         n_predicted += int(predicted.sum())
     if n_predicted == 0:
         raise ValueError("no predicted positions: every window is special tokens only")
@@ -108,10 +111,8 @@ def _final_hidden(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Re
         raise _Stop
 
     fwd_hooks = [] if mask is None else [(hook, _splice_hook(reconstruct, mask))]
-    try:
+    with contextlib.suppress(_Stop):
         model.bridge.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (final_hook, capture)], return_type=None)
-    except _Stop:
-        pass
     if not captured:
         raise RuntimeError(f"the forward pass never reached {final_hook}")
     return captured[0].float()
