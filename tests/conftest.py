@@ -18,9 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-_NOUNS = "cat dog bird fish tree house river stone cloud garden window letter".split()
-_ADJS = "red small quiet bright old green heavy soft cold tall".split()
-_VERBS = "sees finds follows paints carries watches moves opens".split()
+_NOUNS = ["cat", "dog", "bird", "fish", "tree", "house", "river", "stone", "cloud", "garden", "window", "letter"]
+_ADJS = ["red", "small", "quiet", "bright", "old", "green", "heavy", "soft", "cold", "tall"]
+_VERBS = ["sees", "finds", "follows", "paints", "carries", "watches", "moves", "opens"]
 
 
 def synthetic_sentences(n: int, seed: int = 0) -> list[str]:

@@ -24,11 +24,15 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
-def build_loggers(logger_cfg: Mapping[str, Any] | None, run_dir: Path) -> list:
+def build_loggers(logger_cfg: Mapping[str, Any] | None, run_dir: Path, run_name: str | None = None,
+                  group: str | None = None) -> list:
+    """Instantiate the configured loggers; W&B runs get a name and group unless the config sets them."""
     loggers = []
     for name, cfg in (logger_cfg or {}).items():
         cfg = dict(cfg)
         if "WandbLogger" in str(cfg.get("_target_", "")):
+            cfg["name"] = cfg.get("name") or run_name
+            cfg["group"] = cfg.get("group") or group
             if cfg.get("offline") == "auto":
                 cfg["offline"] = not wandb_api_key_configured()
             if cfg["offline"] or os.environ.get("WANDB_MODE") == "offline":

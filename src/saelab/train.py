@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from saelab.callbacks import PeriodicEval
@@ -32,6 +33,7 @@ from saelab.export import export_sae
 from saelab.io import write_json
 from saelab.loggers import build_loggers, finish_wandb
 from saelab.metrics.evaluate import evaluate_sae
+from saelab.metrics.spliced import spliced_metrics
 from saelab.module import SAEModule
 from saelab.saes.base import build_sae
 
@@ -61,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.eval.every_n_steps:
         callbacks.append(PeriodicEval(datamodule.eval_acts, cfg.eval.every_n_steps, cfg.eval.batch_size))
-    loggers = build_loggers(cfg.get("logger"), run_dir)
+    loggers = build_loggers(cfg.get("logger"), run_dir, *_run_name_and_group())
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
     trainer: L.Trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=callbacks,
@@ -69,6 +71,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics, log10_density = evaluate_sae(sae, datamodule.eval_acts, int(cfg.eval.batch_size))
+    if cfg.eval.spliced_windows:
+        windows = int(cfg.eval.spliced_windows)
+        metrics |= _spliced(sae, model, datamodule, windows, int(cfg.data.model_batch_size))
     export_sae(sae, datamodule.scale, run_dir / "sae", {
         "model_name": str(cfg.model.name),
         "hook_name": model.hooks[0],
@@ -92,12 +97,71 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "overrides": list(HydraConfig.get().overrides.task),
     }
     write_json(run_dir / "metrics.json", result)
-    for logger in loggers:
-        logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=int(trainer.global_step))
+    _log_final(loggers, metrics, log10_density, int(trainer.global_step))
     log.info("held-out: L0 %.1f, FVU %.3f, shrinkage %.3f, dead %.1f%%; %d tokens in %.0f s -> %s",
              metrics["l0"], metrics["fvu"], metrics["shrinkage"], 100 * metrics["dead_fraction"],
              result["tokens_trained"], result["wall_time_s"], run_dir)
     return result
+
+
+def _spliced(sae, model, datamodule: ActivationDataModule, n_windows: int, batch_windows: int) -> dict:
+    """Downstream metrics with the SAE spliced into the forward pass (raw activations in and out)."""
+    scale = datamodule.scale
+    device = next(sae.parameters()).device
+    sae.eval()
+
+    def reconstruct(x):
+        with torch.no_grad():
+            return sae(x.to(device).float() / scale) * scale
+
+    return spliced_metrics(model, reconstruct, datamodule.eval_windows[:n_windows], datamodule.special,
+                           batch_windows)
+
+
+def _run_name_and_group() -> tuple[str | None, str | None]:
+    """W&B run name from the overrides; multirun jobs share a group named after the sweep directory."""
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(("paths.", "hydra", "logger"))]
+    name = ",".join(overrides)[:120] or None
+    group = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return name, group
+
+
+def _log_final(loggers: list, metrics: dict[str, Any], log10_density: torch.Tensor, step: int) -> None:
+    numeric = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for logger in loggers:
+        logger.log_metrics(numeric, step=step)
+        experiment = getattr(logger, "experiment", None)
+        if isinstance(logger, WandbLogger) and experiment is not None:
+            import wandb
+
+            finite = log10_density[torch.isfinite(log10_density)].numpy()
+            experiment.log({"final/log10_feature_density": wandb.Histogram(finite)}, step=step)
+            experiment.summary.update(numeric)
+
+
+def _record_failure(run_dir: Path, err: BaseException) -> None:
+    """A failed multirun job keeps its error in its own directory; the sweep goes on."""
+    import traceback
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+    log.error("job failed (%s: %s); details in %s", type(err).__name__, err, run_dir / "error.txt")
+
+
+def sweep_objective(result: dict[str, Any], cfg: DictConfig) -> float | None:
+    """The value a Hydra sweeper minimises: `optimized_metric`, plus `l0_penalty` per unit of L0 outside
+    the band `l0_target: [low, high]`, so a search looks for the best fidelity at the sparsity asked for."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = float(result[name])
+    band = cfg.get("l0_target")
+    if band:
+        low, high = float(band[0]), float(band[1])
+        outside = max(0.0, low - result["l0"]) + max(0.0, result["l0"] - high)
+        value += float(cfg.get("l0_penalty", 0.0)) * outside
+    return value
 
 
 def _discard_incomplete_run_dir(run_dir: Path) -> None:
@@ -111,15 +175,18 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        result = train(cfg)
-        objective = cfg.get("optimized_metric")
-        return float(result[objective]) if objective else None
+        return sweep_objective(train(cfg), cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         _discard_incomplete_run_dir(run_dir)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return None
         sys.exit(2)
+    except Exception as err:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        _record_failure(run_dir, err)
+        return None
     finally:
         finish_wandb()
         if torch.cuda.is_available():
