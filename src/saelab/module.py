@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE
+from saelab.saes.base import SAE, TrainStep
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int, warmup: str, decay_fraction: float) -> float:
@@ -50,14 +50,22 @@ class SAEModule(L.LightningModule):
             for name, (value, warmup) in self.sae.scheduled_coefficients.items()
         }
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        coefficients = self.coefficients()
+    def step_loss(self, batch: Tensor, coefficients: dict[str, float]) -> tuple[Tensor, TrainStep]:
+        """The per-step work besides the optimiser: the SAE's loss terms, their sum, dead-latent bookkeeping.
+
+        benchmarks/train_step.py calls this too, so it measures exactly what training runs.
+        """
         out = self.sae.training_loss(batch, coefficients)
         loss = sum(out.terms.values())
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
             raise FloatingPointError(f"non-finite loss at step {self.global_step} in term(s) {bad}")
         self.sae.record_firing(out.feature_acts)
+        return loss, out
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        coefficients = self.coefficients()
+        loss, out = self.step_loss(batch, coefficients)
         logs = {f"loss/{name}": term.detach() for name, term in out.terms.items()}
         logs |= {f"coef/{name}": value for name, value in coefficients.items()}
         logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}

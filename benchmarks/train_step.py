@@ -1,0 +1,136 @@
+"""Training-step throughput of each SAE variant against the matmul roofline measured in the same run.
+
+    python benchmarks/train_step.py --variant relu --d-sae 3072 --batch 4096 [--d-in 384] [--acts PATH]
+        [--steps 30] [--warmup 5] [--json OUT]
+
+Each step runs exactly what SAEModule runs per step (SAEModule.step_loss: the SAE's training loss and the
+dead-latent bookkeeping; backward; before_optimizer_step, i.e. the decoder-gradient projection; Adam's step;
+after_optimizer_step, i.e. renormalisation / threshold projection), minus logging I/O.
+
+FLOPs counted: 2 x B x d_in x d_sae per dense matmul pass, forward and backward:
+  relu, jumprelu  6 passes: encoder fwd, dW_enc, dx_c (x_c = x - b_dec needs it); decoder fwd, dW_dec, df
+  gated           8 passes: the relu six (gate and magnitude share one encoder matmul) plus L_aux's decoder
+                  forward and its input gradient (the decoder is frozen there, so no weight gradient)
+  topk, batchtopk 3 passes: the encoder's three; the decoder is sparse (k of d_sae latents), 3 x 2 B k d_in
+                  FLOPs, counted as such
+The roofline is the GFLOP/s of those same matmul shapes run back to back with preallocated outputs, timed in
+this run on this machine; roofline_fraction = achieved / roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from saelab.module import SAEModule
+from saelab.saes import build_sae
+
+CONF_SAE = Path(__file__).resolve().parents[1] / "conf" / "sae"
+DENSE_PASSES = {"relu": 6, "jumprelu": 6, "gated": 8, "topk": 3, "batchtopk": 3}
+
+
+def build(variant: str, d_in: int, d_sae: int, overrides: list[str]):
+    cfg = OmegaConf.load(CONF_SAE / f"{variant}.yaml")
+    cfg.d_in, cfg.d_sae = d_in, d_sae
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    return build_sae(OmegaConf.to_container(cfg))
+
+
+def step_flops(variant: str, sae, batch: int) -> float:
+    dense = DENSE_PASSES[variant] * 2.0 * batch * sae.d_in * sae.d_sae
+    if variant in ("topk", "batchtopk"):
+        dense += 3 * 2.0 * batch * int(sae.cfg.k) * sae.d_in
+    return dense
+
+
+def roofline_gflops(variant: str, batch: int, d_in: int, d_sae: int, repeats: int) -> float:
+    """GFLOP/s of the step's dense matmul shapes, run back to back (forward and backward shapes)."""
+    x, f = torch.randn(batch, d_in), torch.randn(batch, d_sae)
+    w_enc, w_dec = torch.randn(d_in, d_sae), torch.randn(d_sae, d_in)
+    out_f, out_x = torch.empty(batch, d_sae), torch.empty(batch, d_in)
+    out_we, out_wd = torch.empty(d_in, d_sae), torch.empty(d_sae, d_in)
+    shapes = [
+        lambda: torch.mm(x, w_enc, out=out_f),  # encoder forward
+        lambda: torch.mm(x.t(), f, out=out_we),  # dW_enc
+        lambda: torch.mm(f, w_enc.t(), out=out_x),  # dx_c
+        lambda: torch.mm(f, w_dec, out=out_x),  # decoder forward
+        lambda: torch.mm(f.t(), x, out=out_wd),  # dW_dec
+        lambda: torch.mm(x, w_dec.t(), out=out_f),  # df
+        lambda: torch.mm(f, w_dec, out=out_x),  # aux decoder forward (gated)
+        lambda: torch.mm(x, w_dec.t(), out=out_f),  # aux input gradient (gated)
+    ][: DENSE_PASSES[variant]]
+    for fn in shapes:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for fn in shapes:
+            fn()
+        times.append(time.perf_counter() - start)
+    return len(shapes) * 2.0 * batch * d_in * d_sae / statistics.median(times) / 1e9
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=sorted(DENSE_PASSES), default="relu")
+    parser.add_argument("--d-sae", type=int, default=3072)
+    parser.add_argument("--d-in", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--acts", type=Path, help="float32 tensor [N, d_in] saved with torch.save")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("overrides", nargs="*", help="SAE config overrides, e.g. k=64 aux_loss=none")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    if args.acts:
+        acts = torch.load(args.acts, weights_only=True).float()
+        d_in = acts.shape[1]
+    else:  # synthetic, roughly the scale of normalised activations (E||x||^2 = 1)
+        d_in = args.d_in
+        acts = torch.randn(max(4 * args.batch, 16384), d_in) / d_in**0.5
+    sae = build(args.variant, d_in, args.d_sae, args.overrides)
+    module = SAEModule(sae, {"lr": 1e-4, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
+                             "lr_decay_fraction": 0.0}, max_steps=args.steps, dead_window_tokens=10_000_000)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=sae.recipe_adam_betas)
+    coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        start_row = (step * args.batch) % (len(acts) - args.batch + 1)
+        x = acts[start_row : start_row + args.batch]
+        start = time.perf_counter()
+        loss, _ = module.step_loss(x, coefficients)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        module.on_before_optimizer_step(optimizer)
+        optimizer.step()
+        sae.after_optimizer_step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+
+    step_s = statistics.median(times)
+    gflops = step_flops(args.variant, sae, args.batch) / step_s / 1e9
+    roofline = roofline_gflops(args.variant, args.batch, d_in, args.d_sae, repeats=max(5, args.steps // 2))
+    result = {
+        "variant": args.variant, "d_in": d_in, "d_sae": args.d_sae, "batch": args.batch,
+        "threads": torch.get_num_threads(), "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
+        "gflops": gflops, "roofline_gflops": roofline, "roofline_fraction": gflops / roofline,
+    }
+    print(f"{args.variant:>9} d_in {d_in} d_sae {args.d_sae} batch {args.batch}: {result['ms_per_step']:.1f} ms/step, "
+          f"{result['tokens_per_s']:,.0f} tok/s, {gflops:.1f} GFLOP/s of {roofline:.1f} roofline "
+          f"({100 * result['roofline_fraction']:.0f}%)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
