@@ -1,0 +1,86 @@
+"""BatchTopK SAE (Bussmann et al. 2024; SPEC section 4): TopK over the whole batch, JumpReLU at inference.
+
+Training keeps the B*k largest entries of the flattened [B, d_sae] matrix ReLU(W_enc (x - b_dec) + b_enc),
+so tokens share a budget of k latents on average. That makes a token's latents depend on its batch, so
+evaluation instead uses one global threshold theta, an exponential moving average of the smallest kept
+activation per training batch: f_i = pi_i H(pi_i - theta). L0 is then an honest per-token count, and the
+model exports as a SAELens "jumprelu" SAE whose per-latent thresholds all equal theta (times the scale).
+AuxK, the sparse decoder and the dead-latent window are TopK's (see topk.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saelab.errors import ConfigError
+from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE
+
+CANDIDATE_FRACTION = 0.8  # batch TopK searches entries above 0.8 theta first (exact either way; a speed knob)
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    threshold_ema_decay: float = 0.9  # theta <- decay * theta + (1 - decay) * min kept activation, per batch
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.threshold_ema_decay, bool) or not (
+            isinstance(self.threshold_ema_decay, (int, float)) and 0 <= self.threshold_ema_decay < 1
+        ):
+            raise ConfigError("sae.threshold_ema_decay", self.threshold_ema_decay, "a number in [0, 1)")
+
+
+class BatchTopKSAE(TopKSAE):
+    Config = BatchTopKConfig
+    saelens_architecture = "jumprelu"
+
+    def __init__(self, cfg: BatchTopKConfig):
+        super().__init__(cfg)
+        # The inference threshold (on the normalised scale) and how many batches have updated it.
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.long))
+
+    def select(self, pre: Tensor) -> ActiveLatents:
+        batch, d_sae = pre.shape
+        if not self.training:
+            rows, latents = (pre > self.threshold).nonzero(as_tuple=True)  # row-major, so grouped by token
+            return ActiveLatents(rows, latents, pre[rows, latents], batch)
+        flat_ids = self.batch_topk_ids(pre).sort().values  # grouped by token
+        return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, pre.flatten()[flat_ids].relu(), batch)
+
+    def batch_topk_ids(self, pre: Tensor) -> Tensor:
+        """Flat indices of the B*k largest entries of pre, exactly.
+
+        A topk over all B*d_sae entries costs about as much as the encoder matmul (0.11 s at B 2048,
+        d_sae 3072, one CPU core). Entries at or below a cutoff c can only be kept if fewer than B*k lie
+        above it, so with c = CANDIDATE_FRACTION * theta the topk runs over the few entries above c
+        (0.016 s), falling back to the full topk when there are not enough of them (early in training).
+        """
+        flat, n_keep = pre.flatten(), pre.shape[0] * self.k
+        if self.threshold_batches > 0:
+            candidates = (flat > CANDIDATE_FRACTION * self.threshold).nonzero().squeeze(1)
+            if candidates.numel() >= n_keep:
+                return candidates[flat[candidates].topk(n_keep, sorted=False).indices]
+        return flat.topk(n_keep, sorted=False).indices
+
+    @torch.no_grad()
+    def update_from_batch(self, active: ActiveLatents) -> dict[str, Tensor]:
+        """Move theta towards this batch's smallest kept (positive) activation."""
+        kept = active.values[active.values > 0]
+        if self.training and kept.numel() > 0:  # an eval-mode selection is thresholded by theta already
+            smallest = kept.min().float()
+            decay = self.cfg.threshold_ema_decay if self.threshold_batches > 0 else 0.0
+            self.threshold.mul_(decay).add_((1 - decay) * smallest)
+            self.threshold_batches.add_(1)
+        return {"threshold": self.threshold.clone()}
+
+    def export_tensors(self, scale: float) -> dict[str, Tensor]:
+        threshold = (self.threshold * scale).expand(self.d_sae).clone()  # SAELens stores one per latent
+        return {**super().export_tensors(scale), "threshold": threshold}
+
+    def export_config(self) -> dict[str, Any]:
+        return {"architecture": self.saelens_architecture}

@@ -1,0 +1,199 @@
+"""TopK and BatchTopK SAEs: exact sparsity, the batch-level vs per-token encoder, AuxK's gradient path,
+export with the normalisation scale folded in, config validation, and a real learning check."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from saelab.errors import ConfigError
+from saelab.export import export_sae, load_exported
+from saelab.metrics.evaluate import evaluate_sae
+from saelab.module import SAEModule
+from saelab.saes import build_sae
+
+TARGETS = {"topk": "saelab.saes.topk.TopKSAE", "batchtopk": "saelab.saes.batchtopk.BatchTopKSAE"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: extra threads only contend (10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_sae(variant: str = "topk", **overrides):
+    cfg = {"_target_": TARGETS[variant], "d_in": 16, "d_sae": 64, "k": 4}
+    return build_sae(cfg | overrides)
+
+
+def positive_preacts(sae) -> None:
+    """A large encoder bias makes every pre-activation positive, so ReLU cannot leave fewer than k."""
+    with torch.no_grad():
+        sae.b_enc.fill_(100.0)
+
+
+def test_topk_has_exactly_k_active_latents_per_token():
+    torch.manual_seed(0)
+    sae = make_sae()
+    x = torch.randn(32, 16)
+    assert ((sae.encode(x) > 0).sum(-1) <= 4).all()  # in general: at most k (ReLU may drop some)
+    positive_preacts(sae)
+    f = sae.encode(x)
+    assert ((f > 0).sum(-1) == 4).all()
+    pre = sae.pre_activations(x)
+    assert torch.equal(f, torch.where(pre >= pre.topk(4, dim=-1).values[:, -1:], pre, 0))  # the k largest
+    assert torch.allclose(sae(x), f @ sae.W_dec + sae.b_dec, atol=1e-5)  # sparse decode == dense decode
+    out = sae.training_loss(x, {})
+    assert torch.equal(out.feature_acts, f) and set(out.terms) == {"rec", "auxk"}
+    assert sae.scheduled_coefficients == {}
+
+
+def test_batchtopk_keeps_batch_times_k_in_training_and_thresholds_per_token_in_eval():
+    torch.manual_seed(0)
+    sae = make_sae("batchtopk")
+    positive_preacts(sae)
+    x = torch.randn(32, 16)
+    f = sae.encode(x)  # training mode: one top-(B k) over the whole batch
+    assert int((f > 0).sum()) == 32 * 4
+    assert (f > 0).sum(-1).float().std() > 0  # tokens do not each get exactly k
+    assert torch.allclose(sae(x), f @ sae.W_dec + sae.b_dec, atol=1e-4)
+    x_loud = torch.cat([x[:1], 100 * x[1:]])
+    assert not torch.equal(sae.encode(x_loud)[0], f[0])  # in training a token's latents depend on its batch
+
+    sae.training_loss(x, {})  # sets the threshold from this batch's smallest kept activation
+    assert sae.threshold.item() == pytest.approx(f[f > 0].min().item())
+    sae.eval()
+    pre = sae.pre_activations(x)
+    f_eval = sae.encode(x)
+    assert torch.equal(f_eval, pre * (pre > sae.threshold))  # per-token JumpReLU at the global threshold
+    assert torch.equal(sae.encode(x_loud)[0], f_eval[0])  # other tokens no longer matter
+    assert torch.allclose(sae(x), f_eval @ sae.W_dec + sae.b_dec, atol=1e-4)
+
+
+def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut():
+    torch.manual_seed(0)
+    sae = make_sae("batchtopk")
+    pre = torch.randn(32, 64)
+    exact = set(pre.flatten().topk(32 * 4).indices.tolist())
+    sae.threshold_batches.fill_(1)
+    for threshold in (0.0, 1.0, 1.5, 3.0, 100.0):  # shortcut (many or just enough candidates), fallback
+        sae.threshold.fill_(threshold)
+        assert set(sae.batch_topk_ids(pre).tolist()) == exact
+
+
+def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_kept_activation():
+    torch.manual_seed(0)
+    sae = make_sae("batchtopk", threshold_ema_decay=0.5)
+    minima = []
+    for _ in range(3):
+        out = sae.training_loss(torch.randn(32, 16), {})
+        minima.append(out.feature_acts[out.feature_acts > 0].min().item())
+    expected = (0.5 * minima[0] + 0.5 * minima[1]) * 0.5 + 0.5 * minima[2]
+    assert sae.threshold.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_auxk_trains_only_dead_latents(variant):
+    torch.manual_seed(0)
+    sae = make_sae(variant, dead_window_tokens=1000)  # k_aux = d_in // 2 = 8 > 5 dead: uses all 5
+    dead = torch.tensor([3, 10, 20, 41, 63])
+    live = torch.ones(64, dtype=torch.bool)
+    live[dead] = False
+    x = torch.randn(32, 16)
+    assert sae.training_loss(x, {}).terms["auxk"].item() == 0.0  # nothing dead yet
+
+    sae.tokens_seen.fill_(5000)
+    sae.tokens_since_fired[dead] = 5000
+    with torch.no_grad():
+        sae.b_dec.normal_()  # so the residual is not centred by construction
+    out = sae.training_loss(x, {})
+    assert out.extras["dead_latents"].item() == 5
+    out.terms["auxk"].backward()
+    assert sae.W_dec.grad[live].abs().max() == 0 and sae.W_enc.grad[:, live].abs().max() == 0
+    assert sae.b_enc.grad[live].abs().max() == 0
+    assert (sae.W_dec.grad[dead].norm(dim=1) > 0).all() and (sae.W_enc.grad[:, dead].norm(dim=0) > 0).all()
+
+    # The term is alpha * ||e - W_dec z_aux||^2 / ||e - mean e||^2 with e the detached main residual.
+    with torch.no_grad():
+        pre = sae.pre_activations(x)
+        e = x - sae(x)
+        z_aux = torch.zeros_like(pre)
+        z_aux[:, dead] = pre[:, dead]  # min(k_aux, n_dead) = all 5 dead latents, raw pre-activations
+        expected = (e - z_aux @ sae.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum() / 32
+    assert out.terms["auxk"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_export_reproduces_reconstructions_on_raw_activations(variant, tmp_path):
+    torch.manual_seed(0)
+    sae = make_sae(variant)
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.3)
+        sae.b_dec.normal_()
+    if variant == "batchtopk":
+        sae.threshold.fill_(0.4)
+    sae.eval()
+    scale = 7.5
+    x_raw = scale * torch.randn(64, 16)
+    exported = load_exported(export_sae(sae, scale, tmp_path / "sae", {}))
+    assert exported.cfg["architecture"] == ("topk" if variant == "topk" else "jumprelu")
+    if variant == "topk":
+        assert exported.cfg["k"] == 4
+    else:
+        assert torch.allclose(exported.threshold, torch.full((64,), 0.4 * scale))
+    with torch.no_grad():
+        expected = scale * sae(x_raw / scale)
+        assert torch.allclose(exported(x_raw), expected, atol=1e-4)
+        assert torch.allclose(exported.encode(x_raw), scale * sae.encode(x_raw / scale), atol=1e-4)
+        assert 0 < (sae.encode(x_raw / scale) > 0).sum(-1).float().mean() < 64  # neither empty nor dense
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="sae.k"):
+        make_sae(k=65)
+    with pytest.raises(ConfigError, match="sae.k"):
+        make_sae("batchtopk", k=0)
+    with pytest.raises(ConfigError, match="sae.sparsity_coefficient"):
+        make_sae(sparsity_coefficient=0.1)
+    with pytest.raises(ConfigError, match="sae.threshold_ema_decay"):
+        make_sae("batchtopk", threshold_ema_decay=1.0)
+    assert make_sae(k=64, k_aux=3.0).k_aux == 3  # 3.0 from the CLI is accepted as an integer
+    assert make_sae().k_aux == 8  # default d_in // 2
+
+
+def planted_data(n: int, d_in: int = 32, n_atoms: int = 64, active: int = 3) -> torch.Tensor:
+    """x = sum of `active` random unit atoms (from a fixed dictionary) with coefficients in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(0)
+    atoms = F.normalize(torch.randn(n_atoms, d_in, generator=g), dim=1)
+    ids = torch.rand(n, n_atoms, generator=g).argsort(dim=1)[:, :active]
+    coefs = 0.5 + torch.rand(n, active, generator=g)
+    return torch.einsum("na,nad->nd", coefs, atoms[ids])
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_learns_planted_sparse_structure_through_the_module(variant):
+    torch.manual_seed(0)
+    data = planted_data(9216)
+    train, held_out = data[:8192], data[8192:]
+    sae = build_sae({"_target_": TARGETS[variant], "d_in": 32, "d_sae": 128, "k": 4,
+                     "dead_window_tokens": 20_000})
+    before, _ = evaluate_sae(sae, held_out, 512)
+    optim = {"lr": 3e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    module = SAEModule(sae, optim, max_steps=300, dead_window_tokens=20_000)
+    assert module.coefficients() == {}
+    trainer = L.Trainer(max_steps=300, max_epochs=-1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(train, batch_size=256, shuffle=True))
+    metrics, _ = evaluate_sae(sae, held_out, 512)
+    assert metrics["fvu"] < 0.3 < before["fvu"]
+    if variant == "topk":
+        assert metrics["l0"] <= 4.0
+    else:  # the running threshold gives about k per token at evaluation (a lagging one gave 3.3)
+        assert 3.6 < metrics["l0"] < 4.4
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
