@@ -1,0 +1,209 @@
+"""JumpReLU SAE: the straight-through estimators against the closed-form expected-loss gradient (SPEC
+section 3), threshold positivity and precision, the decoder constraint, config validation and export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saelab.errors import ConfigError
+from saelab.export import export_sae, load_exported
+from saelab.saes.base import build_sae
+from saelab.saes.jumprelu import JumpReLUSAE
+from saelab.saes.ste import jumprelu, step
+
+TARGET = "saelab.saes.jumprelu.JumpReLUSAE"
+
+
+def make(**overrides) -> JumpReLUSAE:
+    return build_sae({"_target_": TARGET, "d_in": 8, "d_sae": 16, **overrides})
+
+
+def adam_steps(sae, batches, coefficient: float, lr: float) -> None:
+    """Optimiser steps with the module's hooks around them (as SAEModule calls them)."""
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=sae.recipe_adam_betas)
+    for x in batches:
+        loss = sum(sae.training_loss(x, {"sparsity": coefficient}).terms.values())
+        opt.zero_grad()
+        loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        sae.after_optimizer_step()
+
+
+# -- the expected-loss test (SPEC section 3) ------------------------------------------------------------
+LAMBDA = 1.0  # the threshold's fixed point is theta = sqrt(lambda) = 1
+
+
+def half_normal_sample(n: int) -> torch.Tensor:
+    """The n quantiles of a half-normal: a draw with no Monte-Carlo noise, so the test measures the STE."""
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (math.sqrt(2) * torch.special.erfinv(u)).float().unsqueeze(1)
+
+
+def half_normal_density(t: float) -> float:
+    return 2 * math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+
+
+def one_latent_sae(theta: float, kernel: str) -> JumpReLUSAE:
+    """n = M = 1, W_enc = W_dec = 1, biases 0: L(x) = x^2 1[x <= theta] + lambda 1[x > theta]."""
+    sae = build_sae({"_target_": TARGET, "d_in": 1, "d_sae": 1, "bandwidth": 0.01, "kernel": kernel,
+                     "threshold_init": theta, "decoder_constraint": "none"})
+    with torch.no_grad():
+        sae.W_enc.fill_(1.0)
+        sae.W_dec.fill_(1.0)
+    return sae
+
+
+def sample_loss(sae: JumpReLUSAE, x: torch.Tensor) -> torch.Tensor:
+    return sum(sae.training_loss(x, {"sparsity": LAMBDA}).terms.values())
+
+
+@pytest.fixture(scope="module")
+def x_half_normal() -> torch.Tensor:
+    return half_normal_sample(1_000_000)
+
+
+@pytest.mark.parametrize("kernel", ["rectangle", "triangle"])
+@pytest.mark.parametrize("theta", [0.5, 0.9, 1.1, 1.5])
+def test_ste_gradient_matches_the_expected_loss_gradient(x_half_normal, kernel, theta):
+    expected = (theta**2 - LAMBDA) * half_normal_density(theta)
+    sae = one_latent_sae(theta, kernel)
+    sample_loss(sae, x_half_normal).backward()
+    ste = sae.raw_threshold.grad.item()
+    # A finite difference of the sample-average loss, with a step far wider than the sample spacing.
+    h = 0.05
+    with torch.no_grad():
+        sae.raw_threshold.fill_(theta + h)
+        up = sample_loss(sae, x_half_normal).item()
+        sae.raw_threshold.fill_(theta - h)
+        down = sample_loss(sae, x_half_normal).item()
+    finite_difference = (up - down) / (2 * h)
+    assert ste == pytest.approx(expected, rel=0.03)
+    assert finite_difference == pytest.approx(expected, rel=0.03)
+    # The sign flips at the fixed point theta^2 = lambda: below it the threshold is pushed up.
+    assert math.copysign(1, ste) == math.copysign(1, theta - math.sqrt(LAMBDA))
+
+
+# -- the estimators themselves ---------------------------------------------------------------------------
+@pytest.mark.parametrize("ste_to_preacts", [False, True])
+def test_ste_gradients(ste_to_preacts):
+    eps, theta = 0.5, 0.8
+    pre = torch.tensor([[0.0, 0.7, 0.85, 3.0]], requires_grad=True)  # below, inside, inside, far above
+    threshold = torch.full((4,), theta, requires_grad=True)
+    window = ((pre.detach() - theta).abs() < eps / 2).float() / eps  # K((pi - theta) / eps) / eps
+    above = (pre.detach() > theta).float()
+
+    grad_pre, grad_threshold = torch.autograd.grad(
+        jumprelu(pre, threshold, eps, "rectangle", ste_to_preacts).sum(), [pre, threshold])
+    torch.testing.assert_close(grad_pre, above + (theta * window if ste_to_preacts else 0.0))
+    torch.testing.assert_close(grad_threshold, -theta * window[0])
+
+    l0 = step(pre, threshold, eps, "rectangle", ste_to_preacts).sum()
+    grad_pre, grad_threshold = torch.autograd.grad(l0, [pre, threshold], materialize_grads=True)
+    torch.testing.assert_close(grad_pre, window if ste_to_preacts else torch.zeros_like(window))
+    torch.testing.assert_close(grad_threshold, -window[0])
+
+
+def test_l0_term_sends_no_gradient_to_the_preactivations_by_default():
+    sae = make(bandwidth=1.0)
+    x = torch.randn(64, 8)
+    sparsity = sae.training_loss(x, {"sparsity": 1.0}).terms["sparsity"]
+    grads = torch.autograd.grad(sparsity, [sae.W_enc, sae.b_enc, sae.raw_threshold], allow_unused=True)
+    assert grads[0] is None and grads[1] is None
+    assert grads[2].abs().sum() > 0
+    sae = make(bandwidth=1.0, ste_to_preacts=True)
+    sparsity = sae.training_loss(x, {"sparsity": 1.0}).terms["sparsity"]
+    assert torch.autograd.grad(sparsity, sae.b_enc)[0].abs().sum() > 0
+
+
+# -- threshold parameterisation and precision ----------------------------------------------------------
+def test_raw_thresholds_stay_positive_when_pushed_down():
+    # No sparsity pressure and a wide kernel: the reconstruction drives every threshold towards 0 and below.
+    torch.manual_seed(0)
+    sae = make(bandwidth=0.5, threshold_init=0.001)
+    adam_steps(sae, [torch.randn(256, 8) for _ in range(5)], coefficient=0.0, lr=0.01)
+    theta = sae.threshold.detach()
+    assert (theta > 0).all()
+    assert torch.isclose(theta, torch.tensor(sae.threshold_floor)).any()  # pushed down, held at the floor
+
+
+def test_log_thresholds_are_positive_by_construction():
+    sae = make(threshold_param="log", threshold_init=0.01)
+    assert "log_threshold" in dict(sae.named_parameters())
+    torch.testing.assert_close(sae.threshold.detach(), torch.full((16,), 0.01))
+
+
+@pytest.mark.parametrize("threshold_param", ["raw", "log"])
+def test_threshold_stays_float32_under_bf16_autocast(threshold_param):
+    torch.manual_seed(0)
+    sae = make(threshold_param=threshold_param, bandwidth=0.5)
+    param = sae.raw_threshold if threshold_param == "raw" else sae.log_threshold
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=sae.recipe_adam_betas)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.training_loss(torch.randn(128, 8), {"sparsity": 0.01})
+        loss = sum(out.terms.values())
+    loss.backward()
+    opt.step()
+    sae.after_optimizer_step()
+    assert param.dtype == torch.float32 and param.grad.dtype == torch.float32
+    assert sae.threshold.dtype == torch.float32
+    assert param.grad.abs().sum() > 0
+
+
+def test_threshold_comparison_is_made_in_float32():
+    # 1.0078125 is a bf16 number; theta = 1.005 would round to it in bf16 and switch the latent off.
+    pre = torch.tensor([[1.0078125]], dtype=torch.bfloat16, requires_grad=True)
+    threshold = torch.tensor([1.005], requires_grad=True)
+    f = jumprelu(pre, threshold, 0.01)
+    assert f.dtype == torch.bfloat16 and f.item() == 1.0078125
+    (grad_threshold,) = torch.autograd.grad(f.sum(), threshold)
+    assert grad_threshold.dtype == torch.float32
+    assert grad_threshold.item() == pytest.approx(-1.005 / 0.01)  # |pre - theta| < eps / 2: in the window
+
+
+# -- decoder constraint ---------------------------------------------------------------------------------
+def test_decoder_rows_stay_unit_norm_after_optimiser_steps():
+    torch.manual_seed(0)
+    sae = make(bandwidth=0.1)
+    adam_steps(sae, [torch.randn(128, 8) for _ in range(5)], coefficient=0.01, lr=0.05)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16), atol=1e-5, rtol=0)
+
+
+# -- config -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("field", "value"), [
+    ("bandwidth", 0.0), ("bandwidth", -1.0), ("kernel", "gaussian"), ("threshold_init", 0.0),
+    ("threshold_param", "softplus"), ("sparsity", "l1"), ("ste_to_preacts", "yes"),
+    ("pre_act_loss_coefficient", -1e-6), ("tanh_scale", 0.0),
+])
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"sae.{field}="):
+        make(**{field: value})
+
+
+def test_tanh_sparsity_and_pre_act_loss_are_terms():
+    sae = make(sparsity="tanh", pre_act_loss_coefficient=3e-6, decoder_constraint="none")
+    terms = sae.training_loss(torch.randn(32, 8), {"sparsity": 0.1}).terms
+    assert set(terms) == {"rec", "sparsity", "pre_act"}
+    sum(terms.values()).backward()
+    assert sae.raw_threshold.grad is not None
+
+
+# -- export ----------------------------------------------------------------------------------------------
+def test_export_reproduces_reconstructions_on_raw_activations(tmp_path):
+    torch.manual_seed(0)
+    sae = make(bandwidth=0.1)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.5)
+        sae.raw_threshold.uniform_(0.05, 0.5)
+    scale = 3.7
+    exported = load_exported(export_sae(sae, scale, tmp_path / "sae", {}))
+    assert exported.cfg["architecture"] == "jumprelu"
+    x_raw = scale * (torch.randn(256, 8) + 0.3)
+    with torch.no_grad():
+        expected = scale * sae(x_raw / scale)
+        assert 0 < (sae.encode(x_raw / scale) > 0).float().mean() < 1  # some latents on, some off
+        torch.testing.assert_close(exported(x_raw), expected, atol=1e-4, rtol=1e-4)
