@@ -183,6 +183,7 @@ def test_untied_export_is_labelled_and_reproduces_the_sae(tmp_path):
     f = (x_c @ t.W_enc + t.b_gate > 0).float() * torch.relu(x_c @ t.W_mag + t.b_mag)
     with torch.no_grad():
         torch.testing.assert_close(f @ t.W_dec + t.b_dec, SCALE * sae(x_raw / SCALE), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exported(x_raw), SCALE * sae(x_raw / SCALE), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="tie_encoder"):
         sae.export_as_jumprelu_tensors(SCALE)
 

@@ -54,9 +54,10 @@ class ExportedSAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         arch = self.cfg["architecture"]
         x_c = x - self.b_dec if self.cfg.get("apply_b_dec_to_input", True) else x
-        if arch == "gated":
+        if arch in ("gated", "saelab_gated_untied"):  # the untied ablation carries its own W_mag
             pi_gate = x_c @ self.W_enc + self.b_gate
-            pi_mag = x_c @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+            w_mag = self.W_mag if arch == "saelab_gated_untied" else self.W_enc * self.r_mag.exp()
+            pi_mag = x_c @ w_mag + self.b_mag
             return (pi_gate > 0).to(x.dtype) * torch.relu(pi_mag)
         pre = x_c @ self.W_enc + self.b_enc
         if arch == "jumprelu":
