@@ -20,15 +20,12 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from saelab.cli_checks import CONF_DIR, check_group_overrides
 from saelab.data.cache import MANIFEST, cache_root, is_off, read_manifest, summary, verify
-from saelab.data.model import package_model_path
 from saelab.errors import ConfigError
-
-OmegaConf.register_new_resolver("package_model_path", package_model_path, replace=True)
 
 _COLUMNS = ("name", "model", "hook", "source", "train_tokens", "eval_tokens", "mbytes", "train_pass_complete")
 

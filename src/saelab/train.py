@@ -27,7 +27,7 @@ from saelab.callbacks import PeriodicEval
 from saelab.cli_checks import CONF_DIR, check_group_overrides
 from saelab.config_checks import check_run_config
 from saelab.data.datamodule import ActivationDataModule
-from saelab.data.model import load_model, package_model_path
+from saelab.data.model import load_model
 from saelab.errors import ConfigError
 from saelab.export import export_sae
 from saelab.io import write_json
@@ -38,8 +38,6 @@ from saelab.module import SAEModule
 from saelab.saes.base import build_sae
 
 log = logging.getLogger("saelab")
-
-OmegaConf.register_new_resolver("package_model_path", package_model_path, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -53,10 +51,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if model.d_model != sae.d_in:
         raise ConfigError("sae.d_in", sae.d_in, f"the model's d_model ({model.d_model}); set model.d_model")
 
-    datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed)
-    datamodule.setup()
     batch_size = int(cfg.data.batch_size)
-    max_steps = cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / batch_size)
+    max_steps = int(cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / batch_size))
+    datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
+                                      train_tokens=max_steps * batch_size)
+    datamodule.setup()
     module = SAEModule(sae, cfg.optim, max_steps, cfg.dead_window_tokens)
     module.norm_scale.fill_(datamodule.scale)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from saelab.errors import ConfigError
 
@@ -31,6 +32,9 @@ def package_model_path(package: str) -> str:
         raise ConfigError("model.path", f"${{package_model_path:{package}}}",
                           f"an installed package {package} (pip install -e '.[demo]')") from None
     return str(module.get_model_path())
+
+
+OmegaConf.register_new_resolver("package_model_path", package_model_path, replace=True)
 
 
 def hook_layer(hook: str) -> int | None:
