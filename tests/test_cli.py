@@ -52,7 +52,12 @@ def test_wandb_offline_run_is_written_for_wandb_sync(tiny_model_dir, tiny_corpus
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = _run_dirs(out)
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+    assert len(offline_runs) == 1
+    (log_file,) = offline_runs[0].glob("*.wandb")
+    logged = log_file.read_bytes()  # the binary run log `wandb sync` uploads: keys appear as strings
+    for key in (b"loss/rec", b"loss/sparsity", b"coef/sparsity", b"train/l0", b"final/fvu", b"final/l0",
+                b"final/log10_feature_density"):
+        assert key in logged, key
     assert "wandb sync" in result.stdout + result.stderr
 
 

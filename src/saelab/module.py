@@ -70,6 +70,9 @@ class SAEModule(L.LightningModule):
         logs |= {f"coef/{name}": value for name, value in coefficients.items()}
         logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
         logs["train/l0"] = (out.feature_acts > 0).sum(-1).float().mean()
+        if self.global_step % 10 == 0 and "rec" in out.terms:  # FVU of this batch, about its own mean
+            variance = (batch - batch.mean(0)).pow(2).sum(-1).mean()
+            logs["train/fvu"] = out.terms["rec"].detach() / variance
         logs["lr"] = self.optimizers().param_groups[0]["lr"]
         if self.global_step % 50 == 0:
             logs["train/dead_fraction"] = self.sae.dead_mask(self.dead_window_tokens).float().mean()
