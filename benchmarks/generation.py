@@ -2,11 +2,11 @@
 
 Both sides run MiniLM (all-MiniLM-L6-v2, offline) on the same packed pydocs windows, the same batch shape
 and the same number of layers (the harness stops after blocks.3, the bare model keeps encoder.layer[:4]).
-The harness side includes everything the training stream pays per batch: the bridge forward with its
-hook, the special-token mask and the float32 CPU copy. The bare side is timed with HF's default (sdpa)
-attention and with the eager attention the bridge switches the model to. Two proposed faster harness
-paths are timed too (not used by saelab yet): a plain forward hook on a weight-sharing twin of the HF
-model, and the bridge with its attention switched back to sdpa.
+The harness side includes everything the training stream pays per batch (activation_chunks): the forward
+with its hook, the special-token mask and the float32 CPU copy. For a block output such as blocks.3.hook_out
+the harness reads a plain HF forward of a weight-sharing twin of the bridge's model (saelab.data.hf_reader);
+the bridge's own run_with_cache, which other hooks fall back to, is timed too. The bare side is timed with
+HF's default (sdpa) attention and with the eager attention the bridge switches the model to.
 
     .venv/bin/python -m benchmarks.generation [--batches 12] [--batch-windows 32] [--context 128]
 """
@@ -14,13 +14,13 @@ model, and the bridge with its attention switched back to sdpa.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import time
 
 import torch
 
 from saelab.data.activations import activation_chunks
+from saelab.data.hf_reader import block_output_reader
 from saelab.data.model import load_model, package_model_path
 from saelab.data.text_sources import pydocs_documents
 from saelab.data.tokens import SpecialTokens, keep_mask, pack, tokenize
@@ -39,46 +39,12 @@ def windows_for(tokenizer, n_windows: int, context: int) -> torch.Tensor:
     return pack(ids, context, special, prepend_bos=True)[:n_windows]
 
 
-class _Stop(Exception):
-    """Raised by the hook once the hook point's activations are captured: no later block runs."""
-
-
-def plain_hook_reader(model, hook: str):
-    """PROPOSED fast path for activations.py: the bridge's HF model without TransformerLens's wrappers.
-
-    A twin of `bridge.original_model` is built on the meta device and given the bridge's own tensors
-    (assign=True: no copy, no extra memory); a torch forward hook on the HF module that the bridge's
-    `blocks.N` wraps captures its output and stops the forward. For `blocks.N.hook_out` this is the
-    bridge's activation (the benchmark prints the max difference).
-    """
-    wrapped = "._original_component"
-    bridge_hf = model.bridge.original_model
-    with torch.device("meta"):
-        twin = type(bridge_hf)._from_config(bridge_hf.config, attn_implementation="sdpa",
-                                            torch_dtype=next(bridge_hf.parameters()).dtype)
-    twin.load_state_dict({k.replace(wrapped, ""): v for k, v in bridge_hf.state_dict().items()},
-                         assign=True, strict=False)
-    buffers = {k.replace(wrapped, ""): v for k, v in bridge_hf.named_buffers()}
-    for name, buffer in list(twin.named_buffers()):  # non-persistent buffers are not in the state dict
-        if buffer.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            twin.get_submodule(owner).register_buffer(leaf, buffers[name].clone(), persistent=False)
-    names = {id(module): name for name, module in bridge_hf.named_modules()}
-    block = twin.get_submodule(names[id(model.bridge.blocks[int(hook.split(".")[1])])])
-    captured: list[torch.Tensor] = []
-
-    def capture(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _Stop
-
-    block.register_forward_hook(capture)
-    special = SpecialTokens.from_tokenizer(model.tokenizer)
+def bridge_chunk(model, special: SpecialTokens):
+    """The bridge path (run_with_cache), which window_activations falls back to for non-block-output hooks."""
 
     def read(windows: torch.Tensor) -> torch.Tensor:
-        with contextlib.suppress(_Stop):
-            twin.eval()(input_ids=windows)
-        acts = captured.pop()
-        return acts[keep_mask(windows, special)].float().cpu()
+        _, cache = model.bridge.run_with_cache(windows, names_filter=model.hooks, stop_at_layer=model.stop_at_layer)
+        return cache[HOOK][keep_mask(windows, special)].float().cpu()
 
     return read
 
@@ -104,22 +70,15 @@ def main() -> None:
     special = SpecialTokens.from_tokenizer(model.tokenizer)
     windows = windows_for(model.tokenizer, args.batches * args.batch_windows, args.context)
     batches = windows.split(args.batch_windows)
-    sdpa, eager, fast = bare_model(path, "sdpa"), bare_model(path, "eager"), plain_hook_reader(model, HOOK)
-    # PROPOSED alternative (one line in model.py): keep the bridge, switch its HF attention back to sdpa.
-    bridge_sdpa = load_model({"name": "sentence-transformers/all-MiniLM-L6-v2", "path": path, "hook": HOOK,
-                              "hooks": None, "dtype": "float32", "device": "cpu"})
-    bridge_sdpa.bridge.original_model.set_attn_implementation("sdpa")
+    sdpa, eager, bridge = bare_model(path, "sdpa"), bare_model(path, "eager"), bridge_chunk(model, special)
+    fast_path = block_output_reader(model.bridge, model.hooks) is not None
     with torch.inference_mode():
-        bridge_acts = next(activation_chunks(model, batches[0], special, len(batches[0])))
-        fast_difference = (fast(batches[0]) - bridge_acts).abs().max().item()
-        sdpa_difference = (next(activation_chunks(bridge_sdpa, batches[0], special, len(batches[0])))
-                           - bridge_acts).abs().max().item()
+        difference = (next(activation_chunks(model, batches[0], special, len(batches[0])))
+                      - bridge(batches[0])).abs().max().item()
     sides = {
-        f"harness (bridge run_with_cache, stop_at_layer={model.stop_at_layer})":
-            lambda b: next(activation_chunks(model, b, special, len(b))),
-        "proposed: plain forward hook on a weight-sharing HF twin": fast,
-        "proposed: harness with the bridge's attention set to sdpa":
-            lambda b: next(activation_chunks(bridge_sdpa, b, special, len(b))),
+        f"harness ({'plain HF fast path' if fast_path else 'bridge run_with_cache'}, stops after "
+        f"blocks.{model.stop_at_layer - 1})": lambda b: next(activation_chunks(model, b, special, len(b))),
+        f"bridge run_with_cache, stop_at_layer={model.stop_at_layer}": bridge,
         f"bare HF forward, encoder.layer[:{LAYERS}], sdpa attention":
             lambda b: sdpa(input_ids=b).last_hidden_state.float().cpu(),
         f"bare HF forward, encoder.layer[:{LAYERS}], eager attention":
@@ -139,12 +98,10 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads")
     for name, s in seconds.items():
         print(f"{name:<62} {windows.numel() / s:8,.0f} tokens/s")
-    harness, twin, with_sdpa, bare = list(seconds.values())[:4]
-    for name, s, difference in [("harness", harness, 0.0), ("twin", twin, fast_difference),
-                                ("harness+sdpa", with_sdpa, sdpa_difference)]:
-        print(f"{name:>12} / bare (sdpa) throughput = {bare / s:.3f}  (overhead {100 * (s / bare - 1):+5.1f}%); "
-              f"max |activation - harness's| = {difference:.2g}")
-
+    harness, via_bridge, bare = list(seconds.values())[:3]
+    for name, s in [("harness", harness), ("bridge", via_bridge)]:
+        print(f"{name:>8} / bare (sdpa) throughput = {bare / s:.3f}  (overhead {100 * (s / bare - 1):+5.1f}%)")
+    print(f"max |harness activation - bridge's| = {difference:.2g}")
 
 if __name__ == "__main__":
     main()

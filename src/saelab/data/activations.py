@@ -7,16 +7,24 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from saelab.data.hf_reader import block_output_reader
 from saelab.data.model import LoadedModel
 from saelab.data.tokens import SpecialTokens, keep_mask
 
 
 @torch.inference_mode()
 def window_activations(model: LoadedModel, windows: Tensor) -> dict[str, Tensor]:
-    """Activations [batch, ctx, d] at every configured hook, computing no block past the deepest hook."""
-    _, cache = model.bridge.run_with_cache(
-        windows.to(model.device), names_filter=model.hooks, stop_at_layer=model.stop_at_layer
-    )
+    """Activations [batch, ctx, d] at every configured hook, computing no block past the deepest hook.
+
+    Block outputs (`blocks.N.hook_out` / `hook_resid_post`) come from a plain HF forward sharing the bridge's
+    weights (saelab.data.hf_reader: the bridge's values up to float32 rounding, without TransformerLens's
+    overhead); any other hook, or a model the plain forward does not fit, goes through run_with_cache.
+    """
+    windows = windows.to(model.device)
+    reader = block_output_reader(model.bridge, model.hooks)
+    if reader is not None:
+        return reader(windows)
+    _, cache = model.bridge.run_with_cache(windows, names_filter=model.hooks, stop_at_layer=model.stop_at_layer)
     return {hook: cache[hook] for hook in model.hooks}
 
 

@@ -84,7 +84,7 @@ _ALLOWED = "off, auto or a writable directory"
 _SMALL_FILE = 2**20
 _KEYS = {"inputs", "streams", "eval_windows", "scales", "shard_windows", "d_model"}  # of a usable manifest
 # The code that turns text into activations: editing it changes the key (caches are cheap to rebuild).
-_CODE = ("text_sources.py", "tokens.py", "activations.py", "model.py", "normalize.py")
+_CODE = ("text_sources.py", "tokens.py", "activations.py", "hf_reader.py", "model.py", "normalize.py")
 
 Windows = dict[str, Tensor]  # {"train": [n, ctx], "eval": [m, ctx]} token windows
 ActivationsFn = Callable[[Tensor], Iterator[Tensor]]  # windows -> float32 [rows, d] chunks
