@@ -7,12 +7,15 @@ Each step runs exactly what SAEModule runs per step (SAEModule.step_loss: the SA
 dead-latent bookkeeping; backward; before_optimizer_step, i.e. the decoder-gradient projection; Adam's step;
 after_optimizer_step, i.e. renormalisation / threshold projection), minus logging I/O.
 
-FLOPs counted: 2 x B x d_in x d_sae per dense matmul pass, forward and backward:
-  relu, jumprelu  6 passes: encoder fwd, dW_enc, dx_c (x_c = x - b_dec needs it); decoder fwd, dW_dec, df
-  gated           8 passes: the relu six (gate and magnitude share one encoder matmul) plus L_aux's decoder
-                  forward and its input gradient (the decoder is frozen there, so no weight gradient)
-  topk, batchtopk 3 passes: the encoder's three; the decoder is sparse (k of d_sae latents), 3 x 2 B k d_in
-                  FLOPs, counted as such
+FLOPs counted: 2 x B x d_in x d_sae per dense matmul pass, forward and backward (what actually runs):
+  relu, jumprelu  5 passes: encoder fwd, dW_enc; decoder fwd, dW_dec, df. b_dec is folded into the encoder
+                  bias (x W_enc + b_enc - b_dec W_enc), so no pass computes a gradient for the centred input
+  gated           7 passes: the relu five (gate and magnitude share one encoder matmul, and their latent
+                  gradients are summed before the one dW_enc) plus L_aux's decoder forward and its input
+                  gradient (the decoder is frozen there, so no weight gradient)
+  topk, batchtopk 1 pass: the encoder forward. The decoder is sparse (k of d_sae latents: fwd, dW_dec, df)
+                  and so is the encoder backward (dW_enc from the B k selected entries only), 4 x 2 B k d_in
+                  FLOPs, counted as such (AuxK's sparse work is not counted)
 The roofline is the GFLOP/s of those same matmul shapes run back to back with preallocated outputs, timed in
 this run on this machine; roofline_fraction = achieved / roofline.
 """
@@ -32,7 +35,7 @@ from saelab.module import SAEModule
 from saelab.saes import build_sae
 
 CONF_SAE = Path(__file__).resolve().parents[1] / "conf" / "sae"
-DENSE_PASSES = {"relu": 6, "jumprelu": 6, "gated": 8, "topk": 3, "batchtopk": 3}
+DENSE_PASSES = {"relu": 5, "jumprelu": 5, "gated": 7, "topk": 1, "batchtopk": 1}
 
 
 def build(variant: str, d_in: int, d_sae: int, overrides: list[str]):
@@ -45,7 +48,7 @@ def build(variant: str, d_in: int, d_sae: int, overrides: list[str]):
 def step_flops(variant: str, sae, batch: int) -> float:
     dense = DENSE_PASSES[variant] * 2.0 * batch * sae.d_in * sae.d_sae
     if variant in ("topk", "batchtopk"):
-        dense += 3 * 2.0 * batch * int(sae.cfg.k) * sae.d_in
+        dense += 4 * 2.0 * batch * int(sae.cfg.k) * sae.d_in
     return dense
 
 
@@ -58,12 +61,12 @@ def roofline_gflops(variant: str, batch: int, d_in: int, d_sae: int, repeats: in
     shapes = [
         lambda: torch.mm(x, w_enc, out=out_f),  # encoder forward
         lambda: torch.mm(x.t(), f, out=out_we),  # dW_enc
-        lambda: torch.mm(f, w_enc.t(), out=out_x),  # dx_c
         lambda: torch.mm(f, w_dec, out=out_x),  # decoder forward
         lambda: torch.mm(f.t(), x, out=out_wd),  # dW_dec
         lambda: torch.mm(x, w_dec.t(), out=out_f),  # df
         lambda: torch.mm(f, w_dec, out=out_x),  # aux decoder forward (gated)
         lambda: torch.mm(x, w_dec.t(), out=out_f),  # aux input gradient (gated)
+        lambda: torch.mm(f, w_enc.t(), out=out_x),  # dx_c (no variant runs it any more)
     ][: DENSE_PASSES[variant]]
     for fn in shapes:
         fn()

@@ -60,7 +60,10 @@ class SAEModule(L.LightningModule):
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
             raise FloatingPointError(f"non-finite loss at step {self.global_step} in term(s) {bad}")
-        self.sae.record_firing(out.feature_acts)
+        with torch.no_grad():  # one pass over the latents serves both L0 and the dead-latent bookkeeping
+            fire_counts = (out.feature_acts > 0).sum(0)
+            self.sae.record_fired(fire_counts > 0, out.feature_acts.shape[0])
+            out.extras["l0"] = fire_counts.sum().float() / out.feature_acts.shape[0]  # logged as train/l0
         return loss, out
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
@@ -69,7 +72,6 @@ class SAEModule(L.LightningModule):
         logs = {f"loss/{name}": term.detach() for name, term in out.terms.items()}
         logs |= {f"coef/{name}": value for name, value in coefficients.items()}
         logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
-        logs["train/l0"] = (out.feature_acts > 0).sum(-1).float().mean()
         if self.global_step % 10 == 0 and "rec" in out.terms:  # FVU of this batch, about its own mean
             variance = (batch - batch.mean(0)).pow(2).sum(-1).mean()
             logs["train/fvu"] = out.terms["rec"].detach() / variance

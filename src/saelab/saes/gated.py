@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_choice, check_positive
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.fused import GatedFunction
 
 # An untied Gated SAE (gate and magnitude read different directions) is neither SAELens "gated" (which
 # ties W_mag = exp(r_mag) W_enc) nor a JumpReLU. It is exported under this name, with an extra W_mag
@@ -110,6 +111,9 @@ class GatedSAE(SAE):
 
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
         cfg = self.cfg
+        if (cfg.gate == "heaviside" and cfg.tie_encoder and cfg.sparsity == "l1" and self.frozen_decoder
+                and self.fused_ok(x)):
+            return self.fused_training_loss(x, coefficients)
         pi_gate, pi_gate_sg, pi_mag = self.preacts(x)
         mag = torch.relu(pi_mag)
         hard = (pi_gate > 0).to(mag.dtype) * mag  # what `encode` returns: L0 and dead-latent bookkeeping
@@ -132,6 +136,22 @@ class GatedSAE(SAE):
                 W_dec, b_dec = W_dec.detach(), b_dec.detach()
             terms["aux"] = squared_error(x, torch.relu(gate_pre) @ W_dec + b_dec)
         return TrainStep(terms, hard.detach())
+
+    def fused_training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+        """training_loss for the default configuration through fused.GatedFunction (same terms and grads)."""
+        if self.cfg.apply_b_dec_to_input:
+            bias_gate = self.b_gate - self.b_dec.detach() @ self.W_enc
+            shift_mag = -(self.b_dec @ self.W_enc)
+        else:
+            bias_gate, shift_mag = self.b_gate, torch.zeros_like(self.b_gate)
+        aux = self.cfg.aux_loss != "none"
+        x_hat, f, penalty, aux_hat = GatedFunction.apply(
+            x, self.W_enc, bias_gate, shift_mag, self.r_mag, self.b_mag, self.W_dec, self.b_dec, aux,
+            (self.workspace("grad_mag", x), self.workspace("grad_gate", x)))
+        terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}
+        if aux:
+            terms["aux"] = squared_error(x, aux_hat)
+        return TrainStep(terms, f)
 
     # -- export --------------------------------------------------------------------------------------------
     def export_tensors(self, scale: float) -> dict[str, Tensor]:

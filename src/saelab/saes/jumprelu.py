@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_choice, check_positive
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.fused import JumpReLUL0Function
 from saelab.saes.ste import KERNELS, jumprelu, step
 
 
@@ -70,7 +71,7 @@ class JumpReLUSAE(SAE):
         return min(self.cfg.bandwidth, self.cfg.threshold_init) * 1e-3
 
     def preacts(self, x: Tensor) -> Tensor:
-        return self.centre(x) @ self.W_enc + self.b_enc
+        return self.encoder_preacts(x, self.W_enc, self.b_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         pre = self.preacts(x)
@@ -78,6 +79,14 @@ class JumpReLUSAE(SAE):
 
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
         cfg = self.cfg
+        if (cfg.sparsity == "l0" and not cfg.ste_to_preacts and cfg.pre_act_loss_coefficient == 0
+                and self.fused_ok(x)):
+            theta = self.threshold
+            x_hat, f, l0 = JumpReLUL0Function.apply(
+                x, self.W_enc, self.folded_bias(self.W_enc, self.b_enc), theta, self.W_dec, self.b_dec,
+                cfg.bandwidth, cfg.kernel, (self.workspace("kernel", x), self.workspace("grad_f", x)))
+            terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * l0}
+            return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()})
         pre, theta = self.preacts(x), self.threshold
         f = jumprelu(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts)
         terms = {"rec": squared_error(x, self.decode(f))}

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from saelab.errors import check_choice
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.fused import ReluL1Function
 
 
 @dataclass
@@ -31,9 +32,14 @@ class ReluSAE(SAE):
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
 
     def encode(self, x: Tensor) -> Tensor:
-        return torch.relu(self.centre(x) @ self.W_enc + self.b_enc)
+        return torch.relu(self.encoder_preacts(x, self.W_enc, self.b_enc))
 
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+        if self.cfg.sparsity == "l1" and self.fused_ok(x):
+            bias = self.folded_bias(self.W_enc, self.b_enc)
+            x_hat, f, penalty = ReluL1Function.apply(x, self.W_enc, bias, self.W_dec, self.b_dec,
+                                                     self.workspace("grad_f", x))
+            return TrainStep({"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
         f = self.encode(x)
         x_hat = self.decode(f)
         if self.cfg.sparsity == "l1":

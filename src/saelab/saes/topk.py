@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_positive
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.fused import SparseGather
 
 
 @dataclass
@@ -101,9 +102,7 @@ class TopKSAE(SAE):
         [B, d_in] x [d_in, d_sae] matmul (about a fifth of a training step). Under autocast the
         subtraction could cancel in low precision, so there the input is centred first.
         """
-        if not self.cfg.apply_b_dec_to_input or torch.is_autocast_enabled(x.device.type):
-            return self.centre(x) @ self.W_enc + self.b_enc
-        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
+        return self.encoder_preacts(x, self.W_enc, self.b_enc)
 
     def select(self, pre: Tensor) -> ActiveLatents:
         """Each token's k largest. TopK then ReLU == TopK of ReLU (ReLU is monotone), a pass less."""
@@ -117,13 +116,28 @@ class TopKSAE(SAE):
         return self.select(self.pre_activations(x)).decode(self.W_dec) + self.b_dec
 
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
-        pre = self.pre_activations(x)
-        active = self.select(pre)
+        gather = None
+        if self.fused_ok(x):
+            # Sparse encoder backward: pi is computed without autograd, and only the selected entries are
+            # gathered with a gradient (fused.SparseGather), so no dense [B, d_sae] gradient or dense
+            # dW_enc matmul is ever built. Same values, same gradients.
+            bias = self.folded_bias(self.W_enc, self.b_enc)
+            with torch.no_grad():
+                pre = torch.addmm(bias, x, self.W_enc)
+
+            def gather(rows: Tensor, latents: Tensor) -> Tensor:
+                return SparseGather.apply(x, self.W_enc, bias, pre, rows, latents)
+
+            active = self.select(pre)
+            active.values = gather(active.rows, active.latents).relu()  # select's values, with a gradient
+        else:
+            pre = self.pre_activations(x)
+            active = self.select(pre)
         x_hat = active.decode(self.W_dec) + self.b_dec
         terms = {"rec": squared_error(x, x_hat)}
         dead = self.dead_mask(self.cfg.dead_window_tokens)
         if self.cfg.auxk_alpha > 0:
-            terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(pre, (x - x_hat).detach(), dead)
+            terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(pre, (x - x_hat).detach(), dead, gather)
         extras = {"dead_latents": dead.sum().float(), **self.update_from_batch(active)}
         # Dense latents only for the module's firing statistics: one [B, d_sae] write, no gradient.
         return TrainStep(terms, active.dense(self.d_sae).detach(), extras)
@@ -132,13 +146,19 @@ class TopKSAE(SAE):
         """Per-batch state updates from the training selection (none for TopK); returns extras to log."""
         return {}
 
-    def auxk_loss(self, pre: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """||e - W_dec z_aux||^2 / ||e - mean(e)||^2, z_aux = top min(k_aux, n_dead) dead pre-activations."""
+    def auxk_loss(self, pre: Tensor, residual: Tensor, dead: Tensor, gather=None) -> Tensor:
+        """||e - W_dec z_aux||^2 / ||e - mean(e)||^2, z_aux = top min(k_aux, n_dead) dead pre-activations.
+
+        `gather(rows, latents)`, if given, returns pre's entries with their gradient (pre has none then).
+        """
         dead_ids = dead.nonzero().squeeze(1)
         if dead_ids.numel() == 0:
             return pre.new_zeros(())
         rows, local, values = per_token_topk(pre[:, dead_ids], min(self.k_aux, dead_ids.numel()))
-        e_hat = ActiveLatents(rows, dead_ids[local], values, pre.shape[0]).decode(self.W_dec)
+        latents = dead_ids[local]
+        if gather is not None:
+            values = gather(rows, latents)
+        e_hat = ActiveLatents(rows, latents, values, pre.shape[0]).decode(self.W_dec)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (residual - e_hat).pow(2).sum() / variance
 

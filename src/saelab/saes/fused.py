@@ -1,0 +1,236 @@
+"""Fused training kernels: encoder, nonlinearity, sparsity term and decoder in one autograd Function.
+
+They compute exactly the quantities of the plain PyTorch code in each variant (tests/test_step_equivalence.py
+checks loss terms and gradients against a straightforward reference), but with fewer passes over the
+[B, d_sae] latents and fewer fresh [B, d_sae] tensors:
+
+* the encoder takes x and the folded bias b_enc - b_dec W_enc (see SAE.encoder_preacts), so no matmul
+  computes a gradient for the input;
+* the pre-activation is written once (addmm) and the nonlinearity is applied in place where possible;
+* the backward pass writes the latent gradient into one reused buffer (SAE.workspace), adds the sparsity
+  term's constant gradient inside the GEMM (addmm's bias), and masks it in place.
+
+Used in float (no autocast) training on 2-D batches; the variants fall back to autograd otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class ReluL1Function(torch.autograd.Function):
+    """(x_hat, f, ||f||_1 / B) for f = ReLU(x W_enc + b), x_hat = f W_dec + b_dec."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, W_dec: Tensor, b_dec: Tensor,
+                workspace: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        f = torch.addmm(b, x, W_enc).relu_()
+        x_hat = torch.addmm(b_dec, f, W_dec)
+        penalty = f.sum(-1).mean()
+        ctx.save_for_backward(x, W_enc, W_dec, f)
+        ctx.workspace = workspace
+        ctx.mark_non_differentiable(f)
+        ctx.set_materialize_grads(False)
+        return x_hat, f, penalty
+
+    @staticmethod
+    def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_pen: Tensor | None):
+        x, W_enc, W_dec, f = ctx.saved_tensors
+        batch = f.shape[0]
+        need = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 6
+        if g_xhat is None and g_pen is None:
+            return tuple(grads)
+        g = ctx.workspace
+        pen = (g_pen / batch).to(f.dtype) if g_pen is not None else f.new_zeros(())
+        if g_xhat is not None:
+            torch.addmm(pen, g_xhat, W_dec.t(), out=g)  # dL/df, with the L1 term's constant gradient
+            if need[3]:
+                grads[3] = f.t() @ g_xhat
+            if need[4]:
+                grads[4] = g_xhat.sum(0)
+        else:
+            g.copy_(pen.expand_as(g))
+        torch.ops.aten.threshold_backward.grad_input(g, f, 0, grad_input=g)  # ReLU: zero where f == 0
+        if need[0]:
+            grads[0] = g @ W_enc.t()
+        if need[1]:
+            grads[1] = x.t() @ g
+        if need[2]:
+            grads[2] = g.sum(0)
+        return tuple(grads)
+
+
+class JumpReLUL0Function(torch.autograd.Function):
+    """(x_hat, f, L0) for f = pi H(pi - theta), pi = x W_enc + b, L0 = E_b sum_i H(pi_i - theta_i).
+
+    The gradients are saes/ste.py's JumpReLUFunction and StepFunction (ste_to_preacts false) summed:
+    d/dpi = g_f H; d/dtheta = -sum_b K((pi - theta)/eps)/eps (theta g_f + g_L0 / B), one kernel window.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
+                bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        pre = torch.addmm(b, x, W_enc)
+        active = pre > theta
+        f = torch.where(active, pre, 0.0)
+        x_hat = torch.addmm(b_dec, f, W_dec)
+        l0 = active.sum(-1, dtype=torch.float32).mean()
+        ctx.save_for_backward(x, W_enc, theta, W_dec, pre, f, active)
+        ctx.bandwidth, ctx.kernel, ctx.workspace = bandwidth, kernel, workspace
+        ctx.mark_non_differentiable(f)
+        ctx.set_materialize_grads(False)
+        return x_hat, f, l0
+
+    @staticmethod
+    def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_l0: Tensor | None):
+        x, W_enc, theta, W_dec, pre, f, active = ctx.saved_tensors
+        batch, eps = pre.shape[0], ctx.bandwidth
+        need = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 9
+        if need[3]:
+            # K((pi - theta)/eps), written into the workspace (the latent gradient is not needed yet).
+            k = torch.sub(pre, theta, out=ctx.workspace[0]).abs_()
+            if ctx.kernel == "rectangle":
+                window = k < 0.5 * eps
+                count = window.sum(0, dtype=torch.float32)
+                if g_xhat is not None:
+                    g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace[1])
+                    weighted = torch.mul(g_f, window, out=k).sum(0)
+                    del window
+                else:
+                    g_f, weighted = None, torch.zeros_like(count)
+            else:  # triangle: max(0, 1 - |u|)
+                k.div_(eps).neg_().add_(1.0).clamp_min_(0.0)
+                count = k.sum(0)
+                g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace[1]) if g_xhat is not None else None
+                weighted = (k * g_f).sum(0) if g_f is not None else torch.zeros_like(count)
+            grad_theta = theta * weighted
+            if g_l0 is not None:
+                grad_theta = grad_theta + (g_l0 / batch) * count
+            grads[3] = (grad_theta / -eps).to(theta.dtype)
+        else:
+            g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace[1]) if g_xhat is not None else None
+        if g_xhat is None:
+            return tuple(grads)
+        if need[4]:
+            grads[4] = f.t() @ g_xhat
+        if need[5]:
+            grads[5] = g_xhat.sum(0)
+        g_pre = g_f.mul_(active)  # d f / d pi = H
+        if need[0]:
+            grads[0] = g_pre @ W_enc.t()
+        if need[1]:
+            grads[1] = x.t() @ g_pre
+        if need[2]:
+            grads[2] = g_pre.sum(0)
+        return tuple(grads)
+
+
+class SparseGather(torch.autograd.Function):
+    """values_j = pi[rows_j, latents_j] for pi = x W_enc + b, with pi computed (without grad) by the caller.
+
+    The backward pass touches only the gathered entries: dW_enc = x^T G and db = column sums of G for the
+    sparse [B, d_sae] matrix G of the values' gradients, a sparse-dense product instead of the dense
+    [d_in, B] x [B, d_sae] matmul (and the dense [B, d_sae] gradient) that autograd would build.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, pre: Tensor, rows: Tensor,
+                latents: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W_enc, rows, latents)
+        ctx.d_sae = pre.shape[1]
+        return pre[rows, latents]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        x, W_enc, rows, latents = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 6
+        g = g.to(x.dtype)
+        if need[1] or need[0]:
+            # G^T as a COO [d_sae, B] matrix: (latent, row) -> g.
+            gt = torch.sparse_coo_tensor(torch.stack([latents, rows]), g, (ctx.d_sae, x.shape[0]),
+                                         check_invariants=False)
+            if need[1]:
+                grads[1] = torch.sparse.mm(gt, x).t().contiguous()
+            if need[0]:
+                grads[0] = torch.sparse.mm(gt.t(), W_enc.t().contiguous())
+        if need[2]:
+            grads[2] = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device).index_add_(0, latents, g)
+        return tuple(grads)
+
+
+class GatedFunction(torch.autograd.Function):
+    """The Gated SAE's training forward (heaviside gate, tied encoder, l1 sparsity, decoder frozen in the
+    gate's terms): returns (x_hat, f, ||ReLU(pi_gate)||_1 / B, aux_hat or None).
+
+        z = x W + shift_mag           pi_gate = x W + bias_gate      pi_mag = exp(r) z + b_mag
+        f = H(pi_gate) ReLU(pi_mag)   x_hat = f W_dec + b_dec        aux_hat = ReLU(pi_gate) sg(W_dec) + sg(b_dec)
+
+    The caller folds the centring into the biases: bias_gate = b_gate - sg(b_dec) W and shift_mag = -b_dec W,
+    so b_dec's centring gradient reaches it only through the magnitude path, as GatedSAE.preacts arranges.
+    One encoder matmul serves both paths, and the backward pass sums both paths' latent gradients before the
+    one dW matmul.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, bias_gate: Tensor, shift_mag: Tensor, r_mag: Tensor,
+                b_mag: Tensor, W_dec: Tensor, b_dec: Tensor, aux: bool,
+                workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        z = torch.mm(x, W_enc)
+        gate = torch.add(z, bias_gate).relu_()  # ReLU(pi_gate); pi_gate > 0 <=> gate > 0
+        gain = r_mag.exp()
+        pi_mag = z.add_(shift_mag).mul_(gain).add_(b_mag)
+        f = torch.where(gate > 0, pi_mag, 0.0).relu_()
+        x_hat = torch.addmm(b_dec, f, W_dec)
+        penalty = gate.sum(-1).mean()
+        aux_hat = torch.addmm(b_dec, gate, W_dec) if aux else None
+        ctx.save_for_backward(x, W_enc, gain, b_mag, W_dec, pi_mag, f, gate)
+        ctx.workspace = workspace
+        ctx.mark_non_differentiable(f)
+        ctx.set_materialize_grads(False)
+        return x_hat, f, penalty, aux_hat
+
+    @staticmethod
+    def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_pen: Tensor | None,
+                 g_aux: Tensor | None):
+        x, W_enc, gain, b_mag, W_dec, pi_mag, f, gate = ctx.saved_tensors
+        batch = f.shape[0]
+        need = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 10
+        ws_mag, ws_gate = ctx.workspace
+        g_z = None
+        if g_xhat is not None:  # magnitude path: dL/dpi_mag = g_f H ReLU'(pi_mag) = g_f 1[f > 0]
+            g_mag = torch.mm(g_xhat, W_dec.t(), out=ws_mag)
+            torch.ops.aten.threshold_backward.grad_input(g_mag, f, 0, grad_input=g_mag)
+            if need[6]:
+                grads[6] = f.t() @ g_xhat
+            if need[7]:
+                grads[7] = g_xhat.sum(0)
+            if need[5]:
+                grads[5] = g_mag.sum(0)
+            if need[4]:  # d pi_mag / d r = exp(r) z = pi_mag - b_mag
+                grads[4] = torch.sub(pi_mag, b_mag, out=ws_gate).mul_(g_mag).sum(0)
+            g_z = g_mag.mul_(gain)
+            if need[3]:
+                grads[3] = g_z.sum(0)
+        if g_pen is not None or g_aux is not None:  # gate path: (lambda / B + g_aux sg(W_dec)^T) ReLU'(pi_gate)
+            pen = (g_pen / batch).to(gate.dtype) if g_pen is not None else gate.new_zeros(())
+            if g_aux is not None:
+                g_gate = torch.addmm(pen, g_aux, W_dec.t(), out=ws_gate)
+            else:
+                g_gate = ws_gate.copy_(pen.expand_as(ws_gate))
+            torch.ops.aten.threshold_backward.grad_input(g_gate, gate, 0, grad_input=g_gate)
+            if need[2]:
+                grads[2] = g_gate.sum(0)
+            g_z = g_gate if g_z is None else g_z.add_(g_gate)
+        if g_z is not None:
+            if need[0]:
+                grads[0] = g_z @ W_enc.t()
+            if need[1]:
+                grads[1] = x.t() @ g_z
+        return tuple(grads)
