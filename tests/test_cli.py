@@ -85,10 +85,14 @@ BAD_INPUTS = [
     (["data.path=/nonexistent/corpus"], "data.path='/nonexistent/corpus'"),
     (["model.dtype=float8"], "model.dtype='float8'"),
     (["+sae.bandwidth=0.1"], "sae.bandwidth=0.1 is not allowed: expected a field of ReluSAE"),
+    (["data.context_size=1000"], "data.context_size=1000 is not allowed: expected at most the model's n_ctx (64)"),
+    (["data.cache=/proc/saelab-cache"], "data.cache='/proc/saelab-cache'"),
+    (["sae=topk", "sae.k=100000"], "sae.k=100000"),
+    (["sae=jumprelu", "sae.bandwidth=0"], "sae.bandwidth=0"),
 ]
 
 
-@pytest.mark.parametrize(("override", "message"), BAD_INPUTS, ids=[b[0][0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(("override", "message"), BAD_INPUTS, ids=[b[0][-1] for b in BAD_INPUTS])
 def test_bad_input_fails_with_one_line_and_leaves_no_run_directory(
     override, message, tiny_model_dir, tiny_corpus_dir, tmp_path
 ):

@@ -81,3 +81,28 @@ def test_normalisation_scales():
     assert estimate_scale(raw, "none") == 1.0
     with pytest.raises(ConfigError, match="data.normalize"):
         estimate_scale(raw, "l2")
+
+
+def test_hf_source_reads_text_or_pretokenised_columns_from_a_local_dataset(tmp_path):
+    import json
+
+    from saelab.data.text_sources import load_documents
+
+    rows = [{"text": f"document {i}", "ids": [i, i + 1, i + 2]} for i in range(5)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = {"source": "hf", "path": str(tmp_path), "split": "train", "text_column": "text", "token_column": None,
+           "max_documents": 3, "streaming": True}
+    assert load_documents(cfg) == ["document 0", "document 1", "document 2"]
+    assert load_documents(cfg | {"token_column": "ids"}) == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    with pytest.raises(ConfigError, match="data.text_column='body'.*text, ids"):
+        load_documents(cfg | {"text_column": "body"})
+
+
+def test_pretokenised_documents_are_packed_as_they_are():
+    from saelab.data.tokens import tokenize
+
+    class NoTextTokenizer:
+        def __call__(self, texts, add_special_tokens):
+            raise AssertionError("pre-tokenised documents must not be re-tokenised")
+
+    assert tokenize([[5, 6], [7]], NoTextTokenizer()) == [[5, 6], [7]]
