@@ -195,6 +195,15 @@ class SAE(nn.Module):
         """
         raise NotImplementedError
 
+    def standard_tensors(self, scale: float) -> dict[str, Tensor]:
+        """W_enc, W_dec, b_enc, b_dec with the biases scaled: the layout ReLU, JumpReLU and TopK share."""
+        return {
+            "W_enc": self.W_enc.detach().clone(),
+            "W_dec": self.W_dec.detach().clone(),
+            "b_enc": self.b_enc.detach() * scale,
+            "b_dec": self.b_dec.detach() * scale,
+        }
+
     def export_config(self) -> dict[str, Any]:
         """Architecture-specific cfg.json fields (beyond d_in, d_sae, ...)."""
         return {"architecture": self.saelens_architecture}

@@ -108,10 +108,4 @@ class JumpReLUSAE(SAE):
             self.raw_threshold.clamp_(min=self.threshold_floor)
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
-        return {
-            "W_enc": self.W_enc.detach().clone(),
-            "W_dec": self.W_dec.detach().clone(),
-            "b_enc": self.b_enc.detach() * scale,
-            "b_dec": self.b_dec.detach() * scale,
-            "threshold": self.threshold.detach() * scale,
-        }
+        return self.standard_tensors(scale) | {"threshold": self.threshold.detach() * scale}

@@ -49,9 +49,4 @@ class ReluSAE(SAE):
         return TrainStep({"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
-        return {
-            "W_enc": self.W_enc.detach().clone(),
-            "W_dec": self.W_dec.detach().clone(),
-            "b_enc": self.b_enc.detach() * scale,
-            "b_dec": self.b_dec.detach() * scale,
-        }
+        return self.standard_tensors(scale)

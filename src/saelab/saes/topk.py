@@ -163,12 +163,7 @@ class TopKSAE(SAE):
         return (residual - e_hat).pow(2).sum() / variance
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
-        return {
-            "W_enc": self.W_enc.detach().clone(),
-            "W_dec": self.W_dec.detach().clone(),
-            "b_enc": self.b_enc.detach() * scale,
-            "b_dec": self.b_dec.detach() * scale,
-        }
+        return self.standard_tensors(scale)
 
     def export_config(self) -> dict[str, Any]:
         return {**super().export_config(), "k": self.k}
