@@ -110,10 +110,13 @@ class TopKSAE(SAE):
         return ActiveLatents(rows, latents, values.relu(), pre.shape[0])
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.select(self.pre_activations(x)).dense(self.d_sae)
+        """Latents for tokens of any leading shape (the selection itself works on [tokens, d_in])."""
+        flat = x.reshape(-1, self.d_in)
+        return self.select(self.pre_activations(flat)).dense(self.d_sae).reshape(*x.shape[:-1], self.d_sae)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.select(self.pre_activations(x)).decode(self.W_dec) + self.b_dec
+        flat = x.reshape(-1, self.d_in)
+        return (self.select(self.pre_activations(flat)).decode(self.W_dec) + self.b_dec).reshape(x.shape)
 
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
         gather = None
