@@ -134,3 +134,17 @@ def test_report_cli_subprocess(sweep_dir):
     assert proc.returncode == 0, proc.stderr
     assert "| 14 | failed |" in proc.stdout
     assert (sweep_dir / "report.csv").is_file()
+
+
+def test_one_job_per_override_value_falls_back_to_one_series_per_variant(tmp_path):
+    """experiment=variant_pareto sweeps `+point=<variant>_<level>`: series must still be the variants."""
+    from saelab.report import collect
+
+    for job, (point, variant, l0, fvu) in enumerate([("relu_a", "ReluSAE", 10, 0.5), ("relu_b", "ReluSAE", 50, 0.3),
+                                                      ("topk_a", "TopKSAE", 16, 0.2), ("topk_b", "TopKSAE", 32, 0.1)]):
+        job_dir = tmp_path / str(job)
+        (job_dir / ".hydra").mkdir(parents=True)
+        (job_dir / ".hydra" / "overrides.yaml").write_text(f"- +point={point}\n- experiment=variant_pareto\n")
+        (job_dir / "metrics.json").write_text(json.dumps({"l0": l0, "fvu": fvu, "variant": variant}))
+    series = collect(tmp_path).table.set_index("job")["series"]
+    assert series.nunique() == 2 and series.iloc[0] == series.iloc[1] != series.iloc[2] == series.iloc[3]

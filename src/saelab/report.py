@@ -137,6 +137,11 @@ def collect(root: Path, group_by: Sequence[str] | None = None) -> Sweep:
     varying = [c for c in overridden if table[c].astype(str).nunique() > 1]
     swept = swept_coefficient(table, varying)
     default_keys = [c for c in varying if c != swept and not NUISANCE.match(c)]
+    one_job_per_series = bool(default_keys) and table[default_keys].astype(str).agg("|".join, axis=1).is_unique
+    if not group_by and one_job_per_series and "variant" in table:
+        # Every job its own series (e.g. experiment=variant_pareto's `+point=`): a curve needs shared series,
+        # so fall back to one series per variant.
+        default_keys = ["variant"]
     table["series"] = series_labels(table, group_by or default_keys)
     metrics = [c for c in METRIC_ORDER if c in table]
     first = ["job", "status", "series", *varying, *metrics]
