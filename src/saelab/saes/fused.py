@@ -21,6 +21,16 @@ import torch
 from torch import Tensor
 
 
+def _encoder_grads(grads: list, need: tuple[bool, ...], g_pre: Tensor, x: Tensor, W_enc: Tensor) -> None:
+    """Fill grads[0:3] (x, W_enc, b) of pi = x W_enc + b from dL/dpi, computing only what autograd needs."""
+    if need[0]:
+        grads[0] = g_pre @ W_enc.t()
+    if need[1]:
+        grads[1] = x.t() @ g_pre
+    if need[2]:
+        grads[2] = g_pre.sum(0)
+
+
 class ReluL1Function(torch.autograd.Function):
     """(x_hat, f, ||f||_1 / B) for f = ReLU(x W_enc + b), x_hat = f W_dec + b_dec."""
 
@@ -55,12 +65,7 @@ class ReluL1Function(torch.autograd.Function):
         else:
             g.copy_(pen.expand_as(g))
         torch.ops.aten.threshold_backward.grad_input(g, f, 0, grad_input=g)  # ReLU: zero where f == 0
-        if need[0]:
-            grads[0] = g @ W_enc.t()
-        if need[1]:
-            grads[1] = x.t() @ g
-        if need[2]:
-            grads[2] = g.sum(0)
+        _encoder_grads(grads, need, g, x, W_enc)
         return tuple(grads)
 
 
@@ -121,12 +126,7 @@ class JumpReLUL0Function(torch.autograd.Function):
         if need[5]:
             grads[5] = g_xhat.sum(0)
         g_pre = g_f.mul_(active)  # d f / d pi = H
-        if need[0]:
-            grads[0] = g_pre @ W_enc.t()
-        if need[1]:
-            grads[1] = x.t() @ g_pre
-        if need[2]:
-            grads[2] = g_pre.sum(0)
+        _encoder_grads(grads, need, g_pre, x, W_enc)
         return tuple(grads)
 
 
