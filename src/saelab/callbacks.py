@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import lightning as L
-from torch import Tensor
 
 from saelab.metrics.evaluate import evaluate_sae
 
 
 class PeriodicEval(L.Callback):
-    """Evaluate on held-out activations every `every_n_steps` and log the metrics as `eval/<name>`."""
+    """Evaluate on the datamodule's held-out activations every `every_n_steps`; log them as `eval/<name>`."""
 
-    def __init__(self, eval_acts: Tensor, every_n_steps: int, batch_size: int):
-        self.eval_acts, self.every_n_steps, self.batch_size = eval_acts, int(every_n_steps), int(batch_size)
+    def __init__(self, every_n_steps: int, batch_size: int):
+        self.every_n_steps, self.batch_size = int(every_n_steps), int(batch_size)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step < (trainer.max_steps or step + 1):
-            metrics, _ = evaluate_sae(pl_module.sae, self.eval_acts, self.batch_size)
+            metrics, _ = evaluate_sae(pl_module.sae, trainer.datamodule.eval_acts, self.batch_size)
             pl_module.log_dict({f"eval/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)

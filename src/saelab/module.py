@@ -6,6 +6,7 @@ applies the unit-norm decoder constraint, and keeps the dead-latent statistics.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -17,6 +18,9 @@ import torch
 from torch import Tensor
 
 from saelab.saes.base import SAE, TrainStep
+
+log = logging.getLogger(__name__)
+NAN_POLICIES = ("stop", "skip")
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int, warmup: str, decay_fraction: float) -> float:
@@ -33,14 +37,21 @@ def lr_factor(step: int, max_steps: int, warmup_steps: int, warmup: str, decay_f
 
 
 class SAEModule(L.LightningModule):
-    def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int):
+    def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
+                 nan_policy: str = "stop"):
+        """`nan_policy`: what a non-finite loss term does: "stop" raises FloatingPointError naming the step and
+        the term; "skip" drops that batch (no backward, no optimiser step) and logs a warning."""
         super().__init__()
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy={nan_policy!r} is not allowed: expected one of {NAN_POLICIES}")
+        self.nan_policy = nan_policy
         self.sae = sae
         self.optim_cfg = dict(optim)
         self.max_steps = int(max_steps)
         self.dead_window_tokens = int(dead_window_tokens)
         # The normalisation scale C: saved in checkpoints, folded into the exported SAE.
         self.register_buffer("norm_scale", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
         self._step_times: deque[tuple[float, int]] = deque(maxlen=21)
 
     def coefficients(self) -> dict[str, float]:
@@ -59,16 +70,31 @@ class SAEModule(L.LightningModule):
         loss = sum(out.terms.values())
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
-            raise FloatingPointError(f"non-finite loss at step {self.global_step} in term(s) {bad}")
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: term(s) {', '.join(bad)}")
         with torch.no_grad():  # one pass over the latents serves both L0 and the dead-latent bookkeeping
             fire_counts = (out.feature_acts > 0).sum(0)
-            self.sae.record_fired(fire_counts > 0, out.feature_acts.shape[0])
-            out.extras["l0"] = fire_counts.sum().float() / out.feature_acts.shape[0]  # logged as train/l0
+            n_tokens = out.feature_acts.shape[0]
+            if self._distributed():  # every rank keeps the same statistics: those of the global batch
+                torch.distributed.all_reduce(fire_counts)
+                n_tokens *= torch.distributed.get_world_size()
+            self.sae.record_fired(fire_counts > 0, n_tokens)
+            out.extras["l0"] = fire_counts.sum().float() / n_tokens  # logged as train/l0
         return loss, out
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def _distributed(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() > 1)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         coefficients = self.coefficients()
-        loss, out = self.step_loss(batch, coefficients)
+        try:
+            loss, out = self.step_loss(batch, coefficients)
+        except FloatingPointError as err:
+            if self.nan_policy == "stop":
+                raise
+            log.warning("%s: batch skipped (nan_policy=skip)", err)
+            self.log("train/skipped_batches", float(self.skipped_batches.add_(1)), on_step=True, on_epoch=False)
+            return None  # Lightning runs no backward and no optimiser step for this batch
         logs = {f"loss/{name}": term.detach() for name, term in out.terms.items()}
         logs |= {f"coef/{name}": value for name, value in coefficients.items()}
         logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
@@ -90,6 +116,14 @@ class SAEModule(L.LightningModule):
             (t0, _), (t1, _) = self._step_times[0], self._step_times[-1]
             tokens = sum(n for _, n in list(self._step_times)[1:])
             self.log("tok/s", tokens / max(t1 - t0, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write non-finite weights: a checkpoint must be something a run can safely resume from."""
+        bad = [name for name, value in checkpoint["state_dict"].items()
+               if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise FloatingPointError(f"non-finite weights at step {self.global_step} in {', '.join(bad)}: "
+                                     "no checkpoint written")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.before_optimizer_step()

@@ -51,23 +51,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if model.d_model != sae.d_in:
         raise ConfigError("sae.d_in", sae.d_in, f"the model's d_model ({model.d_model}); set model.d_model")
 
+    resume_from = _resume_path(cfg.get("ckpt_path"), run_dir)
+
     batch_size = int(cfg.data.batch_size)
     max_steps = int(cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / batch_size))
-    datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
-                                      train_tokens=max_steps * batch_size)
-    datamodule.setup()
-    module = SAEModule(sae, cfg.optim, max_steps, cfg.dead_window_tokens)
-    module.norm_scale.fill_(datamodule.scale)
-
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.eval.every_n_steps:
-        callbacks.append(PeriodicEval(datamodule.eval_acts, cfg.eval.every_n_steps, cfg.eval.batch_size))
-    loggers = build_loggers(cfg.get("logger"), run_dir, *_run_name_and_group())
+        callbacks.append(PeriodicEval(cfg.eval.every_n_steps, cfg.eval.batch_size))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
-    trainer: L.Trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(run_dir))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer: L.Trainer = instantiate(trainer_cfg, logger=False, callbacks=callbacks, default_root_dir=str(run_dir))
+    # Under DDP, data.batch_size and data.train_tokens are per device: each rank trains max_steps batches of
+    # its own, disjoint from the other ranks', so the run reads world_size x train_tokens activations.
+    world = int(trainer.world_size)
+    datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
+                                      train_tokens=max_steps * batch_size * world)
+    datamodule.setup()
+    module = SAEModule(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")))
+    module.norm_scale.fill_(datamodule.scale)
+    # Loggers start last, so a config rejected during set-up leaves no logger files behind.
+    loggers = build_loggers(cfg.get("logger"), run_dir, *_run_name_and_group())
+    trainer.loggers = loggers
+
+    # weights_only: a checkpoint is tensors and plain values; loading one cannot run code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    if not trainer.is_global_zero:  # under DDP the other ranks hold the same weights; rank 0 reports
+        return {"global_rank": trainer.global_rank, "steps": int(trainer.global_step)}
 
     metrics, log10_density = evaluate_sae(sae, datamodule.eval_acts, int(cfg.eval.batch_size))
     if cfg.eval.spliced_windows:
@@ -90,7 +99,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "steps": int(trainer.global_step),
-        "tokens_trained": int(trainer.global_step) * batch_size,
+        "tokens_trained": int(trainer.global_step) * batch_size * world,
+        "world_size": world,
         "normalization_scale": float(datamodule.scale),
         "wall_time_s": time.time() - started,
         "overrides": list(HydraConfig.get().overrides.task),
@@ -101,6 +111,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              metrics["l0"], metrics["fvu"], metrics["shrinkage"], 100 * metrics["dead_fraction"],
              result["tokens_trained"], result["wall_time_s"], run_dir)
     return result
+
+
+def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last` means this run directory's checkpoints/last.ckpt, which must exist (resume where a run stopped)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError("ckpt_path", "last", f"a run directory with a checkpoint ({last} does not exist); "
+                          "pass hydra.run.dir=<the run to resume>")
+    return str(last)
 
 
 def _spliced(sae, model, datamodule: ActivationDataModule, n_windows: int, batch_windows: int) -> dict:
@@ -164,8 +185,14 @@ def sweep_objective(result: dict[str, Any], cfg: DictConfig) -> float | None:
 
 
 def _discard_incomplete_run_dir(run_dir: Path) -> None:
-    """A run rejected before any work leaves no directory behind that could look like a result."""
-    if run_dir.is_dir() and not (run_dir / "metrics.json").exists():
+    """A run rejected before any work leaves no directory behind that could look like a result.
+
+    Only a directory holding nothing but Hydra's own bookkeeping is removed: a run directory being resumed
+    (`hydra.run.dir=... ckpt_path=last`) keeps its checkpoints and results whatever goes wrong.
+    """
+    if not run_dir.is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -174,13 +201,20 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return sweep_objective(train(cfg), cfg)
+        result = train(cfg)
+        return sweep_objective(result, cfg) if "global_rank" not in result else None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         _discard_incomplete_run_dir(run_dir)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return None
         sys.exit(2)
+    except FloatingPointError as err:  # nan_policy=stop: the run ends; its checkpoints hold finite weights
+        _record_failure(run_dir, err)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return None
+        print(f"error: {err} (nan_policy=stop; see {run_dir / 'error.txt'})", file=sys.stderr)
+        sys.exit(1)
     except Exception as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise

@@ -62,6 +62,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.scale: float | None = None
         self._head: Tensor | None = None  # the activations used to estimate the scale, trained on first
         self._ready = False
+        self._resume_batches = 0  # batches this rank consumed before the checkpoint it resumes from
 
     # -- set-up -----------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -129,16 +130,55 @@ class ActivationDataModule(L.LightningDataModule):
         return activation_chunks(self.model, windows, self.special, int(self.cfg["model_batch_size"]),
                                  generator=generator, epochs=epochs)
 
+    # -- data position: saved in checkpoints so a resumed run continues the stream where it stopped ---------
+    def state_dict(self) -> dict[str, Any]:
+        """Batches this rank has trained on, and the normalisation scale, at checkpoint time."""
+        return {"batches_consumed": self._batches_consumed(), "scale": self.scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_batches = int(state["batches_consumed"])
+        self.scale = float(state["scale"])
+
+    def _batches_consumed(self) -> int:
+        # Lightning's count of training batches whose step ran (a skipped non-finite batch counts too); it
+        # includes the current batch when a checkpoint is written at its end. Prefetched batches do not count.
+        if self.trainer is None:
+            return self._resume_batches
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
     # -- loaders --------------------------------------------------------------------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
     def train_batches(self) -> Iterator[Tensor]:
+        """This rank's training batches, from the data position of the checkpoint being resumed (if any)."""
+        stream = self._rank_batches(*self._rank_and_world())
+        skip, self._resume_batches = self._resume_batches, 0
+        if skip:
+            log.info("resuming the activation stream after %d batches", skip)
+        return itertools.islice(stream, skip, None)
+
+    def _rank_batches(self, rank: int, world: int) -> Iterator[Tensor]:
+        """Batches for one of `world` ranks; the ranks' batches are disjoint and together make the whole stream.
+
+        Cached activations: every rank draws the same global stream and keeps every world-th batch (reads are
+        cheap). Generated activations: each rank runs the model on its own share of the training windows.
+        """
         batch_size, buffer_tokens, scale = int(self.cfg["batch_size"]), int(self.cfg["buffer_tokens"]), self.scale
         if self.cache is not None:  # permuted groups of buffer_tokens cached activations: no shuffle buffer
             generator = torch.Generator().manual_seed(self.seed)
-            yield from self.cache.batches(generator, batch_size, buffer_tokens, scale)
+            yield from itertools.islice(self.cache.batches(generator, batch_size, buffer_tokens, scale), rank, None,
+                                        world)
             return
-        head, self._head = self._head, None
-        chunks = itertools.chain([head] if head is not None else [], self._train_iter)
-        for batch in ShuffleBuffer(chunks, buffer_tokens, batch_size, torch.Generator().manual_seed(self.seed + 1)):
+        if world == 1:  # the activations that set the scale are trained on first, not wasted
+            head, self._head = self._head, None
+            chunks = itertools.chain([head] if head is not None else [], self._train_iter)
+        else:
+            chunks = self._chunks(self.train_windows[rank::world], shuffle=True, epochs=None)
+        generator = torch.Generator().manual_seed(self.seed + 1 + rank)
+        for batch in ShuffleBuffer(chunks, buffer_tokens, batch_size, generator):
             yield batch / scale
 
     def train_dataloader(self) -> DataLoader:
