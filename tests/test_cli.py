@@ -89,7 +89,34 @@ BAD_INPUTS = [
     (["data.cache=/proc/saelab-cache"], "data.cache='/proc/saelab-cache'"),
     (["sae=topk", "sae.k=100000"], "sae.k=100000"),
     (["sae=jumprelu", "sae.bandwidth=0"], "sae.bandwidth=0"),
+    # A sparsity penalty of another variant: l0/tanh are JumpReLU's, l1/ri_l1 ReLU's and Gated's; TopK has none.
+    (["sae.sparsity=l0"], "sae.sparsity='l0' is not allowed: expected one of 'l1', 'ri_l1'"),
+    (["sae=jumprelu", "sae.sparsity=l1"], "sae.sparsity='l1' is not allowed: expected one of 'l0', 'tanh'"),
+    (["sae=gated", "sae.sparsity=tanh"], "sae.sparsity='tanh' is not allowed: expected one of 'l1', 'ri_l1'"),
+    (["sae=topk", "+sae.sparsity_coefficient=0.1"],
+     "sae.sparsity_coefficient=0.1 is not allowed: expected 0 (sae.k sets the sparsity)"),
+    (["paths.output_dir=/proc/saelab-out"],
+     "paths.output_dir='/proc/saelab-out' is not allowed: expected a directory saelab can create and write to"),
+    (["hydra.run.dir=/proc/saelab-run"],
+     "hydra.run.dir='/proc/saelab-run' is not allowed: expected a directory saelab can create and write to"),
+    (["data.source=s3"], "data.source='s3' is not allowed: expected one of 'pydocs', 'text_files', 'hf'"),
+    (["optim.lr=-0.001"], "optim.lr=-0.001 is not allowed: expected a positive number"),
+    (["data.eval_fraction=1.5"], "data.eval_fraction=1.5 is not allowed: expected a fraction strictly between 0 and 1"),
+    (["model=gpt3"], "model='gpt3' is not allowed: expected one of gemma-2-2b, gpt2, minilm, pythia-70m, tiny"),
+    (["nan_policy=ignore"], "nan_policy='ignore' is not allowed: expected one of 'stop', 'skip'"),
+    (["ckpt_path=/nonexistent/x.ckpt"],
+     """ckpt_path='/nonexistent/x.ckpt' is not allowed: expected null, "last", or an existing checkpoint file"""),
+    (["trainer.precision=8-mixed"],
+     "trainer.precision='8-mixed' is not allowed: expected one of 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, "
+     "64-true"),
+    (["trainer.devices=0"],
+     "trainer.devices=0 is not allowed: expected a positive integer, -1 (all), 'auto', or a non-empty list of device"),
 ]
+
+
+# Only these need the model's weights to be found wrong (its hook names, its n_ctx); every other case must fail
+# before the model loads, so it runs with model.path pointing at an empty directory that cannot be loaded.
+NEEDS_MODEL = {"model.hook=blocks.0.hook_outt", "data.context_size=1000"}
 
 
 @pytest.mark.parametrize(("override", "message"), BAD_INPUTS, ids=[b[0][-1] for b in BAD_INPUTS])
@@ -100,7 +127,11 @@ def test_bad_input_fails_with_one_line_and_leaves_no_run_directory(
     earlier = out / "earlier-run"
     earlier.mkdir(parents=True)
     (earlier / "metrics.json").write_text("{}")
-    result = run_cli([*tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), *override], timeout=120)
+    model_dir = tiny_model_dir
+    if override[-1] not in NEEDS_MODEL:
+        model_dir = tmp_path / "not-a-model"
+        model_dir.mkdir()
+    result = run_cli([*tiny_overrides(model_dir, tiny_corpus_dir, out), *override], timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
