@@ -64,6 +64,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Under DDP, data.batch_size and data.train_tokens are per device: each rank trains max_steps batches of
     # its own, disjoint from the other ranks', so the run reads world_size x train_tokens activations.
     world = int(trainer.world_size)
+    if world > 1 and cfg.get("nan_policy") == "skip":  # a rank that skipped its backward would hang the others
+        raise ConfigError("nan_policy", "skip", "stop when training on several devices")
     datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
                                       train_tokens=max_steps * batch_size * world)
     datamodule.setup()
