@@ -35,6 +35,7 @@ from saelab.module import SAEModule
 from saelab.saes import build_sae
 
 CONF_SAE = Path(__file__).resolve().parents[1] / "conf" / "sae"
+LOG_EVERY_N_STEPS = 10  # conf/trainer/default.yaml: L0 is computed on logging steps only, as in training
 DENSE_PASSES = {"relu": 5, "jumprelu": 5, "gated": 7, "topk": 1, "batchtopk": 1}
 
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         start_row = (step * args.batch) % (len(acts) - args.batch + 1)
         x = acts[start_row : start_row + args.batch]
         start = time.perf_counter()
-        loss, _ = module.step_loss(x, coefficients)
+        loss, _ = module.step_loss(x, coefficients, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         module.on_before_optimizer_step(optimizer)

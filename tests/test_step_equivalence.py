@@ -171,16 +171,19 @@ def test_topk(x, cls, with_dead):
     assert bool(out.terms["auxk"] > 0) == with_dead
 
 
-@pytest.mark.parametrize("cls", [ReluSAE, JumpReLUSAE, GatedSAE, TopKSAE])
+@pytest.mark.parametrize("cls", [ReluSAE, JumpReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE])
 def test_module_step_l0_and_firing(x, cls):
-    """step_loss computes L0 and the firing mask from one pass: same values as the plain formulas."""
+    """step_loss's L0 and firing mask (a max-reduction, or the sparse entries for TopK) equal the plain
+    formulas on the dense latents."""
     torch.manual_seed(0)
-    cfg = {"d_in": D_IN, "d_sae": D_SAE} | ({"k": 4} if cls is TopKSAE else {})
+    cfg = {"d_in": D_IN, "d_sae": D_SAE} | ({"k": 4} if issubclass(cls, TopKSAE) else {})
     sae = cls(cls.Config(**cfg))
     module = SAEModule(sae, {"lr": 1e-4}, max_steps=10, dead_window_tokens=1000)
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
     _, out = module.step_loss(x, coefficients)
     f = out.feature_acts
     torch.testing.assert_close(out.extras["l0"], (f > 0).sum(-1).float().mean())
+    assert isinstance(out.latents, torch.Tensor) != issubclass(cls, TopKSAE)  # TopK latents stay sparse
+    assert torch.equal(out.fired(), (f > 0).any(0)) and int(out.active_count()) == int((f > 0).sum())
     assert torch.equal(sae.tokens_since_fired == 0, (f > 0).any(0))
     assert int(sae.tokens_seen) == BATCH

@@ -61,8 +61,10 @@ class SAEModule(L.LightningModule):
             for name, (value, warmup) in self.sae.scheduled_coefficients.items()
         }
 
-    def step_loss(self, batch: Tensor, coefficients: dict[str, float]) -> tuple[Tensor, TrainStep]:
-        """The per-step work besides the optimiser: the SAE's loss terms, their sum, dead-latent bookkeeping.
+    def step_loss(self, batch: Tensor, coefficients: dict[str, float], with_l0: bool = True
+                  ) -> tuple[Tensor, TrainStep]:
+        """The per-step work besides the optimiser: the SAE's loss terms, their sum, dead-latent bookkeeping,
+        and (if `with_l0`, i.e. on logging steps) the batch's L0 as `extras["l0"]`.
 
         benchmarks/train_step.py calls this too, so it measures exactly what training runs.
         """
@@ -71,15 +73,27 @@ class SAEModule(L.LightningModule):
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: term(s) {', '.join(bad)}")
-        with torch.no_grad():  # one pass over the latents serves both L0 and the dead-latent bookkeeping
-            fire_counts = (out.feature_acts > 0).sum(0)
-            n_tokens = out.feature_acts.shape[0]
+        with torch.no_grad():
+            fired, n_tokens = out.fired(), out.n_tokens
+            active = out.active_count() if with_l0 else None
             if self._distributed():  # every rank keeps the same statistics: those of the global batch
-                torch.distributed.all_reduce(fire_counts)
+                fired = fired.to(torch.int32)
+                torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+                if active is not None:
+                    active = active.to(torch.int64)
+                    torch.distributed.all_reduce(active)
                 n_tokens *= torch.distributed.get_world_size()
-            self.sae.record_fired(fire_counts > 0, n_tokens)
-            out.extras["l0"] = fire_counts.sum().float() / n_tokens  # logged as train/l0
+            self.sae.record_fired(fired.bool(), n_tokens)
+            if active is not None:
+                out.extras["l0"] = active.float() / n_tokens  # logged as train/l0
         return loss, out
+
+    def _logging_step(self) -> bool:
+        """Steps whose metrics reach the loggers (Trainer.log_every_n_steps); L0 is computed only on those."""
+        if self._trainer is None:
+            return True
+        # Lightning writes step metrics when (steps done before this one + 1) % log_every_n_steps == 0.
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def _distributed(self) -> bool:
         return torch.distributed.is_available() and torch.distributed.is_initialized() and (
@@ -87,8 +101,9 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         coefficients = self.coefficients()
+        logging_step = self._logging_step()
         try:
-            loss, out = self.step_loss(batch, coefficients)
+            loss, out = self.step_loss(batch, coefficients, with_l0=logging_step)
         except FloatingPointError as err:
             if self.nan_policy == "stop":
                 raise
@@ -98,11 +113,11 @@ class SAEModule(L.LightningModule):
         logs = {f"loss/{name}": term.detach() for name, term in out.terms.items()}
         logs |= {f"coef/{name}": value for name, value in coefficients.items()}
         logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
-        if self.global_step % 10 == 0 and "rec" in out.terms:  # FVU of this batch, about its own mean
+        if logging_step and "rec" in out.terms:  # FVU of this batch, about its own mean
             variance = (batch - batch.mean(0)).pow(2).sum(-1).mean()
             logs["train/fvu"] = out.terms["rec"].detach() / variance
         logs["lr"] = self.optimizers().param_groups[0]["lr"]
-        if self.global_step % 50 == 0:
+        if logging_step:
             logs["train/dead_fraction"] = self.sae.dead_mask(self.dead_window_tokens).float().mean()
         self.log_dict(logs, on_step=True, on_epoch=False)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)

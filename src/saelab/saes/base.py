@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -53,13 +53,50 @@ class SAEConfig:
         return max(1, round(float(self.expansion_factor) * self.d_in))
 
 
+class SparseLatents(Protocol):
+    """A batch's latents stored as their active entries (TopK-style variants); see saes/topk.ActiveLatents."""
+
+    batch_size: int
+
+    def dense(self) -> Tensor: ...
+
+    def fired(self) -> Tensor: ...
+
+    def active_count(self) -> Tensor: ...
+
+
 @dataclass
 class TrainStep:
-    """What one training forward returns: the named loss terms (summed into the loss) and the latents."""
+    """What one training forward returns: the named loss terms (summed into the loss) and the latents.
+
+    The latents feed L0 and the dead-latent bookkeeping. A latent is active on a token when it is > 0.
+    """
 
     terms: dict[str, Tensor]
-    feature_acts: Tensor  # [batch, d_sae], the latents used for L0 and dead-latent bookkeeping
+    latents: Tensor | SparseLatents  # [batch, d_sae], or only the active entries (no dense tensor built)
     extras: dict[str, Tensor] = field(default_factory=dict)  # logged as-is, not part of the loss
+
+    @property
+    def feature_acts(self) -> Tensor:
+        """The latents as a dense [batch, d_sae] tensor (built on demand for sparse latents)."""
+        return self.latents if isinstance(self.latents, Tensor) else self.latents.dense()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.latents.shape[0] if isinstance(self.latents, Tensor) else self.latents.batch_size
+
+    def fired(self) -> Tensor:
+        """[d_sae] bool: latents active on at least one token. One max-reduction: (f > 0).any(0) would
+        write a [batch, d_sae] mask first (about 10x slower on CPU)."""
+        if isinstance(self.latents, Tensor):
+            return self.latents.detach().amax(0) > 0
+        return self.latents.fired()
+
+    def active_count(self) -> Tensor:
+        """Active (token, latent) pairs in the batch (an integer scalar)."""
+        if isinstance(self.latents, Tensor):  # per-latent int32 counts (<= batch): the int64 sum is 3x slower
+            return self.latents.detach().gt(0).sum(0, dtype=torch.int32).sum()
+        return self.latents.active_count()
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -48,9 +48,9 @@ class BatchTopKSAE(TopKSAE):
         batch, d_sae = pre.shape
         if not self.training:
             rows, latents = (pre > self.threshold).nonzero(as_tuple=True)  # row-major, so grouped by token
-            return ActiveLatents(rows, latents, pre[rows, latents], batch)
+            return ActiveLatents(rows, latents, pre[rows, latents], batch, d_sae)
         flat_ids = self.batch_topk_ids(pre).sort().values  # grouped by token
-        return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, pre.flatten()[flat_ids].relu(), batch)
+        return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, pre.flatten()[flat_ids].relu(), batch, d_sae)
 
     def batch_topk_ids(self, pre: Tensor) -> Tensor:
         """Flat indices of the B*k largest entries of pre, exactly.

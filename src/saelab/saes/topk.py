@@ -15,6 +15,7 @@ there would block exactly the gradient meant to bring them back.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +61,21 @@ class ActiveLatents:
     latents: Tensor
     values: Tensor
     batch_size: int
+    d_sae: int
 
-    def dense(self, d_sae: int) -> Tensor:
-        return self.values.new_zeros(self.batch_size, d_sae).index_put_((self.rows, self.latents), self.values)
+    def dense(self) -> Tensor:
+        return self.values.new_zeros(self.batch_size, self.d_sae).index_put_((self.rows, self.latents),
+                                                                              self.values)
+
+    def fired(self) -> Tensor:
+        """[d_sae] bool: latents with a positive value on some token (no dense tensor is built)."""
+        return torch.bincount(self.latents[self.values > 0], minlength=self.d_sae) > 0
+
+    def active_count(self) -> Tensor:
+        return (self.values > 0).sum()
+
+    def detach(self) -> ActiveLatents:
+        return dataclasses.replace(self, values=self.values.detach())
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """sum_j values_j W_dec[latents_j] per token, reading (and back-propagating to) only the used rows."""
@@ -107,12 +120,12 @@ class TopKSAE(SAE):
     def select(self, pre: Tensor) -> ActiveLatents:
         """Each token's k largest. TopK then ReLU == TopK of ReLU (ReLU is monotone), a pass less."""
         rows, latents, values = per_token_topk(pre, self.k)
-        return ActiveLatents(rows, latents, values.relu(), pre.shape[0])
+        return ActiveLatents(rows, latents, values.relu(), pre.shape[0], pre.shape[1])
 
     def encode(self, x: Tensor) -> Tensor:
         """Latents for tokens of any leading shape (the selection itself works on [tokens, d_in])."""
         flat = x.reshape(-1, self.d_in)
-        return self.select(self.pre_activations(flat)).dense(self.d_sae).reshape(*x.shape[:-1], self.d_sae)
+        return self.select(self.pre_activations(flat)).dense().reshape(*x.shape[:-1], self.d_sae)
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.d_in)
@@ -142,8 +155,8 @@ class TopKSAE(SAE):
         if self.cfg.auxk_alpha > 0:
             terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(pre, (x - x_hat).detach(), dead, gather)
         extras = {"dead_latents": dead.sum().float(), **self.update_from_batch(active)}
-        # Dense latents only for the module's firing statistics: one [B, d_sae] write, no gradient.
-        return TrainStep(terms, active.dense(self.d_sae).detach(), extras)
+        # The latents stay sparse: firing statistics come from the active entries (TrainStep.fired).
+        return TrainStep(terms, active.detach(), extras)
 
     def update_from_batch(self, active: ActiveLatents) -> dict[str, Tensor]:
         """Per-batch state updates from the training selection (none for TopK); returns extras to log."""
@@ -161,7 +174,7 @@ class TopKSAE(SAE):
         latents = dead_ids[local]
         if gather is not None:
             values = gather(rows, latents)
-        e_hat = ActiveLatents(rows, latents, values, pre.shape[0]).decode(self.W_dec)
+        e_hat = ActiveLatents(rows, latents, values, pre.shape[0], self.d_sae).decode(self.W_dec)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (residual - e_hat).pow(2).sum() / variance
 
