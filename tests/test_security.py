@@ -221,6 +221,24 @@ def test_every_torch_load_uses_weights_only():
     assert checked >= 1  # benchmarks/train_step.py loads activations
 
 
+def test_every_lightning_checkpoint_load_uses_weights_only():
+    """Lightning unpickles a checkpoint given to fit/validate/test/predict(ckpt_path=...) or load_from_checkpoint."""
+    checked, bad = 0, []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            loads = node.func.attr == "load_from_checkpoint" or (
+                node.func.attr in ("fit", "validate", "test", "predict") and any(k.arg == "ckpt_path" for k in
+                                                                                node.keywords))
+            if loads:
+                checked += 1
+                if not _keyword_is(node, "weights_only", True):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bad, f"checkpoint loads without weights_only=True: {bad}"
+    assert checked >= 1  # train.py resumes with trainer.fit(..., ckpt_path=...)
+
+
 def test_no_pickle_based_reads_or_writes_in_src():
     """Weights are written with safetensors; Lightning writes its own checkpoint (no torch.save in src);
     .npy activation shards are read without pickle."""
