@@ -137,3 +137,23 @@ def test_cli_run_that_diverges_stops_with_one_line_and_keeps_its_finite_checkpoi
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "sae").exists()
     assert "FloatingPointError" in (run_dir / "error.txt").read_text()
     assert _all_checkpoints_finite(run_dir / "checkpoints")  # the steps before the loss overflowed
+
+
+@pytest.mark.slow
+def test_compile_switch_gives_the_eager_loss_and_gradients_under_bf16_autocast():
+    """`compile=true` (torch.compile of the training loss, inductor here on CPU) is a speed switch only."""
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        sae = build_sae({"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "d_in": 8, "d_sae": 32})
+        module = SAEModule(sae, OPTIM, max_steps=6, dead_window_tokens=1000, compile=compiled)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = module.step_loss(x, {"sparsity": 0.01})
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in sae.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert module._training_loss is not sae.training_loss  # the compiled path really ran
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)

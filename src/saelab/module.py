@@ -38,14 +38,17 @@ def lr_factor(step: int, max_steps: int, warmup_steps: int, warmup: str, decay_f
 
 class SAEModule(L.LightningModule):
     def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
-                 nan_policy: str = "stop"):
+                 nan_policy: str = "stop", compile: bool = False):
         """`nan_policy`: what a non-finite loss term does: "stop" raises FloatingPointError naming the step and
-        the term; "skip" drops that batch (no backward, no optimiser step) and logs a warning."""
+        the term; "skip" drops that batch (no backward, no optimiser step) and logs a warning.
+        `compile`: run the SAE's training loss through torch.compile (fuses the elementwise work of the
+        autograd path, which is what runs under bf16 autocast on CUDA)."""
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r} is not allowed: expected one of {NAN_POLICIES}")
         self.nan_policy = nan_policy
         self.sae = sae
+        self._training_loss = torch.compile(sae.training_loss, dynamic=False) if compile else sae.training_loss
         self.optim_cfg = dict(optim)
         self.max_steps = int(max_steps)
         self.dead_window_tokens = int(dead_window_tokens)
@@ -68,7 +71,7 @@ class SAEModule(L.LightningModule):
 
         benchmarks/train_step.py calls this too, so it measures exactly what training runs.
         """
-        out = self.sae.training_loss(batch, coefficients)
+        out = self._training_loss(batch, coefficients)
         loss = sum(out.terms.values())
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]

@@ -52,6 +52,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("sae.d_in", sae.d_in, f"the model's d_model ({model.d_model}); set model.d_model")
 
     resume_from = _resume_path(cfg.get("ckpt_path"), run_dir)
+    if not isinstance(cfg.get("compile", False), bool):
+        raise ConfigError("compile", cfg.compile, "true or false")
 
     batch_size = int(cfg.data.batch_size)
     max_steps = int(cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / batch_size))
@@ -69,7 +71,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
                                       train_tokens=max_steps * batch_size * world)
     datamodule.setup()
-    module = SAEModule(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")))
+    module = SAEModule(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")),
+                       compile=bool(cfg.get("compile", False)))
     module.norm_scale.fill_(datamodule.scale)
     # Loggers start last, so a config rejected during set-up leaves no logger files behind.
     loggers = build_loggers(cfg.get("logger"), run_dir, *_run_name_and_group())
