@@ -153,10 +153,12 @@ class SAE(nn.Module):
         return x.dim() == 2 and not torch.is_autocast_enabled(x.device.type)
 
     def workspace(self, name: str, x: Tensor) -> Tensor:
-        """A [B, d_sae] scratch buffer (x's dtype and device) reused across steps, used only inside backward.
+        """A [B, d_sae] buffer (x's dtype and device) reused across steps by the fused training kernels.
 
         Fresh 48 MiB tensors are above glibc's largest mmap threshold (32 MiB), so each would be mmapped
-        and page-faulted in on every step; reusing the buffer skips that.
+        and page-faulted in on every step; reusing the buffer skips that. A buffer holding a step's latents
+        is overwritten by the next step's forward (autograd's version check rejects a backward through a
+        graph whose buffer was overwritten, so nothing is silently wrong).
         """
         shape = (x.shape[0], self.d_sae)
         cache = self.__dict__.setdefault("_workspace", {})

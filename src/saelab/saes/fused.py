@@ -36,12 +36,12 @@ class ReluL1Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, W_dec: Tensor, b_dec: Tensor,
-                workspace: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        f = torch.addmm(b, x, W_enc).relu_()
+                workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        f = torch.addmm(b, x, W_enc, out=workspace[0]).relu_()
         x_hat = torch.addmm(b_dec, f, W_dec)
         penalty = f.sum(-1).mean()
         ctx.save_for_backward(x, W_enc, W_dec, f)
-        ctx.workspace = workspace
+        ctx.workspace = workspace[1]
         ctx.mark_non_differentiable(f)
         ctx.set_materialize_grads(False)
         return x_hat, f, penalty
@@ -74,52 +74,52 @@ class JumpReLUL0Function(torch.autograd.Function):
 
     The gradients are saes/ste.py's JumpReLUFunction and StepFunction (ste_to_preacts false) summed:
     d/dpi = g_f H; d/dtheta = -sum_b K((pi - theta)/eps)/eps (theta g_f + g_L0 / B), one kernel window.
+    The kernel is zero outside a narrow band around theta, so the forward pass keeps only the (token, latent)
+    entries inside it (and their kernel values); the backward pass reduces over those entries alone, and pi
+    is overwritten by f rather than kept.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
                 bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        pre = torch.addmm(b, x, W_enc)
+        pre = torch.addmm(b, x, W_enc, out=workspace[0])
+        band = None
+        if ctx.needs_input_grad[3]:
+            distance = torch.sub(pre, theta, out=workspace[1]).abs_()  # |pi - theta|
+            if kernel == "rectangle":  # K = 1[|u| < 1/2]
+                rows, cols = (distance < 0.5 * bandwidth).nonzero(as_tuple=True)
+                weights = None
+            else:  # triangle: K = max(0, 1 - |u|)
+                rows, cols = (distance < bandwidth).nonzero(as_tuple=True)
+                weights = 1.0 - distance[rows, cols] / bandwidth
+            band = (rows, cols, weights)
         active = pre > theta
-        f = torch.where(active, pre, 0.0)
+        f = pre.mul_(active)  # pi H(pi - theta), in pi's buffer
         x_hat = torch.addmm(b_dec, f, W_dec)
-        l0 = active.sum(-1, dtype=torch.float32).mean()
-        ctx.save_for_backward(x, W_enc, theta, W_dec, pre, f, active)
-        ctx.bandwidth, ctx.kernel, ctx.workspace = bandwidth, kernel, workspace
+        l0 = active.sum(0, dtype=torch.int32).sum().to(x.dtype) / x.shape[0]
+        ctx.save_for_backward(x, W_enc, theta, W_dec, f, active)
+        ctx.bandwidth, ctx.band, ctx.workspace = bandwidth, band, workspace[1]
         ctx.mark_non_differentiable(f)
         ctx.set_materialize_grads(False)
         return x_hat, f, l0
 
     @staticmethod
     def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_l0: Tensor | None):
-        x, W_enc, theta, W_dec, pre, f, active = ctx.saved_tensors
-        batch, eps = pre.shape[0], ctx.bandwidth
+        x, W_enc, theta, W_dec, f, active = ctx.saved_tensors
+        batch, eps = f.shape[0], ctx.bandwidth
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 9
+        g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace) if g_xhat is not None else None
         if need[3]:
-            # K((pi - theta)/eps), written into the workspace (the latent gradient is not needed yet).
-            k = torch.sub(pre, theta, out=ctx.workspace[0]).abs_()
-            if ctx.kernel == "rectangle":
-                window = k < 0.5 * eps
-                count = window.sum(0, dtype=torch.float32)
-                if g_xhat is not None:
-                    g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace[1])
-                    weighted = torch.mul(g_f, window, out=k).sum(0)
-                    del window
-                else:
-                    g_f, weighted = None, torch.zeros_like(count)
-            else:  # triangle: max(0, 1 - |u|)
-                k.div_(eps).neg_().add_(1.0).clamp_min_(0.0)
-                count = k.sum(0)
-                g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace[1]) if g_xhat is not None else None
-                weighted = (k * g_f).sum(0) if g_f is not None else torch.zeros_like(count)
-            grad_theta = theta * weighted
+            rows, cols, weights = ctx.band
+            per_entry = theta[cols] * g_f[rows, cols] if g_f is not None else theta.new_zeros(cols.shape)
             if g_l0 is not None:
-                grad_theta = grad_theta + (g_l0 / batch) * count
-            grads[3] = (grad_theta / -eps).to(theta.dtype)
-        else:
-            g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace[1]) if g_xhat is not None else None
-        if g_xhat is None:
+                per_entry = per_entry + g_l0 / batch
+            if weights is not None:
+                per_entry = per_entry * weights
+            grad_theta = torch.zeros_like(theta).index_add_(0, cols, per_entry.to(theta.dtype))
+            grads[3] = grad_theta / -eps
+        if g_f is None:
             return tuple(grads)
         if need[4]:
             grads[4] = f.t() @ g_xhat
@@ -180,17 +180,18 @@ class GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, bias_gate: Tensor, shift_mag: Tensor, r_mag: Tensor,
                 b_mag: Tensor, W_dec: Tensor, b_dec: Tensor, aux: bool,
-                workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        z = torch.mm(x, W_enc)
-        gate = torch.add(z, bias_gate).relu_()  # ReLU(pi_gate); pi_gate > 0 <=> gate > 0
+                workspace: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        ws_z, ws_gate, ws_f, ws_mag, ws_grad_gate = workspace
+        z = torch.mm(x, W_enc, out=ws_z)
+        gate = torch.add(z, bias_gate, out=ws_gate).relu_()  # ReLU(pi_gate); pi_gate > 0 <=> gate > 0
         gain = r_mag.exp()
         pi_mag = z.add_(shift_mag).mul_(gain).add_(b_mag)
-        f = torch.where(gate > 0, pi_mag, 0.0).relu_()
+        f = torch.mul(pi_mag, gate > 0, out=ws_f).relu_()
         x_hat = torch.addmm(b_dec, f, W_dec)
         penalty = gate.sum(-1).mean()
         aux_hat = torch.addmm(b_dec, gate, W_dec) if aux else None
         ctx.save_for_backward(x, W_enc, gain, b_mag, W_dec, pi_mag, f, gate)
-        ctx.workspace = workspace
+        ctx.workspace = (ws_mag, ws_grad_gate)
         ctx.mark_non_differentiable(f)
         ctx.set_materialize_grads(False)
         return x_hat, f, penalty, aux_hat

@@ -147,7 +147,7 @@ class GatedSAE(SAE):
         aux = self.cfg.aux_loss != "none"
         x_hat, f, penalty, aux_hat = GatedFunction.apply(
             x, self.W_enc, bias_gate, shift_mag, self.r_mag, self.b_mag, self.W_dec, self.b_dec, aux,
-            (self.workspace("grad_mag", x), self.workspace("grad_gate", x)))
+            tuple(self.workspace(name, x) for name in ("z", "gate", "f", "grad_mag", "grad_gate")))
         terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}
         if aux:
             terms["aux"] = squared_error(x, aux_hat)

@@ -84,7 +84,7 @@ class JumpReLUSAE(SAE):
             theta = self.threshold
             x_hat, f, l0 = JumpReLUL0Function.apply(
                 x, self.W_enc, self.folded_bias(self.W_enc, self.b_enc), theta, self.W_dec, self.b_dec,
-                cfg.bandwidth, cfg.kernel, (self.workspace("kernel", x), self.workspace("grad_f", x)))
+                cfg.bandwidth, cfg.kernel, (self.workspace("f", x), self.workspace("grad_f", x)))
             terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * l0}
             return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()})
         pre, theta = self.preacts(x), self.threshold

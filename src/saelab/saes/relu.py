@@ -38,7 +38,7 @@ class ReluSAE(SAE):
         if self.cfg.sparsity == "l1" and self.fused_ok(x):
             bias = self.folded_bias(self.W_enc, self.b_enc)
             x_hat, f, penalty = ReluL1Function.apply(x, self.W_enc, bias, self.W_dec, self.b_dec,
-                                                     self.workspace("grad_f", x))
+                                                     (self.workspace("f", x), self.workspace("grad_f", x)))
             return TrainStep({"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
         f = self.encode(x)
         x_hat = self.decode(f)

@@ -139,7 +139,7 @@ class TopKSAE(SAE):
             # dW_enc matmul is ever built. Same values, same gradients.
             bias = self.folded_bias(self.W_enc, self.b_enc)
             with torch.no_grad():
-                pre = torch.addmm(bias, x, self.W_enc)
+                pre = torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x))
 
             def gather(rows: Tensor, latents: Tensor) -> Tensor:
                 return SparseGather.apply(x, self.W_enc, bias, pre, rows, latents)
