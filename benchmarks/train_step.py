@@ -18,6 +18,11 @@ FLOPs counted: 2 x B x d_in x d_sae per dense matmul pass, forward and backward 
                   FLOPs, counted as such (AuxK's sparse work is not counted)
 The roofline is the GFLOP/s of those same matmul shapes run back to back with preallocated outputs, timed in
 this run on this machine; roofline_fraction = achieved / roofline.
+
+For TopK/BatchTopK the selection (a per-token or batch-wide top-k over B x d_sae pre-activations) is not a
+matmul, so roofline_fraction mostly measures how much of the step that selection takes. The JSON also gives
+dense_equivalent_fraction = (time a dense 5-pass step would take at the 5-pass roofline) / (measured step
+time): above 1 means the sparse step is faster than any dense implementation could be on this machine.
 """
 
 from __future__ import annotations
@@ -128,9 +133,15 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(), "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
         "gflops": gflops, "roofline_gflops": roofline, "roofline_fraction": gflops / roofline,
     }
+    if args.variant in ("topk", "batchtopk"):
+        dense_roofline = roofline_gflops("relu", args.batch, d_in, args.d_sae, repeats=max(5, args.steps // 2))
+        dense_step_s = 5 * 2.0 * args.batch * d_in * args.d_sae / (dense_roofline * 1e9)
+        result["dense_equivalent_fraction"] = dense_step_s / step_s
     print(f"{args.variant:>9} d_in {d_in} d_sae {args.d_sae} batch {args.batch}: {result['ms_per_step']:.1f} ms/step, "
           f"{result['tokens_per_s']:,.0f} tok/s, {gflops:.1f} GFLOP/s of {roofline:.1f} roofline "
-          f"({100 * result['roofline_fraction']:.0f}%)")
+          f"({100 * result['roofline_fraction']:.0f}%)"
+          + (f"; {result['dense_equivalent_fraction']:.2f}x a dense step at the roofline"
+             if "dense_equivalent_fraction" in result else ""))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
