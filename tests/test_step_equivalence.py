@@ -134,13 +134,20 @@ def ref_relu_nocentre(sae, x, coef):
 
 
 @pytest.mark.parametrize("kernel", ["rectangle", "triangle"])
-@pytest.mark.parametrize("threshold_param", ["raw", "log"])
+@pytest.mark.parametrize("threshold_param", ["raw", "raw_positive", "log"])
 def test_jumprelu(x, kernel, threshold_param):
+    """raw: perturbed thresholds, some negative (the fused kernel's bool-mask path); raw_positive and log:
+    all thresholds > 0, as training keeps them (its mask-free path)."""
     torch.manual_seed(0)
     # A wide bandwidth so that many pre-activations fall in the kernel window.
     sae = JumpReLUSAE(JumpReLUSAE.Config(d_in=D_IN, d_sae=D_SAE, bandwidth=0.2, kernel=kernel,
-                                         threshold_param=threshold_param))
+                                         threshold_param=threshold_param.removesuffix("_positive")))
     perturb(sae)
+    if threshold_param == "raw":
+        assert (sae.threshold < 0).any()
+    elif threshold_param == "raw_positive":
+        sae.after_optimizer_step()  # clamps raw thresholds to the positive floor, as after every step
+    assert (sae.threshold > 0).all() or threshold_param == "raw"
     out = check(sae, lambda s, x: ref_jumprelu(s, x, 0.05), x, {"sparsity": 0.05})
     torch.testing.assert_close(out.feature_acts, sae.encode(x))
 

@@ -21,6 +21,11 @@ import torch
 from torch import Tensor
 
 
+def _keep_where_positive(values: Tensor, sign_of: Tensor, out: Tensor) -> Tensor:
+    """values * 1[sign_of > 0] in one float pass (out may alias values)."""
+    return torch.ops.aten.threshold_backward.grad_input(values, sign_of, 0, grad_input=out)
+
+
 def _encoder_grads(grads: list, need: tuple[bool, ...], g_pre: Tensor, x: Tensor, W_enc: Tensor) -> None:
     """Fill grads[0:3] (x, W_enc, b) of pi = x W_enc + b from dL/dpi, computing only what autograd needs."""
     if need[0]:
@@ -64,7 +69,7 @@ class ReluL1Function(torch.autograd.Function):
                 grads[4] = g_xhat.sum(0)
         else:
             g.copy_(pen.expand_as(g))
-        torch.ops.aten.threshold_backward.grad_input(g, f, 0, grad_input=g)  # ReLU: zero where f == 0
+        _keep_where_positive(g, f, out=g)  # ReLU: zero where f == 0
         _encoder_grads(grads, need, g, x, W_enc)
         return tuple(grads)
 
@@ -83,9 +88,18 @@ class JumpReLUL0Function(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
                 bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         pre = torch.addmm(b, x, W_enc, out=workspace[0])
+        shifted = torch.sub(pre, theta, out=workspace[1])  # pi - theta
+        # f = pi H(pi - theta), in pi's buffer. Masking with a bool tensor costs ~5x a float pass on CPU, so
+        # H comes from threshold_backward (grad * (self > 0)), here and in backward.
+        active = shifted > 0
+        l0 = torch.count_nonzero(active).to(x.dtype) / x.shape[0]
+        f = _keep_where_positive(pre, shifted, out=pre)
+        # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0] and backward masks with f; otherwise
+        # it needs the (slower) bool mask.
+        active = None if bool(theta.min() > 0) else active
         band = None
         if ctx.needs_input_grad[3]:
-            distance = torch.sub(pre, theta, out=workspace[1]).abs_()  # |pi - theta|
+            distance = shifted.abs_()  # |pi - theta|
             if kernel == "rectangle":  # K = 1[|u| < 1/2]
                 rows, cols = (distance < 0.5 * bandwidth).nonzero(as_tuple=True)
                 weights = None
@@ -93,10 +107,7 @@ class JumpReLUL0Function(torch.autograd.Function):
                 rows, cols = (distance < bandwidth).nonzero(as_tuple=True)
                 weights = 1.0 - distance[rows, cols] / bandwidth
             band = (rows, cols, weights)
-        active = pre > theta
-        f = pre.mul_(active)  # pi H(pi - theta), in pi's buffer
         x_hat = torch.addmm(b_dec, f, W_dec)
-        l0 = active.sum(0, dtype=torch.int32).sum().to(x.dtype) / x.shape[0]
         ctx.save_for_backward(x, W_enc, theta, W_dec, f, active)
         ctx.bandwidth, ctx.band, ctx.workspace = bandwidth, band, workspace[1]
         ctx.mark_non_differentiable(f)
@@ -125,7 +136,10 @@ class JumpReLUL0Function(torch.autograd.Function):
             grads[4] = f.t() @ g_xhat
         if need[5]:
             grads[5] = g_xhat.sum(0)
-        g_pre = g_f.mul_(active)  # d f / d pi = H
+        if active is None:  # d f / d pi = H(pi - theta) = 1[f > 0] when theta > 0
+            g_pre = _keep_where_positive(g_f, f, out=g_f)
+        else:
+            g_pre = g_f.mul_(active)
         _encoder_grads(grads, need, g_pre, x, W_enc)
         return tuple(grads)
 
@@ -186,7 +200,7 @@ class GatedFunction(torch.autograd.Function):
         gate = torch.add(z, bias_gate, out=ws_gate).relu_()  # ReLU(pi_gate); pi_gate > 0 <=> gate > 0
         gain = r_mag.exp()
         pi_mag = z.add_(shift_mag).mul_(gain).add_(b_mag)
-        f = torch.mul(pi_mag, gate > 0, out=ws_f).relu_()
+        f = _keep_where_positive(pi_mag, gate, out=ws_f).relu_()  # H(pi_gate) ReLU(pi_mag)
         x_hat = torch.addmm(b_dec, f, W_dec)
         penalty = gate.sum(-1).mean()
         aux_hat = torch.addmm(b_dec, gate, W_dec) if aux else None
@@ -207,7 +221,7 @@ class GatedFunction(torch.autograd.Function):
         g_z = None
         if g_xhat is not None:  # magnitude path: dL/dpi_mag = g_f H ReLU'(pi_mag) = g_f 1[f > 0]
             g_mag = torch.mm(g_xhat, W_dec.t(), out=ws_mag)
-            torch.ops.aten.threshold_backward.grad_input(g_mag, f, 0, grad_input=g_mag)
+            _keep_where_positive(g_mag, f, out=g_mag)
             if need[6]:
                 grads[6] = f.t() @ g_xhat
             if need[7]:
@@ -225,7 +239,7 @@ class GatedFunction(torch.autograd.Function):
                 g_gate = torch.addmm(pen, g_aux, W_dec.t(), out=ws_gate)
             else:
                 g_gate = ws_gate.copy_(pen.expand_as(ws_gate))
-            torch.ops.aten.threshold_backward.grad_input(g_gate, gate, 0, grad_input=g_gate)
+            _keep_where_positive(g_gate, gate, out=g_gate)
             if need[2]:
                 grads[2] = g_gate.sum(0)
             g_z = g_gate if g_z is None else g_z.add_(g_gate)
