@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from saelab.export import load_exported
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -119,22 +122,55 @@ BAD_INPUTS = [
 NEEDS_MODEL = {"model.hook=blocks.0.hook_outt", "data.context_size=1000"}
 
 
-@pytest.mark.parametrize(("override", "message"), BAD_INPUTS, ids=[b[0][-1] for b in BAD_INPUTS])
-def test_bad_input_fails_with_one_line_and_leaves_no_run_directory(
-    override, message, tiny_model_dir, tiny_corpus_dir, tmp_path
-):
-    out = tmp_path / "outputs"
+def _bad_input_case_dirs(root: Path, index: int) -> tuple[Path, Path, Path]:
+    """(output dir, earlier run dir holding a metrics.json that must survive, an empty non-model dir)."""
+    out = root / f"case{index:02d}" / "outputs"
     earlier = out / "earlier-run"
     earlier.mkdir(parents=True)
     (earlier / "metrics.json").write_text("{}")
-    model_dir = tiny_model_dir
-    if override[-1] not in NEEDS_MODEL:
-        model_dir = tmp_path / "not-a-model"
-        model_dir.mkdir()
-    result = run_cli([*tiny_overrides(model_dir, tiny_corpus_dir, out), *override], timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    not_a_model = root / f"case{index:02d}" / "not-a-model"
+    not_a_model.mkdir()
+    return out, earlier, not_a_model
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Every BAD_INPUTS case run through saelab.train.main() in one subprocess (tests/cli_batch.py)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    cases = []
+    for index, (override, _) in enumerate(BAD_INPUTS):
+        out, _, not_a_model = _bad_input_case_dirs(root, index)
+        model_dir = tiny_model_dir if override[-1] in NEEDS_MODEL else not_a_model
+        cases.append([*tiny_overrides(model_dir, tiny_corpus_dir, out), *override])
+    (root / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, "-m", "tests.cli_batch", str(root / "cases.json"), str(root / "results.json")],
+                   cwd=REPO, check=True, timeout=600, env={**os.environ})
+    return root, json.loads((root / "results.json").read_text())
+
+
+@pytest.mark.parametrize(("index", "override", "message"), [(i, *b) for i, b in enumerate(BAD_INPUTS)],
+                         ids=[b[0][-1] for b in BAD_INPUTS])
+def test_bad_input_fails_with_one_line_and_leaves_no_run_directory(index, override, message, bad_input_results):
+    root, results = bad_input_results
+    result = results[index]
+    out, earlier = root / f"case{index:02d}" / "outputs", root / f"case{index:02d}" / "outputs" / "earlier-run"
+    assert result["code"] == 2, result["stderr"][-2000:]
+    errors = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result["stderr"][-2000:]
     leftovers = [p for p in out.rglob("*") if p.is_file() and earlier not in p.parents]
     assert not leftovers, leftovers
     assert (earlier / "metrics.json").read_text() == "{}"
+
+
+def test_bad_input_through_the_installed_command_exits_2_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    """The table above runs in one process; this runs one case as its own `saelab-train` process."""
+    out = tmp_path / "outputs"
+    saelab_train = Path(sys.executable).with_name("saelab-train")
+    result = subprocess.run([str(saelab_train), *tiny_overrides(tiny_model_dir, tiny_corpus_dir, out),
+                             "sae=jumprelu", "sae.bandwidth=0"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ})
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in result.stderr.splitlines() if line.strip()], result.stderr[-2000:]
+    assert "sae.bandwidth=0 is not allowed" in errors[0]
+    assert not [p for p in out.rglob("*") if p.is_file()]
