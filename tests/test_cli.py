@@ -76,6 +76,33 @@ def test_multirun_writes_one_directory_per_job(tiny_model_dir, tiny_corpus_dir, 
     assert l0["sae.sparsity_coefficient=0.001"] > l0["sae.sparsity_coefficient=0.1"]
 
 
+def test_a_failing_multirun_job_is_recorded_and_the_others_still_run(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    """Job 0 diverges (a runtime failure), job 1 is an invalid point (a config error), job 2 trains."""
+    out = tmp_path / "outputs"
+    result = run_cli(["-m", *tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "data.train_tokens=2560",
+                      "eval.spliced_windows=0", "optim.lr_warmup_steps=0", "optim.lr=1e30,-1,3e-3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (out / "multirun").glob("*/*")
+    jobs = {p.name: p for p in sweep.iterdir() if p.is_dir()}
+    assert set(jobs) == {"0", "1", "2"}
+    assert "non-finite loss at step" in (jobs["0"] / "error.txt").read_text()
+    assert "optim.lr=-1 is not allowed" in (jobs["1"] / "error.txt").read_text()
+    assert not (jobs["0"] / "metrics.json").exists() and not (jobs["1"] / "metrics.json").exists()
+    assert json.loads((jobs["2"] / "metrics.json").read_text())["fvu"] < 1
+
+
+def test_runs_launched_at_the_same_moment_get_their_own_directories(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    out = tmp_path / "outputs"
+    args = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "data.train_tokens=2560",
+            "eval.spliced_windows=0"]
+    procs = [subprocess.Popen([sys.executable, "-m", "saelab.train", *args], cwd=REPO, env={**os.environ},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    runs = _run_dirs(out)
+    assert len(runs) == 2 and runs[0] != runs[1]  # outputs/<date>/<H-M-S-microseconds>/
+
+
 BAD_INPUTS = [
     (["sae=nonexistent"], "sae='nonexistent' is not allowed"),
     (["data.batch_size=0"], "data.batch_size=0"),

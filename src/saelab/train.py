@@ -210,9 +210,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
         return sweep_objective(result, cfg) if "global_rank" not in result else None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        _discard_incomplete_run_dir(run_dir)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # this job's point is invalid; the sweep goes on
+            _record_failure(run_dir, err)
             return None
+        _discard_incomplete_run_dir(run_dir)
         sys.exit(2)
     except FloatingPointError as err:  # nan_policy=stop: the run ends; its checkpoints hold finite weights
         _record_failure(run_dir, err)
