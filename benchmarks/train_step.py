@@ -17,7 +17,8 @@ FLOPs counted: 2 x B x d_in x d_sae per dense matmul pass, forward and backward 
                   and so is the encoder backward (dW_enc from the B k selected entries only), 4 x 2 B k d_in
                   FLOPs, counted as such (AuxK's sparse work is not counted)
 The roofline is the GFLOP/s of those same matmul shapes run back to back with preallocated outputs, timed in
-this run on this machine; roofline_fraction = achieved / roofline.
+this run on this machine, just before and just after the steps (the mean of the two);
+roofline_fraction = achieved / roofline.
 
 For TopK/BatchTopK the selection (a per-token or batch-wide top-k over B x d_sae pre-activations) is not a
 matmul, so roofline_fraction mostly measures how much of the step that selection takes. The JSON also gives
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=sae.recipe_adam_betas)
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
 
+    repeats = max(5, args.steps // 2)
+    # The roofline is timed just before and just after the steps (their mean is used): this VM's speed drifts.
+    roofline_before = roofline_gflops(args.variant, args.batch, d_in, args.d_sae, repeats)
     times = []
     for step in range(args.warmup + args.steps):
         start_row = (step * args.batch) % (len(acts) - args.batch + 1)
@@ -127,14 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     step_s = statistics.median(times)
     gflops = step_flops(args.variant, sae, args.batch) / step_s / 1e9
-    roofline = roofline_gflops(args.variant, args.batch, d_in, args.d_sae, repeats=max(5, args.steps // 2))
+    roofline = (roofline_before + roofline_gflops(args.variant, args.batch, d_in, args.d_sae, repeats)) / 2
     result = {
         "variant": args.variant, "d_in": d_in, "d_sae": args.d_sae, "batch": args.batch,
         "threads": torch.get_num_threads(), "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
         "gflops": gflops, "roofline_gflops": roofline, "roofline_fraction": gflops / roofline,
     }
     if args.variant in ("topk", "batchtopk"):
-        dense_roofline = roofline_gflops("relu", args.batch, d_in, args.d_sae, repeats=max(5, args.steps // 2))
+        dense_roofline = roofline_gflops("relu", args.batch, d_in, args.d_sae, repeats)
         dense_step_s = 5 * 2.0 * args.batch * d_in * args.d_sae / (dense_roofline * 1e9)
         result["dense_equivalent_fraction"] = dense_step_s / step_s
     print(f"{args.variant:>9} d_in {d_in} d_sae {args.d_sae} batch {args.batch}: {result['ms_per_step']:.1f} ms/step, "
