@@ -199,7 +199,7 @@ class GatedFunction(torch.autograd.Function):
         z = torch.mm(x, W_enc, out=ws_z)
         gate = torch.add(z, bias_gate, out=ws_gate).relu_()  # ReLU(pi_gate); pi_gate > 0 <=> gate > 0
         gain = r_mag.exp()
-        pi_mag = z.add_(shift_mag).mul_(gain).add_(b_mag)
+        pi_mag = torch.addcmul(shift_mag * gain + b_mag, z, gain, out=z)  # (z + shift) exp(r) + b_mag, one pass
         f = _keep_where_positive(pi_mag, gate, out=ws_f).relu_()  # H(pi_gate) ReLU(pi_mag)
         x_hat = torch.addmm(b_dec, f, W_dec)
         penalty = gate.sum(-1).mean()
@@ -226,13 +226,15 @@ class GatedFunction(torch.autograd.Function):
                 grads[6] = f.t() @ g_xhat
             if need[7]:
                 grads[7] = g_xhat.sum(0)
+            grads_mag_sum = g_mag.sum(0)
             if need[5]:
-                grads[5] = g_mag.sum(0)
+                grads[5] = grads_mag_sum
             if need[4]:  # d pi_mag / d r = exp(r) z = pi_mag - b_mag
-                grads[4] = torch.sub(pi_mag, b_mag, out=ws_gate).mul_(g_mag).sum(0)
+                # sum_b (pi_mag - b_mag) g_mag = sum_b pi_mag g_mag - b_mag sum_b g_mag
+                grads[4] = torch.mul(pi_mag, g_mag, out=ws_gate).sum(0) - b_mag * grads_mag_sum
             g_z = g_mag.mul_(gain)
             if need[3]:
-                grads[3] = g_z.sum(0)
+                grads[3] = grads_mag_sum * gain  # = g_z.sum(0), without another pass
         if g_pen is not None or g_aux is not None:  # gate path: (lambda / B + g_aux sg(W_dec)^T) ReLU'(pi_gate)
             pen = (g_pen / batch).to(gate.dtype) if g_pen is not None else gate.new_zeros(())
             if g_aux is not None:
