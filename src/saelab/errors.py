@@ -29,3 +29,8 @@ def check_positive(field: str, value: Any, *, allow_zero: bool = False, integer:
         raise ConfigError(field, value, f"a {kind}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(field, value, f"a {'non-negative' if allow_zero else 'positive'} {kind}")
+
+
+def check_bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(field, value, "true or false")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_choice, check_positive
+from saelab.errors import check_bool, check_choice, check_positive
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 from saelab.saes.fused import GatedFunction
 
@@ -46,9 +46,8 @@ class GatedConfig(SAEConfig):
         check_choice("sae.aux_loss", self.aux_loss, ("frozen_decoder", "unfrozen_decoder", "none"))
         check_choice("sae.gate", self.gate, ("heaviside", "sigmoid"))
         check_positive("sae.gate_temperature", self.gate_temperature)
-        for name in ("r_mag", "tie_encoder"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"sae.{name}", getattr(self, name), "true or false")
+        check_bool("sae.r_mag", self.r_mag)
+        check_bool("sae.tie_encoder", self.tie_encoder)
         check_choice("sae.sparsity", self.sparsity, ("l1", "ri_l1"))
 
 

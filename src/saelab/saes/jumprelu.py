@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_choice, check_positive
+from saelab.errors import check_bool, check_choice, check_positive
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 from saelab.saes.fused import JumpReLUL0Function
 from saelab.saes.ste import KERNELS, jumprelu, step
@@ -36,8 +36,7 @@ class JumpReLUConfig(SAEConfig):
         check_choice("sae.kernel", self.kernel, tuple(KERNELS))
         check_positive("sae.threshold_init", self.threshold_init)
         check_choice("sae.threshold_param", self.threshold_param, ("raw", "log"))
-        if not isinstance(self.ste_to_preacts, bool):
-            raise ConfigError("sae.ste_to_preacts", self.ste_to_preacts, "true or false")
+        check_bool("sae.ste_to_preacts", self.ste_to_preacts)
         check_positive("sae.pre_act_loss_coefficient", self.pre_act_loss_coefficient, allow_zero=True)
         check_positive("sae.tanh_scale", self.tanh_scale)
 
