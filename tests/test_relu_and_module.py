@@ -95,8 +95,8 @@ def test_dead_latent_bookkeeping():
     sae = relu_sae()
     f = torch.zeros(10, 64)
     f[:, :5] = 1.0
-    sae.record_firing(f)
-    sae.record_firing(torch.zeros(10, 64))
+    sae.record_fired((f > 0).any(0), len(f))
+    sae.record_fired(torch.zeros(64, dtype=torch.bool), 10)
     dead = sae.dead_mask(window_tokens=15)
     assert not dead[:5].any() and dead[5:].all()
     assert not sae.dead_mask(window_tokens=1000)[:5].any()
@@ -115,3 +115,11 @@ def test_export_takes_raw_activations(tmp_path):
     assert torch.allclose(exported(x_raw), scale * sae(x_raw / scale), atol=1e-4)
     assert torch.allclose(exported.encode(x_raw), scale * sae.encode(x_raw / scale), atol=1e-4)
     assert exported.cfg["architecture"] == "standard" and exported.cfg["metadata"]["hook_name"] == "h"
+
+
+@pytest.mark.parametrize(("target", "field"), [("gated.GatedSAE", "r_mag"), ("gated.GatedSAE", "tie_encoder"),
+                                               ("jumprelu.JumpReLUSAE", "ste_to_preacts")])
+def test_boolean_switches_reject_non_booleans(target, field):
+    cfg = {"_target_": f"saelab.saes.{target}", "d_in": 16, "d_sae": 64, field: "yes"}
+    with pytest.raises(ConfigError, match=rf"sae.{field}='yes' is not allowed: expected true or false"):
+        build_sae(cfg)

@@ -213,12 +213,8 @@ class SAE(nn.Module):
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def record_firing(self, feature_acts: Tensor) -> None:
-        self.record_fired((feature_acts > 0).any(dim=0), feature_acts.shape[0])
-
-    @torch.no_grad()
     def record_fired(self, fired: Tensor, n_tokens: int) -> None:
-        """record_firing from a precomputed [d_sae] mask of the latents that fired in `n_tokens` tokens."""
+        """Dead-latent bookkeeping from a [d_sae] mask of the latents that fired in the last `n_tokens` tokens."""
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
         self.tokens_seen.add_(n_tokens)
 
