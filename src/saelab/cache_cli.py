@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from saelab.cli_checks import CONF_DIR, check_group_overrides
-from saelab.data.cache import MANIFEST, cache_root, is_off, read_manifest, summary, verify
+from saelab.data.cache import MANIFEST, is_off, read_manifest, summary, verify
 from saelab.errors import ConfigError
 
 _COLUMNS = ("name", "model", "hook", "source", "train_tokens", "eval_tokens", "mbytes", "train_pass_complete")
@@ -40,21 +39,20 @@ def build(overrides: list[str]) -> int:
     from saelab.config_checks import check_run_config
     from saelab.data.datamodule import ActivationDataModule
     from saelab.data.model import load_model
+    from saelab.train import activations_needed, world_size
 
     problem = check_group_overrides(overrides)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     cfg = load_config(overrides)
-    check_run_config(cfg)
     if is_off(cfg.data.get("cache")):
         cfg.data.cache = "auto"
-    cache_root(cfg.data.cache, cfg.paths.cache_dir)  # a bad data.cache fails before the model loads
-    batch_size = int(cfg.data.batch_size)
-    max_steps = cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / batch_size)
+    check_run_config(cfg)  # a bad data.cache fails here, before the model loads
+    train_tokens = activations_needed(cfg, world_size(cfg))  # what `saelab-train` with this config will read
     model = load_model(cfg.model)
     datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed,
-                                      cache_dir=cfg.paths.cache_dir, train_tokens=int(max_steps) * batch_size)
+                                      cache_dir=cfg.paths.cache_dir, train_tokens=train_tokens)
     datamodule.setup()
     print(datamodule.cache.path)
     return 0

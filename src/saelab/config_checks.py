@@ -11,10 +11,10 @@ from omegaconf import DictConfig, ListConfig
 from saelab.data.cache import cache_root
 from saelab.data.model import check_model_config
 from saelab.data.normalize import METHODS
-from saelab.errors import ConfigError, check_choice, check_positive
+from saelab.errors import ConfigError, check_bool, check_choice, check_positive
+from saelab.module import NAN_POLICIES
 
 SOURCES = ("pydocs", "text_files", "hf")
-NAN_POLICIES = ("stop", "skip")
 # What lightning.pytorch.Trainer(precision=...) accepts (its _PRECISION_INPUT), read from Lightning when possible.
 _PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
                "transformer-engine-float16")
@@ -110,4 +110,5 @@ def check_run_config(cfg: DictConfig) -> None:
         _int("trainer.num_nodes", cfg.trainer.num_nodes)
     _int("dead_window_tokens", cfg.dead_window_tokens)
     check_choice("nan_policy", cfg.get("nan_policy", "stop"), NAN_POLICIES)
+    check_bool("compile", cfg.get("compile", False))
     check_ckpt_path(cfg.get("ckpt_path"))

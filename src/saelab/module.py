@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from saelab.errors import check_choice
 from saelab.saes.base import SAE, TrainStep
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ class SAEModule(L.LightningModule):
         `compile`: run the SAE's training loss through torch.compile (fuses the elementwise work of the
         autograd path, which is what runs under bf16 autocast on CUDA)."""
         super().__init__()
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy={nan_policy!r} is not allowed: expected one of {NAN_POLICIES}")
+        check_choice("nan_policy", nan_policy, NAN_POLICIES)
         self.nan_policy = nan_policy
         self.sae = sae
         self._training_loss = torch.compile(sae.training_loss, dynamic=False) if compile else sae.training_loss

@@ -45,31 +45,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_run_config(cfg)
+    resume_from = _resume_path(cfg.get("ckpt_path"), run_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     sae = build_sae(OmegaConf.to_container(cfg.sae, resolve=True))
     model = load_model(cfg.model)
     if model.d_model != sae.d_in:
         raise ConfigError("sae.d_in", sae.d_in, f"the model's d_model ({model.d_model}); set model.d_model")
 
-    resume_from = _resume_path(cfg.get("ckpt_path"), run_dir)
-    if not isinstance(cfg.get("compile", False), bool):
-        raise ConfigError("compile", cfg.compile, "true or false")
-
     batch_size = int(cfg.data.batch_size)
-    max_steps = int(cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / batch_size))
+    max_steps = run_steps(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.eval.every_n_steps:
         callbacks.append(PeriodicEval(cfg.eval.every_n_steps, cfg.eval.batch_size))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
     trainer: L.Trainer = instantiate(trainer_cfg, logger=False, callbacks=callbacks, default_root_dir=str(run_dir))
-    # Under DDP, data.batch_size and data.train_tokens are per device: each rank trains max_steps batches of
-    # its own, disjoint from the other ranks', so the run reads world_size x train_tokens activations.
     world = int(trainer.world_size)
     if world > 1 and cfg.get("nan_policy") == "skip":  # a rank that skipped its backward would hang the others
         raise ConfigError("nan_policy", "skip", "stop when training on several devices")
     datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
-                                      train_tokens=max_steps * batch_size * world)
+                                      train_tokens=activations_needed(cfg, world))
     datamodule.setup()
     module = SAEModule(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")),
                        compile=bool(cfg.get("compile", False)))
@@ -116,6 +111,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              metrics["l0"], metrics["fvu"], metrics["shrinkage"], 100 * metrics["dead_fraction"],
              result["tokens_trained"], result["wall_time_s"], run_dir)
     return result
+
+
+def run_steps(cfg: DictConfig) -> int:
+    """Optimiser steps of a run: trainer.max_steps, else data.train_tokens / data.batch_size (rounded up)."""
+    return int(cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / int(cfg.data.batch_size)))
+
+
+def activations_needed(cfg: DictConfig, world_size: int) -> int:
+    """Training activations a run reads. Under DDP, data.batch_size and data.train_tokens are per device: each
+    rank trains run_steps batches of its own, disjoint from the other ranks'."""
+    return run_steps(cfg) * int(cfg.data.batch_size) * world_size
+
+
+def world_size(cfg: DictConfig) -> int:
+    """The number of training processes the configured Trainer would run (building it starts none)."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) | {"max_steps": 1}
+    return int(instantiate(trainer_cfg, logger=False, enable_checkpointing=False).world_size)
 
 
 def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
