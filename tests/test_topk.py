@@ -89,12 +89,12 @@ def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut():
 
 def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_kept_activation():
     torch.manual_seed(0)
-    sae = make_sae("batchtopk", threshold_ema_decay=0.5)
+    sae = make_sae("batchtopk", threshold_ema_decay=0.75)
     minima = []
     for _ in range(3):
         out = sae.training_loss(torch.randn(32, 16), {})
         minima.append(out.feature_acts[out.feature_acts > 0].min().item())
-    expected = (0.5 * minima[0] + 0.5 * minima[1]) * 0.5 + 0.5 * minima[2]
+    expected = (0.75 * minima[0] + 0.25 * minima[1]) * 0.75 + 0.25 * minima[2]  # decay 0 on the first batch
     assert sae.threshold.item() == pytest.approx(expected, rel=1e-5)
 
 
