@@ -1,4 +1,5 @@
-"""The optimised training step (fused kernels, folded b_dec, sparse TopK backward) against plain PyTorch.
+"""The training step (fused kernels, folded b_dec, sparse TopK backward, and the autograd path) against plain
+PyTorch.
 
 Each reference below is a straightforward transcription of the variant's loss (SPEC sections 1-4), autograd
 doing all gradients. The optimised `training_loss` must give the same loss terms and the same gradient for
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from saelab.module import SAEModule
+from saelab.saes.base import SAE
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.gated import GatedSAE
 from saelab.saes.jumprelu import JumpReLUSAE
@@ -111,6 +113,15 @@ def check(sae, ref_terms_fn, x, coefficients, atol=1e-5):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, ref_grad, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     return out
+
+
+@pytest.fixture(autouse=True, params=["fused", "autograd"])
+def step_path(request, monkeypatch):
+    """Every test runs twice: through the fused float32 kernels, and through the plain autograd path that
+    runs under autocast (bf16-mixed), forced here by refusing the fused kernels."""
+    if request.param == "autograd":
+        monkeypatch.setattr(SAE, "fused_ok", lambda self, x: False)
+    return request.param
 
 
 @pytest.fixture
