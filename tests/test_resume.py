@@ -23,9 +23,11 @@ INTERVAL = 20  # checkpoint interval in steps
 STEPS = 200
 
 
-def _overrides(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, variant: str) -> list[str]:
+def _overrides(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, variant: str, data_cache: str
+               ) -> list[str]:
     return [
         *tiny_overrides(model_dir, corpus_dir, out), f"paths.cache_dir={cache}", f"sae={variant}",
+        f"data.cache={data_cache}",
         f"data.train_tokens={STEPS * 256}", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
         f"callbacks.model_checkpoint.every_n_train_steps={INTERVAL}", "+logger.csv.flush_logs_every_n_steps=1",
         "eval.spliced_windows=0",
@@ -45,16 +47,18 @@ def _checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-@pytest.mark.parametrize("variant", ["relu", "topk"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(variant, tiny_model_dir, tiny_corpus_dir, tmp_path):
+@pytest.mark.parametrize(("variant", "data_cache"), [("relu", "auto"), ("topk", "auto"), ("relu", "off")])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(variant, data_cache, tiny_model_dir, tiny_corpus_dir,
+                                                        tmp_path):
+    """From the activation cache, and streamed from the model (data.cache=off: the stream is regenerated)."""
     cache = tmp_path / "cache"
     whole_out, killed_out = tmp_path / "whole", tmp_path / "killed"
-    whole = run_cli(_overrides(tiny_model_dir, tiny_corpus_dir, whole_out, cache, variant))
+    whole = run_cli(_overrides(tiny_model_dir, tiny_corpus_dir, whole_out, cache, variant, data_cache))
     assert whole.returncode == 0, whole.stderr[-3000:]
     (whole_dir,) = {p.parent for p in whole_out.rglob("metrics.json")}
 
     # The same run, killed without warning once a checkpoint exists and more steps have been done since.
-    args = _overrides(tiny_model_dir, tiny_corpus_dir, killed_out, cache, variant)
+    args = _overrides(tiny_model_dir, tiny_corpus_dir, killed_out, cache, variant, data_cache)
     proc = subprocess.Popen([sys.executable, "-m", "saelab.train", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     deadline = time.time() + 300
@@ -93,7 +97,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(variant, tiny_model_dir
     got_weights = load_file(run_dir / "sae" / "sae_weights.safetensors")
     for name, value in expected_weights.items():
         assert torch.equal(got_weights[name], value), name
-    print(f"{variant}: killed after {steps_done + 1} steps, resumed from step {saved_step} "
+    print(f"{variant}, data.cache={data_cache}: killed after {steps_done + 1} steps, resumed from step {saved_step} "
           f"({steps_done + 1 - saved_step} steps redone); final FVU {got['fvu']:.4f}, L0 {got['l0']:.2f}")
 
 
