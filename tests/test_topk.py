@@ -87,6 +87,36 @@ def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut():
         assert set(sae.batch_topk_ids(pre).tolist()) == exact
 
 
+@pytest.mark.parametrize(("width", "k", "prefiltered"), [(3072, 32, True), (64, 4, True), (256, 32, False),
+                                                      (60, 4, False)])
+def test_per_token_topk_equals_torch_topk(width, k, prefiltered):
+    """The grouped prefilter (used when width is a multiple of 8 with at least 2k groups) is exact, also when
+    one group holds several of a row's top entries."""
+    from saelab.saes import topk as topk_module
+
+    torch.manual_seed(0)
+    scores = torch.randn(50, width)
+    n_groups = width // 8
+    scores[0, torch.arange(8) * n_groups + 3] += 10.0  # row 0: a whole group among its top k
+    group_max_calls = []
+    original_amax = torch.Tensor.amax
+
+    def spy(self, *args, **kwargs):
+        group_max_calls.append(self.shape)
+        return original_amax(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "amax", spy)
+        rows, ids, values = topk_module.per_token_topk(scores, k)
+    assert bool(group_max_calls) == prefiltered
+    reference = scores.topk(k, dim=-1)
+    assert torch.equal(rows, torch.arange(50).repeat_interleave(k))
+    got = ids.view(50, k).sort(-1).values
+    assert torch.equal(got, reference.indices.sort(-1).values)
+    assert torch.equal(values.view(50, k).sort(-1).values, reference.values.sort(-1).values)
+    assert torch.equal(scores.gather(1, ids.view(50, k)), values.view(50, k))
+
+
 def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_kept_activation():
     torch.manual_seed(0)
     sae = make_sae("batchtopk", threshold_ema_decay=0.75)

@@ -15,10 +15,14 @@ Used in float (no autocast) training on 2-D batches; the variants fall back to a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
+
+# Built per step by SparsePattern; the CSR products used here are stable, so the one-time notice is noise.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 
 def _keep_where_positive(values: Tensor, sign_of: Tensor, out: Tensor) -> Tensor:
@@ -144,8 +148,46 @@ class JumpReLUL0Function(torch.autograd.Function):
         return tuple(grads)
 
 
+class SparsePattern:
+    """Where a sparse [B, d_sae] latent matrix has entries: (rows, latents), grouped by token (rows ascending).
+
+    The backward products need the matrix and its transpose in CSR form; building them costs one sort of the
+    entries by latent, done once per pattern and shared by the encoder's and the decoder's backward. MKL's CSR
+    products are 2-3x faster here than a COO product or `embedding_bag`'s backward (scatter-adds).
+    """
+
+    def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int):
+        self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
+        self.row_offsets = _offsets(rows, batch_size)
+        self._by_latent: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """The [B, d_sae] CSR matrix with these values (in entry order)."""
+        return torch.sparse_csr_tensor(self.row_offsets, self.latents, values, (self.batch_size, self.d_sae),
+                                       check_invariants=False)
+
+    def transposed(self, values: Tensor) -> Tensor:
+        """The [d_sae, B] CSR matrix of the transpose with these values (in entry order)."""
+        if self._by_latent is None:
+            order = self.latents.argsort(stable=True)  # rows stay ascending within a latent
+            self._by_latent = (order, _offsets(self.latents, self.d_sae), self.rows.index_select(0, order))
+        order, offsets, rows = self._by_latent
+        return torch.sparse_csr_tensor(offsets, rows, values.index_select(0, order), (self.d_sae, self.batch_size),
+                                       check_invariants=False)
+
+    def offsets(self) -> Tensor:
+        """Where each token's entries start (`embedding_bag`'s offsets)."""
+        return self.row_offsets[:-1]
+
+
+def _offsets(ids: Tensor, n: int) -> Tensor:
+    """CSR offsets [n + 1] of entries grouped by id."""
+    return torch.nn.functional.pad(torch.bincount(ids, minlength=n).cumsum(0), (1, 0))
+
+
 class SparseGather(torch.autograd.Function):
-    """values_j = pi[rows_j, latents_j] for pi = x W_enc + b, with pi computed (without grad) by the caller.
+    """values_j = pi[rows_j, latents_j] for pi = x W_enc + b: the caller computed pi and gathered the values
+    without autograd (the top-k search returns them); this attaches their gradient.
 
     The backward pass touches only the gathered entries: dW_enc = x^T G and db = column sums of G for the
     sparse [B, d_sae] matrix G of the values' gradients, a sparse-dense product instead of the dense
@@ -153,28 +195,52 @@ class SparseGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, pre: Tensor, rows: Tensor,
-                latents: Tensor) -> Tensor:
-        ctx.save_for_backward(x, W_enc, rows, latents)
-        ctx.d_sae = pre.shape[1]
-        return pre[rows, latents]
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(x, W_enc)
+        ctx.pattern = pattern
+        return values.clone()
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        x, W_enc, rows, latents = ctx.saved_tensors
+        x, W_enc = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
         need = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 6
+        grads: list[Tensor | None] = [None] * 5
         g = g.to(x.dtype)
-        if need[1] or need[0]:
-            # G^T as a COO [d_sae, B] matrix: (latent, row) -> g.
-            gt = torch.sparse_coo_tensor(torch.stack([latents, rows]), g, (ctx.d_sae, x.shape[0]),
-                                         check_invariants=False)
-            if need[1]:
-                grads[1] = torch.sparse.mm(gt, x).t().contiguous()
-            if need[0]:
-                grads[0] = torch.sparse.mm(gt.t(), W_enc.t().contiguous())
+        if need[1]:
+            grads[1] = (pattern.transposed(g) @ x).t().contiguous()  # (G^T x)^T
+        if need[0]:
+            grads[0] = pattern.matrix(g) @ W_enc.t()
         if need[2]:
-            grads[2] = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device).index_add_(0, latents, g)
+            grads[2] = torch.zeros(pattern.d_sae, dtype=g.dtype, device=g.device).index_add_(0, pattern.latents, g)
+        return tuple(grads)
+
+
+class SparseDecode(torch.autograd.Function):
+    """x_hat_b = sum_j values_j W_dec[latents_j] over token b's entries: the decoder of a sparse latent matrix Z.
+
+    Forward is `embedding_bag` (reads only the used decoder rows). Backward: dW_dec = Z^T g (a CSR product)
+    and d values_j = g_{row_j} . W_dec[latent_j] (sampled dense-dense product at Z's entries).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(values, W_dec)
+        ctx.pattern = pattern
+        return torch.nn.functional.embedding_bag(pattern.latents, W_dec, pattern.offsets(), mode="sum",
+                                                 per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        values, W_dec = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        need = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 3
+        if need[0]:
+            sampled = torch.sparse.sampled_addmm(pattern.matrix(torch.zeros_like(values)), g, W_dec.t(), beta=0)
+            grads[0] = sampled.values()
+        if need[1]:
+            grads[1] = pattern.transposed(values) @ g
         return tuple(grads)
 
 
