@@ -184,8 +184,8 @@ def test_bad_input_fails_with_one_line_and_leaves_no_run_directory(index, overri
     assert result["code"] == 2, result["stderr"][-2000:]
     errors = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], result["stderr"][-2000:]
-    leftovers = [p for p in out.rglob("*") if p.is_file() and earlier not in p.parents]
-    assert not leftovers, leftovers
+    leftovers = [p for p in out.rglob("*") if p != earlier and earlier not in p.parents]
+    assert not leftovers, leftovers  # no file, nor an empty run or date directory
     assert (earlier / "metrics.json").read_text() == "{}"
 
 
@@ -200,4 +200,4 @@ def test_bad_input_through_the_installed_command_exits_2_with_one_line(tiny_mode
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [line for line in result.stderr.splitlines() if line.strip()], result.stderr[-2000:]
     assert "sae.bandwidth=0 is not allowed" in errors[0]
-    assert not [p for p in out.rglob("*") if p.is_file()]
+    assert not list(out.rglob("*"))  # no file, nor an empty run or date directory

@@ -16,6 +16,7 @@ import torch
 from saelab.module import SAEModule
 from saelab.saes.base import SAE
 from saelab.saes.batchtopk import BatchTopKSAE
+from saelab.saes.fused import SparsePattern
 from saelab.saes.gated import GatedSAE
 from saelab.saes.jumprelu import JumpReLUSAE
 from saelab.saes.relu import ReluSAE
@@ -178,7 +179,8 @@ def test_gated(x, aux_loss, r_mag):
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_topk(x, cls, with_dead):
+def test_topk(x, cls, with_dead, monkeypatch):
+    monkeypatch.setattr(SparsePattern, "check_invariants", True)  # torch verifies every CSR matrix built
     torch.manual_seed(0)
     sae = cls(cls.Config(d_in=D_IN, d_sae=D_SAE, k=4, k_aux=6, dead_window_tokens=100))
     perturb(sae)

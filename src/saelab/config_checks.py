@@ -90,7 +90,7 @@ def check_run_config(cfg: DictConfig) -> None:
     if not 0 < float(data.eval_fraction) < 1:
         raise ConfigError("data.eval_fraction", data.eval_fraction, "a fraction strictly between 0 and 1")
     check_choice("data.normalize", data.normalize, METHODS)
-    cache_root(data.get("cache"), cfg.paths.cache_dir)
+    cache_root(data.get("cache"), cfg.paths.cache_dir, create=False)
     check_positive("optim.lr", cfg.optim.lr)
     if cfg.optim.betas is not None and (len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas)):
         raise ConfigError("optim.betas", list(cfg.optim.betas), "null or two numbers in [0, 1)")

@@ -201,16 +201,22 @@ def sweep_objective(result: dict[str, Any], cfg: DictConfig) -> float | None:
     return value
 
 
-def _discard_incomplete_run_dir(run_dir: Path) -> None:
+def _discard_incomplete_run_dir(run_dir: Path, output_root: Path) -> None:
     """A run rejected before any work leaves no directory behind that could look like a result.
 
     Only a directory holding nothing but Hydra's own bookkeeping is removed: a run directory being resumed
-    (`hydra.run.dir=... ckpt_path=last`) keeps its checkpoints and results whatever goes wrong.
+    (`hydra.run.dir=... ckpt_path=last`) keeps its checkpoints and results whatever goes wrong. Parents left
+    empty by that (the date directory) go too, up to but not including `output_root` (paths.output_dir).
     """
     if not run_dir.is_dir():
         return
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if not all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root, parent = output_root.resolve(), run_dir.resolve().parent
+    while root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -225,7 +231,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode == RunMode.MULTIRUN:  # this job's point is invalid; the sweep goes on
             _record_failure(run_dir, err)
             return None
-        _discard_incomplete_run_dir(run_dir)
+        _discard_incomplete_run_dir(run_dir, Path(cfg.paths.output_dir))
         sys.exit(2)
     except FloatingPointError as err:  # nan_policy=stop: the run ends; its checkpoints hold finite weights
         _record_failure(run_dir, err)

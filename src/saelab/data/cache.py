@@ -96,13 +96,18 @@ def is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, str) and value.strip().lower() in _OFF)
 
 
-def cache_root(value: Any, auto_root: str | Path) -> Path | None:
-    """Where caches live for `data.cache` (None when off). Fails with one line if it cannot be written."""
+def cache_root(value: Any, auto_root: str | Path, create: bool = True) -> Path | None:
+    """Where caches live for `data.cache` (None when off). Fails with one line if it cannot be written.
+
+    With `create=False` (a check before the run starts) the directories made to prove it writable are
+    removed again, so a run rejected later leaves no empty cache directory behind.
+    """
     if is_off(value):
         return None
     if not isinstance(value, (str, os.PathLike)):
         raise ConfigError("data.cache", value, _ALLOWED)
     root = Path(auto_root if value == "auto" else value).expanduser()
+    made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
@@ -110,6 +115,10 @@ def cache_root(value: Any, auto_root: str | Path) -> Path | None:
     except OSError as err:
         raise ConfigError("data.cache", str(value),
                           f"{_ALLOWED} ({root} is not writable: {err.strerror or err})") from None
+    finally:
+        for path in made if not create else ():
+            with contextlib.suppress(OSError):
+                path.rmdir()
     return root
 
 

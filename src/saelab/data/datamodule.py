@@ -53,7 +53,10 @@ class ActivationDataModule(L.LightningDataModule):
         self.cfg, self.model, self.eval_tokens, self.seed = data_cfg, model, int(eval_tokens), int(seed)
         self.special = SpecialTokens.from_tokenizer(model.tokenizer)
         self.train_tokens = int(float(train_tokens if train_tokens is not None else data_cfg["train_tokens"]))
-        # Checked here, before any text is read or any forward pass runs.
+        # Checked here, before any text is read, any forward pass runs or any directory is made.
+        ctx = int(data_cfg["context_size"])
+        if model.n_ctx is not None and ctx > model.n_ctx:
+            raise ConfigError("data.context_size", ctx, f"at most the model's n_ctx ({model.n_ctx})")
         self.cache_root = cache_root(data_cfg.get("cache"), cache_dir or _auto_cache_dir(data_cfg))
         self.cache: CacheReader | None = None  # set when activations are read from the on-disk cache
         self.train_windows: Tensor | None = None  # not kept when activations come from the cache
@@ -68,9 +71,6 @@ class ActivationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        ctx = int(self.cfg["context_size"])
-        if self.model.n_ctx is not None and ctx > self.model.n_ctx:
-            raise ConfigError("data.context_size", ctx, f"at most the model's n_ctx ({self.model.n_ctx})")
         if self.cache_root is not None:
             self._setup_from_cache()
         else:

@@ -151,33 +151,33 @@ class JumpReLUL0Function(torch.autograd.Function):
 class SparsePattern:
     """Where a sparse [B, d_sae] latent matrix has entries: (rows, latents), grouped by token (rows ascending).
 
-    The backward products need the matrix and its transpose in CSR form; building them costs one sort of the
-    entries by latent, done once per pattern and shared by the encoder's and the decoder's backward. MKL's CSR
-    products are 2-3x faster here than a COO product or `embedding_bag`'s backward (scatter-adds).
+    The backward products use the transpose Z^T as a CSR [d_sae, B] matrix: one stable sort of the entries by
+    latent, done once per pattern and shared by the encoder's and the decoder's backward, gives a canonical
+    CSR (rows ascending and distinct within each latent). MKL's CSR products are 2-3x faster here than a COO
+    product or `embedding_bag`'s backward (scatter-adds).
     """
+
+    check_invariants = False  # tests turn this on to have torch verify the CSR structure
 
     def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int):
         self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
-        self.row_offsets = _offsets(rows, batch_size)
-        self._by_latent: tuple[Tensor, Tensor, Tensor] | None = None
-
-    def matrix(self, values: Tensor) -> Tensor:
-        """The [B, d_sae] CSR matrix with these values (in entry order)."""
-        return torch.sparse_csr_tensor(self.row_offsets, self.latents, values, (self.batch_size, self.d_sae),
-                                       check_invariants=False)
+        self.order = latents.argsort(stable=True)  # rows stay ascending within a latent
+        self._latent_offsets = _offsets(latents, d_sae)
+        self._rows_by_latent = rows.index_select(0, self.order)
 
     def transposed(self, values: Tensor) -> Tensor:
-        """The [d_sae, B] CSR matrix of the transpose with these values (in entry order)."""
-        if self._by_latent is None:
-            order = self.latents.argsort(stable=True)  # rows stay ascending within a latent
-            self._by_latent = (order, _offsets(self.latents, self.d_sae), self.rows.index_select(0, order))
-        order, offsets, rows = self._by_latent
-        return torch.sparse_csr_tensor(offsets, rows, values.index_select(0, order), (self.d_sae, self.batch_size),
-                                       check_invariants=False)
+        """Z^T as a [d_sae, B] CSR matrix, for values given in entry order."""
+        return torch.sparse_csr_tensor(self._latent_offsets, self._rows_by_latent, values.index_select(0, self.order),
+                                       (self.d_sae, self.batch_size), check_invariants=self.check_invariants)
+
+    def sampled_product(self, a: Tensor, b: Tensor) -> Tensor:
+        """(a @ b)[latent_j, row_j] for every entry j, in entry order: a is [d_sae, n], b is [n, B]."""
+        sampled = torch.sparse.sampled_addmm(self.transposed(a.new_zeros(self.rows.shape)), a, b, beta=0)
+        return torch.empty_like(sampled.values()).index_copy_(0, self.order, sampled.values())
 
     def offsets(self) -> Tensor:
         """Where each token's entries start (`embedding_bag`'s offsets)."""
-        return self.row_offsets[:-1]
+        return _offsets(self.rows, self.batch_size)[:-1]
 
 
 def _offsets(ids: Tensor, n: int) -> Tensor:
@@ -209,8 +209,9 @@ class SparseGather(torch.autograd.Function):
         g = g.to(x.dtype)
         if need[1]:
             grads[1] = (pattern.transposed(g) @ x).t().contiguous()  # (G^T x)^T
-        if need[0]:
-            grads[0] = pattern.matrix(g) @ W_enc.t()
+        if need[0]:  # training never asks for it (x is data); kept simple
+            dense = g.new_zeros(pattern.batch_size, pattern.d_sae).index_put_((pattern.rows, pattern.latents), g)
+            grads[0] = dense @ W_enc.t()
         if need[2]:
             grads[2] = torch.zeros(pattern.d_sae, dtype=g.dtype, device=g.device).index_add_(0, pattern.latents, g)
         return tuple(grads)
@@ -220,7 +221,7 @@ class SparseDecode(torch.autograd.Function):
     """x_hat_b = sum_j values_j W_dec[latents_j] over token b's entries: the decoder of a sparse latent matrix Z.
 
     Forward is `embedding_bag` (reads only the used decoder rows). Backward: dW_dec = Z^T g (a CSR product)
-    and d values_j = g_{row_j} . W_dec[latent_j] (sampled dense-dense product at Z's entries).
+    and d values_j = W_dec[latent_j] . g_{row_j} (a sampled dense-dense product at Z^T's entries).
     """
 
     @staticmethod
@@ -237,8 +238,7 @@ class SparseDecode(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 3
         if need[0]:
-            sampled = torch.sparse.sampled_addmm(pattern.matrix(torch.zeros_like(values)), g, W_dec.t(), beta=0)
-            grads[0] = sampled.values()
+            grads[0] = pattern.sampled_product(W_dec, g.t())  # W_dec[latent_j] . g[row_j]
         if need[1]:
             grads[1] = pattern.transposed(values) @ g
         return tuple(grads)
