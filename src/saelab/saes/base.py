@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_choice, check_positive
+from saelab.saes.fused import SquaredError
 
 
 @dataclass
@@ -100,7 +101,12 @@ class TrainStep:
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
-    """E_b ||x - x_hat||^2, summed over dimensions (SPEC section 0)."""
+    """E_b ||x - x_hat||^2, summed over dimensions (SPEC section 0).
+
+    In float training (no autocast, same dtypes) this is fused.SquaredError: the same value in a third of the
+    passes over [B, d_in]."""
+    if x.dtype == x_hat.dtype and not torch.is_autocast_enabled(x.device.type):
+        return SquaredError.apply(x_hat, x)
     return (x_hat - x).pow(2).sum(-1).mean()
 
 

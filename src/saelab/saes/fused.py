@@ -40,6 +40,26 @@ def _encoder_grads(grads: list, need: tuple[bool, ...], g_pre: Tensor, x: Tensor
         grads[2] = g_pre.sum(0)
 
 
+class SquaredError(torch.autograd.Function):
+    """E_b ||x_hat - x||^2 (summed over the last dimension, averaged over the others) in two passes instead of
+    six: the difference is formed once and kept, the sum of squares is one dot product, and the backward
+    pass is one scaling of the kept difference."""
+
+    @staticmethod
+    def forward(ctx: Any, x_hat: Tensor, x: Tensor) -> Tensor:
+        diff = x_hat - x
+        n_rows = diff.numel() // diff.shape[-1]
+        ctx.diff, ctx.n_rows = diff, n_rows
+        flat = diff.reshape(-1)
+        return torch.dot(flat, flat) / n_rows
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        grad = ctx.diff * (2 * g / ctx.n_rows)
+        need = ctx.needs_input_grad
+        return (grad if need[0] else None), (-grad if need[1] else None)
+
+
 class ReluL1Function(torch.autograd.Function):
     """(x_hat, f, ||f||_1 / B) for f = ReLU(x W_enc + b), x_hat = f W_dec + b_dec."""
 
