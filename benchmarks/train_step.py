@@ -115,19 +115,25 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = max(5, args.steps // 2)
     # The roofline is timed just before and just after the steps (their mean is used): this VM's speed drifts.
     roofline_before = roofline_gflops(args.variant, args.batch, d_in, args.d_sae, repeats)
-    times = []
+    times, phases = [], {"forward": [], "backward": [], "optimizer": []}
     for step in range(args.warmup + args.steps):
         start_row = (step * args.batch) % (len(acts) - args.batch + 1)
         x = acts[start_row : start_row + args.batch]
         start = time.perf_counter()
         loss, _ = module.step_loss(x, coefficients, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
         optimizer.zero_grad(set_to_none=True)
+        forward_end = time.perf_counter()
         loss.backward()
+        backward_end = time.perf_counter()
         module.on_before_optimizer_step(optimizer)
         optimizer.step()
         sae.after_optimizer_step()
+        end = time.perf_counter()
         if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(end - start)
+            for phase, seconds in zip(phases, (forward_end - start, backward_end - forward_end, end - backward_end),
+                                      strict=True):
+                phases[phase].append(seconds)
 
     step_s = statistics.median(times)
     gflops = step_flops(args.variant, sae, args.batch) / step_s / 1e9
@@ -136,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         "variant": args.variant, "d_in": d_in, "d_sae": args.d_sae, "batch": args.batch,
         "threads": torch.get_num_threads(), "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
         "gflops": gflops, "roofline_gflops": roofline, "roofline_fraction": gflops / roofline,
+        # Medians of the step's phases: the loss (forward, with bookkeeping), backward, and the optimiser phase
+        # (decoder-gradient projection, Adam, renormalisation), which any implementation of the step pays.
+        **{f"{phase}_ms": 1e3 * statistics.median(seconds) for phase, seconds in phases.items()},
     }
     if args.variant in ("topk", "batchtopk"):
         dense_roofline = roofline_gflops("relu", args.batch, d_in, args.d_sae, repeats)
@@ -145,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['tokens_per_s']:,.0f} tok/s, {gflops:.1f} GFLOP/s of {roofline:.1f} roofline "
           f"({100 * result['roofline_fraction']:.0f}%)"
           + (f"; {result['dense_equivalent_fraction']:.2f}x a dense step at the roofline"
-             if "dense_equivalent_fraction" in result else ""))
+             if "dense_equivalent_fraction" in result else "")
+          + f"; phases (ms) forward {result['forward_ms']:.1f}, backward {result['backward_ms']:.1f}, "
+            f"optimiser {result['optimizer_ms']:.1f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
