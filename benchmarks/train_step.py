@@ -1,7 +1,7 @@
 """Training-step throughput of each SAE variant against the matmul roofline measured in the same run.
 
     python benchmarks/train_step.py --variant relu --d-sae 3072 --batch 4096 [--d-in 384] [--acts PATH]
-        [--steps 30] [--warmup 5] [--json OUT]
+        [--steps 30] [--warmup 5] [--json OUT] [SAE overrides, e.g. k=64]
 
 Each step runs exactly what SAEModule runs per step (SAEModule.step_loss: the SAE's training loss and the
 dead-latent bookkeeping; backward; before_optimizer_step, i.e. the decoder-gradient projection; Adam's step;
@@ -16,9 +16,11 @@ FLOPs counted: 2 x B x d_in x d_sae per dense matmul pass, forward and backward 
   topk, batchtopk 1 pass: the encoder forward. The decoder is sparse (k of d_sae latents: fwd, dW_dec, df)
                   and so is the encoder backward (dW_enc from the B k selected entries only), 4 x 2 B k d_in
                   FLOPs, counted as such (AuxK's sparse work is not counted)
-The roofline is the GFLOP/s of those same matmul shapes run back to back with preallocated outputs, timed in
-this run on this machine, just before and just after the steps (the mean of the two);
-roofline_fraction = achieved / roofline.
+The roofline is the GFLOP/s of those same matmul shapes run back to back with preallocated outputs, on this
+machine, in this run: one pass over them is timed just before every measured step, and roofline_fraction is
+the median over steps of (the step's GFLOP/s) / (the GFLOP/s of the roofline pass just before it), with the
+range over steps beside it. Pairing each step with its own roofline pass cancels this VM's speed drift, which
+reaches 10-30% within a minute at times. `roofline_gflops` is the median roofline pass.
 
 For TopK/BatchTopK the selection (a per-token or batch-wide top-k over B x d_sae pre-activations) is not a
 matmul, so roofline_fraction mostly measures how much of the step that selection takes. The JSON also gives
@@ -59,31 +61,35 @@ def step_flops(variant: str, sae, batch: int) -> float:
     return dense
 
 
-def roofline_gflops(variant: str, batch: int, d_in: int, d_sae: int, repeats: int) -> float:
-    """GFLOP/s of the step's dense matmul shapes, run back to back (forward and backward shapes)."""
-    x, f = torch.randn(batch, d_in), torch.randn(batch, d_sae)
-    w_enc, w_dec = torch.randn(d_in, d_sae), torch.randn(d_sae, d_in)
-    out_f, out_x = torch.empty(batch, d_sae), torch.empty(batch, d_in)
-    out_we, out_wd = torch.empty(d_in, d_sae), torch.empty(d_sae, d_in)
-    shapes = [
-        lambda: torch.mm(x, w_enc, out=out_f),  # encoder forward
-        lambda: torch.mm(x.t(), f, out=out_we),  # dW_enc
-        lambda: torch.mm(f, w_dec, out=out_x),  # decoder forward
-        lambda: torch.mm(f.t(), x, out=out_wd),  # dW_dec
-        lambda: torch.mm(x, w_dec.t(), out=out_f),  # df
-        lambda: torch.mm(f, w_dec, out=out_x),  # aux decoder forward (gated)
-        lambda: torch.mm(x, w_dec.t(), out=out_f),  # aux input gradient (gated)
-        lambda: torch.mm(f, w_enc.t(), out=out_x),  # dx_c (no variant runs it any more)
-    ][: DENSE_PASSES[variant]]
-    for fn in shapes:
-        fn()
-    times = []
-    for _ in range(repeats):
+class Roofline:
+    """The step's dense matmul shapes (forward and backward), run back to back with preallocated outputs."""
+
+    def __init__(self, variant: str, batch: int, d_in: int, d_sae: int):
+        x, f = torch.randn(batch, d_in), torch.randn(batch, d_sae)
+        w_enc, w_dec = torch.randn(d_in, d_sae), torch.randn(d_sae, d_in)
+        out_f, out_x = torch.empty(batch, d_sae), torch.empty(batch, d_in)
+        out_we, out_wd = torch.empty(d_in, d_sae), torch.empty(d_sae, d_in)
+        self.shapes = [
+            lambda: torch.mm(x, w_enc, out=out_f),  # encoder forward
+            lambda: torch.mm(x.t(), f, out=out_we),  # dW_enc
+            lambda: torch.mm(f, w_dec, out=out_x),  # decoder forward
+            lambda: torch.mm(f.t(), x, out=out_wd),  # dW_dec
+            lambda: torch.mm(x, w_dec.t(), out=out_f),  # df
+            lambda: torch.mm(f, w_dec, out=out_x),  # aux decoder forward (gated)
+            lambda: torch.mm(x, w_dec.t(), out=out_f),  # aux input gradient (gated)
+        ][: DENSE_PASSES[variant]]
+        self.flops = len(self.shapes) * 2.0 * batch * d_in * d_sae
+        self.run()  # warm-up
+
+    def run(self) -> float:
+        """Seconds for one pass over the shapes."""
         start = time.perf_counter()
-        for fn in shapes:
+        for fn in self.shapes:
             fn()
-        times.append(time.perf_counter() - start)
-    return len(shapes) * 2.0 * batch * d_in * d_sae / statistics.median(times) / 1e9
+        return time.perf_counter() - start
+
+    def gflops(self, repeats: int) -> float:
+        return self.flops / statistics.median(self.run() for _ in range(repeats)) / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,13 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=sae.recipe_adam_betas)
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
 
-    repeats = max(5, args.steps // 2)
-    # The roofline is timed just before and just after the steps (their mean is used): this VM's speed drifts.
-    roofline_before = roofline_gflops(args.variant, args.batch, d_in, args.d_sae, repeats)
-    times, phases = [], {"forward": [], "backward": [], "optimizer": []}
+    # This VM's speed drifts (by 10-30% within a minute at times), so every measured step is paired with a
+    # roofline pass timed just before it, and the fraction is the median of the per-pair fractions.
+    roofline = Roofline(args.variant, args.batch, d_in, args.d_sae)
+    flops = step_flops(args.variant, sae, args.batch)
+    times, roofline_times, phases = [], [], {"forward": [], "backward": [], "optimizer": []}
     for step in range(args.warmup + args.steps):
         start_row = (step * args.batch) % (len(acts) - args.batch + 1)
         x = acts[start_row : start_row + args.batch]
+        roofline_s = roofline.run()
         start = time.perf_counter()
         loss, _ = module.step_loss(x, coefficients, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
         optimizer.zero_grad(set_to_none=True)
@@ -131,28 +139,32 @@ def main(argv: list[str] | None = None) -> dict:
         end = time.perf_counter()
         if step >= args.warmup:
             times.append(end - start)
+            roofline_times.append(roofline_s)
             for phase, seconds in zip(phases, (forward_end - start, backward_end - forward_end, end - backward_end),
                                       strict=True):
                 phases[phase].append(seconds)
 
     step_s = statistics.median(times)
-    gflops = step_flops(args.variant, sae, args.batch) / step_s / 1e9
-    roofline = (roofline_before + roofline_gflops(args.variant, args.batch, d_in, args.d_sae, repeats)) / 2
+    gflops = flops / step_s / 1e9
+    fractions = [(flops / t) / (roofline.flops / r) for t, r in zip(times, roofline_times, strict=True)]
     result = {
         "variant": args.variant, "d_in": d_in, "d_sae": args.d_sae, "batch": args.batch,
         "threads": torch.get_num_threads(), "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
-        "gflops": gflops, "roofline_gflops": roofline, "roofline_fraction": gflops / roofline,
+        "gflops": gflops, "roofline_gflops": roofline.flops / statistics.median(roofline_times) / 1e9,
+        "roofline_fraction": statistics.median(fractions),
+        "roofline_fraction_range": [min(fractions), max(fractions)],  # over the step/roofline pairs
         # Medians of the step's phases: the loss (forward, with bookkeeping), backward, and the optimiser phase
         # (decoder-gradient projection, Adam, renormalisation), which any implementation of the step pays.
         **{f"{phase}_ms": 1e3 * statistics.median(seconds) for phase, seconds in phases.items()},
     }
     if args.variant in ("topk", "batchtopk"):
-        dense_roofline = roofline_gflops("relu", args.batch, d_in, args.d_sae, repeats)
-        dense_step_s = 5 * 2.0 * args.batch * d_in * args.d_sae / (dense_roofline * 1e9)
+        dense = Roofline("relu", args.batch, d_in, args.d_sae)
+        dense_step_s = dense.flops / (dense.gflops(max(5, args.steps // 2)) * 1e9)
         result["dense_equivalent_fraction"] = dense_step_s / step_s
     print(f"{args.variant:>9} d_in {d_in} d_sae {args.d_sae} batch {args.batch}: {result['ms_per_step']:.1f} ms/step, "
-          f"{result['tokens_per_s']:,.0f} tok/s, {gflops:.1f} GFLOP/s of {roofline:.1f} roofline "
-          f"({100 * result['roofline_fraction']:.0f}%)"
+          f"{result['tokens_per_s']:,.0f} tok/s, {gflops:.1f} GFLOP/s of {result['roofline_gflops']:.1f} roofline; "
+          f"fraction {100 * result['roofline_fraction']:.0f}% (median of {len(fractions)} step/roofline pairs, "
+          f"range {100 * min(fractions):.0f}-{100 * max(fractions):.0f}%)"
           + (f"; {result['dense_equivalent_fraction']:.2f}x a dense step at the roofline"
              if "dense_equivalent_fraction" in result else "")
           + f"; phases (ms) forward {result['forward_ms']:.1f}, backward {result['backward_ms']:.1f}, "
