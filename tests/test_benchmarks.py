@@ -35,7 +35,8 @@ def test_train_step_benchmark_reports_every_variant_on_synthetic_and_saved_activ
         assert all(result[name] > 0 for name in FIELDS)
         assert result["d_in"] == (24 if "--acts" in extra else 16)  # a saved file sets d_in
         assert result["tokens_per_s"] == pytest.approx(64 / (result["ms_per_step"] / 1e3))
-        assert result["roofline_fraction"] == pytest.approx(result["gflops"] / result["roofline_gflops"])
+        low, high = result["roofline_fraction_range"]  # the fraction is the median of step/roofline pairs
+        assert 0 < low <= result["roofline_fraction"] <= high
         assert ("dense_equivalent_fraction" in result) == (variant in ("topk", "batchtopk"))
 
 
