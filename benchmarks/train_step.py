@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
         d_in = args.d_in
         acts = torch.randn(max(4 * args.batch, 16384), d_in) / d_in**0.5
     sae = build(args.variant, d_in, args.d_sae, args.overrides)
-    module = SAEModule(sae, {"lr": 1e-4, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
-                             "lr_decay_fraction": 0.0}, max_steps=args.steps, dead_window_tokens=10_000_000)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=sae.recipe_adam_betas)
+    optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF_SAE.parent / "optim" / "adam.yaml")) | {"lr": 1e-4}
+    module = SAEModule(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000)
+    optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
 
     # This VM's speed drifts (by 10-30% within a minute at times), so every measured step is paired with a

@@ -134,6 +134,7 @@ BAD_INPUTS = [
     (["data.eval_fraction=1.5"], "data.eval_fraction=1.5 is not allowed: expected a fraction strictly between 0 and 1"),
     (["model=gpt3"], "model='gpt3' is not allowed: expected one of gemma-2-2b, gpt2, minilm, pythia-70m, tiny"),
     (["nan_policy=ignore"], "nan_policy='ignore' is not allowed: expected one of 'stop', 'skip'"),
+    (["optim.fused=maybe"], "optim.fused='maybe' is not allowed: expected true or false"),
     (["ckpt_path=/nonexistent/x.ckpt"],
      """ckpt_path='/nonexistent/x.ckpt' is not allowed: expected null, "last", or an existing checkpoint file"""),
     (["trainer.precision=8-mixed"],

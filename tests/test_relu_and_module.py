@@ -123,3 +123,22 @@ def test_boolean_switches_reject_non_booleans(target, field):
     cfg = {"_target_": f"saelab.saes.{target}", "d_in": 16, "d_sae": 64, field: "yes"}
     with pytest.raises(ConfigError, match=rf"sae.{field}='yes' is not allowed: expected true or false"):
         build_sae(cfg)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_optimiser_is_fused_adam_unless_switched_off(fused):
+    """optim.fused (default true) picks torch's fused Adam kernel; both give the same update."""
+    torch.manual_seed(0)
+    sae = relu_sae(d_in=8, d_sae=16)
+    cfg = {"lr": 1e-2, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    optimizer = SAEModule(sae, cfg | {"fused": fused}, max_steps=10, dead_window_tokens=10).configure_optimizers()[
+        "optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is fused
+    reference = torch.optim.Adam([p.detach().clone().requires_grad_() for p in sae.parameters()], lr=1e-2,
+                                 betas=sae.recipe_adam_betas)
+    for p, q in zip(sae.parameters(), reference.param_groups[0]["params"], strict=True):
+        p.grad = q.grad = torch.randn_like(p)
+    optimizer.step()
+    reference.step()
+    for p, q in zip(sae.parameters(), reference.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(p.detach(), q.detach())

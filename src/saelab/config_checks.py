@@ -95,6 +95,7 @@ def check_run_config(cfg: DictConfig) -> None:
     if cfg.optim.betas is not None and (len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas)):
         raise ConfigError("optim.betas", list(cfg.optim.betas), "null or two numbers in [0, 1)")
     check_choice("optim.lr_warmup", cfg.optim.lr_warmup, ("linear", "cosine"))
+    check_bool("optim.fused", cfg.optim.get("fused", True))
     check_positive("optim.lr_warmup_steps", cfg.optim.lr_warmup_steps, allow_zero=True, integer=True)
     if not 0 <= float(cfg.optim.lr_decay_fraction) < 1:
         raise ConfigError("optim.lr_decay_fraction", cfg.optim.lr_decay_fraction, "a fraction in [0, 1)")
