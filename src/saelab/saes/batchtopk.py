@@ -19,7 +19,8 @@ from torch import Tensor
 from saelab.errors import ConfigError
 from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE
 
-CANDIDATE_FRACTION = 0.8  # batch TopK searches entries above 0.8 theta first (exact either way; a speed knob)
+# Batch TopK searches entries above 0.8 theta first, then above lower cutoffs, then all (exact either way).
+CANDIDATE_FRACTIONS = (0.8, 0.4, 0.1)
 
 
 @dataclass
@@ -57,14 +58,16 @@ class BatchTopKSAE(TopKSAE):
 
         A topk over all B*d_sae entries costs about as much as the encoder matmul (0.11 s at B 2048,
         d_sae 3072, one CPU core). Entries at or below a cutoff c can only be kept if fewer than B*k lie
-        above it, so with c = CANDIDATE_FRACTION * theta the topk runs over the few entries above c
-        (0.016 s), falling back to the full topk when there are not enough of them (early in training).
+        above it, so with c = 0.8 theta the topk runs over the few entries above c (0.016 s). While the
+        pre-activations shift (early in training, at a high learning rate) theta can lag above this batch's
+        threshold; the lower cutoffs then still avoid the full topk, the last resort.
         """
         flat, n_keep = pre.flatten(), pre.shape[0] * self.k
         if self.threshold_batches > 0:
-            candidates = (flat > CANDIDATE_FRACTION * self.threshold).nonzero().squeeze(1)
-            if candidates.numel() >= n_keep:
-                return candidates[flat[candidates].topk(n_keep, sorted=False).indices]
+            for fraction in CANDIDATE_FRACTIONS:
+                candidates = (flat > fraction * self.threshold).nonzero().squeeze(1)
+                if candidates.numel() >= n_keep:
+                    return candidates[flat[candidates].topk(n_keep, sorted=False).indices]
         return flat.topk(n_keep, sorted=False).indices
 
     @torch.no_grad()
