@@ -57,6 +57,7 @@ class StepTimer(L.Callback):
         self.step_s: list[float] = []
         self._core = 0.0
         self._mark = 0.0
+        self._backward_start = 0.0
 
     def _timed(self, fn):
         def wrapper(*args, **kwargs):

@@ -182,7 +182,7 @@ class SparsePattern:
     def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int):
         self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
         self.order = latents.argsort(stable=True)  # rows stay ascending within a latent
-        self._latent_offsets = _offsets(latents, d_sae)
+        self._latent_offsets = csr_offsets(latents, d_sae)
         self._rows_by_latent = rows.index_select(0, self.order)
 
     def transposed(self, values: Tensor) -> Tensor:
@@ -197,10 +197,10 @@ class SparsePattern:
 
     def offsets(self) -> Tensor:
         """Where each token's entries start (`embedding_bag`'s offsets)."""
-        return _offsets(self.rows, self.batch_size)[:-1]
+        return csr_offsets(self.rows, self.batch_size)[:-1]
 
 
-def _offsets(ids: Tensor, n: int) -> Tensor:
+def csr_offsets(ids: Tensor, n: int) -> Tensor:
     """CSR offsets [n + 1] of entries grouped by id."""
     return torch.nn.functional.pad(torch.bincount(ids, minlength=n).cumsum(0), (1, 0))
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_positive
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
-from saelab.saes.fused import SparseDecode, SparseGather, SparsePattern
+from saelab.saes.fused import SparseDecode, SparseGather, SparsePattern, csr_offsets
 
 
 @dataclass
@@ -80,9 +80,7 @@ class ActiveLatents:
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """sum_j values_j W_dec[latents_j] per token, reading (and back-propagating to) only the used rows."""
-        counts = torch.bincount(self.rows, minlength=self.batch_size)
-        offsets = counts.cumsum(0) - counts
-        return F.embedding_bag(self.latents, W_dec, offsets, mode="sum",
+        return F.embedding_bag(self.latents, W_dec, csr_offsets(self.rows, self.batch_size)[:-1], mode="sum",
                                per_sample_weights=self.values.to(W_dec.dtype))
 
 
