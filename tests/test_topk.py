@@ -84,7 +84,7 @@ def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut():
     sae.threshold_batches.fill_(1)
     for threshold in (0.0, 1.0, 1.5, 3.0, 100.0):  # shortcut (many or just enough candidates), fallback
         sae.threshold.fill_(threshold)
-        assert set(sae.batch_topk_ids(pre).tolist()) == exact
+        assert set(sae.batch_topk(pre)[0].tolist()) == exact
 
 
 @pytest.mark.parametrize(("width", "k", "prefiltered"), [(3072, 32, True), (64, 4, True), (256, 32, False),

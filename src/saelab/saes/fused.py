@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.saes import native
+
 # Built per step by SparsePattern; the CSR products used here are stable, so the one-time notice is noise.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
@@ -169,35 +171,58 @@ class JumpReLUL0Function(torch.autograd.Function):
 
 
 class SparsePattern:
-    """Where a sparse [B, d_sae] latent matrix has entries: (rows, latents), grouped by token (rows ascending).
+    """Where a sparse [B, d_sae] latent matrix Z has entries: (rows, latents), grouped by token (rows ascending),
+    and the products the sparse step needs with it.
 
-    The backward products use the transpose Z^T as a CSR [d_sae, B] matrix: one stable sort of the entries by
-    latent, done once per pattern and shared by the encoder's and the decoder's backward, gives a canonical
-    CSR (rows ascending and distinct within each latent). MKL's CSR products are 2-3x faster here than a COO
-    product or `embedding_bag`'s backward (scatter-adds).
+    On CPU in float32 these are saes/native.py's kernels (sparse_kernels.cpp); otherwise torch operators: the
+    backward products then use the transpose Z^T as a CSR [d_sae, B] matrix, made canonical (rows ascending
+    and distinct within each latent) by one stable sort of the entries by latent, shared by the encoder's and
+    the decoder's backward. Both need the same grouping by latent, a counting sort natively.
     """
 
     check_invariants = False  # tests turn this on to have torch verify the CSR structure
 
     def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int):
         self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
-        self.order = latents.argsort(stable=True)  # rows stay ascending within a latent
-        self._latent_offsets = csr_offsets(latents, d_sae)
-        self._rows_by_latent = rows.index_select(0, self.order)
+        grouped = native.group_by(latents, d_sae)
+        if grouped is None:
+            grouped = latents.argsort(stable=True), csr_offsets(latents, d_sae)  # rows stay ascending per latent
+        self.order, self._latent_offsets = grouped
+        self._row_offsets = csr_offsets(rows, batch_size)
 
     def transposed(self, values: Tensor) -> Tensor:
         """Z^T as a [d_sae, B] CSR matrix, for values given in entry order."""
-        return torch.sparse_csr_tensor(self._latent_offsets, self._rows_by_latent, values.index_select(0, self.order),
-                                       (self.d_sae, self.batch_size), check_invariants=self.check_invariants)
+        return torch.sparse_csr_tensor(self._latent_offsets, self.rows.index_select(0, self.order),
+                                       values.index_select(0, self.order), (self.d_sae, self.batch_size),
+                                       check_invariants=self.check_invariants)
 
-    def sampled_product(self, a: Tensor, b: Tensor) -> Tensor:
-        """(a @ b)[latent_j, row_j] for every entry j, in entry order: a is [d_sae, n], b is [n, B]."""
-        sampled = torch.sparse.sampled_addmm(self.transposed(a.new_zeros(self.rows.shape)), a, b, beta=0)
-        return torch.empty_like(sampled.values()).index_copy_(0, self.order, sampled.values())
+    def decode(self, values: Tensor, table: Tensor) -> Tensor:
+        """Z table ([B, n]): each token's entries' values times their rows of table ([d_sae, n]), summed."""
+        out = native.sparse_decode(values, self.latents, self._row_offsets, table)
+        if out is None:  # embedding_bag reads only the used rows of table
+            out = torch.nn.functional.embedding_bag(self.latents, table, self._row_offsets[:-1], mode="sum",
+                                                    per_sample_weights=values)
+        return out
 
-    def offsets(self) -> Tensor:
-        """Where each token's entries start (`embedding_bag`'s offsets)."""
-        return csr_offsets(self.rows, self.batch_size)[:-1]
+    def entry_dots(self, table: Tensor, dense: Tensor) -> Tensor:
+        """(dense @ table^T)[row_j, latent_j] for every entry j, in entry order: table [d_sae, n], dense [B, n]."""
+        out = native.sampled_dot(self.latents, self._row_offsets, table, dense.contiguous())
+        if out is None:
+            sampled = torch.sparse.sampled_addmm(self.transposed(table.new_zeros(self.rows.shape)), table,
+                                                 dense.t(), beta=0)
+            out = torch.empty_like(sampled.values()).index_copy_(0, self.order, sampled.values())
+        return out
+
+    def transpose_times(self, values: Tensor, dense: Tensor, transposed: bool = False,
+                        with_sums: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(Z^T dense, as [d_sae, n] or, if transposed, [n, d_sae]; and Z's column sums if with_sums)."""
+        found = native.sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense.contiguous(),
+                                      transposed, with_sums)
+        if found is not None:
+            return found
+        product = self.transposed(values) @ dense
+        sums = torch.zeros(self.d_sae, dtype=values.dtype, device=values.device).index_add_(0, self.latents, values)
+        return (product.t().contiguous() if transposed else product), (sums if with_sums else None)
 
 
 def csr_offsets(ids: Tensor, n: int) -> Tensor:
@@ -227,29 +252,27 @@ class SparseGather(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 5
         g = g.to(x.dtype)
-        if need[1]:
-            grads[1] = (pattern.transposed(g) @ x).t().contiguous()  # (G^T x)^T
+        if need[1] or need[2]:
+            grad_w, grad_b = pattern.transpose_times(g, x, transposed=True, with_sums=need[2])  # (G^T x)^T
+            grads[1], grads[2] = (grad_w if need[1] else None), grad_b
         if need[0]:  # training never asks for it (x is data); kept simple
             dense = g.new_zeros(pattern.batch_size, pattern.d_sae).index_put_((pattern.rows, pattern.latents), g)
             grads[0] = dense @ W_enc.t()
-        if need[2]:
-            grads[2] = torch.zeros(pattern.d_sae, dtype=g.dtype, device=g.device).index_add_(0, pattern.latents, g)
         return tuple(grads)
 
 
 class SparseDecode(torch.autograd.Function):
     """x_hat_b = sum_j values_j W_dec[latents_j] over token b's entries: the decoder of a sparse latent matrix Z.
 
-    Forward is `embedding_bag` (reads only the used decoder rows). Backward: dW_dec = Z^T g (a CSR product)
-    and d values_j = W_dec[latent_j] . g_{row_j} (a sampled dense-dense product at Z^T's entries).
+    Backward: dW_dec = Z^T g and d values_j = W_dec[latent_j] . g_{row_j} (a dense product sampled at Z's
+    entries); SparsePattern computes all three.
     """
 
     @staticmethod
     def forward(ctx: Any, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
-        return torch.nn.functional.embedding_bag(pattern.latents, W_dec, pattern.offsets(), mode="sum",
-                                                 per_sample_weights=values)
+        return pattern.decode(values, W_dec)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
@@ -258,9 +281,9 @@ class SparseDecode(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 3
         if need[0]:
-            grads[0] = pattern.sampled_product(W_dec, g.t())  # W_dec[latent_j] . g[row_j]
+            grads[0] = pattern.entry_dots(W_dec, g)  # W_dec[latent_j] . g[row_j]
         if need[1]:
-            grads[1] = pattern.transposed(values) @ g
+            grads[1] = pattern.transpose_times(values, g)[0]
         return tuple(grads)
 
 

@@ -1,0 +1,190 @@
+"""The sparse step's CPU kernels (sparse_kernels.cpp), compiled once per machine and called through ctypes.
+
+TopK/BatchTopK training is one encoder matmul, then selection and sparse products; torch's operators for the
+latter (topk, embedding_bag, CSR products) cost more than the matmul budget allows on CPU. The kernels are
+plain C++ with no torch headers, so they build in ~2 s with the system's g++ (a torch C++ extension takes
+~40 s and needs ninja). The shared object is cached under $XDG_CACHE_HOME/saelab/kernels (or ~/.cache),
+keyed by the source, the compiler command and this CPU's instruction-set flags (-march=native), so a home
+directory shared across machines never loads a library built for another CPU.
+
+Every function returns None when the kernels do not apply (no compiler, SAELAB_NATIVE_KERNELS=0, tensors not
+on the CPU, or not float32), and the caller then runs its torch twin; tests/test_native_kernels.py checks
+each kernel against that twin.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+DISABLE_VARIABLE = "SAELAB_NATIVE_KERNELS"  # set to 0 to use the torch operators instead
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "saelab_row_topk": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
+    "saelab_batch_topk": (_i64, [_ptr, _i64, _i64, _ptr, _ptr, _int]),
+    "saelab_group_by": (None, [_ptr, _i64, _i64, _ptr, _ptr]),
+    "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int]),
+    "saelab_sampled_dot": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _int]),
+    "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _int, _ptr, _int]),
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saelab" / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE into the cache (once: the name is a hash of everything that changes the binary)."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]))
+    target = cache_dir() / f"sparse_kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: never half-written
+            built = Path(tmp) / target.name
+            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+                           text=True, timeout=300)
+            os.replace(built, target)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when switched off (SAELAB_NATIVE_KERNELS=0) or they cannot be built here."""
+    return None if os.environ.get(DISABLE_VARIABLE, "1") == "0" else _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    """Build (once per machine) and load the kernels; None, with one warning saying why, if that fails."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        warnings.warn(f"saelab: no C++ compiler ({os.environ.get('CXX', 'g++')}); the sparse TopK step uses torch "
+                      "operators (slower)", RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        warnings.warn(f"saelab: building {SOURCE.name} failed ({str(detail).strip()[:300]}); the sparse TopK step "
+                      "uses torch operators (slower)", RuntimeWarning, stacklevel=2)
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+def _usable(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The library, if every tensor is a contiguous CPU float32 / int64 tensor."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int64) or not t.is_contiguous():
+            return None
+    return library()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """(ids, values), each [rows, k]: every row's k largest (ties: lower index), in ascending column order."""
+    if scores.dim() != 2 or scores.dtype != torch.float32 or scores.stride(1) != 1 or scores.device.type != "cpu":
+        return None
+    if not 0 < k <= scores.shape[1]:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    rows, width = scores.shape
+    ids = torch.empty(rows, k, dtype=torch.int64)
+    values = torch.empty(rows, k, dtype=torch.float32)
+    lib.saelab_row_topk(scores.data_ptr(), rows, width, scores.stride(0), k, values.data_ptr(), ids.data_ptr(),
+                        _threads())
+    return ids, values
+
+
+def batch_topk(flat: Tensor, keep: int) -> tuple[Tensor, Tensor] | None:
+    """(ids, values) of the `keep` largest entries of a 1-D tensor (ties: lower index), ids ascending."""
+    if flat.dtype != torch.float32 or not 0 < keep <= flat.numel() or (lib := _usable(flat)) is None:
+        return None
+    ids = torch.empty(keep, dtype=torch.int64)
+    values = torch.empty(keep, dtype=torch.float32)
+    if lib.saelab_batch_topk(flat.data_ptr(), flat.numel(), keep, ids.data_ptr(), values.data_ptr(), _threads()) < 0:
+        return None  # NaNs left fewer than `keep` comparable entries: torch.topk decides how to rank them
+    return ids, values
+
+
+def group_by(ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor] | None:
+    """(order, offsets [n_groups + 1]): a stable sort of entries by id (a counting sort)."""
+    if (lib := _usable(ids)) is None or ids.dtype != torch.int64:
+        return None
+    order = torch.empty_like(ids)
+    offsets = torch.empty(n_groups + 1, dtype=torch.int64)
+    lib.saelab_group_by(ids.data_ptr(), ids.numel(), n_groups, order.data_ptr(), offsets.data_ptr())
+    return order, offsets
+
+
+def sparse_decode(values: Tensor, cols: Tensor, row_offsets: Tensor, table: Tensor) -> Tensor | None:
+    """out[r] = sum over row r's entries of values[e] table[cols[e]]: [rows, d]."""
+    if values.dtype != torch.float32 or table.dtype != torch.float32:
+        return None
+    if (lib := _usable(values, cols, row_offsets, table)) is None:
+        return None
+    rows, d = row_offsets.numel() - 1, table.shape[1]
+    out = torch.empty(rows, d, dtype=torch.float32)
+    lib.saelab_sparse_decode(values.data_ptr(), cols.data_ptr(), row_offsets.data_ptr(), rows, table.data_ptr(), d,
+                             out.data_ptr(), _threads())
+    return out
+
+
+def sampled_dot(cols: Tensor, row_offsets: Tensor, table: Tensor, dense: Tensor) -> Tensor | None:
+    """out[e] = dense[row(e)] . table[cols[e]] for each entry e (rows given by row_offsets)."""
+    if table.dtype != torch.float32 or dense.dtype != torch.float32:
+        return None
+    if (lib := _usable(cols, row_offsets, table, dense)) is None:
+        return None
+    out = torch.empty(cols.numel(), dtype=torch.float32)
+    lib.saelab_sampled_dot(cols.data_ptr(), row_offsets.data_ptr(), row_offsets.numel() - 1, table.data_ptr(),
+                           dense.data_ptr(), table.shape[1], out.data_ptr(), _threads())
+    return out
+
+
+def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tensor, dense: Tensor,
+                   transposed: bool = False, col_sums: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """Z^T dense ([n_cols, d], or its transpose [d, n_cols]) for the sparse Z with entries (rows[e], col, coef[e])
+    grouped by column (order, col_offsets), and optionally Z's column sums."""
+    if coef.dtype != torch.float32 or dense.dtype != torch.float32:
+        return None
+    if (lib := _usable(order, col_offsets, rows, coef, dense)) is None:
+        return None
+    n_cols, d = col_offsets.numel() - 1, dense.shape[1]
+    out = torch.empty((d, n_cols) if transposed else (n_cols, d), dtype=torch.float32)
+    sums = torch.empty(n_cols, dtype=torch.float32) if col_sums else None
+    lib.saelab_sparse_t_dense(order.data_ptr(), col_offsets.data_ptr(), n_cols, rows.data_ptr(), coef.data_ptr(),
+                              dense.data_ptr(), d, out.data_ptr(), int(transposed),
+                              sums.data_ptr() if sums is not None else None, _threads())
+    return out, sums

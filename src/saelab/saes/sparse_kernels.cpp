@@ -1,0 +1,392 @@
+// CPU kernels for the sparse (TopK / BatchTopK) training step: exact top-k selection and the products of a
+// sparse [B, d_sae] latent matrix Z (k entries per token) with dense matrices. float32 data, int64 indices.
+//
+// Why hand-written: after the encoder matmul, a TopK step is selection, gathers and scatters, and the torch
+// operators for them (topk, embedding_bag, CSR products) spend 3-5x the memory traffic the work needs on CPU.
+// Loaded through ctypes by saes/native.py, which compiles this file once per machine and falls back to the
+// torch path when no compiler is present. Every function here has a torch twin there, and
+// tests/test_native_kernels.py checks each against it.
+//
+// Threads: each call splits its work into `threads` contiguous parts run by OpenMP. Built with -fopenmp, this
+// library needs libgomp.so.1, and the loader gives it the one torch already loaded (its wheel bundles
+// libgomp.so.1), so these kernels run on torch's own thread pool. Threads of their own would compete with
+// torch's, which spin for a while after each operator: that cost 40% of the sparse kernels' time here.
+// Results do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+using i64 = int64_t;
+
+namespace {
+
+// Run body(part, lo, hi) for each non-empty range [bounds[part], bounds[part + 1]), one OpenMP thread per range.
+template <class Body>
+void run_parts(const std::vector<i64>& bounds, Body&& body) {
+  const int parts = static_cast<int>(bounds.size()) - 1;
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int part = 0; part < parts; ++part)
+    if (bounds[part] < bounds[part + 1]) body(part, bounds[part], bounds[part + 1]);
+}
+
+// Equal ranges of [0, n), each boundary a multiple of `align` (so no two threads write one cache line).
+std::vector<i64> even_bounds(i64 n, int threads, i64 align = 1) {
+  threads = std::max(1, threads);
+  std::vector<i64> bounds(threads + 1, n);
+  bounds[0] = 0;
+  for (int t = 1; t < threads; ++t) bounds[t] = std::min(n, (n * t / threads + align - 1) / align * align);
+  return bounds;
+}
+
+// Ranges of [0, n) holding about equal shares of the entries, by CSR offsets (offsets[n] entries in all).
+std::vector<i64> balanced_bounds(const i64* offsets, i64 n, int threads, i64 align) {
+  threads = std::max(1, threads);
+  std::vector<i64> bounds(threads + 1, n);
+  bounds[0] = 0;
+  for (int t = 1; t < threads; ++t) {
+    const i64 target = offsets[n] * t / threads;
+    i64 at = std::lower_bound(offsets, offsets + n + 1, target) - offsets;
+    at = std::min(n, (at + align - 1) / align * align);
+    bounds[t] = std::max(bounds[t - 1], at);
+  }
+  return bounds;
+}
+
+// Order-preserving unsigned keys for floats: a < b as floats <=> key(a) < key(b) (with -0 < +0, and NaN above
+// +inf, which is where torch.topk ranks NaN). Selection works on keys, so it needs only integer compares.
+inline uint32_t float_key(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return b ^ ((b >> 31) ? 0xFFFFFFFFu : 0x80000000u);
+}
+
+#if defined(__AVX512F__)
+inline __m512i float_keys(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  return _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(INT32_MIN)));
+}
+#endif
+
+// The largest key t with at least `rank` of keys[0..n) >= t, i.e. the rank-th largest key (1 <= rank <= n):
+// built bit by bit from the top, each bit one counting pass over the (few, cache-resident) keys.
+uint32_t kth_largest_key(const uint32_t* keys, i64 n, i64 rank) {
+  uint32_t t = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t probe = t | (1u << bit);
+    i64 count = 0, i = 0;
+#if defined(__AVX512F__)
+    const __m512i p = _mm512_set1_epi32(static_cast<int>(probe));
+    for (; i + 16 <= n; i += 16)
+      count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i), p));
+#endif
+    for (; i < n; ++i) count += keys[i] >= probe;
+    if (count >= rank) t = probe;
+  }
+  return t;
+}
+
+// Appends (key, index) of the entries of x[lo..hi) whose key is >= cutoff, in index order. The buffers need
+// 16 slots of slack past the last kept entry (a whole vector is stored, then the end advances by the hits).
+template <class Index>
+i64 collect_at_least(const float* x, i64 lo, i64 hi, uint32_t cutoff, uint32_t* keys, Index* ids) {
+  i64 n = 0, i = lo;
+#if defined(__AVX512F__)
+  const __m512i c = _mm512_set1_epi32(static_cast<int>(cutoff));
+  for (; i + 16 <= hi; i += 16) {
+    const __m512i k = float_keys(_mm512_loadu_ps(x + i));
+    const __mmask16 hits = _mm512_cmpge_epu32_mask(k, c);  // no branch on hits: it would mispredict often
+    _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi32(hits, k));
+    if constexpr (sizeof(Index) == 4) {
+      const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i)),
+                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi32(hits, at));
+    } else {
+      const __m512i at = _mm512_add_epi64(_mm512_set1_epi64(i), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+      const int low = __builtin_popcount(hits & 0xFF);
+      _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi64(hits & 0xFF, at));
+      _mm512_storeu_si512(ids + n + low, _mm512_maskz_compress_epi64(hits >> 8, _mm512_add_epi64(at, _mm512_set1_epi64(8))));
+    }
+    n += __builtin_popcount(hits);
+  }
+#endif
+  for (; i < hi; ++i) {
+    const uint32_t k = float_key(x[i]);
+    if (k >= cutoff) {
+      keys[n] = k;
+      ids[n++] = static_cast<Index>(i);
+    }
+  }
+  return n;
+}
+
+// Of candidates (keys, ids) in index order, those in the top `keep` by key (ties at the keep-th largest key t:
+// lower indices first), written in index order through take(id). `above` counts keys > t.
+template <class Index, class Take>
+void take_top(const uint32_t* keys, const Index* ids, i64 n, i64 keep, uint32_t t, Take&& take) {
+  i64 above = 0;
+  for (i64 j = 0; j < n; ++j) above += keys[j] > t;
+  i64 ties_left = keep - above;
+  for (i64 j = 0; j < n; ++j)
+    if (keys[j] > t || (keys[j] == t && ties_left-- > 0)) take(ids[j]);
+}
+
+// The k largest of row[0..m) (ties: the lower index wins) into vals/ids, in ascending index order.
+//
+// Split the row into k strided groups (columns j, j + k, j + 2k, ...): each group's max is at least the
+// smallest group max t0, so at least k entries are >= t0, and the k largest are among them. The group maxima
+// are one vectorised pass; the entries >= t0 (about 4k for a random row) are collected in index order, and a
+// bitwise search over their keys gives the exact k-th largest. No data-dependent branches in the hot loops.
+// Columns past the last full stripe of k belong to no group: still candidates, just not part of the bound.
+struct RowScratch {
+  std::vector<uint32_t> group_max, keys;
+  std::vector<int32_t> ids;
+};
+
+void row_topk(const float* row, i64 m, i64 k, float* vals, i64* ids, RowScratch& s) {
+  s.group_max.resize(k);
+  uint32_t* gm = s.group_max.data();
+  for (i64 j = 0; j < k; ++j) gm[j] = float_key(row[j]);
+  const i64 stripes = m / k;
+  for (i64 st = 1; st < stripes; ++st) {
+    const float* stripe = row + st * k;
+    i64 j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= k; j += 16)
+      _mm512_storeu_si512(gm + j, _mm512_max_epu32(_mm512_loadu_si512(gm + j), float_keys(_mm512_loadu_ps(stripe + j))));
+#endif
+    for (; j < k; ++j) gm[j] = std::max(gm[j], float_key(stripe[j]));
+  }
+  const uint32_t t0 = *std::min_element(gm, gm + k);
+  s.keys.resize(m + 16);
+  s.ids.resize(m + 16);
+  const i64 n = collect_at_least(row, 0, m, t0, s.keys.data(), s.ids.data());
+  const uint32_t t = kth_largest_key(s.keys.data(), n, k);
+  i64 out = 0;
+  take_top(s.keys.data(), s.ids.data(), n, k, t, [&](int32_t id) {
+    ids[out] = id;
+    vals[out++] = row[id];
+  });
+}
+
+// y[0..d) = sum over terms t of coef(t) * src(t)[0..d), where term(t) returns (coef, src). With AVX-512, 128
+// floats of y are held in 8 registers across all terms (loads and FMAs only; accumulating into memory would
+// store y once per term). The sum runs over terms in order, so the result does not depend on threads.
+template <class Term>
+inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term) {
+  i64 c0 = 0;
+#if defined(__AVX512F__)
+  for (; c0 + 128 <= d; c0 += 128) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (i64 t = 0; t < n_terms; ++t) {
+      const auto [coef, src] = term(t);
+      const __m512 c = _mm512_set1_ps(coef);
+      const float* p = src + c0;
+      a0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p), a0);
+      a1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p + 16), a1);
+      a2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p + 32), a2);
+      a3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p + 48), a3);
+      a4 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p + 64), a4);
+      a5 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p + 80), a5);
+      a6 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p + 96), a6);
+      a7 = _mm512_fmadd_ps(c, _mm512_loadu_ps(p + 112), a7);
+    }
+    float* q = y + c0;
+    _mm512_storeu_ps(q, a0);
+    _mm512_storeu_ps(q + 16, a1);
+    _mm512_storeu_ps(q + 32, a2);
+    _mm512_storeu_ps(q + 48, a3);
+    _mm512_storeu_ps(q + 64, a4);
+    _mm512_storeu_ps(q + 80, a5);
+    _mm512_storeu_ps(q + 96, a6);
+    _mm512_storeu_ps(q + 112, a7);
+  }
+  for (; c0 < d; c0 += 16) {
+    const __mmask16 lanes = c0 + 16 <= d ? 0xFFFF : static_cast<__mmask16>((1u << (d - c0)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (i64 t = 0; t < n_terms; ++t) {
+      const auto [coef, src] = term(t);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(coef), _mm512_maskz_loadu_ps(lanes, src + c0), acc);
+    }
+    _mm512_mask_storeu_ps(y + c0, lanes, acc);
+  }
+#else
+  std::fill(y, y + d, 0.f);
+  for (i64 t = 0; t < n_terms; ++t) {
+    const auto [coef, src] = term(t);
+    for (i64 j = 0; j < d; ++j) y[j] += coef * src[j];
+  }
+#endif
+}
+
+// a . b, with four independent vector accumulators (so the FMAs do not wait on each other) under AVX-512.
+inline float dot(const float* a, const float* b, i64 d) {
+  i64 i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (; i + 64 <= d; i += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+  }
+  for (; i < d; i += 16) {
+    const __mmask16 lanes = i + 16 <= d ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, a + i), _mm512_maskz_loadu_ps(lanes, b + i), s0);
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#endif
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Each of the `rows` rows of x (row stride `ld`) keeps its k largest entries: ids [rows, k] and their values,
+// each row's entries in ascending column order.
+void saelab_row_topk(const float* x, i64 rows, i64 m, i64 ld, i64 k, float* vals, i64* ids, int threads) {
+  if (k <= 0 || k > m) return;
+  run_parts(even_bounds(rows, threads), [&](int, i64 lo, i64 hi) {
+    RowScratch scratch;
+    for (i64 r = lo; r < hi; ++r) row_topk(x + r * ld, m, k, vals + r * k, ids + r * k, scratch);
+  });
+}
+
+// The `keep` largest of x[0..n) (ties: lower indices win), in ascending index order; returns keep (0 < keep <= n).
+//
+// A strided sample estimates a cutoff that about 1.2 keep entries reach; one pass (split across threads)
+// collects those candidates in index order, and a bitwise search over their keys gives the exact keep-th
+// largest. If the sample's cutoff was too high (fewer than keep candidates), it retries with lower ones,
+// ending with every entry as a candidate, so the result is exact whatever the sample says.
+i64 saelab_batch_topk(const float* x, i64 n, i64 keep, i64* ids_out, float* vals_out, int threads) {
+  if (keep <= 0 || keep > n) return -1;
+  const i64 n_sample = std::min<i64>(n, 1 << 16);
+  std::vector<uint32_t> sample(n_sample);
+  for (i64 i = 0; i < n_sample; ++i)
+    sample[i] = float_key(x[static_cast<i64>((static_cast<uint64_t>(i) * 2654435761ULL) % static_cast<uint64_t>(n))]);
+  const double expected = static_cast<double>(keep) / n * n_sample;
+  const std::vector<i64> bounds = even_bounds(n, threads, 16);
+  const int parts = static_cast<int>(bounds.size()) - 1;
+  std::vector<std::vector<uint32_t>> keys(parts);
+  std::vector<std::vector<i64>> ids(parts);
+  std::vector<i64> found(parts);
+  i64 total = 0;
+  for (int attempt = 0; total < keep; ++attempt) {
+    const i64 rank = static_cast<i64>(std::ceil(expected * 1.2 * (1 << (2 * attempt)) + 4 * std::sqrt(expected) + 8));
+    uint32_t cutoff = 0;  // every entry
+    if (attempt < 3 && rank < n_sample) {
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<uint32_t>());
+      cutoff = sample[rank];
+    }
+    const double share = cutoff ? std::min(1.0, 1.5 * rank / n_sample) : 1.0;
+    run_parts(bounds, [&](int part, i64 lo, i64 hi) {
+      const size_t room = static_cast<size_t>(share * (hi - lo)) + 16;
+      keys[part].resize(room);
+      ids[part].resize(room);
+      // Collect block by block, growing the buffers if the sample underestimated this part's share.
+      i64 got = 0;
+      for (i64 at = lo; at < hi; at += 1 << 16) {
+        const i64 end = std::min(hi, at + (1 << 16));
+        if (keys[part].size() < static_cast<size_t>(got + (end - at) + 16)) {
+          keys[part].resize(got + (end - at) + 16);
+          ids[part].resize(got + (end - at) + 16);
+        }
+        got += collect_at_least(x, at, end, cutoff, keys[part].data() + got, ids[part].data() + got);
+      }
+      found[part] = got;
+    });
+    total = 0;
+    for (int p = 0; p < parts; ++p) total += found[p];
+  }
+  std::vector<uint32_t> all;
+  all.reserve(total);
+  for (int p = 0; p < parts; ++p) all.insert(all.end(), keys[p].begin(), keys[p].begin() + found[p]);
+  const uint32_t t = kth_largest_key(all.data(), total, keep);
+  i64 above = 0;
+  for (uint32_t key : all) above += key > t;
+  i64 ties_left = keep - above, out = 0;
+  for (int p = 0; p < parts; ++p)
+    for (i64 j = 0; j < found[p]; ++j) {
+      const uint32_t key = keys[p][j];
+      if (key > t || (key == t && ties_left-- > 0)) {
+        ids_out[out] = ids[p][j];
+        vals_out[out++] = x[ids[p][j]];
+      }
+    }
+  return out;
+}
+
+// Stable counting sort of entries by group id: order[] lists entry indices group by group (entries keep their
+// order within a group) and offsets[g]..offsets[g+1] is group g's slice. ids in [0, n_groups).
+void saelab_group_by(const i64* ids, i64 n, i64 n_groups, i64* order, i64* offsets) {
+  std::fill(offsets, offsets + n_groups + 1, 0);
+  for (i64 e = 0; e < n; ++e) ++offsets[ids[e] + 1];
+  for (i64 g = 0; g < n_groups; ++g) offsets[g + 1] += offsets[g];
+  std::vector<i64> next(offsets, offsets + n_groups);
+  for (i64 e = 0; e < n; ++e) order[next[ids[e]]++] = e;
+}
+
+// out[r] = sum over row r's entries e of values[e] * table[cols[e]]: the decoder of a sparse Z.
+// Row r's entries are row_offsets[r]..row_offsets[r+1]; table is [*, d], out [rows, d].
+void saelab_sparse_decode(const float* values, const i64* cols, const i64* row_offsets, i64 rows, const float* table,
+                          i64 d, float* out, int threads) {
+  run_parts(balanced_bounds(row_offsets, rows, threads, 1), [&](int, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) {
+      const i64 first = row_offsets[r];
+      weighted_row_sum(out + r * d, d, row_offsets[r + 1] - first, [&](i64 t) {
+        return std::pair<float, const float*>(values[first + t], table + cols[first + t] * d);
+      });
+    }
+  });
+}
+
+// out[e] = dense[r] . table[cols[e]] for every entry e of row r: a dense product sampled at Z's entries.
+void saelab_sampled_dot(const i64* cols, const i64* row_offsets, i64 rows, const float* table, const float* dense,
+                        i64 d, float* out, int threads) {
+  run_parts(balanced_bounds(row_offsets, rows, threads, 1), [&](int, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r)
+      for (i64 e = row_offsets[r]; e < row_offsets[r + 1]; ++e) out[e] = dot(dense + r * d, table + cols[e] * d, d);
+  });
+}
+
+// Z^T dense for Z given by entries grouped by column (order/col_offsets from saelab_group_by over the entries'
+// columns; rows[e] is entry e's row): sum_e coef[e] dense[rows[e]] per column c, written as out[c, :] ([n_cols, d])
+// or, if transposed, as out[:, c] ([d, n_cols]). col_sums (optional, [n_cols]) gets sum_e coef[e] per column.
+void saelab_sparse_t_dense(const i64* order, const i64* col_offsets, i64 n_cols, const i64* rows, const float* coef,
+                           const float* dense, i64 d, float* out, int transposed, float* col_sums, int threads) {
+  // Transposed, 16 columns are summed into a tile and then written a row of out at a time (16 floats, one
+  // cache line): out's row stride is often a multiple of 4 KiB, so writing column by column would thrash L1.
+  constexpr i64 TILE = 16;
+  run_parts(balanced_bounds(col_offsets, n_cols, threads, TILE), [&](int, i64 lo, i64 hi) {
+    std::vector<float> tile(transposed ? TILE * d : 0);
+    for (i64 c0 = lo; c0 < hi; c0 += TILE) {
+      const i64 width = std::min(TILE, hi - c0);
+      for (i64 c = c0; c < c0 + width; ++c) {
+        const i64 first = col_offsets[c], count = col_offsets[c + 1] - first;
+        weighted_row_sum(transposed ? tile.data() + (c - c0) * d : out + c * d, d, count, [&](i64 t) {
+          const i64 e = order[first + t];
+          return std::pair<float, const float*>(coef[e], dense + rows[e] * d);
+        });
+        if (col_sums) {
+          float total = 0.f;
+          for (i64 t = 0; t < count; ++t) total += coef[order[first + t]];
+          col_sums[c] = total;
+        }
+      }
+      if (transposed)
+        for (i64 i = 0; i < d; ++i)
+          for (i64 l = 0; l < width; ++l) out[i * n_cols + c0 + l] = tile[l * d + i];
+    }
+  });
+}
+
+}  // extern "C"
