@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF_SAE.parent / "optim" / "adam.yaml")) | {"lr": 1e-4}
     module = SAEModule(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000)
     optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
+    module.on_fit_start()  # what the Trainer calls first: the allocator setting training runs with
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
 
     # This VM's speed drifts (by 10-30% within a minute at times), so every measured step is paired with a

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from saelab.module import SAEModule
+from saelab.saes import native
 from saelab.saes.base import SAE
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.fused import SparsePattern
@@ -116,10 +117,14 @@ def check(sae, ref_terms_fn, x, coefficients, atol=1e-5):
     return out
 
 
-@pytest.fixture(autouse=True, params=["fused", "autograd"])
+@pytest.fixture(autouse=True, params=["fused", "fused-torch", "autograd"])
 def step_path(request, monkeypatch):
-    """Every test runs twice: through the fused float32 kernels, and through the plain autograd path that
-    runs under autocast (bf16-mixed), forced here by refusing the fused kernels."""
+    """Every test runs three times: through the fused float32 kernels (with saes/native.py's C++ kernels on
+    the CPU), through the same with the C++ kernels switched off (their torch fallbacks, as on a GPU or a
+    machine without g++), and through the plain autograd path that runs under autocast (bf16-mixed), forced
+    here by refusing the fused kernels."""
+    if request.param == "fused-torch":
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
     if request.param == "autograd":
         monkeypatch.setattr(SAE, "fused_ok", lambda self, x: False)
     return request.param
@@ -179,7 +184,7 @@ def test_gated(x, aux_loss, r_mag):
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_topk(x, cls, with_dead, monkeypatch):
+def test_topk(x, cls, with_dead, monkeypatch, step_path):
     monkeypatch.setattr(SparsePattern, "check_invariants", True)  # torch verifies every CSR matrix built
     torch.manual_seed(0)
     sae = cls(cls.Config(d_in=D_IN, d_sae=D_SAE, k=4, k_aux=6, dead_window_tokens=100))
@@ -187,8 +192,15 @@ def test_topk(x, cls, with_dead, monkeypatch):
     if with_dead:  # half the latents dead, so AuxK runs
         sae.tokens_seen.fill_(1000)
         sae.tokens_since_fired[::2] = 500
+    calls = []
+    for name in ("row_topk", "batch_topk", "sparse_decode", "sampled_dot", "sparse_t_dense"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     out = check(sae, lambda s, x: ref_topk(s, x, cls is BatchTopKSAE), x, {})
     assert bool(out.terms["auxk"] > 0) == with_dead
+    if step_path == "fused":  # the C++ kernels ran (where they decline, the torch twins run instead)
+        assert {"sparse_decode", "sampled_dot", "sparse_t_dense"} <= set(calls)
+        assert native.library() is not None
 
 
 @pytest.mark.parametrize("cls", [ReluSAE, JumpReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE])

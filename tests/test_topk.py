@@ -76,39 +76,62 @@ def test_batchtopk_keeps_batch_times_k_in_training_and_thresholds_per_token_in_e
     assert torch.allclose(sae(x), f_eval @ sae.W_dec + sae.b_dec, atol=1e-4)
 
 
-def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut():
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut(kernels, monkeypatch):
+    """The native kernel ignores theta (it samples its own cutoff); the torch fallback's theta shortcut is exact
+    whether theta lets many, just enough or too few entries through."""
+    from saelab.saes import native
+
+    if kernels == "torch":
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
     torch.manual_seed(0)
     sae = make_sae("batchtopk")
     pre = torch.randn(32, 64)
-    exact = set(pre.flatten().topk(32 * 4).indices.tolist())
+    exact = pre.flatten().topk(32 * 4).indices.sort().values
     sae.threshold_batches.fill_(1)
     for threshold in (0.0, 1.0, 1.5, 3.0, 100.0):  # shortcut (many or just enough candidates), fallback
         sae.threshold.fill_(threshold)
-        assert set(sae.batch_topk(pre)[0].tolist()) == exact
+        ids, values = sae.batch_topk(pre)
+        assert torch.equal(ids, exact) and torch.equal(values, pre.flatten()[exact])
+        bias = torch.randn(64)
+        ids, values = sae.batch_topk(pre, bias)
+        with_bias = (pre + bias).flatten()
+        assert torch.equal(ids, with_bias.topk(32 * 4).indices.sort().values) and torch.equal(values, with_bias[ids])
 
 
 @pytest.mark.parametrize(("width", "k", "prefiltered"), [(3072, 32, True), (64, 4, True), (256, 32, False),
                                                       (60, 4, False)])
-def test_per_token_topk_equals_torch_topk(width, k, prefiltered):
-    """The grouped prefilter (used when width is a multiple of 8 with at least 2k groups) is exact, also when
-    one group holds several of a row's top entries."""
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_per_token_topk_equals_torch_topk(width, k, prefiltered, kernels, monkeypatch):
+    """The native kernel, and without it the grouped prefilter (used when width is a multiple of 8 with at
+    least 2k groups), are exact, also when one group holds several of a row's top entries."""
+    from saelab.saes import native
     from saelab.saes import topk as topk_module
 
+    if kernels == "torch":
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
     torch.manual_seed(0)
     scores = torch.randn(50, width)
     n_groups = width // 8
     scores[0, torch.arange(8) * n_groups + 3] += 10.0  # row 0: a whole group among its top k
-    group_max_calls = []
-    original_amax = torch.Tensor.amax
+    group_max_calls, native_calls = [], []
+    original_amax, original_row_topk = torch.Tensor.amax, native.row_topk
 
     def spy(self, *args, **kwargs):
         group_max_calls.append(self.shape)
         return original_amax(self, *args, **kwargs)
 
+    def native_spy(*args, **kwargs):
+        result = original_row_topk(*args, **kwargs)
+        native_calls.append(result is not None)
+        return result
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "amax", spy)
+        patch.setattr(native, "row_topk", native_spy)
         rows, ids, values = topk_module.per_token_topk(scores, k)
-    assert bool(group_max_calls) == prefiltered
+    assert native_calls == [kernels == "native"]
+    assert bool(group_max_calls) == (prefiltered and kernels == "torch")
     reference = scores.topk(k, dim=-1)
     assert torch.equal(rows, torch.arange(50).repeat_interleave(k))
     got = ids.view(50, k).sort(-1).values

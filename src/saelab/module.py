@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from saelab.allocator import keep_freed_memory
 from saelab.errors import check_choice
 from saelab.saes.base import SAE, TrainStep
 
@@ -138,6 +139,9 @@ class SAEModule(L.LightningModule):
             (t0, _), (t1, _) = self._step_times[0], self._step_times[-1]
             tokens = sum(n for _, n in list(self._step_times)[1:])
             self.log("tok/s", tokens / max(t1 - t0, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_fit_start(self) -> None:
+        keep_freed_memory()  # a step's fresh tensors then reuse freed memory instead of page-faulting anew
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Never write non-finite weights: a checkpoint must be something a run can safely resume from."""

@@ -46,29 +46,33 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.long))
 
-    def select(self, pre: Tensor) -> ActiveLatents:
+    def select(self, pre: Tensor, bias: Tensor | None = None) -> ActiveLatents:
         batch, d_sae = pre.shape
         if not self.training:
+            if bias is not None:
+                pre = pre + bias
             rows, latents = (pre > self.threshold).nonzero(as_tuple=True)  # row-major, so grouped by token
             return ActiveLatents(rows, latents, pre[rows, latents], batch, d_sae)
-        flat_ids, values = self.batch_topk(pre)
+        flat_ids, values = self.batch_topk(pre, bias)
         return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae)
 
-    def batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """(flat indices in ascending order, i.e. grouped by token; values) of the B*k largest entries of pre.
+    def batch_topk(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(flat indices in ascending order, i.e. grouped by token; values) of the B*k largest entries of pre
+        (+ bias [d_sae], if given).
 
         On CPU in float32 this is native.batch_topk (sparse_kernels.cpp), which estimates its own cutoff from a
-        sample. The fallback here: a topk over all B*d_sae entries costs about as much as the encoder matmul (0.11 s at B 2048,
-        d_sae 3072, one CPU core). Entries at or below a cutoff c can only be kept if fewer than B*k lie
+        sample. The fallback here: a topk over all B*d_sae entries costs about as much as the encoder matmul
+        (0.11 s at B 2048, d_sae 3072, one CPU core). Entries at or below a cutoff c can only be kept if fewer than B*k lie
         above it, so with c = 0.8 theta the topk runs over the few entries above c (0.016 s). While the
         pre-activations shift (early in training, at a high learning rate) theta can lag above this batch's
         threshold; the lower cutoffs then still avoid the full topk, the last resort.
         """
-        flat, n_keep = pre.flatten(), pre.shape[0] * self.k
-        found = native.batch_topk(flat, n_keep)
+        n_keep = pre.shape[0] * self.k
+        found = native.batch_topk(pre, n_keep, bias)
         if found is not None:
             ids, values = found
-            return ids, (flat[ids] if flat.requires_grad else values)  # the kernel's values carry no gradient
+            return ids, (pre.flatten()[ids] if pre.requires_grad else values)  # the kernel's carry no gradient
+        flat = (pre if bias is None else pre + bias).flatten()
         ids = None
         if self.threshold_batches > 0:
             for fraction in CANDIDATE_FRACTIONS:

@@ -196,13 +196,20 @@ class SparsePattern:
                                        values.index_select(0, self.order), (self.d_sae, self.batch_size),
                                        check_invariants=self.check_invariants)
 
-    def decode(self, values: Tensor, table: Tensor) -> Tensor:
-        """Z table ([B, n]): each token's entries' values times their rows of table ([d_sae, n]), summed."""
-        out = native.sparse_decode(values, self.latents, self._row_offsets, table)
-        if out is None:  # embedding_bag reads only the used rows of table
-            out = torch.nn.functional.embedding_bag(self.latents, table, self._row_offsets[:-1], mode="sum",
-                                                    per_sample_weights=values)
-        return out
+    def decode(self, values: Tensor, table: Tensor, bias: Tensor | None = None, minus: Tensor | None = None,
+               row_sq: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(Z table + bias - minus, a [B, n] tensor; and its rows' squared norms if row_sq): each token's entries'
+        values times their rows of table ([d_sae, n]), summed; bias [n] and minus [B, n] are optional."""
+        found = native.sparse_decode(values, self.latents, self._row_offsets, table, bias, minus, row_sq)
+        if found is not None:
+            return found
+        out = torch.nn.functional.embedding_bag(self.latents, table, self._row_offsets[:-1], mode="sum",
+                                                per_sample_weights=values)  # reads only the used rows of table
+        if bias is not None:
+            out = out + bias
+        if minus is not None:
+            out = out - minus
+        return out, (out.pow(2).sum(-1) if row_sq else None)
 
     def entry_dots(self, table: Tensor, dense: Tensor) -> Tensor:
         """(dense @ table^T)[row_j, latent_j] for every entry j, in entry order: table [d_sae, n], dense [B, n]."""
@@ -272,7 +279,7 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx: Any, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
-        return pattern.decode(values, W_dec)
+        return pattern.decode(values, W_dec)[0]
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
@@ -284,6 +291,45 @@ class SparseDecode(torch.autograd.Function):
             grads[0] = pattern.entry_dots(W_dec, g)  # W_dec[latent_j] . g[row_j]
         if need[1]:
             grads[1] = pattern.transpose_times(values, g)[0]
+        return tuple(grads)
+
+
+class SparseReconstructionError(torch.autograd.Function):
+    """(E_b ||x_hat_b - x_b||^2, x_hat - x) for x_hat = Z W_dec + b_dec, Z sparse: SparseDecode, the bias and
+    SquaredError in one pass over [B, d_in] (the difference is formed as the decoder accumulates; natively, its
+    squared norm too). The difference is returned without a gradient (AuxK's residual is its negation).
+
+    Backward with s = 2 g / B: d values_j = s W_dec[latent_j] . diff[row_j], dW_dec = Z^T (s diff) (s is folded
+    into Z's 131k values, not the [B, d_in] difference), db_dec = s sum_b diff.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
+                pattern: SparsePattern) -> tuple[Tensor, Tensor]:
+        diff, row_sq = pattern.decode(values, W_dec, bias=b_dec, minus=x, row_sq=True)
+        ctx.save_for_backward(values, W_dec, diff)
+        ctx.pattern = pattern
+        ctx.mark_non_differentiable(diff)
+        ctx.set_materialize_grads(False)
+        return row_sq.sum() / diff.shape[0], diff
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor | None, _g_diff: Tensor | None):
+        grads: list[Tensor | None] = [None] * 5
+        if g is None:
+            return tuple(grads)
+        values, W_dec, diff = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        need = ctx.needs_input_grad
+        scale = 2 * g / diff.shape[0]
+        if need[0]:
+            grads[0] = pattern.entry_dots(W_dec, diff) * scale
+        if need[1]:
+            grads[1] = pattern.transpose_times(values * scale, diff)[0]
+        if need[2]:
+            grads[2] = diff.sum(0) * scale
+        if need[3]:  # training never asks for it (x is data)
+            grads[3] = diff * -scale
         return tuple(grads)
 
 

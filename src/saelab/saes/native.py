@@ -34,10 +34,10 @@ DISABLE_VARIABLE = "SAELAB_NATIVE_KERNELS"  # set to 0 to use the torch operator
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "saelab_row_topk": (None, [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
-    "saelab_batch_topk": (_i64, [_ptr, _i64, _i64, _ptr, _ptr, _int]),
+    "saelab_row_topk": (None, [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
+    "saelab_batch_topk": (_i64, [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int]),
     "saelab_group_by": (None, [_ptr, _i64, _i64, _ptr, _ptr]),
-    "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int]),
+    "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]),
     "saelab_sampled_dot": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _int]),
     "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _int, _ptr, _int]),
 }
@@ -57,19 +57,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saelab" / "kernels"
 
 
-def _build(compiler: str) -> Path:
-    """Compile SOURCE into the cache (once: the name is a hash of everything that changes the binary)."""
+def compile_kernels(compiler: str, flags: tuple[str, ...] | None = None) -> Path:
+    """Compile SOURCE (with FLAGS unless given) into the cache once; the name hashes all that shapes the binary."""
+    flags = FLAGS if flags is None else flags
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]))
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()]))
     target = cache_dir() / f"sparse_kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: never half-written
             built = Path(tmp) / target.name
-            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+            subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
                            text=True, timeout=300)
             os.replace(built, target)
     return target
+
+
+def bind(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
@@ -86,16 +96,12 @@ def _load() -> ctypes.CDLL | None:
                       "operators (slower)", RuntimeWarning, stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        return bind(compile_kernels(compiler))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"saelab: building {SOURCE.name} failed ({str(detail).strip()[:300]}); the sparse TopK step "
                       "uses torch operators (slower)", RuntimeWarning, stacklevel=2)
         return None
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        function = getattr(lib, name)
-        function.restype, function.argtypes = restype, argtypes
-    return lib
 
 
 def _usable(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -106,35 +112,49 @@ def _usable(*tensors: Tensor) -> ctypes.CDLL | None:
     return library()
 
 
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels run here and take these tensors (contiguous, on the CPU, float32 or int64)."""
+    return _usable(*tensors) is not None
+
+
 def _threads() -> int:
     return torch.get_num_threads()
 
 
-def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """(ids, values), each [rows, k]: every row's k largest (ties: lower index), in ascending column order."""
+def _bias_ok(bias: Tensor | None, width: int) -> bool:
+    return bias is None or (bias.dtype == torch.float32 and bias.shape == (width,) and _usable(bias) is not None)
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def row_topk(scores: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """(ids, values), each [rows, k]: every row's k largest of scores + bias (bias [width] or None; ties: lower
+    index), in ascending column order. Adding the bias here spares the matmul a pass writing it."""
     if scores.dim() != 2 or scores.dtype != torch.float32 or scores.stride(1) != 1 or scores.device.type != "cpu":
         return None
-    if not 0 < k <= scores.shape[1]:
-        return None
-    lib = library()
-    if lib is None:
-        return None
     rows, width = scores.shape
+    if not 0 < k <= width or not _bias_ok(bias, width) or (lib := library()) is None:
+        return None
     ids = torch.empty(rows, k, dtype=torch.int64)
     values = torch.empty(rows, k, dtype=torch.float32)
-    lib.saelab_row_topk(scores.data_ptr(), rows, width, scores.stride(0), k, values.data_ptr(), ids.data_ptr(),
-                        _threads())
+    lib.saelab_row_topk(scores.data_ptr(), _pointer(bias), rows, width, scores.stride(0), k, values.data_ptr(),
+                        ids.data_ptr(), _threads())
     return ids, values
 
 
-def batch_topk(flat: Tensor, keep: int) -> tuple[Tensor, Tensor] | None:
-    """(ids, values) of the `keep` largest entries of a 1-D tensor (ties: lower index), ids ascending."""
-    if flat.dtype != torch.float32 or not 0 < keep <= flat.numel() or (lib := _usable(flat)) is None:
+def batch_topk(scores: Tensor, keep: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """(flat ids, values) of the `keep` largest entries of the [B, width] matrix scores + bias (ties: lower flat
+    index), ids ascending (so grouped by row)."""
+    if scores.dim() != 2 or scores.dtype != torch.float32 or (lib := _usable(scores)) is None:
+        return None
+    if not 0 < keep <= scores.numel() or not _bias_ok(bias, scores.shape[1]):
         return None
     ids = torch.empty(keep, dtype=torch.int64)
     values = torch.empty(keep, dtype=torch.float32)
-    if lib.saelab_batch_topk(flat.data_ptr(), flat.numel(), keep, ids.data_ptr(), values.data_ptr(), _threads()) < 0:
-        return None  # NaNs left fewer than `keep` comparable entries: torch.topk decides how to rank them
+    lib.saelab_batch_topk(scores.data_ptr(), _pointer(bias), scores.numel(), scores.shape[1], keep, ids.data_ptr(),
+                          values.data_ptr(), _threads())
     return ids, values
 
 
@@ -148,17 +168,23 @@ def group_by(ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor] | None:
     return order, offsets
 
 
-def sparse_decode(values: Tensor, cols: Tensor, row_offsets: Tensor, table: Tensor) -> Tensor | None:
-    """out[r] = sum over row r's entries of values[e] table[cols[e]]: [rows, d]."""
-    if values.dtype != torch.float32 or table.dtype != torch.float32:
+def sparse_decode(values: Tensor, cols: Tensor, row_offsets: Tensor, table: Tensor, bias: Tensor | None = None,
+                  minus: Tensor | None = None, row_sq: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """(out, ||out[r]||^2 per row if row_sq): out[r] = bias + sum over row r's entries of values[e] table[cols[e]]
+    - minus[r], a [rows, d] tensor (bias [d] and minus [rows, d] optional)."""
+    extra = [t for t in (bias, minus) if t is not None]
+    if any(t.dtype != torch.float32 for t in (values, table, *extra)):
         return None
-    if (lib := _usable(values, cols, row_offsets, table)) is None:
+    if (lib := _usable(values, cols, row_offsets, table, *extra)) is None:
         return None
     rows, d = row_offsets.numel() - 1, table.shape[1]
+    if (bias is not None and bias.shape != (d,)) or (minus is not None and minus.shape != (rows, d)):
+        return None
     out = torch.empty(rows, d, dtype=torch.float32)
+    sq = torch.empty(rows, dtype=torch.float32) if row_sq else None
     lib.saelab_sparse_decode(values.data_ptr(), cols.data_ptr(), row_offsets.data_ptr(), rows, table.data_ptr(), d,
-                             out.data_ptr(), _threads())
-    return out
+                             _pointer(bias), _pointer(minus), out.data_ptr(), _pointer(sq), _threads())
+    return out, sq
 
 
 def sampled_dot(cols: Tensor, row_offsets: Tensor, table: Tensor, dense: Tensor) -> Tensor | None:
@@ -185,6 +211,5 @@ def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tenso
     out = torch.empty((d, n_cols) if transposed else (n_cols, d), dtype=torch.float32)
     sums = torch.empty(n_cols, dtype=torch.float32) if col_sums else None
     lib.saelab_sparse_t_dense(order.data_ptr(), col_offsets.data_ptr(), n_cols, rows.data_ptr(), coef.data_ptr(),
-                              dense.data_ptr(), d, out.data_ptr(), int(transposed),
-                              sums.data_ptr() if sums is not None else None, _threads())
+                              dense.data_ptr(), d, out.data_ptr(), int(transposed), _pointer(sums), _threads())
     return out, sums

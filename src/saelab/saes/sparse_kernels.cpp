@@ -92,35 +92,39 @@ uint32_t kth_largest_key(const uint32_t* keys, i64 n, i64 rank) {
   return t;
 }
 
-// Appends (key, index) of the entries of x[lo..hi) whose key is >= cutoff, in index order. The buffers need
-// 16 slots of slack past the last kept entry (a whole vector is stored, then the end advances by the hits).
+// Appends (key, id_offset + i) for the entries i in [lo, hi) whose x[i] + bias[i] has a key >= cutoff, in
+// index order. The buffers need 16 slots of slack past the last kept entry (a whole vector is stored, then
+// the end advances by the hits).
 template <class Index>
-i64 collect_at_least(const float* x, i64 lo, i64 hi, uint32_t cutoff, uint32_t* keys, Index* ids) {
+i64 collect_at_least(const float* x, const float* bias, i64 lo, i64 hi, uint32_t cutoff, uint32_t* keys, Index* ids,
+                     i64 id_offset) {
   i64 n = 0, i = lo;
 #if defined(__AVX512F__)
   const __m512i c = _mm512_set1_epi32(static_cast<int>(cutoff));
   for (; i + 16 <= hi; i += 16) {
-    const __m512i k = float_keys(_mm512_loadu_ps(x + i));
+    const __m512i k = float_keys(_mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(bias + i)));
     const __mmask16 hits = _mm512_cmpge_epu32_mask(k, c);  // no branch on hits: it would mispredict often
     _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi32(hits, k));
+    const i64 at = id_offset + i;
     if constexpr (sizeof(Index) == 4) {
-      const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i)),
-                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-      _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi32(hits, at));
+      const __m512i where = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(at)),
+                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi32(hits, where));
     } else {
-      const __m512i at = _mm512_add_epi64(_mm512_set1_epi64(i), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m512i where = _mm512_add_epi64(_mm512_set1_epi64(at), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
       const int low = __builtin_popcount(hits & 0xFF);
-      _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi64(hits & 0xFF, at));
-      _mm512_storeu_si512(ids + n + low, _mm512_maskz_compress_epi64(hits >> 8, _mm512_add_epi64(at, _mm512_set1_epi64(8))));
+      _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi64(hits & 0xFF, where));
+      _mm512_storeu_si512(ids + n + low,
+                          _mm512_maskz_compress_epi64(hits >> 8, _mm512_add_epi64(where, _mm512_set1_epi64(8))));
     }
     n += __builtin_popcount(hits);
   }
 #endif
   for (; i < hi; ++i) {
-    const uint32_t k = float_key(x[i]);
+    const uint32_t k = float_key(x[i] + bias[i]);
     if (k >= cutoff) {
       keys[n] = k;
-      ids[n++] = static_cast<Index>(i);
+      ids[n++] = static_cast<Index>(id_offset + i);
     }
   }
   return n;
@@ -149,41 +153,52 @@ struct RowScratch {
   std::vector<int32_t> ids;
 };
 
-void row_topk(const float* row, i64 m, i64 k, float* vals, i64* ids, RowScratch& s) {
+void row_topk(const float* row, const float* bias, i64 m, i64 k, float* vals, i64* ids, RowScratch& s) {
   s.group_max.resize(k);
   uint32_t* gm = s.group_max.data();
-  for (i64 j = 0; j < k; ++j) gm[j] = float_key(row[j]);
+  for (i64 j = 0; j < k; ++j) gm[j] = float_key(row[j] + bias[j]);
   const i64 stripes = m / k;
   for (i64 st = 1; st < stripes; ++st) {
     const float* stripe = row + st * k;
+    const float* stripe_bias = bias + st * k;
     i64 j = 0;
 #if defined(__AVX512F__)
-    for (; j + 16 <= k; j += 16)
-      _mm512_storeu_si512(gm + j, _mm512_max_epu32(_mm512_loadu_si512(gm + j), float_keys(_mm512_loadu_ps(stripe + j))));
+    for (; j + 16 <= k; j += 16) {
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(stripe + j), _mm512_loadu_ps(stripe_bias + j));
+      _mm512_storeu_si512(gm + j, _mm512_max_epu32(_mm512_loadu_si512(gm + j), float_keys(v)));
+    }
 #endif
-    for (; j < k; ++j) gm[j] = std::max(gm[j], float_key(stripe[j]));
+    for (; j < k; ++j) gm[j] = std::max(gm[j], float_key(stripe[j] + stripe_bias[j]));
   }
   const uint32_t t0 = *std::min_element(gm, gm + k);
   s.keys.resize(m + 16);
   s.ids.resize(m + 16);
-  const i64 n = collect_at_least(row, 0, m, t0, s.keys.data(), s.ids.data());
+  const i64 n = collect_at_least(row, bias, 0, m, t0, s.keys.data(), s.ids.data(), 0);
   const uint32_t t = kth_largest_key(s.keys.data(), n, k);
   i64 out = 0;
   take_top(s.keys.data(), s.ids.data(), n, k, t, [&](int32_t id) {
     ids[out] = id;
-    vals[out++] = row[id];
+    vals[out++] = row[id] + bias[id];
   });
 }
 
-// y[0..d) = sum over terms t of coef(t) * src(t)[0..d), where term(t) returns (coef, src). With AVX-512, 128
+// y[0..d) = plus - minus + sum over terms t of coef(t) * src(t)[0..d), where term(t) returns (coef, src) and
+// plus, minus are [d] or null (zero). With AVX-512, 128
 // floats of y are held in 8 registers across all terms (loads and FMAs only; accumulating into memory would
 // store y once per term). The sum runs over terms in order, so the result does not depend on threads.
 template <class Term>
-inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term) {
+inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term, const float* plus = nullptr,
+                             const float* minus = nullptr) {
   i64 c0 = 0;
 #if defined(__AVX512F__)
+  const auto start = [&](i64 at, __mmask16 lanes) {
+    __m512 v = plus ? _mm512_maskz_loadu_ps(lanes, plus + at) : _mm512_setzero_ps();
+    return minus ? _mm512_sub_ps(v, _mm512_maskz_loadu_ps(lanes, minus + at)) : v;
+  };
   for (; c0 + 128 <= d; c0 += 128) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m512 a0 = start(c0, 0xFFFF), a1 = start(c0 + 16, 0xFFFF), a2 = start(c0 + 32, 0xFFFF),
+           a3 = start(c0 + 48, 0xFFFF), a4 = start(c0 + 64, 0xFFFF), a5 = start(c0 + 80, 0xFFFF),
+           a6 = start(c0 + 96, 0xFFFF), a7 = start(c0 + 112, 0xFFFF);
     for (i64 t = 0; t < n_terms; ++t) {
       const auto [coef, src] = term(t);
       const __m512 c = _mm512_set1_ps(coef);
@@ -209,7 +224,7 @@ inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term) {
   }
   for (; c0 < d; c0 += 16) {
     const __mmask16 lanes = c0 + 16 <= d ? 0xFFFF : static_cast<__mmask16>((1u << (d - c0)) - 1);
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc = start(c0, lanes);
     for (i64 t = 0; t < n_terms; ++t) {
       const auto [coef, src] = term(t);
       acc = _mm512_fmadd_ps(_mm512_set1_ps(coef), _mm512_maskz_loadu_ps(lanes, src + c0), acc);
@@ -217,7 +232,7 @@ inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term) {
     _mm512_mask_storeu_ps(y + c0, lanes, acc);
   }
 #else
-  std::fill(y, y + d, 0.f);
+  for (i64 j = 0; j < d; ++j) y[j] = (plus ? plus[j] : 0.f) - (minus ? minus[j] : 0.f);
   for (i64 t = 0; t < n_terms; ++t) {
     const auto [coef, src] = term(t);
     for (i64 j = 0; j < d; ++j) y[j] += coef * src[j];
@@ -251,28 +266,37 @@ inline float dot(const float* a, const float* b, i64 d) {
 
 extern "C" {
 
-// Each of the `rows` rows of x (row stride `ld`) keeps its k largest entries: ids [rows, k] and their values,
-// each row's entries in ascending column order.
-void saelab_row_topk(const float* x, i64 rows, i64 m, i64 ld, i64 k, float* vals, i64* ids, int threads) {
+// Each of the `rows` rows of x + bias (x's row stride `ld`; bias [m] or null) keeps its k largest entries:
+// ids [rows, k] and their values (bias included), each row's entries in ascending column order.
+void saelab_row_topk(const float* x, const float* bias, i64 rows, i64 m, i64 ld, i64 k, float* vals, i64* ids,
+                     int threads) {
   if (k <= 0 || k > m) return;
+  const std::vector<float> zeros(bias ? 0 : m, 0.f);
+  if (!bias) bias = zeros.data();
   run_parts(even_bounds(rows, threads), [&](int, i64 lo, i64 hi) {
     RowScratch scratch;
-    for (i64 r = lo; r < hi; ++r) row_topk(x + r * ld, m, k, vals + r * k, ids + r * k, scratch);
+    for (i64 r = lo; r < hi; ++r) row_topk(x + r * ld, bias, m, k, vals + r * k, ids + r * k, scratch);
   });
 }
 
-// The `keep` largest of x[0..n) (ties: lower indices win), in ascending index order; returns keep (0 < keep <= n).
+// The `keep` largest entries of the [n / width, width] matrix x + bias (bias [width] added to every row, or
+// null), by flat index (ties: lower indices win), in ascending index order, with their values; returns keep
+// (0 < keep <= n).
 //
 // A strided sample estimates a cutoff that about 1.2 keep entries reach; one pass (split across threads)
 // collects those candidates in index order, and a bitwise search over their keys gives the exact keep-th
 // largest. If the sample's cutoff was too high (fewer than keep candidates), it retries with lower ones,
 // ending with every entry as a candidate, so the result is exact whatever the sample says.
-i64 saelab_batch_topk(const float* x, i64 n, i64 keep, i64* ids_out, float* vals_out, int threads) {
-  if (keep <= 0 || keep > n) return -1;
+i64 saelab_batch_topk(const float* x, const float* bias, i64 n, i64 width, i64 keep, i64* ids_out, float* vals_out,
+                      int threads) {
+  if (keep <= 0 || keep > n || width <= 0 || n % width) return -1;
+  const std::vector<float> zeros(bias ? 0 : width, 0.f);
+  if (!bias) bias = zeros.data();
+  const auto value = [&](i64 i) { return x[i] + bias[i % width]; };
   const i64 n_sample = std::min<i64>(n, 1 << 16);
   std::vector<uint32_t> sample(n_sample);
   for (i64 i = 0; i < n_sample; ++i)
-    sample[i] = float_key(x[static_cast<i64>((static_cast<uint64_t>(i) * 2654435761ULL) % static_cast<uint64_t>(n))]);
+    sample[i] = float_key(value(static_cast<i64>((static_cast<uint64_t>(i) * 2654435761ULL) % static_cast<uint64_t>(n))));
   const double expected = static_cast<double>(keep) / n * n_sample;
   const std::vector<i64> bounds = even_bounds(n, threads, 16);
   const int parts = static_cast<int>(bounds.size()) - 1;
@@ -292,15 +316,18 @@ i64 saelab_batch_topk(const float* x, i64 n, i64 keep, i64* ids_out, float* vals
       const size_t room = static_cast<size_t>(share * (hi - lo)) + 16;
       keys[part].resize(room);
       ids[part].resize(room);
-      // Collect block by block, growing the buffers if the sample underestimated this part's share.
+      // Collect row segment by row segment (the bias restarts each row), growing the buffers if the sample
+      // underestimated this part's share.
       i64 got = 0;
-      for (i64 at = lo; at < hi; at += 1 << 16) {
-        const i64 end = std::min(hi, at + (1 << 16));
+      for (i64 at = lo; at < hi;) {
+        const i64 row_start = at - at % width, end = std::min(hi, row_start + width);
         if (keys[part].size() < static_cast<size_t>(got + (end - at) + 16)) {
           keys[part].resize(got + (end - at) + 16);
           ids[part].resize(got + (end - at) + 16);
         }
-        got += collect_at_least(x, at, end, cutoff, keys[part].data() + got, ids[part].data() + got);
+        got += collect_at_least(x + row_start, bias, at - row_start, end - row_start, cutoff, keys[part].data() + got,
+                                ids[part].data() + got, row_start);
+        at = end;
       }
       found[part] = got;
     });
@@ -319,7 +346,7 @@ i64 saelab_batch_topk(const float* x, i64 n, i64 keep, i64* ids_out, float* vals
       const uint32_t key = keys[p][j];
       if (key > t || (key == t && ties_left-- > 0)) {
         ids_out[out] = ids[p][j];
-        vals_out[out++] = x[ids[p][j]];
+        vals_out[out++] = value(ids[p][j]);
       }
     }
   return out;
@@ -335,16 +362,21 @@ void saelab_group_by(const i64* ids, i64 n, i64 n_groups, i64* order, i64* offse
   for (i64 e = 0; e < n; ++e) order[next[ids[e]]++] = e;
 }
 
-// out[r] = sum over row r's entries e of values[e] * table[cols[e]]: the decoder of a sparse Z.
-// Row r's entries are row_offsets[r]..row_offsets[r+1]; table is [*, d], out [rows, d].
+// out[r] = bias + sum over row r's entries e of values[e] * table[cols[e]] - minus[r]: the decoder of a sparse Z
+// (and, with minus = x, the reconstruction error). Row r's entries are row_offsets[r]..row_offsets[r+1]; table
+// is [*, d], out and minus [rows, d], bias [d]; bias and minus may be null. row_sq (optional, [rows]) gets
+// ||out[r]||^2.
 void saelab_sparse_decode(const float* values, const i64* cols, const i64* row_offsets, i64 rows, const float* table,
-                          i64 d, float* out, int threads) {
+                          i64 d, const float* bias, const float* minus, float* out, float* row_sq, int threads) {
   run_parts(balanced_bounds(row_offsets, rows, threads, 1), [&](int, i64 lo, i64 hi) {
     for (i64 r = lo; r < hi; ++r) {
       const i64 first = row_offsets[r];
-      weighted_row_sum(out + r * d, d, row_offsets[r + 1] - first, [&](i64 t) {
-        return std::pair<float, const float*>(values[first + t], table + cols[first + t] * d);
-      });
+      float* y = out + r * d;
+      weighted_row_sum(
+          y, d, row_offsets[r + 1] - first,
+          [&](i64 t) { return std::pair<float, const float*>(values[first + t], table + cols[first + t] * d); }, bias,
+          minus ? minus + r * d : nullptr);
+      if (row_sq) row_sq[r] = dot(y, y, d);
     }
   });
 }

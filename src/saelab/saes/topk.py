@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_positive
-from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 from saelab.saes import native
-from saelab.saes.fused import SparseDecode, SparseGather, SparsePattern, csr_offsets
+from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.fused import SparseDecode, SparseGather, SparsePattern, SparseReconstructionError, csr_offsets
 
 
 @dataclass
@@ -88,8 +88,8 @@ class ActiveLatents:
 CANDIDATE_GROUP = 8  # per_token_topk's prefilter: groups of 8 latents (a speed knob; exact either way)
 
 
-def per_token_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(rows, latent ids, scores) of each token's k largest scores, grouped by token.
+def per_token_topk(scores: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, latent ids, scores) of each token's k largest scores (+ bias [d_sae], if given), grouped by token.
 
     On CPU in float32 this is native.row_topk (sparse_kernels.cpp, about 4x faster than the fallback here).
     torch.topk over every [d_sae] row costs about half the encoder matmul on CPU, so the fallback narrows the
@@ -100,7 +100,9 @@ def per_token_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """
     batch, width = scores.shape
     group = CANDIDATE_GROUP
-    found = native.row_topk(scores, k)
+    found = native.row_topk(scores, k, bias)
+    if found is None and bias is not None:
+        scores = scores + bias
     if found is not None:
         ids, values = found
         if scores.requires_grad:  # the kernel's values carry no gradient
@@ -143,9 +145,10 @@ class TopKSAE(SAE):
         """
         return self.encoder_preacts(x, self.W_enc, self.b_enc)
 
-    def select(self, pre: Tensor) -> ActiveLatents:
-        """Each token's k largest. TopK then ReLU == TopK of ReLU (ReLU is monotone), a pass less."""
-        rows, latents, values = per_token_topk(pre, self.k)
+    def select(self, pre: Tensor, bias: Tensor | None = None) -> ActiveLatents:
+        """Each token's k largest of pre (+ bias, if given: the native kernel adds it as it scans).
+        TopK then ReLU == TopK of ReLU (ReLU is monotone), a pass less."""
+        rows, latents, values = per_token_topk(pre, self.k, bias)
         return ActiveLatents(rows, latents, values.relu(), pre.shape[0], pre.shape[1])
 
     def encode(self, x: Tensor) -> Tensor:
@@ -158,32 +161,42 @@ class TopKSAE(SAE):
         return (self.select(self.pre_activations(flat)).decode(self.W_dec) + self.b_dec).reshape(x.shape)
 
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
-        fused = self.fused_ok(x)
-        if fused:
-            # Sparse encoder backward: pi is computed without autograd, and only the selected entries are
-            # gathered with a gradient (fused.SparseGather), so no dense [B, d_sae] gradient or dense
-            # dW_enc matmul is ever built; fused.SparseDecode decodes them. Same values, same gradients.
+        dead = self.dead_mask(self.cfg.dead_window_tokens)
+        use_auxk = self.cfg.auxk_alpha > 0 and bool(dead.any())
+        if self.fused_ok(x):
+            # Sparse after the encoder matmul: pi is computed without autograd, only the selected entries get a
+            # gradient (fused.SparseGather), and fused.SparseReconstructionError decodes them and forms the
+            # error in one pass. No dense [B, d_sae] gradient or dense dW_enc matmul is ever built.
             bias = self.folded_bias(self.W_enc, self.b_enc)
             with torch.no_grad():
-                pre = torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x))
-            active = self.select(pre)
-            x_hat = self.sparse_decode(active, (x, bias)) + self.b_dec
+                # The native top-k adds the bias as it scans, sparing addmm a pass that writes it into pi.
+                pre_bias = bias.detach() if native.usable(x, bias) else None
+                pre = self.workspace("pre", x)
+                pre = torch.mm(x, self.W_enc, out=pre) if pre_bias is not None else torch.addmm(bias, x, self.W_enc,
+                                                                                                 out=pre)
+            active = self.select(pre, pre_bias)
+            pattern = self.attach_gradient(active, (x, bias))
+            rec, diff = SparseReconstructionError.apply(active.values, self.W_dec, self.b_dec, x, pattern)
+            terms = {"rec": rec}
+            if self.cfg.auxk_alpha > 0:
+                terms["auxk"] = (self.cfg.auxk_alpha * self.auxk_loss(pre, diff.neg(), dead, (x, bias), pre_bias)
+                                 if use_auxk else rec.new_zeros(()))
         else:
             pre = self.pre_activations(x)
             active = self.select(pre)
             x_hat = active.decode(self.W_dec) + self.b_dec
-        terms = {"rec": squared_error(x, x_hat)}
-        dead = self.dead_mask(self.cfg.dead_window_tokens)
-        if self.cfg.auxk_alpha > 0:
-            residual = (x - x_hat).detach()
-            terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(pre, residual, dead, (x, bias) if fused else None)
+            terms = {"rec": squared_error(x, x_hat)}
+            if self.cfg.auxk_alpha > 0:
+                terms["auxk"] = (self.cfg.auxk_alpha * self.auxk_loss(pre, (x - x_hat).detach(), dead)
+                                 if use_auxk else terms["rec"].new_zeros(()))
         extras = {"dead_latents": dead.sum().float(), **self.update_from_batch(active)}
         # The latents stay sparse: firing statistics come from the active entries (TrainStep.fired).
         return TrainStep(terms, active.detach(), extras)
 
-    def sparse_decode(self, active: ActiveLatents, encoder: tuple[Tensor, Tensor], relu: bool = True) -> Tensor:
-        """W_dec z for the selected entries, whose values (taken from pi = x W_enc + bias without autograd)
-        are given their sparse gradient here; `encoder` is (x, folded bias).
+    def attach_gradient(self, active: ActiveLatents, encoder: tuple[Tensor, Tensor], relu: bool = True
+                        ) -> SparsePattern:
+        """Give the selected entries, whose values were taken from pi = x W_enc + bias without autograd, their
+        sparse gradient (`encoder` is (x, folded bias)); returns their SparsePattern for the decoder.
 
         active.values become the values with a gradient, after a ReLU if `relu`. The selection's values may
         already be ReLU'd: ReLU(ReLU(p)) = ReLU(p), and its backward masks the same entries (where p <= 0).
@@ -192,24 +205,28 @@ class TopKSAE(SAE):
         pattern = SparsePattern(active.rows, active.latents, active.batch_size, active.d_sae)
         values = SparseGather.apply(x, self.W_enc, bias, active.values, pattern)
         active.values = values.relu() if relu else values
-        return SparseDecode.apply(active.values, self.W_dec, pattern)
+        return pattern
 
     def update_from_batch(self, active: ActiveLatents) -> dict[str, Tensor]:
         """Per-batch state updates from the training selection (none for TopK); returns extras to log."""
         return {}
 
-    def auxk_loss(self, pre: Tensor, residual: Tensor, dead: Tensor,
-                  encoder: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def auxk_loss(self, pre: Tensor, residual: Tensor, dead: Tensor, encoder: tuple[Tensor, Tensor] | None = None,
+                  pre_bias: Tensor | None = None) -> Tensor:
         """||e - W_dec z_aux||^2 / ||e - mean(e)||^2, z_aux = top min(k_aux, n_dead) dead pre-activations.
 
-        With `encoder` (the fused path: pre has no gradient), the entries get their gradient sparsely.
+        With `encoder` (the fused path: pre has no gradient, and lacks pre_bias if that is given), the entries
+        get their gradient sparsely.
         """
         dead_ids = dead.nonzero().squeeze(1)
-        if dead_ids.numel() == 0:
-            return pre.new_zeros(())
-        rows, local, values = per_token_topk(pre[:, dead_ids], min(self.k_aux, dead_ids.numel()))
+        bias = pre_bias[dead_ids] if pre_bias is not None else None
+        rows, local, values = per_token_topk(pre[:, dead_ids], min(self.k_aux, dead_ids.numel()), bias)
         aux = ActiveLatents(rows, dead_ids[local], values, pre.shape[0], self.d_sae)
-        e_hat = self.sparse_decode(aux, encoder, relu=False) if encoder is not None else aux.decode(self.W_dec)
+        if encoder is not None:
+            pattern = self.attach_gradient(aux, encoder, relu=False)
+            e_hat = SparseDecode.apply(aux.values, self.W_dec, pattern)
+        else:
+            e_hat = aux.decode(self.W_dec)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (residual - e_hat).pow(2).sum() / variance
 

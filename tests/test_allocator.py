@@ -1,0 +1,51 @@
+"""saelab.allocator: after SAEModule.on_fit_start, a step's freed tensors are reused instead of page-faulting.
+
+Runs in subprocesses: the glibc setting is process-wide and cannot be undone, so each case gets a fresh process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from saelab.module import SAEModule
+    from saelab.saes.relu import ReluSAE
+    if sys.argv[1] == "fit":
+        SAEModule(ReluSAE(ReluSAE.Config(d_in=8, d_sae=16)), {"lr": 1e-3}, max_steps=1,
+                  dead_window_tokens=10).on_fit_start()
+    x, w = torch.ones(4096, 384), torch.ones(3072, 384)  # a TopK step's [B, d_in] and [d_sae, d_in] shapes
+
+    def step():  # fresh tensors of two sizes, alive together, then freed
+        a = x * 2
+        b = a + 1
+        c = w * 2
+        d = b - x
+        e = c + 1
+        del a, b, c, d, e
+
+    for _ in range(3):  # settle glibc's dynamic thresholds
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        step()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+""")
+
+
+def faults_per_step(mode: str) -> float:
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout.strip())
+
+
+def test_fit_start_stops_fresh_tensors_from_page_faulting():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mallopt is glibc's")
+    plain, fit = faults_per_step("plain"), faults_per_step("fit")
+    assert plain > 200  # glibc trims the heap's freed top, and the next step faults those pages in again
+    assert fit < plain / 4

@@ -1,0 +1,221 @@
+"""saes/native.py's C++ kernels against plain torch references, in both builds: the default (-march=native,
+AVX-512 on this machine) and a portable one (-march=x86-64-v2: no AVX at all, so the scalar code paths run).
+
+Selection must be exact, including ties (the lower index wins) and NaN (ranked above +inf, as torch.topk
+does); the sparse products must match dense matmuls within float tolerance; nothing may depend on the thread
+count.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from saelab.saes import native
+
+PORTABLE_FLAGS = tuple(f for f in native.FLAGS if f not in ("-march=native", "-mprefer-vector-width=512")) + (
+    "-march=x86-64-v2",
+)
+
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory):
+    if platform.machine() != "x86_64" or shutil.which("g++") is None:
+        pytest.skip("the portable build is an x86-64 g++ build")
+    return native.bind(native.compile_kernels(shutil.which("g++"), PORTABLE_FLAGS))
+
+
+@pytest.fixture(params=["native", "portable"])
+def build(request, monkeypatch):
+    """Which compiled library the wrappers call."""
+    if request.param == "native":
+        assert native.library() is not None, "g++ is on this machine, so the kernels must build"
+    else:
+        lib = request.getfixturevalue("portable_library")
+        monkeypatch.setattr(native, "_load", lambda: lib)
+    return request.param
+
+
+def ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dim by value descending, ties by index ascending, NaN first (torch.topk's rank)."""
+    keyed = torch.where(scores.isnan(), torch.full_like(scores, float("inf")), scores)
+    nan_first = scores.isnan().to(torch.int8)
+    order = keyed.sort(dim=-1, descending=True, stable=True).indices
+    return order.gather(-1, nan_first.gather(-1, order).sort(dim=-1, descending=True, stable=True).indices)
+
+
+def scores_with_ties_and_nan(rows: int, width: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(rows, width, generator=g)
+    scores[1] = torch.randint(0, 3, (width,), generator=g).float()  # mostly ties
+    scores[2, 5] = float("nan")
+    scores[3] = -torch.rand(width, generator=g)  # all negative
+    return scores
+
+
+@pytest.mark.parametrize(("width", "k"), [(3072, 32), (60, 4), (17, 17), (40, 1), (100, 33)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_row_topk_is_exact(build, width, k, with_bias):
+    scores = scores_with_ties_and_nan(6, width)
+    bias = torch.linspace(-0.5, 0.5, width) if with_bias else None
+    ids, values = native.row_topk(scores, k, bias)
+    full = scores + bias if with_bias else scores
+    expected = ranked(full)[:, :k].sort(-1).values
+    assert torch.equal(ids, expected)  # ascending column order, the same set as the reference ranking
+    torch.testing.assert_close(values, full.gather(1, ids), rtol=0, atol=0, equal_nan=True)
+
+
+def test_row_topk_reads_rows_with_a_stride(build):
+    scores = torch.randn(8, 50)
+    ids, values = native.row_topk(scores[:, 5:45], 6)  # rows 50 apart, 40 wide
+    assert torch.equal(ids, scores[:, 5:45].topk(6).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_batch_topk_is_exact(build, with_bias):
+    scores = scores_with_ties_and_nan(40, 96)
+    bias = torch.linspace(-1, 1, 96) if with_bias else None
+    full = (scores + bias if with_bias else scores).flatten()
+    for keep in (1, 40 * 4, 40 * 96):
+        ids, values = native.batch_topk(scores, keep, bias)
+        assert torch.equal(ids, ranked(full)[:keep].sort().values)
+        assert torch.allclose(values, full[ids], equal_nan=True)
+
+
+def test_batch_topk_is_exact_when_its_sample_misleads_it(build):
+    """The cutoff comes from a strided sample of 65,536 entries; if the sampled entries are the largest, fewer
+    than `keep` entries reach it, and the kernel must retry with lower cutoffs (down to every entry)."""
+    rows, width = 256, 1024
+    n = rows * width
+    sampled = (torch.arange(1 << 16, dtype=torch.int64) * 2654435761) % n
+    scores = torch.randn(n)
+    scores[sampled] = 100 + torch.rand(sampled.numel())
+    for keep in (8192, 70_000):  # a lower cutoff suffices; only every entry does
+        ids, _ = native.batch_topk(scores.view(rows, width), keep)
+        assert torch.equal(ids, ranked(scores)[:keep].sort().values)
+
+
+def test_group_by_is_a_stable_sort(build):
+    ids = torch.randint(0, 50, (1000,))
+    ids[:3] = 49
+    order, offsets = native.group_by(ids, 60)
+    assert torch.equal(order, ids.argsort(stable=True))
+    counts = torch.bincount(ids, minlength=60)
+    assert torch.equal(offsets, torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Float32 sums of up to 384 products of unit-scale numbers, in another order than torch's."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def sparse_case(d: int, rows: int = 40, d_sae: int = 70, seed: int = 0):
+    """A sparse [rows, d_sae] Z with 0-9 entries per row (some rows empty), grouped by row."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 10, (rows,), generator=g)
+    counts[3] = 0
+    row_of = torch.arange(rows).repeat_interleave(counts)
+    cols = torch.cat([torch.randperm(d_sae, generator=g)[:c] for c in counts.tolist()])
+    values = torch.randn(cols.numel(), generator=g)
+    dense_z = torch.zeros(rows, d_sae).index_put_((row_of, cols), values)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return row_of, cols, values, offsets, dense_z
+
+
+@pytest.mark.parametrize("d", [384, 20, 130, 7])
+def test_sparse_products_equal_dense_matmuls(build, d):
+    row_of, cols, values, offsets, z = sparse_case(d)
+    table = torch.randn(z.shape[1], d)
+    dense = torch.randn(z.shape[0], d)
+    bias = torch.randn(d)
+
+    out, sq = native.sparse_decode(values, cols, offsets, table)[0], None
+    close(out, z @ table)
+    out, sq = native.sparse_decode(values, cols, offsets, table, bias=bias, minus=dense, row_sq=True)
+    close(out, z @ table + bias - dense)
+    close(sq, out.pow(2).sum(-1))
+
+    close(native.sampled_dot(cols, offsets, table, dense), (dense @ table.t())[row_of, cols])
+
+    order, col_offsets = native.group_by(cols, z.shape[1])
+    product, sums = native.sparse_t_dense(order, col_offsets, row_of, values, dense, col_sums=True)
+    close(product, z.t() @ dense)
+    close(sums, z.sum(0))
+    product, none = native.sparse_t_dense(order, col_offsets, row_of, values, dense, transposed=True)
+    close(product, (z.t() @ dense).t())
+    assert none is None
+
+
+def test_results_do_not_depend_on_the_thread_count(build):
+    row_of, cols, values, offsets, z = sparse_case(130, rows=200, d_sae=300)
+    table, dense = torch.randn(300, 130), torch.randn(200, 130)
+    scores = torch.randn(200, 300)
+    order, col_offsets = native.group_by(cols, 300)
+
+    def run():
+        return (*native.row_topk(scores, 8), *native.batch_topk(scores, 1600),
+                *native.sparse_decode(values, cols, offsets, table, minus=dense, row_sq=True),
+                native.sampled_dot(cols, offsets, table, dense),
+                native.sparse_t_dense(order, col_offsets, row_of, values, dense, transposed=True)[0])
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_wrappers_decline_what_the_kernels_do_not_take(monkeypatch):
+    scores = torch.randn(4, 10)
+    assert native.row_topk(scores.double(), 2) is None
+    assert native.row_topk(scores.t(), 2) is None  # columns not contiguous
+    assert native.row_topk(scores, 11) is None  # k > width: torch.topk raises the error
+    assert native.batch_topk(scores, 41) is None
+    assert native.sparse_decode(torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.tensor([0, 2]),
+                                torch.randn(3, 5), bias=torch.randn(4)) is None  # bias of the wrong width
+    monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+    assert native.library() is None and native.row_topk(scores, 2) is None
+
+
+def test_without_a_compiler_training_falls_back_with_one_warning(monkeypatch):
+    """No g++: a RuntimeWarning says why, and the torch operators run (tests/test_step_equivalence.py checks
+    that path's values and gradients)."""
+    script = textwrap.dedent("""
+        import warnings, torch
+        from saelab.saes import native
+        from saelab.saes.topk import per_token_topk
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows, ids, values = per_token_topk(torch.randn(4, 64), 3)
+        assert native.library() is None
+        assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+            "saelab: no C++ compiler (/nonexistent/g++); the sparse TopK step uses torch operators (slower)"]
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CXX": "/nonexistent/g++"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_failed_build_falls_back_and_leaves_no_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", ("-this-flag-does-not-exist",))
+    native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="building sparse_kernels.cpp failed"):
+            assert native._load() is None
+    finally:
+        native._load.cache_clear()
+    assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))
