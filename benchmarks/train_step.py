@@ -22,8 +22,10 @@ the median over steps of (the step's GFLOP/s) / (the GFLOP/s of the roofline pas
 range over steps beside it. Pairing each step with its own roofline pass cancels this VM's speed drift, which
 reaches 10-30% within a minute at times. `roofline_gflops` is the median roofline pass.
 
-For TopK/BatchTopK the selection (a per-token or batch-wide top-k over B x d_sae pre-activations) is not a
-matmul, so roofline_fraction mostly measures how much of the step that selection takes. The JSON also gives
+For TopK/BatchTopK the selection (a per-token or batch-wide top-k over B x d_sae pre-activations) and the
+sparse products are not matmuls (they run as saes/native.py's C++ kernels when g++ is present;
+`native_kernels` in the JSON says whether they did), so roofline_fraction mostly measures how much of the
+step they take. The JSON also gives
 dense_equivalent_fraction = (time a dense 5-pass step would take at the 5-pass roofline) / (measured step
 time): above 1 means the sparse step is faster than any dense implementation could be on this machine.
 """
@@ -40,7 +42,7 @@ import torch
 from omegaconf import OmegaConf
 
 from saelab.module import SAEModule
-from saelab.saes import build_sae
+from saelab.saes import build_sae, native
 
 CONF_SAE = Path(__file__).resolve().parents[1] / "conf" / "sae"
 LOG_EVERY_N_STEPS = 10  # conf/trainer/default.yaml: L0 is computed on logging steps only, as in training
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     fractions = [(flops / t) / (roofline.flops / r) for t, r in zip(times, roofline_times, strict=True)]
     result = {
         "variant": args.variant, "d_in": d_in, "d_sae": args.d_sae, "batch": args.batch,
-        "threads": torch.get_num_threads(), "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
+        "threads": torch.get_num_threads(), "native_kernels": native.library() is not None,  # TopK's C++ kernels
+        "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
         "gflops": gflops, "roofline_gflops": roofline.flops / statistics.median(roofline_times) / 1e9,
         "roofline_fraction": statistics.median(fractions),
         "roofline_fraction_range": [min(fractions), max(fractions)],  # over the step/roofline pairs
@@ -169,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
           + (f"; {result['dense_equivalent_fraction']:.2f}x a dense step at the roofline"
              if "dense_equivalent_fraction" in result else "")
           + f"; phases (ms) forward {result['forward_ms']:.1f}, backward {result['backward_ms']:.1f}, "
-            f"optimiser {result['optimizer_ms']:.1f}")
+            f"optimiser {result['optimizer_ms']:.1f}"
+          + ("" if result["native_kernels"] or args.variant not in ("topk", "batchtopk")
+             else "; native kernels OFF"))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

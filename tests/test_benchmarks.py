@@ -38,6 +38,7 @@ def test_train_step_benchmark_reports_every_variant_on_synthetic_and_saved_activ
         low, high = result["roofline_fraction_range"]  # the fraction is the median of step/roofline pairs
         assert 0 < low <= result["roofline_fraction"] <= high
         assert ("dense_equivalent_fraction" in result) == (variant in ("topk", "batchtopk"))
+        assert result["native_kernels"] is True  # g++ is here, so TopK's figures are the C++ kernels'
 
 
 def test_step_timer_attributes_each_steps_work_to_its_own_period(tiny_model_dir, tiny_corpus_dir, tmp_path):

@@ -62,8 +62,8 @@ class BatchTopKSAE(TopKSAE):
 
         On CPU in float32 this is native.batch_topk (sparse_kernels.cpp), which estimates its own cutoff from a
         sample. The fallback here: a topk over all B*d_sae entries costs about as much as the encoder matmul
-        (0.11 s at B 2048, d_sae 3072, one CPU core). Entries at or below a cutoff c can only be kept if fewer than B*k lie
-        above it, so with c = 0.8 theta the topk runs over the few entries above c (0.016 s). While the
+        (0.11 s at B 2048, d_sae 3072, one CPU core). Entries at or below a cutoff c can only be kept if fewer
+        than B*k lie above it, so with c = 0.8 theta the topk runs over the few entries above c (0.016 s). While the
         pre-activations shift (early in training, at a high learning rate) theta can lag above this batch's
         threshold; the lower cutoffs then still avoid the full topk, the last resort.
         """
