@@ -71,7 +71,7 @@ class ActiveLatents:
 
     def fired(self) -> Tensor:
         """[d_sae] bool: latents with a positive value on some token (no dense tensor is built)."""
-        return torch.bincount(self.latents[self.values > 0], minlength=self.d_sae) > 0
+        return torch.bincount(self.latents, weights=self.values.clamp_min(0), minlength=self.d_sae) > 0  # no mask
 
     def active_count(self) -> Tensor:
         return (self.values > 0).sum()
