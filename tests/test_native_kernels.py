@@ -90,11 +90,13 @@ def test_batch_topk_is_exact(build, with_bias):
 
 
 def test_batch_topk_is_exact_when_its_sample_misleads_it(build):
-    """The cutoff comes from a strided sample of 65,536 entries; if the sampled entries are the largest, fewer
-    than `keep` entries reach it, and the kernel must retry with lower cutoffs (down to every entry)."""
+    """The cutoff comes from a sample of 4,096 runs of 16 entries at hashed positions; if the sampled entries
+    are the largest, fewer than `keep` entries reach it, and the kernel must retry with lower cutoffs (down to
+    every entry)."""
     rows, width = 256, 1024
     n = rows * width
-    sampled = (torch.arange(1 << 16, dtype=torch.int64) * 2654435761) % n
+    starts = (torch.arange(1 << 12, dtype=torch.int64) * 2654435761) % (n // 16) * 16
+    sampled = (starts.unsqueeze(1) + torch.arange(16)).flatten()
     scores = torch.randn(n)
     scores[sampled] = 100 + torch.rand(sampled.numel())
     for keep in (8192, 70_000):  # a lower cutoff suffices; only every entry does

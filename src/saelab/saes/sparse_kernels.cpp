@@ -74,21 +74,23 @@ inline __m512i float_keys(__m512 v) {
 }
 #endif
 
+// How many of keys[0..n) are >= probe.
+inline i64 count_at_least(const uint32_t* keys, i64 n, uint32_t probe) {
+  i64 count = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512i p = _mm512_set1_epi32(static_cast<int>(probe));
+  for (; i + 16 <= n; i += 16) count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i), p));
+#endif
+  for (; i < n; ++i) count += keys[i] >= probe;
+  return count;
+}
+
 // The largest key t with at least `rank` of keys[0..n) >= t, i.e. the rank-th largest key (1 <= rank <= n):
 // built bit by bit from the top, each bit one counting pass over the (few, cache-resident) keys.
 uint32_t kth_largest_key(const uint32_t* keys, i64 n, i64 rank) {
   uint32_t t = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t probe = t | (1u << bit);
-    i64 count = 0, i = 0;
-#if defined(__AVX512F__)
-    const __m512i p = _mm512_set1_epi32(static_cast<int>(probe));
-    for (; i + 16 <= n; i += 16)
-      count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i), p));
-#endif
-    for (; i < n; ++i) count += keys[i] >= probe;
-    if (count >= rank) t = probe;
-  }
+  for (int bit = 31; bit >= 0; --bit)
+    if (count_at_least(keys, n, t | (1u << bit)) >= rank) t |= 1u << bit;
   return t;
 }
 
@@ -283,7 +285,7 @@ void saelab_row_topk(const float* x, const float* bias, i64 rows, i64 m, i64 ld,
 // null), by flat index (ties: lower indices win), in ascending index order, with their values; returns keep
 // (0 < keep <= n).
 //
-// A strided sample estimates a cutoff that about 1.2 keep entries reach; one pass (split across threads)
+// A sample estimates a cutoff that about 1.2 keep entries reach; one pass (split across threads)
 // collects those candidates in index order, and a bitwise search over their keys gives the exact keep-th
 // largest. If the sample's cutoff was too high (fewer than keep candidates), it retries with lower ones,
 // ending with every entry as a candidate, so the result is exact whatever the sample says.
@@ -293,10 +295,14 @@ i64 saelab_batch_topk(const float* x, const float* bias, i64 n, i64 width, i64 k
   const std::vector<float> zeros(bias ? 0 : width, 0.f);
   if (!bias) bias = zeros.data();
   const auto value = [&](i64 i) { return x[i] + bias[i % width]; };
-  const i64 n_sample = std::min<i64>(n, 1 << 16);
+  // The sample: 4,096 runs of 16 consecutive entries (a cache line each) at hashed positions, so it costs
+  // 4,096 cache misses rather than 65,536.
+  const i64 n_runs = n / 16, n_sample = std::min<i64>(n_runs, 1 << 12) * 16;
   std::vector<uint32_t> sample(n_sample);
-  for (i64 i = 0; i < n_sample; ++i)
-    sample[i] = float_key(value(static_cast<i64>((static_cast<uint64_t>(i) * 2654435761ULL) % static_cast<uint64_t>(n))));
+  for (i64 i = 0; i < n_sample / 16; ++i) {
+    const i64 start = static_cast<i64>((static_cast<uint64_t>(i) * 2654435761ULL) % static_cast<uint64_t>(n_runs)) * 16;
+    for (i64 j = 0; j < 16; ++j) sample[i * 16 + j] = float_key(value(start + j));
+  }
   const double expected = static_cast<double>(keep) / n * n_sample;
   const std::vector<i64> bounds = even_bounds(n, threads, 16);
   const int parts = static_cast<int>(bounds.size()) - 1;
@@ -307,7 +313,7 @@ i64 saelab_batch_topk(const float* x, const float* bias, i64 n, i64 width, i64 k
   for (int attempt = 0; total < keep; ++attempt) {
     const i64 rank = static_cast<i64>(std::ceil(expected * 1.2 * (1 << (2 * attempt)) + 4 * std::sqrt(expected) + 8));
     uint32_t cutoff = 0;  // every entry
-    if (attempt < 3 && rank < n_sample) {
+    if (attempt < 3 && rank < n_sample) {  // (with fewer than 16 entries there is no sample: take them all)
       std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<uint32_t>());
       cutoff = sample[rank];
     }
@@ -334,22 +340,42 @@ i64 saelab_batch_topk(const float* x, const float* bias, i64 n, i64 width, i64 k
     total = 0;
     for (int p = 0; p < parts; ++p) total += found[p];
   }
-  std::vector<uint32_t> all;
-  all.reserve(total);
-  for (int p = 0; p < parts; ++p) all.insert(all.end(), keys[p].begin(), keys[p].begin() + found[p]);
-  const uint32_t t = kth_largest_key(all.data(), total, keep);
-  i64 above = 0;
-  for (uint32_t key : all) above += key > t;
-  i64 ties_left = keep - above, out = 0;
-  for (int p = 0; p < parts; ++p)
+  // The exact keep-th largest key t, bit by bit from the top, each part counting its own candidates.
+  uint32_t t = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t probe = t | (1u << bit);
+    i64 count = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+ : count)
+    for (int p = 0; p < parts; ++p) count += count_at_least(keys[p].data(), found[p], probe);
+    if (count >= keep) t = probe;
+  }
+  // Each part keeps its keys above t, and the ties at t go to the lowest indices: parts in index order take
+  // them while the quota lasts. Then every part writes its share at its own offset.
+  std::vector<i64> above(parts), ties(parts), taken_ties(parts), offset(parts + 1, 0);
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    above[p] = t == UINT32_MAX ? 0 : count_at_least(keys[p].data(), found[p], t + 1);
+    ties[p] = count_at_least(keys[p].data(), found[p], t) - above[p];
+  }
+  i64 ties_left = keep;
+  for (int p = 0; p < parts; ++p) ties_left -= above[p];
+  for (int p = 0; p < parts; ++p) {
+    taken_ties[p] = std::min(ties[p], ties_left);
+    ties_left -= taken_ties[p];
+    offset[p + 1] = offset[p] + above[p] + taken_ties[p];
+  }
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    i64 out = offset[p], ties_here = taken_ties[p];
     for (i64 j = 0; j < found[p]; ++j) {
       const uint32_t key = keys[p][j];
-      if (key > t || (key == t && ties_left-- > 0)) {
+      if (key > t || (key == t && ties_here-- > 0)) {
         ids_out[out] = ids[p][j];
         vals_out[out++] = value(ids[p][j]);
       }
     }
-  return out;
+  }
+  return offset[parts];
 }
 
 // Stable counting sort of entries by group id: order[] lists entry indices group by group (entries keep their
