@@ -10,6 +10,9 @@ checks loss terms and gradients against a straightforward reference), but with f
 * the backward pass writes the latent gradient into one reused buffer (SAE.workspace), adds the sparsity
   term's constant gradient inside the GEMM (addmm's bias), and masks it in place.
 
+The sparse TopK/BatchTopK step (SparsePattern and the three Functions after it) calls saes/native.py's C++
+kernels on the CPU and torch operators elsewhere.
+
 Used in float (no autocast) training on 2-D batches; the variants fall back to autograd otherwise.
 """
 

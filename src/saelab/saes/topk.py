@@ -1,10 +1,11 @@
 """TopK SAE (Gao et al. 2024; SPEC section 4): z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)), plus AuxK.
 
 Sparsity is set by k, so there is no sparsity coefficient to schedule. Training is sparse after the encoder
-matmul: x_hat is a weighted sum of each token's k selected decoder rows (`embedding_bag`), and the backward
-pass (fused.SparseDecode, fused.SparseGather) computes dW_dec, dW_enc and the latents' gradients from the
-B k selected entries alone, with CSR products, so only one dense [B, d_in] x [d_in, d_sae] matmul runs per
-step (dense SAEs run five).
+matmul: x_hat is a weighted sum of each token's k selected decoder rows, and the backward pass
+(fused.SparseReconstructionError, fused.SparseGather) computes dW_dec, dW_enc and the latents' gradients from
+the B k selected entries alone, so only one dense [B, d_in] x [d_in, d_sae] matmul runs per step (dense SAEs
+run five). On the CPU in float32 the selection and the sparse products are saes/native.py's C++ kernels;
+elsewhere, torch operators (topk, embedding_bag, CSR products) compute the same.
 
 AuxK revives dead latents: it reconstructs the main model's residual e = sg(x - x_hat) from the top k_aux
 pre-activations among dead latents, e_hat = W_dec z_aux (no bias), and adds
