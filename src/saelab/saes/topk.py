@@ -92,7 +92,7 @@ CANDIDATE_GROUP = 8  # per_token_topk's prefilter: groups of 8 latents (a speed 
 def per_token_topk(scores: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, latent ids, scores) of each token's k largest scores (+ bias [d_sae], if given), grouped by token.
 
-    On CPU in float32 this is native.row_topk (sparse_kernels.cpp, about 4x faster than the fallback here).
+    On CPU in float32 this is native.row_topk (sparse_kernels.cpp, several times faster than the fallback).
     torch.topk over every [d_sae] row costs about half the encoder matmul on CPU, so the fallback narrows the
     search first: split each row into d_sae / 8 groups of 8 (columns g, g + d_sae/8, ...; a max over the middle
     dimension vectorises), keep the k groups with the largest maxima, and take the top k of those 8k
@@ -172,9 +172,10 @@ class TopKSAE(SAE):
             with torch.no_grad():
                 # The native top-k adds the bias as it scans, sparing addmm a pass that writes it into pi.
                 pre_bias = bias.detach() if native.usable(x, bias) else None
-                pre = self.workspace("pre", x)
-                pre = torch.mm(x, self.W_enc, out=pre) if pre_bias is not None else torch.addmm(bias, x, self.W_enc,
-                                                                                                 out=pre)
+                if pre_bias is not None:
+                    pre = torch.mm(x, self.W_enc, out=self.workspace("pre", x))
+                else:
+                    pre = torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x))
             active = self.select(pre, pre_bias)
             pattern = self.attach_gradient(active, (x, bias))
             rec, diff = SparseReconstructionError.apply(active.values, self.W_dec, self.b_dec, x, pattern)
