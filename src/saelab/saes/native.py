@@ -29,7 +29,10 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# -march=native: AVX-512 where the CPU has it (the kernels' fast paths); 512-bit vectors are GCC's choice to
+# make only when asked on x86. -fopenmp: the kernels share torch's OpenMP threads (see sparse_kernels.cpp).
+FLAGS = ("-O3", "-march=native", *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()),
+         "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 DISABLE_VARIABLE = "SAELAB_NATIVE_KERNELS"  # set to 0 to use the torch operators instead
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -153,9 +156,9 @@ def batch_topk(scores: Tensor, keep: int, bias: Tensor | None = None) -> tuple[T
         return None
     ids = torch.empty(keep, dtype=torch.int64)
     values = torch.empty(keep, dtype=torch.float32)
-    lib.saelab_batch_topk(scores.data_ptr(), _pointer(bias), scores.numel(), scores.shape[1], keep, ids.data_ptr(),
-                          values.data_ptr(), _threads())
-    return ids, values
+    kept = lib.saelab_batch_topk(scores.data_ptr(), _pointer(bias), scores.numel(), scores.shape[1], keep,
+                                 ids.data_ptr(), values.data_ptr(), _threads())
+    return (ids, values) if kept == keep else None
 
 
 def group_by(ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor] | None:
