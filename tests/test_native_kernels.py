@@ -153,6 +153,9 @@ def test_sparse_products_equal_dense_matmuls(build, d):
     product, none = native.sparse_t_dense(order, col_offsets, row_of, values, dense, transposed=True)
     close(product, (z.t() @ dense).t())
     assert none is None
+    shift = torch.randn(d)  # (dense - shift)^T Z without forming dense - shift
+    product, _ = native.sparse_t_dense(order, col_offsets, row_of, values, dense, transposed=True, shift=shift)
+    close(product, (z.t() @ (dense - shift)).t())
 
 
 def test_results_do_not_depend_on_the_thread_count(build):

@@ -65,7 +65,7 @@ def ref_gated(sae, x, coef):
 
 
 def ref_topk(sae, x, batch_topk: bool):
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    pre = sae.centre(x) @ sae.W_enc + sae.b_enc
     if batch_topk:
         flat = pre.flatten()
         ids = flat.topk(x.shape[0] * sae.k).indices
@@ -184,10 +184,12 @@ def test_gated(x, aux_loss, r_mag):
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_topk(x, cls, with_dead, monkeypatch, step_path):
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_topk(x, cls, with_dead, apply_b_dec, monkeypatch, step_path):
     monkeypatch.setattr(SparsePattern, "check_invariants", True)  # torch verifies every CSR matrix built
     torch.manual_seed(0)
-    sae = cls(cls.Config(d_in=D_IN, d_sae=D_SAE, k=4, k_aux=6, dead_window_tokens=100))
+    sae = cls(cls.Config(d_in=D_IN, d_sae=D_SAE, k=4, k_aux=6, dead_window_tokens=100,
+                         apply_b_dec_to_input=apply_b_dec))
     perturb(sae)
     if with_dead:  # half the latents dead, so AuxK runs
         sae.tokens_seen.fill_(1000)

@@ -223,15 +223,18 @@ class SparsePattern:
             out = torch.empty_like(sampled.values()).index_copy_(0, self.order, sampled.values())
         return out
 
-    def transpose_times(self, values: Tensor, dense: Tensor, transposed: bool = False,
-                        with_sums: bool = False) -> tuple[Tensor, Tensor | None]:
-        """(Z^T dense, as [d_sae, n] or, if transposed, [n, d_sae]; and Z's column sums if with_sums)."""
+    def transpose_times(self, values: Tensor, dense: Tensor, transposed: bool = False, with_sums: bool = False,
+                        shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(Z^T (dense - shift), as [d_sae, n] or, if transposed, [n, d_sae]; and Z's column sums if with_sums).
+        shift ([n], optional) is subtracted from every row of dense without forming dense - shift."""
         found = native.sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense.contiguous(),
-                                      transposed, with_sums)
+                                      transposed, with_sums, shift)
         if found is not None:
             return found
         product = self.transposed(values) @ dense
         sums = torch.zeros(self.d_sae, dtype=values.dtype, device=values.device).index_add_(0, self.latents, values)
+        if shift is not None:
+            product = product - torch.outer(sums, shift)
         return (product.t().contiguous() if transposed else product), (sums if with_sums else None)
 
 
@@ -241,30 +244,38 @@ def csr_offsets(ids: Tensor, n: int) -> Tensor:
 
 
 class SparseGather(torch.autograd.Function):
-    """values_j = pi[rows_j, latents_j] for pi = x W_enc + b: the caller computed pi and gathered the values
-    without autograd (the top-k search returns them); this attaches their gradient.
+    """values_j = pi[rows_j, latents_j] for pi = (x - b_dec) W_enc + b_enc (b_dec None: no centring): the caller
+    computed pi as x W_enc + (b_enc - b_dec W_enc) and gathered the values without autograd (the top-k search
+    returns them); this attaches their gradient.
 
-    The backward pass touches only the gathered entries: dW_enc = x^T G and db = column sums of G for the
-    sparse [B, d_sae] matrix G of the values' gradients, a sparse-dense product instead of the dense
-    [d_in, B] x [B, d_sae] matmul (and the dense [B, d_sae] gradient) that autograd would build.
+    The backward pass touches only the gathered entries. With G the sparse [B, d_sae] matrix of the values'
+    gradients and s its column sums: dW_enc = (x - b_dec)^T G (one sparse product that subtracts s b_dec per
+    latent, never forming x - b_dec), db_enc = s, db_dec = -W_enc s. Autograd would instead build the dense
+    [B, d_sae] gradient, a dense [d_in, B] x [B, d_sae] matmul, and the outer product b_dec s^T of the folded
+    bias's backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
-        ctx.save_for_backward(x, W_enc)
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, values: Tensor,
+                pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(x, W_enc, b_dec)
         ctx.pattern = pattern
         return values.clone()
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        x, W_enc = ctx.saved_tensors
+        x, W_enc, b_dec = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
         need = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 5
+        grads: list[Tensor | None] = [None] * 6
         g = g.to(x.dtype)
-        if need[1] or need[2]:
-            grad_w, grad_b = pattern.transpose_times(g, x, transposed=True, with_sums=need[2])  # (G^T x)^T
-            grads[1], grads[2] = (grad_w if need[1] else None), grad_b
+        if need[1] or need[2] or need[3]:
+            shift = b_dec.detach() if b_dec is not None else None
+            grad_w, sums = pattern.transpose_times(g, x, transposed=True, with_sums=True, shift=shift)
+            grads[1] = grad_w if need[1] else None
+            grads[2] = sums if need[2] else None
+            if need[3]:
+                grads[3] = -(W_enc.detach() @ sums)
         if need[0]:  # training never asks for it (x is data); kept simple
             dense = g.new_zeros(pattern.batch_size, pattern.d_sae).index_put_((pattern.rows, pattern.latents), g)
             grads[0] = dense @ W_enc.t()

@@ -42,7 +42,7 @@ _SIGNATURES = {
     "saelab_group_by": (None, [_ptr, _i64, _i64, _ptr, _ptr]),
     "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]),
     "saelab_sampled_dot": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _int]),
-    "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _int, _ptr, _int]),
+    "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _ptr, _int]),
 }
 
 
@@ -203,16 +203,22 @@ def sampled_dot(cols: Tensor, row_offsets: Tensor, table: Tensor, dense: Tensor)
 
 
 def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tensor, dense: Tensor,
-                   transposed: bool = False, col_sums: bool = False) -> tuple[Tensor, Tensor | None] | None:
-    """Z^T dense ([n_cols, d], or its transpose [d, n_cols]) for the sparse Z with entries (rows[e], col, coef[e])
-    grouped by column (order, col_offsets), and optionally Z's column sums."""
-    if coef.dtype != torch.float32 or dense.dtype != torch.float32:
+                   transposed: bool = False, col_sums: bool = False,
+                   shift: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
+    """Z^T (dense - shift) ([n_cols, d], or its transpose [d, n_cols]) for the sparse Z with entries
+    (rows[e], col, coef[e]) grouped by column (order, col_offsets); shift [d] is optional (none: zero). Also Z's
+    column sums if col_sums."""
+    extra = [] if shift is None else [shift]
+    if any(t.dtype != torch.float32 for t in (coef, dense, *extra)):
         return None
-    if (lib := _usable(order, col_offsets, rows, coef, dense)) is None:
+    if (lib := _usable(order, col_offsets, rows, coef, dense, *extra)) is None:
         return None
     n_cols, d = col_offsets.numel() - 1, dense.shape[1]
+    if shift is not None and shift.shape != (d,):
+        return None
     out = torch.empty((d, n_cols) if transposed else (n_cols, d), dtype=torch.float32)
     sums = torch.empty(n_cols, dtype=torch.float32) if col_sums else None
     lib.saelab_sparse_t_dense(order.data_ptr(), col_offsets.data_ptr(), n_cols, rows.data_ptr(), coef.data_ptr(),
-                              dense.data_ptr(), d, out.data_ptr(), int(transposed), _pointer(sums), _threads())
+                              dense.data_ptr(), d, _pointer(shift), out.data_ptr(), int(transposed), _pointer(sums),
+                              _threads())
     return out, sums

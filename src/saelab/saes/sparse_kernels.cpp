@@ -417,10 +417,13 @@ void saelab_sampled_dot(const i64* cols, const i64* row_offsets, i64 rows, const
 }
 
 // Z^T dense for Z given by entries grouped by column (order/col_offsets from saelab_group_by over the entries'
-// columns; rows[e] is entry e's row): sum_e coef[e] dense[rows[e]] per column c, written as out[c, :] ([n_cols, d])
-// or, if transposed, as out[:, c] ([d, n_cols]). col_sums (optional, [n_cols]) gets sum_e coef[e] per column.
+// columns; rows[e] is entry e's row): sum_e coef[e] dense[rows[e]] per column c, minus (sum_e coef[e]) shift if
+// shift ([d]) is given, written as out[c, :] ([n_cols, d]) or, if transposed, as out[:, c] ([d, n_cols]).
+// col_sums (optional, [n_cols]) gets sum_e coef[e] per column. With shift = b_dec this is (x - b_dec)^T Z, the
+// encoder's weight gradient when its input is centred, without forming x - b_dec.
 void saelab_sparse_t_dense(const i64* order, const i64* col_offsets, i64 n_cols, const i64* rows, const float* coef,
-                           const float* dense, i64 d, float* out, int transposed, float* col_sums, int threads) {
+                           const float* dense, i64 d, const float* shift, float* out, int transposed, float* col_sums,
+                           int threads) {
   // Transposed, 16 columns are summed into a tile and then written a row of out at a time (16 floats, one
   // cache line): out's row stride is often a multiple of 4 KiB, so writing column by column would thrash L1.
   constexpr i64 TILE = 16;
@@ -430,14 +433,17 @@ void saelab_sparse_t_dense(const i64* order, const i64* col_offsets, i64 n_cols,
       const i64 width = std::min(TILE, hi - c0);
       for (i64 c = c0; c < c0 + width; ++c) {
         const i64 first = col_offsets[c], count = col_offsets[c + 1] - first;
-        weighted_row_sum(transposed ? tile.data() + (c - c0) * d : out + c * d, d, count, [&](i64 t) {
+        float* y = transposed ? tile.data() + (c - c0) * d : out + c * d;
+        weighted_row_sum(y, d, count, [&](i64 t) {
           const i64 e = order[first + t];
           return std::pair<float, const float*>(coef[e], dense + rows[e] * d);
         });
-        if (col_sums) {
+        if (col_sums || shift) {
           float total = 0.f;
           for (i64 t = 0; t < count; ++t) total += coef[order[first + t]];
-          col_sums[c] = total;
+          if (col_sums) col_sums[c] = total;
+          if (shift)
+            for (i64 i = 0; i < d; ++i) y[i] -= total * shift[i];
         }
       }
       if (transposed)

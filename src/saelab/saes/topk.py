@@ -168,20 +168,21 @@ class TopKSAE(SAE):
             # Sparse after the encoder matmul: pi is computed without autograd, only the selected entries get a
             # gradient (fused.SparseGather), and fused.SparseReconstructionError decodes them and forms the
             # error in one pass. No dense [B, d_sae] gradient or dense dW_enc matmul is ever built.
-            bias = self.folded_bias(self.W_enc, self.b_enc)
             with torch.no_grad():
+                # The encoder bias with b_dec folded in; SparseGather gives the parameters their gradients.
+                bias = self.folded_bias(self.W_enc, self.b_enc)
                 # The native top-k adds the bias as it scans, sparing addmm a pass that writes it into pi.
-                pre_bias = bias.detach() if native.usable(x, bias) else None
+                pre_bias = bias if native.usable(x, bias) else None
                 if pre_bias is not None:
                     pre = torch.mm(x, self.W_enc, out=self.workspace("pre", x))
                 else:
                     pre = torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x))
             active = self.select(pre, pre_bias)
-            pattern = self.attach_gradient(active, (x, bias))
+            pattern = self.attach_gradient(active, x)
             rec, diff = SparseReconstructionError.apply(active.values, self.W_dec, self.b_dec, x, pattern)
             terms = {"rec": rec}
             if self.cfg.auxk_alpha > 0:
-                terms["auxk"] = (self.cfg.auxk_alpha * self.auxk_loss(pre, diff.neg(), dead, (x, bias), pre_bias)
+                terms["auxk"] = (self.cfg.auxk_alpha * self.auxk_loss(pre, diff.neg(), dead, x, pre_bias)
                                  if use_auxk else rec.new_zeros(()))
         else:
             pre = self.pre_activations(x)
@@ -195,17 +196,16 @@ class TopKSAE(SAE):
         # The latents stay sparse: firing statistics come from the active entries (TrainStep.fired).
         return TrainStep(terms, active.detach(), extras)
 
-    def attach_gradient(self, active: ActiveLatents, encoder: tuple[Tensor, Tensor], relu: bool = True
-                        ) -> SparsePattern:
-        """Give the selected entries, whose values were taken from pi = x W_enc + bias without autograd, their
-        sparse gradient (`encoder` is (x, folded bias)); returns their SparsePattern for the decoder.
+    def attach_gradient(self, active: ActiveLatents, x: Tensor, relu: bool = True) -> SparsePattern:
+        """Give the selected entries, whose values were taken from pi = x W_enc + folded bias without autograd,
+        their sparse gradient (to W_enc, b_enc and b_dec); returns their SparsePattern for the decoder.
 
         active.values become the values with a gradient, after a ReLU if `relu`. The selection's values may
         already be ReLU'd: ReLU(ReLU(p)) = ReLU(p), and its backward masks the same entries (where p <= 0).
         """
-        x, bias = encoder
         pattern = SparsePattern(active.rows, active.latents, active.batch_size, active.d_sae)
-        values = SparseGather.apply(x, self.W_enc, bias, active.values, pattern)
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        values = SparseGather.apply(x, self.W_enc, self.b_enc, b_dec, active.values, pattern)
         active.values = values.relu() if relu else values
         return pattern
 
@@ -213,19 +213,19 @@ class TopKSAE(SAE):
         """Per-batch state updates from the training selection (none for TopK); returns extras to log."""
         return {}
 
-    def auxk_loss(self, pre: Tensor, residual: Tensor, dead: Tensor, encoder: tuple[Tensor, Tensor] | None = None,
+    def auxk_loss(self, pre: Tensor, residual: Tensor, dead: Tensor, x: Tensor | None = None,
                   pre_bias: Tensor | None = None) -> Tensor:
         """||e - W_dec z_aux||^2 / ||e - mean(e)||^2, z_aux = top min(k_aux, n_dead) dead pre-activations.
 
-        With `encoder` (the fused path: pre has no gradient, and lacks pre_bias if that is given), the entries
+        With the batch x (the fused path: pre has no gradient, and lacks pre_bias if that is given), the entries
         get their gradient sparsely.
         """
         dead_ids = dead.nonzero().squeeze(1)
         bias = pre_bias[dead_ids] if pre_bias is not None else None
         rows, local, values = per_token_topk(pre[:, dead_ids], min(self.k_aux, dead_ids.numel()), bias)
         aux = ActiveLatents(rows, dead_ids[local], values, pre.shape[0], self.d_sae)
-        if encoder is not None:
-            pattern = self.attach_gradient(aux, encoder, relu=False)
+        if x is not None:
+            pattern = self.attach_gradient(aux, x, relu=False)
             e_hat = SparseDecode.apply(aux.values, self.W_dec, pattern)
         else:
             e_hat = aux.decode(self.W_dec)
