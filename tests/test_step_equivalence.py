@@ -9,6 +9,7 @@ every parameter, within float32 tolerance.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -194,15 +195,22 @@ def test_topk(x, cls, with_dead, apply_b_dec, monkeypatch, step_path):
     if with_dead:  # half the latents dead, so AuxK runs
         sae.tokens_seen.fill_(1000)
         sae.tokens_since_fired[::2] = 500
-    calls = []
-    for name in ("row_topk", "batch_topk", "sparse_decode", "sampled_dot", "sparse_t_dense"):
-        original = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ran = []  # kernels that ran (a wrapper returning None declined, and its torch twin ran instead)
+
+    def spy(*args, _kernel, _name, **kwargs):
+        result = _kernel(*args, **kwargs)
+        if result is not None:
+            ran.append(_name)
+        return result
+
+    for name in ("row_topk", "batch_topk", "group_by", "sparse_decode", "sampled_dot", "sparse_t_dense"):
+        monkeypatch.setattr(native, name, functools.partial(spy, _kernel=getattr(native, name), _name=name))
     out = check(sae, lambda s, x: ref_topk(s, x, cls is BatchTopKSAE), x, {})
     assert bool(out.terms["auxk"] > 0) == with_dead
-    if step_path == "fused":  # the C++ kernels ran (where they decline, the torch twins run instead)
-        assert {"sparse_decode", "sampled_dot", "sparse_t_dense"} <= set(calls)
-        assert native.library() is not None
+    selection = {"batch_topk" if cls is BatchTopKSAE else "row_topk"} | ({"row_topk"} if with_dead else set())
+    expected = selection | {"group_by", "sparse_decode", "sampled_dot", "sparse_t_dense"}  # AuxK: per-token
+    # The autograd path selects natively too (the values get their gradient from a gather); switched off, none ran.
+    assert set(ran) == {"fused": expected, "autograd": selection, "fused-torch": set()}[step_path]
 
 
 @pytest.mark.parametrize("cls", [ReluSAE, JumpReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE])

@@ -114,7 +114,7 @@ class SAEModule(L.LightningModule):
             log.warning("%s: batch skipped (nan_policy=skip)", err)
             self.log("train/skipped_batches", float(self.skipped_batches.add_(1)), on_step=True, on_epoch=False)
             return None  # Lightning runs no backward and no optimiser step for this batch
-        if logging_step:  # Lightning's self.log costs ~0.5 ms a call, so only what reaches the loggers is logged
+        if logging_step:  # each self.log call has a cost, so only what reaches the loggers is logged
             self.log_dict(self._step_metrics(batch, out, coefficients), on_step=True, on_epoch=False)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._log_throughput(batch.shape[0])

@@ -20,7 +20,7 @@ from saelab.errors import ConfigError
 from saelab.saes import native
 from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE
 
-# Batch TopK searches entries above 0.8 theta first, then above lower cutoffs, then all (exact either way).
+# The torch fallback searches entries above 0.8 theta first, then above lower cutoffs, then all (exact either way).
 CANDIDATE_FRACTIONS = (0.8, 0.4, 0.1)
 
 

@@ -85,13 +85,20 @@ inline i64 count_at_least(const uint32_t* keys, i64 n, uint32_t probe) {
   return count;
 }
 
-// The largest key t with at least `rank` of keys[0..n) >= t, i.e. the rank-th largest key (1 <= rank <= n):
-// built bit by bit from the top, each bit one counting pass over the (few, cache-resident) keys.
-uint32_t kth_largest_key(const uint32_t* keys, i64 n, i64 rank) {
+// The largest key t with count(t) >= rank, where count(probe) says how many candidate keys are >= probe: the
+// rank-th largest candidate key. Built bit by bit from the top, each bit one counting pass over the (few,
+// cache-resident) candidates.
+template <class Count>
+uint32_t kth_largest_key(i64 rank, Count&& count) {
   uint32_t t = 0;
   for (int bit = 31; bit >= 0; --bit)
-    if (count_at_least(keys, n, t | (1u << bit)) >= rank) t |= 1u << bit;
+    if (count(t | (1u << bit)) >= rank) t |= 1u << bit;
   return t;
+}
+
+// How many of keys[0..n) are > t.
+inline i64 count_above(const uint32_t* keys, i64 n, uint32_t t) {
+  return t == UINT32_MAX ? 0 : count_at_least(keys, n, t + 1);
 }
 
 // Appends (key, id_offset + i) for the entries i in [lo, hi) whose x[i] + bias[i] has a key >= cutoff, in
@@ -132,15 +139,12 @@ i64 collect_at_least(const float* x, const float* bias, i64 lo, i64 hi, uint32_t
   return n;
 }
 
-// Of candidates (keys, ids) in index order, those in the top `keep` by key (ties at the keep-th largest key t:
-// lower indices first), written in index order through take(id). `above` counts keys > t.
+// Of candidates (keys, ids) in index order, those with a key above t and the first `ties` with key t, written
+// in index order through take(id): the top of the candidates when t is the keep-th largest key.
 template <class Index, class Take>
-void take_top(const uint32_t* keys, const Index* ids, i64 n, i64 keep, uint32_t t, Take&& take) {
-  i64 above = 0;
-  for (i64 j = 0; j < n; ++j) above += keys[j] > t;
-  i64 ties_left = keep - above;
+void take_top(const uint32_t* keys, const Index* ids, i64 n, uint32_t t, i64 ties, Take&& take) {
   for (i64 j = 0; j < n; ++j)
-    if (keys[j] > t || (keys[j] == t && ties_left-- > 0)) take(ids[j]);
+    if (keys[j] > t || (keys[j] == t && ties-- > 0)) take(ids[j]);
 }
 
 // The k largest of row[0..m) (ties: the lower index wins) into vals/ids, in ascending index order.
@@ -176,9 +180,10 @@ void row_topk(const float* row, const float* bias, i64 m, i64 k, float* vals, i6
   s.keys.resize(m + 16);
   s.ids.resize(m + 16);
   const i64 n = collect_at_least(row, bias, 0, m, t0, s.keys.data(), s.ids.data(), 0);
-  const uint32_t t = kth_largest_key(s.keys.data(), n, k);
+  const uint32_t* keys = s.keys.data();
+  const uint32_t t = kth_largest_key(k, [&](uint32_t probe) { return count_at_least(keys, n, probe); });
   i64 out = 0;
-  take_top(s.keys.data(), s.ids.data(), n, k, t, [&](int32_t id) {
+  take_top(keys, s.ids.data(), n, t, k - count_above(keys, n, t), [&](int32_t id) {
     ids[out] = id;
     vals[out++] = row[id] + bias[id];
   });
@@ -340,21 +345,19 @@ i64 saelab_batch_topk(const float* x, const float* bias, i64 n, i64 width, i64 k
     total = 0;
     for (int p = 0; p < parts; ++p) total += found[p];
   }
-  // The exact keep-th largest key t, bit by bit from the top, each part counting its own candidates.
-  uint32_t t = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t probe = t | (1u << bit);
+  // The exact keep-th largest key t, each part counting its own candidates.
+  const uint32_t t = kth_largest_key(keep, [&](uint32_t probe) {
     i64 count = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+ : count)
     for (int p = 0; p < parts; ++p) count += count_at_least(keys[p].data(), found[p], probe);
-    if (count >= keep) t = probe;
-  }
+    return count;
+  });
   // Each part keeps its keys above t, and the ties at t go to the lowest indices: parts in index order take
   // them while the quota lasts. Then every part writes its share at its own offset.
   std::vector<i64> above(parts), ties(parts), taken_ties(parts), offset(parts + 1, 0);
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
-    above[p] = t == UINT32_MAX ? 0 : count_at_least(keys[p].data(), found[p], t + 1);
+    above[p] = count_above(keys[p].data(), found[p], t);
     ties[p] = count_at_least(keys[p].data(), found[p], t) - above[p];
   }
   i64 ties_left = keep;
@@ -366,14 +369,11 @@ i64 saelab_batch_topk(const float* x, const float* bias, i64 n, i64 width, i64 k
   }
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
-    i64 out = offset[p], ties_here = taken_ties[p];
-    for (i64 j = 0; j < found[p]; ++j) {
-      const uint32_t key = keys[p][j];
-      if (key > t || (key == t && ties_here-- > 0)) {
-        ids_out[out] = ids[p][j];
-        vals_out[out++] = value(ids[p][j]);
-      }
-    }
+    i64 out = offset[p];
+    take_top(keys[p].data(), ids[p].data(), found[p], t, taken_ties[p], [&](i64 id) {
+      ids_out[out] = id;
+      vals_out[out++] = value(id);
+    });
   }
   return offset[parts];
 }
