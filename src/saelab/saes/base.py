@@ -158,19 +158,19 @@ class SAE(nn.Module):
         """Whether the fused float kernels (saes/fused.py) may run: a 2-D batch, no autocast."""
         return x.dim() == 2 and not torch.is_autocast_enabled(x.device.type)
 
-    def workspace(self, name: str, x: Tensor) -> Tensor:
-        """A [B, d_sae] buffer (x's dtype and device) reused across steps by the fused training kernels.
+    def workspace(self, name: str, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A [B, d_sae] buffer (x's dtype unless given; x's device) reused across steps by the fused kernels.
 
         Fresh 48 MiB tensors are above glibc's largest mmap threshold (32 MiB), so each would be mmapped
         and page-faulted in on every step; reusing the buffer skips that. A buffer holding a step's latents
         is overwritten by the next step's forward (autograd's version check rejects a backward through a
         graph whose buffer was overwritten, so nothing is silently wrong).
         """
-        shape = (x.shape[0], self.d_sae)
+        shape, dtype = (x.shape[0], self.d_sae), dtype or x.dtype
         cache = self.__dict__.setdefault("_workspace", {})
         buf = cache.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != x.dtype or buf.device != x.device:
-            buf = cache[name] = x.new_empty(shape)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != x.device:
+            buf = cache[name] = x.new_empty(shape, dtype=dtype)
         return buf
 
     def encode(self, x: Tensor) -> Tensor:

@@ -56,6 +56,14 @@ class BatchTopKSAE(TopKSAE):
         flat_ids, values = self.batch_topk(pre, bias)
         return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae)
 
+    def select_screened(self, screen: native.Screen) -> ActiveLatents | None:
+        found = native.screened_batch_topk(screen, screen.approx.shape[0] * self.k)
+        if found is None:
+            return None
+        flat_ids, values, _ = found
+        batch, d_sae = screen.approx.shape
+        return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae)
+
     def batch_topk(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(flat indices in ascending order, i.e. grouped by token; values) of the B*k largest entries of pre
         (+ bias [d_sae], if given).

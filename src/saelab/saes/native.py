@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +44,13 @@ _SIGNATURES = {
     "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]),
     "saelab_sampled_dot": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _int]),
     "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _ptr, _int]),
+    **{name: (_i64, [_ptr, _i64, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr, _ptr, _i64, _i64, _i64, _i64,
+                     _ptr, _ptr, _int])
+       for name in ("saelab_screened_row_topk", "saelab_screened_batch_topk")},
+    "saelab_screen_prepare": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int]),
 }
+BF16_UNIT = 2.0**-8  # bfloat16's unit roundoff (8 significant bits, rounded to nearest)
+F32_UNIT = 2.0**-24
 
 
 def _cpu_flags() -> str:
@@ -222,3 +229,87 @@ def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tenso
                               dense.data_ptr(), d, _pointer(shift), out.data_ptr(), int(transposed), _pointer(sums),
                               _threads())
     return out, sums
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX), where torch's bf16 matmul
+    runs ~2.6x faster than float32 (24 vs 63 ms for [4096, 384] x [384, 3072] here); without them it is slower."""
+    flags = _cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class Screen:
+    """A bfloat16 stand-in for the pre-activations x W + bias, with what exact selection needs besides.
+
+    approx = bf16(bf16(x) bf16(W)) (torch's bf16 matmul accumulates in float32). For each entry,
+    |x.w_j + bias_j - (approx + bias_j)| <= row_scale[r] |w_j| + REL_APPROX |approx| + REL_BIAS |bias_j|:
+    rounding x and W to bf16 moves each product by at most (2u + u^2) |x_i w_ij| (u = 2^-8), float32 sums
+    of d terms (in any order) by gamma = d u32 / (1 - d u32) times the sum of |terms| (taken three times: the
+    bf16 matmul's sum, the float32 value it stands in for, the kernel's exact dot), sum_i |x_i w_ij| <= |x| |w_j|
+    (Cauchy-Schwarz), and rounding the output to bf16 moves it by at most u / (1 - u) |approx|. 1% on top
+    covers the norms' own rounding; REL_BIAS the float32 additions of the bias.
+    """
+
+    approx: Tensor  # [B, m] bfloat16
+    x: Tensor  # [B, d] float32
+    wt: Tensor  # [m, d] float32: W^T, so each exact value reads one contiguous row
+    bias: Tensor  # [m] float32
+    row_scale: Tensor  # [B]
+    col_norm: Tensor  # [m]
+
+
+REL_APPROX = 1.01 * BF16_UNIT / (1 - BF16_UNIT) + 2.0**-20
+REL_BIAS = 2.0**-20
+
+
+def bf16_screen(x: Tensor, W: Tensor, bias: Tensor, out: Tensor | None = None) -> Screen | None:
+    """The Screen of x W + bias (x [B, d], W [d, m], bias [m]; float32 on the CPU), or None where the kernels
+    cannot use it (not float32 CPU tensors, no kernels, or norms so large the bound could overflow)."""
+    if not (x.dim() == 2 and W.dim() == 2 and x.shape[1] == W.shape[0] and bias.shape == (W.shape[1],)):
+        return None
+    if not (usable(x, W, bias) and x.dtype == W.dtype == bias.dtype == torch.float32):
+        return None
+    if (lib := library()) is None:
+        return None
+    (batch, d), m = x.shape, W.shape[1]
+    n = d + 64  # a little more than d: a blocked matmul may add partial sums
+    gamma = n * F32_UNIT / (1 - n * F32_UNIT)
+    scale = 1.01 * ((2 * BF16_UNIT + BF16_UNIT**2) + 3 * gamma * (1 + BF16_UNIT) ** 2)
+    row_norm = torch.linalg.vector_norm(x, dim=1)
+    wt, col_norm = W.new_empty(m, d), W.new_empty(m)
+    lib.saelab_screen_prepare(W.data_ptr(), d, m, wt.data_ptr(), col_norm.data_ptr(), _threads())
+    largest = float(row_norm.max()) * float(col_norm.max())
+    if not (largest < 1e36 and bool(bias.isfinite().all())):  # also False for NaN/inf norms
+        return None
+    approx = torch.mm(x.bfloat16(), W.bfloat16(), out=out)
+    return Screen(approx, x, wt, bias, row_norm.mul_(scale), col_norm)
+
+
+def _screen_args(screen: Screen) -> list:
+    s = screen
+    return [s.approx.data_ptr(), s.approx.stride(0), s.bias.data_ptr(), s.row_scale.data_ptr(), s.col_norm.data_ptr(),
+            REL_APPROX, REL_BIAS, s.x.data_ptr(), s.wt.data_ptr(), s.x.shape[1], *s.approx.shape]
+
+
+def screened_row_topk(screen: Screen, k: int) -> tuple[Tensor, Tensor, int] | None:
+    """(ids, values, candidates): row_topk of the exact x W + bias, found through the screen; candidates is how
+    many exact values were computed (k per row at least)."""
+    rows, width = screen.approx.shape
+    if screen.approx.stride(1) != 1 or not 0 < k <= width or (lib := library()) is None:
+        return None
+    ids = torch.empty(rows, k, dtype=torch.int64)
+    values = torch.empty(rows, k, dtype=torch.float32)
+    found = lib.saelab_screened_row_topk(*_screen_args(screen), k, values.data_ptr(), ids.data_ptr(), _threads())
+    return ids, values, found
+
+
+def screened_batch_topk(screen: Screen, keep: int) -> tuple[Tensor, Tensor, int] | None:
+    """(flat ids, values, candidates): batch_topk of the exact x W + bias, found through the screen; None if the
+    kernel's cutoffs all failed (then the float32 matmul must decide)."""
+    if screen.approx.stride(1) != 1 or not 0 < keep <= screen.approx.numel() or (lib := library()) is None:
+        return None
+    ids = torch.empty(keep, dtype=torch.int64)
+    values = torch.empty(keep, dtype=torch.float32)
+    found = lib.saelab_screened_batch_topk(*_screen_args(screen), keep, ids.data_ptr(), values.data_ptr(), _threads())
+    return (ids, values, found) if found >= 0 else None

@@ -139,12 +139,49 @@ i64 collect_at_least(const float* x, const float* bias, i64 lo, i64 hi, uint32_t
   return n;
 }
 
-// Of candidates (keys, ids) in index order, those with a key above t and the first `ties` with key t, written
-// in index order through take(id): the top of the candidates when t is the keep-th largest key.
-template <class Index, class Take>
-void take_top(const uint32_t* keys, const Index* ids, i64 n, uint32_t t, i64 ties, Take&& take) {
+// Of candidates keys[0..n) in index order, those above t and the first `ties` equal to t, passed in order to
+// take(j) (j: the candidate's position): the top of the candidates when t is the keep-th largest key.
+template <class Take>
+void take_top(const uint32_t* keys, i64 n, uint32_t t, i64 ties, Take&& take) {
   for (i64 j = 0; j < n; ++j)
-    if (keys[j] > t || (keys[j] == t && ties-- > 0)) take(ids[j]);
+    if (keys[j] > t || (keys[j] == t && ties-- > 0)) take(j);
+}
+
+// The keep largest of the candidate keys held by parts (part p: keys[p][0..found[p]), in index order; parts in
+// index order; ties: the lower index wins), passed in index order to emit(p, j, out): part p's candidate j goes
+// to output position out. Returns how many were emitted (keep, if there were that many candidates).
+template <class Emit>
+i64 take_top_of_parts(const std::vector<std::vector<uint32_t>>& keys, const std::vector<i64>& found, i64 keep,
+                      Emit&& emit) {
+  const int parts = static_cast<int>(found.size());
+  // The exact keep-th largest key t, each part counting its own candidates.
+  const uint32_t t = kth_largest_key(keep, [&](uint32_t probe) {
+    i64 count = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+ : count)
+    for (int p = 0; p < parts; ++p) count += count_at_least(keys[p].data(), found[p], probe);
+    return count;
+  });
+  // Each part keeps its keys above t, and the ties at t go to the lowest indices: parts in index order take
+  // them while the quota lasts. Then every part writes its share at its own offset.
+  std::vector<i64> above(parts), ties(parts), taken_ties(parts), offset(parts + 1, 0);
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    above[p] = count_above(keys[p].data(), found[p], t);
+    ties[p] = count_at_least(keys[p].data(), found[p], t) - above[p];
+  }
+  i64 ties_left = keep;
+  for (int p = 0; p < parts; ++p) ties_left -= above[p];
+  for (int p = 0; p < parts; ++p) {
+    taken_ties[p] = std::min(ties[p], ties_left);
+    ties_left -= taken_ties[p];
+    offset[p + 1] = offset[p] + above[p] + taken_ties[p];
+  }
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    i64 out = offset[p];
+    take_top(keys[p].data(), found[p], t, taken_ties[p], [&](i64 j) { emit(p, j, out++); });
+  }
+  return offset[parts];
 }
 
 // The k largest of row[0..m) (ties: the lower index wins) into vals/ids, in ascending index order.
@@ -159,7 +196,8 @@ struct RowScratch {
   std::vector<int32_t> ids;
 };
 
-void row_topk(const float* row, const float* bias, i64 m, i64 k, float* vals, i64* ids, RowScratch& s) {
+// Leaves the candidates (keys, ids in index order; n of them) in s and returns the k-th largest key of row + bias.
+uint32_t row_kth_key(const float* row, const float* bias, i64 m, i64 k, RowScratch& s, i64& n) {
   s.group_max.resize(k);
   uint32_t* gm = s.group_max.data();
   for (i64 j = 0; j < k; ++j) gm[j] = float_key(row[j] + bias[j]);
@@ -179,11 +217,17 @@ void row_topk(const float* row, const float* bias, i64 m, i64 k, float* vals, i6
   const uint32_t t0 = *std::min_element(gm, gm + k);
   s.keys.resize(m + 16);
   s.ids.resize(m + 16);
-  const i64 n = collect_at_least(row, bias, 0, m, t0, s.keys.data(), s.ids.data(), 0);
+  n = collect_at_least(row, bias, 0, m, t0, s.keys.data(), s.ids.data(), 0);
   const uint32_t* keys = s.keys.data();
-  const uint32_t t = kth_largest_key(k, [&](uint32_t probe) { return count_at_least(keys, n, probe); });
+  return kth_largest_key(k, [&](uint32_t probe) { return count_at_least(keys, n, probe); });
+}
+
+void row_topk(const float* row, const float* bias, i64 m, i64 k, float* vals, i64* ids, RowScratch& s) {
+  i64 n = 0;
+  const uint32_t t = row_kth_key(row, bias, m, k, s, n);
   i64 out = 0;
-  take_top(keys, s.ids.data(), n, t, k - count_above(keys, n, t), [&](int32_t id) {
+  take_top(s.keys.data(), n, t, k - count_above(s.keys.data(), n, t), [&](i64 j) {
+    const i64 id = s.ids[j];
     ids[out] = id;
     vals[out++] = row[id] + bias[id];
   });
@@ -269,6 +313,87 @@ inline float dot(const float* a, const float* b, i64 d) {
   return s;
 }
 
+// The bfloat16 screen. approx = bf16(bf16(x) bf16(W)) (a bf16 matmul accumulating in float32) misses the exact
+// pre-activation v = x . w_j + bias_j by at most e = scale_r |w_j| + rel_a |a| + rel_b |bias_j| (scale_r: a
+// multiple of |x_r| covering the input rounding and the float32 sums, see native.py); so v lies in
+// [a + bias - e, a + bias + e]. Exact selection then only needs exact values for the entries whose interval
+// reaches the selection's threshold.
+inline float bf16_value(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+struct ScreenBounds {
+  const uint16_t* approx;  // [rows, ld] bf16 bits
+  i64 ld;
+  const float *bias, *row_scale, *col_norm;  // [m], [rows], [m]
+  float rel_a, rel_b;
+
+  float error(float a, i64 r, i64 j) const {
+    return row_scale[r] * col_norm[j] + rel_a * std::fabs(a) + rel_b * std::fabs(bias[j]) + 1e-30f;
+  }
+  float low(i64 r, i64 j) const {
+    const float a = bf16_value(approx[r * ld + j]);
+    return (a + bias[j]) - error(a, r, j);
+  }
+  // lo[j], hi[j] of row r for j in [0, m).
+  void row(i64 r, i64 m, float* lo, float* hi) const {
+    const uint16_t* a_row = approx + r * ld;
+    i64 j = 0;
+#if defined(__AVX512F__)
+    const __m512 scale = _mm512_set1_ps(row_scale[r]), ra = _mm512_set1_ps(rel_a), rb = _mm512_set1_ps(rel_b),
+                 tiny = _mm512_set1_ps(1e-30f);
+    for (; j + 16 <= m; j += 16) {
+      const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_row + j)));
+      const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)), b = _mm512_loadu_ps(bias + j);
+      const __m512 e = _mm512_fmadd_ps(scale, _mm512_loadu_ps(col_norm + j),
+                                       _mm512_fmadd_ps(ra, _mm512_abs_ps(a), _mm512_fmadd_ps(rb, _mm512_abs_ps(b), tiny)));
+      const __m512 v = _mm512_add_ps(a, b);
+      _mm512_storeu_ps(lo + j, _mm512_sub_ps(v, e));
+      _mm512_storeu_ps(hi + j, _mm512_add_ps(v, e));
+    }
+#endif
+    for (; j < m; ++j) {
+      const float a = bf16_value(a_row[j]), v = a + bias[j], e = error(a, r, j);
+      lo[j] = v - e;
+      hi[j] = v + e;
+    }
+  }
+};
+
+// How many of v[0..n) have a key >= cutoff.
+inline i64 count_keys_at_least(const float* v, i64 n, uint32_t cutoff) {
+  i64 count = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512i c = _mm512_set1_epi32(static_cast<int>(cutoff));
+  for (; i + 16 <= n; i += 16) count += __builtin_popcount(_mm512_cmpge_epu32_mask(float_keys(_mm512_loadu_ps(v + i)), c));
+#endif
+  for (; i < n; ++i) count += float_key(v[i]) >= cutoff;
+  return count;
+}
+
+// Row r's screened candidates: the columns whose hi reaches `cutoff` (in index order, appended to ids with
+// id_offset added), with their exact values x[r] . wt[col] + bias[col] and those values' keys. Returns how many.
+template <class Index>
+i64 exact_candidates(const ScreenBounds& sb, const float* hi, i64 m, uint32_t cutoff, const float* x_row,
+                     const float* wt, i64 d, const std::vector<float>& zeros, std::vector<uint32_t>& keys,
+                     std::vector<Index>& ids, std::vector<float>& vals, i64 at, i64 id_offset) {
+  if (keys.size() < static_cast<size_t>(at + m + 16)) {
+    keys.resize(at + m + 16);
+    ids.resize(at + m + 16);
+    vals.resize(at + m + 16);
+  }
+  const i64 n = collect_at_least(hi, zeros.data(), 0, m, cutoff, keys.data() + at, ids.data() + at, id_offset);
+  for (i64 c = at; c < at + n; ++c) {
+    const i64 col = static_cast<i64>(ids[c]) - id_offset;
+    vals[c] = dot(x_row, wt + col * d, d) + sb.bias[col];
+    keys[c] = float_key(vals[c]);
+  }
+  return n;
+}
+
 }  // namespace
 
 extern "C" {
@@ -345,37 +470,10 @@ i64 saelab_batch_topk(const float* x, const float* bias, i64 n, i64 width, i64 k
     total = 0;
     for (int p = 0; p < parts; ++p) total += found[p];
   }
-  // The exact keep-th largest key t, each part counting its own candidates.
-  const uint32_t t = kth_largest_key(keep, [&](uint32_t probe) {
-    i64 count = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+ : count)
-    for (int p = 0; p < parts; ++p) count += count_at_least(keys[p].data(), found[p], probe);
-    return count;
+  return take_top_of_parts(keys, found, keep, [&](int p, i64 j, i64 out) {
+    ids_out[out] = ids[p][j];
+    vals_out[out] = value(ids[p][j]);
   });
-  // Each part keeps its keys above t, and the ties at t go to the lowest indices: parts in index order take
-  // them while the quota lasts. Then every part writes its share at its own offset.
-  std::vector<i64> above(parts), ties(parts), taken_ties(parts), offset(parts + 1, 0);
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    above[p] = count_above(keys[p].data(), found[p], t);
-    ties[p] = count_at_least(keys[p].data(), found[p], t) - above[p];
-  }
-  i64 ties_left = keep;
-  for (int p = 0; p < parts; ++p) ties_left -= above[p];
-  for (int p = 0; p < parts; ++p) {
-    taken_ties[p] = std::min(ties[p], ties_left);
-    ties_left -= taken_ties[p];
-    offset[p + 1] = offset[p] + above[p] + taken_ties[p];
-  }
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    i64 out = offset[p];
-    take_top(keys[p].data(), ids[p].data(), found[p], t, taken_ties[p], [&](i64 id) {
-      ids_out[out] = id;
-      vals_out[out++] = value(id);
-    });
-  }
-  return offset[parts];
 }
 
 // Stable counting sort of entries by group id: order[] lists entry indices group by group (entries keep their
@@ -449,6 +547,119 @@ void saelab_sparse_t_dense(const i64* order, const i64* col_offsets, i64 n_cols,
       if (transposed)
         for (i64 i = 0; i < d; ++i)
           for (i64 l = 0; l < width; ++l) out[i * n_cols + c0 + l] = tile[l * d + i];
+    }
+  });
+}
+
+// TopK through the bfloat16 screen (ScreenBounds): each row's k largest exact pre-activations
+// x[r] . wt[j] + bias[j] (x [rows, d], wt = W^T [m, d]), ties to the lower index, as saelab_row_topk would give
+// on the float32 matmul. Per row: L = the k-th largest lower bound (at least k exact values reach it), the
+// candidates are the columns whose upper bound reaches L (no other can), and their exact values decide.
+// Returns the number of candidates (whose exact value was computed) over all rows.
+i64 saelab_screened_row_topk(const uint16_t* approx, i64 ld, const float* bias, const float* row_scale,
+                             const float* col_norm, float rel_a, float rel_b, const float* x, const float* wt, i64 d,
+                             i64 rows, i64 m, i64 k, float* vals, i64* ids, int threads) {
+  if (k <= 0 || k > m) return -1;
+  const ScreenBounds sb{approx, ld, bias, row_scale, col_norm, rel_a, rel_b};
+  const std::vector<float> zeros(m, 0.f);
+  const std::vector<i64> bounds = even_bounds(rows, threads);
+  std::vector<i64> screened(bounds.size() - 1, 0);
+  run_parts(bounds, [&](int part, i64 first, i64 last) {
+    RowScratch scratch;
+    std::vector<float> lo(m), hi(m), cand_vals;
+    std::vector<uint32_t> cand_keys;
+    std::vector<int32_t> cand_ids;
+    for (i64 r = first; r < last; ++r) {
+      sb.row(r, m, lo.data(), hi.data());
+      i64 n_lo = 0;
+      const uint32_t low_kth = row_kth_key(lo.data(), zeros.data(), m, k, scratch, n_lo);
+      const i64 n = exact_candidates(sb, hi.data(), m, low_kth, x + r * d, wt, d, zeros, cand_keys, cand_ids, cand_vals,
+                                     0, 0);
+      screened[part] += n;
+      const uint32_t* keys = cand_keys.data();
+      const uint32_t t = kth_largest_key(k, [&](uint32_t probe) { return count_at_least(keys, n, probe); });
+      i64 out = r * k;
+      take_top(keys, n, t, k - count_above(keys, n, t), [&](i64 j) {
+        ids[out] = cand_ids[j];
+        vals[out++] = cand_vals[j];
+      });
+    }
+  });
+  i64 total = 0;
+  for (const i64 n : screened) total += n;
+  return total;
+}
+
+// BatchTopK through the bfloat16 screen: the `keep` largest exact pre-activations of the whole [rows, m] matrix
+// (as saelab_batch_topk on the float32 matmul gives them: flat ids ascending, ties to the lower index).
+// A sample of lower bounds suggests a cutoff c; one pass counts the lower bounds >= c and collects the entries
+// whose upper bound reaches c, with exact values. If at least keep lower bounds reach c, so do keep exact
+// values, and every entry of the top keep is a candidate; otherwise it retries with a lower c. Returns the
+// number of candidates, or -1 if three cutoffs all failed (the caller then runs the float32 matmul).
+i64 saelab_screened_batch_topk(const uint16_t* approx, i64 ld, const float* bias, const float* row_scale,
+                               const float* col_norm, float rel_a, float rel_b, const float* x, const float* wt, i64 d,
+                               i64 rows, i64 m, i64 keep, i64* ids_out, float* vals_out, int threads) {
+  const i64 n = rows * m;
+  if (keep <= 0 || keep > n || m <= 0) return -1;
+  const ScreenBounds sb{approx, ld, bias, row_scale, col_norm, rel_a, rel_b};
+  const std::vector<float> zeros(m, 0.f);
+  const i64 n_sample = std::min<i64>(n, 1 << 16);
+  std::vector<uint32_t> sample(n_sample);
+  for (i64 i = 0; i < n_sample; ++i) {
+    const i64 at = static_cast<i64>((static_cast<uint64_t>(i) * 2654435761ULL) % static_cast<uint64_t>(n));
+    sample[i] = float_key(sb.low(at / m, at % m));
+  }
+  const double expected = static_cast<double>(keep) / n * n_sample;
+  const std::vector<i64> bounds = even_bounds(rows, threads);
+  const int parts = static_cast<int>(bounds.size()) - 1;
+  std::vector<std::vector<uint32_t>> keys(parts);
+  std::vector<std::vector<i64>> ids(parts);
+  std::vector<std::vector<float>> vals(parts);
+  std::vector<i64> found(parts), reached(parts);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    const i64 rank = static_cast<i64>(std::ceil(expected * 1.1 * (1 << (2 * attempt)) + 4 * std::sqrt(expected) + 8));
+    uint32_t cutoff = 0;  // every entry (a tiny matrix: the sample is smaller than the rank)
+    if (rank < n_sample) {
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<uint32_t>());
+      cutoff = sample[rank];
+    }
+    run_parts(bounds, [&](int part, i64 first, i64 last) {
+      std::vector<float> lo(m), hi(m);
+      found[part] = reached[part] = 0;
+      for (i64 r = first; r < last; ++r) {
+        sb.row(r, m, lo.data(), hi.data());
+        reached[part] += count_keys_at_least(lo.data(), m, cutoff);
+        found[part] += exact_candidates(sb, hi.data(), m, cutoff, x + r * d, wt, d, zeros, keys[part], ids[part],
+                                        vals[part], found[part], r * m);
+      }
+    });
+    i64 total_reached = 0, total_found = 0;
+    for (int p = 0; p < parts; ++p) total_reached += reached[p], total_found += found[p];
+    if (total_reached >= keep) {
+      take_top_of_parts(keys, found, keep, [&](int p, i64 j, i64 out) {
+        ids_out[out] = ids[p][j];
+        vals_out[out] = vals[p][j];
+      });
+      return total_found;
+    }
+    if (cutoff == 0) break;
+  }
+  return -1;
+}
+
+// wt = W^T ([m, d], from W [d, m]) and col_norm[j] = |W[:, j]| (= |wt[j]|): the screen's exact values read
+// wt's contiguous rows. Blocked by 32 x 32 so both sides move whole cache lines.
+void saelab_screen_prepare(const float* W, i64 d, i64 m, float* wt, float* col_norm, int threads) {
+  constexpr i64 BLOCK = 32;
+  run_parts(even_bounds(m, threads, BLOCK), [&](int, i64 first, i64 last) {
+    for (i64 j0 = first; j0 < last; j0 += BLOCK) {
+      const i64 j1 = std::min(last, j0 + BLOCK);
+      for (i64 i0 = 0; i0 < d; i0 += BLOCK) {
+        const i64 i1 = std::min(d, i0 + BLOCK);
+        for (i64 i = i0; i < i1; ++i)
+          for (i64 j = j0; j < j1; ++j) wt[j * d + i] = W[i * m + j];
+      }
+      for (i64 j = j0; j < j1; ++j) col_norm[j] = std::sqrt(dot(wt + j * d, wt + j * d, d));
     }
   });
 }
