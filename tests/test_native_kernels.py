@@ -8,6 +8,7 @@ count.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -163,12 +164,14 @@ def test_results_do_not_depend_on_the_thread_count(build):
     table, dense = torch.randn(300, 130), torch.randn(200, 130)
     scores = torch.randn(200, 300)
     order, col_offsets = native.group_by(cols, 300)
+    screen = native.bf16_screen(*screen_case(200, 40, 300))
 
     def run():
         return (*native.row_topk(scores, 8), *native.batch_topk(scores, 1600),
                 *native.sparse_decode(values, cols, offsets, table, minus=dense, row_sq=True),
                 native.sampled_dot(cols, offsets, table, dense),
-                native.sparse_t_dense(order, col_offsets, row_of, values, dense, transposed=True)[0])
+                native.sparse_t_dense(order, col_offsets, row_of, values, dense, transposed=True)[0],
+                *native.screened_row_topk(screen, 8)[:2], *native.screened_batch_topk(screen, 1600)[:2])
 
     threads = torch.get_num_threads()
     try:
@@ -224,3 +227,105 @@ def test_a_failed_build_falls_back_and_leaves_no_library(monkeypatch, tmp_path):
     finally:
         native._load.cache_clear()
     assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))
+
+
+def screen_case(rows: int, d: int, width: int, seed: int = 0, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(rows, d, generator=g) / d**0.5
+    W = torch.randn(d, width, generator=g)
+    W = W / W.norm(dim=0) * (0.5 + torch.rand(width, generator=g))  # unequal column norms
+    bias = 0.1 * torch.randn(width, generator=g)
+    return x, W, bias
+
+
+def exact_preacts(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ W.double() + bias.double()).float()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("worst_case", [False, True])
+def test_screen_bound_holds(scale, worst_case):
+    """|x.w_j + bias_j - (approx + bias_j)| <= the Screen's bound for every entry, at any scale (float64 truth).
+
+    The worst case: x = [p..., q...] and w_j = [p..., -q...] with p = 1 + 0.49 * 2^-7 (bf16 rounds it down to 1)
+    and q = 1 + 0.51 * 2^-7 (rounded up), so every product errs the same way, by ~2u |x_i w_i|, while the
+    products cancel (approx is small, so its own rounding term cannot cover for the rest): the error reaches
+    96% of the bound, and a bound 20% smaller fails here."""
+    x, W, bias = screen_case(256, 384, 512, scale=scale)
+    if worst_case:
+        p, q = 1 + 0.49 * 2**-7, 1 + 0.51 * 2**-7
+        half = x.shape[1] // 2
+        x = torch.cat([torch.full((256, half), p), torch.full((256, half), q)], 1)
+        x = x * 2.0 ** (round(math.log2(scale)) + torch.arange(-4, 4).repeat(32)[:, None])  # 2^n: exact in bf16
+        W = torch.cat([torch.full((half, 512), p), torch.full((half, 512), -q)]) * 2.0 ** torch.arange(-8, 8).repeat(32)
+        bias = torch.zeros_like(bias)
+    screen = native.bf16_screen(x, W, bias)
+    approx = screen.approx.float()
+    truth = x.double() @ W.double()
+    bound = (screen.row_scale[:, None] * screen.col_norm + native.REL_APPROX * approx.abs()
+             + native.REL_BIAS * bias.abs())
+    assert ((approx.double() - truth).abs() <= bound.double()).all()
+    if worst_case:  # tight: the error comes within 5% of the bound
+        assert ((approx.double() - truth).abs() / bound.double()).max() > 0.95
+    else:  # and not vacuous on ordinary data
+        assert (screen.row_scale[:, None] * screen.col_norm).max() < 0.05 * truth.abs().max()
+
+
+@pytest.mark.parametrize(("rows", "d", "width", "k"), [(64, 384, 3072, 32), (20, 13, 37, 5), (9, 40, 17, 17),
+                                                      (30, 64, 100, 1)])
+def test_screened_topk_equals_the_float32_topk(build, rows, d, width, k):
+    x, W, bias = screen_case(rows, d, width)
+    screen = native.bf16_screen(x, W, bias)
+    ids, values, candidates = native.screened_row_topk(screen, k)
+    full = x @ W + bias
+    assert torch.equal(ids, ranked(full)[:, :k].sort(-1).values)
+    torch.testing.assert_close(values, full.gather(1, ids))
+    assert rows * k <= candidates <= rows * width
+    flat_ids, flat_values, _ = native.screened_batch_topk(screen, rows * k)
+    assert torch.equal(flat_ids, ranked(full.flatten())[: rows * k].sort().values)
+    torch.testing.assert_close(flat_values, full.flatten()[flat_ids])
+
+
+def test_screened_topk_is_exact_below_bf16_resolution(build):
+    """Columns that differ by less than bf16 can resolve (and exact duplicates, whose tie goes to the lower
+    index): every entry is then a candidate, and the float32 values alone decide."""
+    g = torch.Generator().manual_seed(1)
+    rows, d, width, k = 16, 64, 256, 8
+    x = torch.randn(rows, d, generator=g)
+    W = torch.randn(d, 1, generator=g) + 1e-3 * torch.randn(d, width, generator=g)
+    W[:, 1::2] = W[:, 0::2]  # exact duplicates
+    bias = torch.zeros(width)
+    screen = native.bf16_screen(x, W, bias)
+    truth = x.double() @ W.double()
+    ids, values, candidates = native.screened_row_topk(screen, k)
+    assert candidates > rows * width // 2  # the screen could not tell them apart
+    assert torch.equal(ids, ranked(truth)[:, :k].sort(-1).values)
+    flat_ids, _, _ = native.screened_batch_topk(screen, rows * k)
+    assert torch.equal(flat_ids, ranked(truth.flatten())[: rows * k].sort().values)
+
+
+def test_screened_batch_topk_retries_when_its_sample_misleads_it(build):
+    """The cutoff comes from lower bounds at hashed positions; if those entries are the largest, too few lower
+    bounds reach it and the kernel must retry lower (here: down to every entry). x = I makes x W = W."""
+    rows, width = 256, 1024
+    n = rows * width
+    sampled = (torch.arange(1 << 16, dtype=torch.int64) * 2654435761) % n
+    W = torch.randn(n)
+    W[sampled] = 100 + torch.rand(sampled.numel())
+    W = W.view(rows, width)
+    screen = native.bf16_screen(torch.eye(rows), W, torch.zeros(width))
+    for keep in (70_000, 8192):  # every entry; a lower cutoff
+        ids, values, _ = native.screened_batch_topk(screen, keep)
+        assert torch.equal(ids, ranked(W.flatten())[:keep].sort().values)
+        assert torch.equal(values, W.flatten()[ids])
+
+
+def test_the_screen_declines_what_it_cannot_bound():
+    x, W, bias = screen_case(4, 8, 16)
+    assert native.bf16_screen(x.double(), W.double(), bias.double()) is None
+    assert native.bf16_screen(x, W, bias[:3]) is None
+    x[1, 2] = float("inf")
+    assert native.bf16_screen(x, W, bias) is None
+    x[1, 2] = float("nan")
+    assert native.bf16_screen(x, W, bias) is None
+    assert native.bf16_screen(x[:, :4], W[:4], torch.full_like(bias, float("nan"))) is None

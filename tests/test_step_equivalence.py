@@ -186,11 +186,15 @@ def test_gated(x, aux_loss, r_mag):
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
-def test_topk(x, cls, with_dead, apply_b_dec, monkeypatch, step_path):
+@pytest.mark.parametrize("bf16_screen", [True, False])
+def test_topk(x, cls, with_dead, apply_b_dec, bf16_screen, monkeypatch, step_path):
+    if bf16_screen and step_path != "fused":
+        pytest.skip("the bf16 screen is part of the fused native path only")
     monkeypatch.setattr(SparsePattern, "check_invariants", True)  # torch verifies every CSR matrix built
+    monkeypatch.setattr(native, "fast_bf16", lambda: True)  # screen wherever asked (exact on any CPU, only slower)
     torch.manual_seed(0)
     sae = cls(cls.Config(d_in=D_IN, d_sae=D_SAE, k=4, k_aux=6, dead_window_tokens=100,
-                         apply_b_dec_to_input=apply_b_dec))
+                         apply_b_dec_to_input=apply_b_dec, bf16_screen=bf16_screen))
     perturb(sae)
     if with_dead:  # half the latents dead, so AuxK runs
         sae.tokens_seen.fill_(1000)
@@ -203,12 +207,14 @@ def test_topk(x, cls, with_dead, apply_b_dec, monkeypatch, step_path):
             ran.append(_name)
         return result
 
-    for name in ("row_topk", "batch_topk", "group_by", "sparse_decode", "sampled_dot", "sparse_t_dense"):
+    for name in ("row_topk", "batch_topk", "screened_row_topk", "screened_batch_topk", "group_by", "sparse_decode",
+                 "sampled_dot", "sparse_t_dense"):
         monkeypatch.setattr(native, name, functools.partial(spy, _kernel=getattr(native, name), _name=name))
     out = check(sae, lambda s, x: ref_topk(s, x, cls is BatchTopKSAE), x, {})
     assert bool(out.terms["auxk"] > 0) == with_dead
-    selection = {"batch_topk" if cls is BatchTopKSAE else "row_topk"} | ({"row_topk"} if with_dead else set())
-    expected = selection | {"group_by", "sparse_decode", "sampled_dot", "sparse_t_dense"}  # AuxK: per-token
+    selection = {("screened_" if bf16_screen else "") + ("batch_topk" if cls is BatchTopKSAE else "row_topk")}
+    selection |= {"row_topk"} if with_dead else set()  # AuxK: per token, among the dead latents
+    expected = selection | {"group_by", "sparse_decode", "sampled_dot", "sparse_t_dense"}
     # The autograd path selects natively too (the values get their gradient from a gather); switched off, none ran.
     assert set(ran) == {"fused": expected, "autograd": selection, "fused-torch": set()}[step_path]
 

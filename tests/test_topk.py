@@ -50,7 +50,9 @@ def test_topk_has_exactly_k_active_latents_per_token():
     assert torch.equal(f, torch.where(pre >= pre.topk(4, dim=-1).values[:, -1:], pre, 0))  # the k largest
     assert torch.allclose(sae(x), f @ sae.W_dec + sae.b_dec, atol=1e-5)  # sparse decode == dense decode
     out = sae.training_loss(x, {})
-    assert torch.equal(out.feature_acts, f) and set(out.terms) == {"rec", "auxk"}
+    # The same latents; the values equal up to float32 rounding (the bf16 screen recomputes them as dot products).
+    assert torch.equal(out.feature_acts > 0, f > 0) and set(out.terms) == {"rec", "auxk"}
+    torch.testing.assert_close(out.feature_acts, f, rtol=1e-6, atol=1e-6)
     assert sae.scheduled_coefficients == {}
 
 
@@ -250,3 +252,36 @@ def test_learns_planted_sparse_structure_through_the_module(variant):
     else:  # the running threshold gives about k per token at evaluation (a lagging one gave 3.3)
         assert 3.6 < metrics["l0"] < 4.4
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_bf16_screen_selects_what_the_float32_matmul_does_and_steps_aside_when_it_declines(variant, monkeypatch):
+    """Training through the bf16 screen keeps the same latents as the float32 path (values within float32
+    rounding); when the screen declines (a batch-wide cutoff that failed, say), the float32 matmul decides."""
+    from saelab.saes import native
+
+    monkeypatch.setattr(native, "fast_bf16", lambda: True)
+    torch.manual_seed(0)
+    sae = make_sae(variant)
+    x = torch.randn(32, 16)
+    plain = make_sae(variant, bf16_screen=False)
+    plain.load_state_dict(sae.state_dict())
+    expected = plain.training_loss(x, {}).feature_acts
+    calls = []
+    for name in ("screened_row_topk", "screened_batch_topk", "row_topk", "batch_topk"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    screened = sae.training_loss(x, {}).feature_acts
+    assert calls == [{"topk": "screened_row_topk", "batchtopk": "screened_batch_topk"}[variant]]
+    assert torch.equal(screened > 0, expected > 0)
+    torch.testing.assert_close(screened, expected, rtol=1e-6, atol=1e-6)
+    calls.clear()
+    monkeypatch.setattr(native, "screened_row_topk", lambda *a: calls.append("declined"))
+    monkeypatch.setattr(native, "screened_batch_topk", lambda *a: calls.append("declined"))
+    assert torch.equal(sae.training_loss(x, {}).feature_acts, expected)
+    assert calls == ["declined", {"topk": "row_topk", "batchtopk": "batch_topk"}[variant]]
+
+
+def test_bf16_screen_must_be_a_bool():
+    with pytest.raises(ConfigError, match="sae.bf16_screen"):
+        make_sae(bf16_screen="yes")

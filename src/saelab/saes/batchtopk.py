@@ -60,8 +60,9 @@ class BatchTopKSAE(TopKSAE):
         found = native.screened_batch_topk(screen, screen.approx.shape[0] * self.k)
         if found is None:
             return None
-        flat_ids, values, _ = found
+        flat_ids, values, candidates = found
         batch, d_sae = screen.approx.shape
+        self.screen_candidates_per_token = candidates / batch  # diagnostics (benchmarks/train_step.py reports it)
         return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae)
 
     def batch_topk(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:

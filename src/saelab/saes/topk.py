@@ -173,8 +173,9 @@ class TopKSAE(SAE):
         found = native.screened_row_topk(screen, self.k)
         if found is None:
             return None
-        ids, values, _ = found
+        ids, values, candidates = found
         batch = ids.shape[0]
+        self.screen_candidates_per_token = candidates / batch  # diagnostics (benchmarks/train_step.py reports it)
         rows = torch.arange(batch).repeat_interleave(self.k)
         return ActiveLatents(rows, ids.flatten(), values.flatten().relu(), batch, self.d_sae)
 
