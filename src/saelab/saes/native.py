@@ -272,7 +272,7 @@ def bf16_screen(x: Tensor, W: Tensor, bias: Tensor, out: Tensor | None = None) -
         return None
     if (lib := library()) is None:
         return None
-    (batch, d), m = x.shape, W.shape[1]
+    d, m = W.shape
     n = d + 64  # a little more than d: a blocked matmul may add partial sums
     gamma = n * F32_UNIT / (1 - n * F32_UNIT)
     scale = 1.01 * ((2 * BF16_UNIT + BF16_UNIT**2) + 3 * gamma * (1 + BF16_UNIT) ** 2)
