@@ -142,3 +142,29 @@ def test_training_optimiser_is_fused_adam_unless_switched_off(fused):
     reference.step()
     for p, q in zip(sae.parameters(), reference.param_groups[0]["params"], strict=True):
         torch.testing.assert_close(p.detach(), q.detach())
+
+
+def test_training_logs_only_on_logging_steps(monkeypatch, tmp_path):
+    """self.log has a cost, so a training step calls it only when the loggers will write (every
+    log_every_n_steps); those steps carry the loss, tok/s and the step metrics."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    module = SAEModule(relu_sae(), {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
+                                    "lr_decay_fraction": 0.0}, max_steps=20, dead_window_tokens=1000)
+    logged_at: dict[int, set[str]] = {}
+
+    def spy_log(name, *args, **kwargs):
+        logged_at.setdefault(module.global_step, set()).add(name)
+
+    def spy_log_dict(metrics, *args, **kwargs):
+        logged_at.setdefault(module.global_step, set()).update(metrics)
+
+    monkeypatch.setattr(module, "log", spy_log)
+    monkeypatch.setattr(module, "log_dict", spy_log_dict)
+    trainer = L.Trainer(max_steps=20, log_every_n_steps=10, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(torch.randn(20 * 8, 16), batch_size=8))
+    assert sorted(logged_at) == [9, 19]  # steps 10 and 20 (global_step counts the steps done before)
+    assert {"loss", "tok/s", "loss/rec", "train/fvu"} <= logged_at[19]

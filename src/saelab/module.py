@@ -114,10 +114,11 @@ class SAEModule(L.LightningModule):
             log.warning("%s: batch skipped (nan_policy=skip)", err)
             self.log("train/skipped_batches", float(self.skipped_batches.add_(1)), on_step=True, on_epoch=False)
             return None  # Lightning runs no backward and no optimiser step for this batch
+        self._step_times.append((time.perf_counter(), batch.shape[0]))
         if logging_step:  # each self.log call has a cost, so only what reaches the loggers is logged
             self.log_dict(self._step_metrics(batch, out, coefficients), on_step=True, on_epoch=False)
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        self._log_throughput(batch.shape[0])
+            self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+            self._log_throughput()
         return loss
 
     def _step_metrics(self, batch: Tensor, out: TrainStep, coefficients: dict[str, float]) -> dict[str, Any]:
@@ -132,9 +133,8 @@ class SAEModule(L.LightningModule):
         logs["train/dead_fraction"] = self.sae.dead_mask(self.dead_window_tokens).float().mean()
         return logs
 
-    def _log_throughput(self, n_tokens: int) -> None:
+    def _log_throughput(self) -> None:
         """Tokens/s over the last 20 steps, data generation included (what the run actually achieves)."""
-        self._step_times.append((time.perf_counter(), n_tokens))
         if len(self._step_times) > 1:
             (t0, _), (t1, _) = self._step_times[0], self._step_times[-1]
             tokens = sum(n for _, n in list(self._step_times)[1:])
