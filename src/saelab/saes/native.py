@@ -7,6 +7,10 @@ plain C++ with no torch headers, so they build in ~2 s with the system's g++ (a 
 keyed by the source, the compiler command and this CPU's instruction-set flags (-march=native), so a home
 directory shared across machines never loads a library built for another CPU.
 
+The bf16 screen (Screen, bf16_screen, screened_row_topk, screened_batch_topk) goes further on CPUs with bf16
+dot products: the encoder matmul runs in bf16, and a proven error bound limits the exact float32 work to the
+entries that could still be selected.
+
 Every function returns None when the kernels do not apply (no compiler, SAELAB_NATIVE_KERNELS=0, tensors not
 on the CPU, or not float32), and the caller then runs its torch twin; tests/test_native_kernels.py checks
 each kernel against that twin.

@@ -5,7 +5,9 @@ matmul: x_hat is a weighted sum of each token's k selected decoder rows, and the
 (fused.SparseReconstructionError, fused.SparseGather) computes dW_dec, dW_enc and the latents' gradients from
 the B k selected entries alone, so only one dense [B, d_in] x [d_in, d_sae] matmul runs per step (dense SAEs
 run five). On the CPU in float32 the selection and the sparse products are saes/native.py's C++ kernels;
-elsewhere, torch operators (topk, embedding_bag, CSR products) compute the same.
+elsewhere, torch operators (topk, embedding_bag, CSR products) compute the same. On CPUs with bf16 dot
+products even the encoder matmul runs in bf16, as a screen that the exact float32 selection then settles
+(TopKSAE.screened_select).
 
 AuxK revives dead latents: it reconstructs the main model's residual e = sg(x - x_hat) from the top k_aux
 pre-activations among dead latents, e_hat = W_dec z_aux (no bias), and adds
@@ -38,7 +40,7 @@ class TopKConfig(SAEConfig):
     auxk_alpha: float = 1 / 32  # weight of the AuxK loss (0 disables it)
     k_aux: int | None = None  # dead latents AuxK uses per token; null = d_in // 2 (capped at the dead count)
     dead_window_tokens: int = 1_000_000  # AuxK's notion of dead: not fired in this many tokens (or the run)
-    bf16_screen: bool = True  # CPU float32 training: find the top-k through a bf16 matmul, then exactly (see select)
+    bf16_screen: bool = True  # CPU float32 training: top-k candidates from a bf16 matmul (see screened_select)
 
     def validate(self) -> None:
         super().validate()
@@ -161,7 +163,7 @@ class TopKSAE(SAE):
 
         On such CPUs a bf16 matmul runs ~2.6x faster than the float32 one, and its output is within a proven
         bound of the float32 pre-activations; the kernel computes exact float32 values only for the entries
-        whose bound reaches the selection's threshold (~1.4 k per token) and selects among them, so the latents
+        whose bound reaches the selection's threshold (1.4-2.5 k per token here) and selects among them, so the latents
         are the float32 top-k (tests/test_native_kernels.py checks equality).
         """
         if not (self.cfg.bf16_screen and native.fast_bf16()):
@@ -198,14 +200,8 @@ class TopKSAE(SAE):
             with torch.no_grad():
                 # The encoder bias with b_dec folded in; SparseGather gives the parameters their gradients.
                 bias = self.folded_bias(self.W_enc, self.b_enc)
-                pre, pre_bias, active = None, None, self.screened_select(x, bias)
-                if active is None:
-                    # The native top-k adds the bias as it scans, sparing addmm a pass that writes it into pi.
-                    pre_bias = bias if native.usable(x, bias) else None
-                    if pre_bias is not None:
-                        pre = torch.mm(x, self.W_enc, out=self.workspace("pre", x))
-                    else:
-                        pre = torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x))
+                active = self.screened_select(x, bias)
+                pre, pre_bias = self.float32_preacts(x, bias) if active is None else (None, None)
             if active is None:
                 active = self.select(pre, pre_bias)
             pattern = self.attach_gradient(active, x)
@@ -214,12 +210,7 @@ class TopKSAE(SAE):
             if self.cfg.auxk_alpha > 0:
                 if use_auxk:
                     dead_ids = dead.nonzero().squeeze(1)
-                    with torch.no_grad():  # the dead latents' pre-activations, without the bias if it is apart
-                        if pre is None:
-                            dead_pre, dead_bias = torch.mm(x, self.W_enc[:, dead_ids]), bias[dead_ids]
-                        else:
-                            dead_pre = pre[:, dead_ids]
-                            dead_bias = pre_bias[dead_ids] if pre_bias is not None else None
+                    dead_pre, dead_bias = self.dead_preacts(x, dead_ids, pre, pre_bias, bias)
                     terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(dead_pre, dead_ids, diff.neg(), x, dead_bias)
                 else:
                     terms["auxk"] = rec.new_zeros(())
@@ -238,6 +229,22 @@ class TopKSAE(SAE):
         extras = {"dead_latents": dead.sum().float(), **self.update_from_batch(active)}
         # The latents stay sparse: firing statistics come from the active entries (TrainStep.fired).
         return TrainStep(terms, active.detach(), extras)
+
+    def float32_preacts(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(pi, the bias still to add to it, or None): x W_enc into a reused buffer. The native top-k adds the bias
+        as it scans, sparing addmm a pass that writes it into pi; elsewhere addmm adds it."""
+        if native.usable(x, bias):
+            return torch.mm(x, self.W_enc, out=self.workspace("pre", x)), bias
+        return torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x)), None
+
+    @torch.no_grad()
+    def dead_preacts(self, x: Tensor, dead_ids: Tensor, pre: Tensor | None, pre_bias: Tensor | None,
+                     bias: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The dead latents' pre-activations for AuxK and the bias still to add to them (or None): taken from pi,
+        or, after the bf16 screen (pre None), an exact float32 matmul over the dead latents' columns alone."""
+        if pre is None:
+            return torch.mm(x, self.W_enc[:, dead_ids]), bias[dead_ids]
+        return pre[:, dead_ids], (pre_bias[dead_ids] if pre_bias is not None else None)
 
     def attach_gradient(self, active: ActiveLatents, x: Tensor, relu: bool = True) -> SparsePattern:
         """Give the selected entries, whose values were taken from pi = x W_enc + folded bias without autograd,
