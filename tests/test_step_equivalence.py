@@ -186,12 +186,15 @@ def test_gated(x, aux_loss, r_mag):
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
-@pytest.mark.parametrize("bf16_screen", [True, False])
-def test_topk(x, cls, with_dead, apply_b_dec, bf16_screen, monkeypatch, step_path):
-    if bf16_screen and step_path != "fused":
-        pytest.skip("the bf16 screen is part of the fused native path only")
+def test_topk(x, cls, with_dead, apply_b_dec, monkeypatch, step_path):
     monkeypatch.setattr(SparsePattern, "check_invariants", True)  # torch verifies every CSR matrix built
     monkeypatch.setattr(native, "fast_bf16", lambda: True)  # screen wherever asked (exact on any CPU, only slower)
+    for bf16_screen in [True, False] if step_path == "fused" else [False]:  # the screen is part of the fused path
+        with monkeypatch.context() as patch:
+            check_topk_step(x, cls, with_dead, apply_b_dec, bf16_screen, patch, step_path)
+
+
+def check_topk_step(x, cls, with_dead, apply_b_dec, bf16_screen, monkeypatch, step_path):
     torch.manual_seed(0)
     sae = cls(cls.Config(d_in=D_IN, d_sae=D_SAE, k=4, k_aux=6, dead_window_tokens=100,
                          apply_b_dec_to_input=apply_b_dec, bf16_screen=bf16_screen))
