@@ -48,10 +48,10 @@ _SIGNATURES = {
     "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]),
     "saelab_sampled_dot": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _int]),
     "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _ptr, _int]),
-    **{name: (_i64, [_ptr, _i64, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr, _ptr, _i64, _i64, _i64, _i64,
-                     _ptr, _ptr, _int])
+    **{name: (_i64, [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr, _ptr, _i64, _i64,
+                     _i64, _i64, _ptr, _ptr, _int])
        for name in ("saelab_screened_row_topk", "saelab_screened_batch_topk")},
-    "saelab_screen_prepare": (None, [_ptr, _i64, _i64, _ptr, _ptr, _int]),
+    "saelab_screen_prepare": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
 }
 BF16_UNIT = 2.0**-8  # bfloat16's unit roundoff (8 significant bits, rounded to nearest)
 F32_UNIT = 2.0**-24
@@ -246,21 +246,27 @@ def fast_bf16() -> bool:
 class Screen:
     """A bfloat16 stand-in for the pre-activations x W + bias, with what exact selection needs besides.
 
-    approx = bf16(bf16(x) bf16(W)) (torch's bf16 matmul accumulates in float32). For each entry,
-    |x.w_j + bias_j - (approx + bias_j)| <= row_scale[r] |w_j| + REL_APPROX |approx| + REL_BIAS |bias_j|:
-    rounding x and W to bf16 moves each product by at most (2u + u^2) |x_i w_ij| (u = 2^-8), float32 sums
-    of d terms (in any order) by gamma = d u32 / (1 - d u32) times the sum of |terms| (taken three times: the
-    bf16 matmul's sum, the float32 value it stands in for, the kernel's exact dot), sum_i |x_i w_ij| <= |x| |w_j|
-    (Cauchy-Schwarz), and rounding the output to bf16 moves it by at most u / (1 - u) |approx|. 1% on top
-    covers the norms' own rounding; REL_BIAS the float32 additions of the bias.
+    approx = bf16(xb Wb) for xb = bf16(x), Wb = bf16(W) (torch's bf16 matmul accumulates in float32). With
+    dx = x - xb and dw_j = w_j - Wb[:, j] (measured, not assumed), every entry obeys
+        |x.w_j + bias_j - (approx + bias_j)| <= row_a |w_j| + row_b |dw_j| + REL_APPROX |approx| + REL_BIAS |bias_j|,
+        row_a = 1.01 (|dx| + 3 gamma (1 + u)^2 |x|),   row_b = 1.01 (|x| + |dx|):
+    xb.wb - x.w = -dx.w - x.dw + dx.dw, so Cauchy-Schwarz bounds it by |dx| |w| + (|x| + |dx|) |dw|; float32 sums
+    of d terms, in any order, err by at most gamma = d u32 / (1 - d u32) times the sum of |terms|, itself at most
+    (1 + u)^2 |x| |w| (u = 2^-8, bf16's unit roundoff), counted three times (the bf16 matmul's sum, the float32
+    value it stands in for, the kernel's exact dot); rounding the output to bf16 moves it by at most
+    u / (1 - u) |approx|. 1% on top covers the norms' own rounding, REL_BIAS the float32 additions of the bias.
+    Measured rounding errors average ~0.4 u |x| where the worst case is u |x|, so the band is ~2.4x narrower
+    than a bound from u alone.
     """
 
     approx: Tensor  # [B, m] bfloat16
     x: Tensor  # [B, d] float32
     wt: Tensor  # [m, d] float32: W^T, so each exact value reads one contiguous row
     bias: Tensor  # [m] float32
-    row_scale: Tensor  # [B]
-    col_norm: Tensor  # [m]
+    row_a: Tensor  # [B]
+    col_a: Tensor  # [m]: |w_j|
+    row_b: Tensor  # [B]
+    col_b: Tensor  # [m]: |dw_j|
 
 
 REL_APPROX = 1.01 * BF16_UNIT / (1 - BF16_UNIT) + 2.0**-20
@@ -276,24 +282,30 @@ def bf16_screen(x: Tensor, W: Tensor, bias: Tensor, out: Tensor | None = None) -
         return None
     if (lib := library()) is None:
         return None
-    d, m = W.shape
-    n = d + 64  # a little more than d: a blocked matmul may add partial sums
-    gamma = n * F32_UNIT / (1 - n * F32_UNIT)
-    scale = 1.01 * ((2 * BF16_UNIT + BF16_UNIT**2) + 3 * gamma * (1 + BF16_UNIT) ** 2)
-    row_norm = torch.linalg.vector_norm(x, dim=1)
-    wt, col_norm = W.new_empty(m, d), W.new_empty(m)
-    lib.saelab_screen_prepare(W.data_ptr(), d, m, wt.data_ptr(), col_norm.data_ptr(), _threads())
-    largest = float(row_norm.max()) * float(col_norm.max())
+    (batch, d), m = x.shape, W.shape[1]
+    xb, Wb = x.bfloat16(), W.bfloat16()
+    wt, w_norm, w_error = W.new_empty(m, d), W.new_empty(m), W.new_empty(m)
+    x_norm, x_error = x.new_empty(batch), x.new_empty(batch)
+    lib.saelab_screen_prepare(x.data_ptr(), xb.data_ptr(), batch, W.data_ptr(), Wb.data_ptr(), d, m, wt.data_ptr(),
+                              x_norm.data_ptr(), x_error.data_ptr(), w_norm.data_ptr(), w_error.data_ptr(),
+                              _threads())
+    largest = float(x_norm.max()) * float(w_norm.max())
     if not (largest < 1e36 and bool(bias.isfinite().all())):  # also False for NaN/inf norms
         return None
-    approx = torch.mm(x.bfloat16(), W.bfloat16(), out=out)
-    return Screen(approx, x, wt, bias, row_norm.mul_(scale), col_norm)
+    n = d + 64  # a little more than d: a blocked matmul may add partial sums
+    gamma = n * F32_UNIT / (1 - n * F32_UNIT)
+    sums = 3 * gamma * (1 + BF16_UNIT) ** 2
+    row_a = (x_error + sums * x_norm).mul_(1.01)
+    row_b = (x_norm + x_error).mul_(1.01)
+    approx = torch.mm(xb, Wb, out=out)
+    return Screen(approx, x, wt, bias, row_a, w_norm, row_b, w_error)
 
 
 def _screen_args(screen: Screen) -> list:
     s = screen
-    return [s.approx.data_ptr(), s.approx.stride(0), s.bias.data_ptr(), s.row_scale.data_ptr(), s.col_norm.data_ptr(),
-            REL_APPROX, REL_BIAS, s.x.data_ptr(), s.wt.data_ptr(), s.x.shape[1], *s.approx.shape]
+    return [s.approx.data_ptr(), s.approx.stride(0), s.bias.data_ptr(), s.row_a.data_ptr(), s.col_a.data_ptr(),
+            s.row_b.data_ptr(), s.col_b.data_ptr(), REL_APPROX, REL_BIAS, s.x.data_ptr(), s.wt.data_ptr(), s.x.shape[1],
+            *s.approx.shape]
 
 
 def screened_row_topk(screen: Screen, k: int) -> tuple[Tensor, Tensor, int] | None:

@@ -313,11 +313,12 @@ inline float dot(const float* a, const float* b, i64 d) {
   return s;
 }
 
-// The bfloat16 screen. approx = bf16(bf16(x) bf16(W)) (a bf16 matmul accumulating in float32) misses the exact
-// pre-activation v = x . w_j + bias_j by at most e = scale_r |w_j| + rel_a |a| + rel_b |bias_j| (scale_r: a
-// multiple of |x_r| covering the input rounding and the float32 sums, see native.py); so v lies in
-// [a + bias - e, a + bias + e]. Exact selection then only needs exact values for the entries whose interval
-// reaches the selection's threshold.
+// The bfloat16 screen. approx = bf16(xb Wb) (xb = bf16(x), Wb = bf16(W); a bf16 matmul accumulating in float32)
+// misses the exact pre-activation v = x . w_j + bias_j by at most
+//   e = row_a[r] col_a[j] + row_b[r] col_b[j] + rel_a |a| + rel_b |bias_j|
+// (native.Screen derives the terms: the inputs' rounding errors, the float32 sums, the output's rounding); so v
+// lies in [a + bias - e, a + bias + e]. Exact selection then only needs exact values for the entries whose
+// interval reaches the selection's threshold.
 inline float bf16_value(uint16_t h) {
   const uint32_t b = static_cast<uint32_t>(h) << 16;
   float v;
@@ -328,11 +329,11 @@ inline float bf16_value(uint16_t h) {
 struct ScreenBounds {
   const uint16_t* approx;  // [rows, ld] bf16 bits
   i64 ld;
-  const float *bias, *row_scale, *col_norm;  // [m], [rows], [m]
+  const float *bias, *row_a, *col_a, *row_b, *col_b;  // [m], [rows], [m], [rows], [m]
   float rel_a, rel_b;
 
   float error(float a, i64 r, i64 j) const {
-    return row_scale[r] * col_norm[j] + rel_a * std::fabs(a) + rel_b * std::fabs(bias[j]) + 1e-30f;
+    return row_a[r] * col_a[j] + row_b[r] * col_b[j] + rel_a * std::fabs(a) + rel_b * std::fabs(bias[j]) + 1e-30f;
   }
   float low(i64 r, i64 j) const {
     const float a = bf16_value(approx[r * ld + j]);
@@ -343,13 +344,13 @@ struct ScreenBounds {
     const uint16_t* a_row = approx + r * ld;
     i64 j = 0;
 #if defined(__AVX512F__)
-    const __m512 scale = _mm512_set1_ps(row_scale[r]), ra = _mm512_set1_ps(rel_a), rb = _mm512_set1_ps(rel_b),
-                 tiny = _mm512_set1_ps(1e-30f);
+    const __m512 scale_a = _mm512_set1_ps(row_a[r]), scale_b = _mm512_set1_ps(row_b[r]), ra = _mm512_set1_ps(rel_a),
+                 rb = _mm512_set1_ps(rel_b), tiny = _mm512_set1_ps(1e-30f);
     for (; j + 16 <= m; j += 16) {
       const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_row + j)));
       const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)), b = _mm512_loadu_ps(bias + j);
-      const __m512 e = _mm512_fmadd_ps(scale, _mm512_loadu_ps(col_norm + j),
-                                       _mm512_fmadd_ps(ra, _mm512_abs_ps(a), _mm512_fmadd_ps(rb, _mm512_abs_ps(b), tiny)));
+      __m512 e = _mm512_fmadd_ps(ra, _mm512_abs_ps(a), _mm512_fmadd_ps(rb, _mm512_abs_ps(b), tiny));
+      e = _mm512_fmadd_ps(scale_a, _mm512_loadu_ps(col_a + j), _mm512_fmadd_ps(scale_b, _mm512_loadu_ps(col_b + j), e));
       const __m512 v = _mm512_add_ps(a, b);
       _mm512_storeu_ps(lo + j, _mm512_sub_ps(v, e));
       _mm512_storeu_ps(hi + j, _mm512_add_ps(v, e));
@@ -556,11 +557,11 @@ void saelab_sparse_t_dense(const i64* order, const i64* col_offsets, i64 n_cols,
 // on the float32 matmul. Per row: L = the k-th largest lower bound (at least k exact values reach it), the
 // candidates are the columns whose upper bound reaches L (no other can), and their exact values decide.
 // Returns the number of candidates (whose exact value was computed) over all rows.
-i64 saelab_screened_row_topk(const uint16_t* approx, i64 ld, const float* bias, const float* row_scale,
-                             const float* col_norm, float rel_a, float rel_b, const float* x, const float* wt, i64 d,
-                             i64 rows, i64 m, i64 k, float* vals, i64* ids, int threads) {
+i64 saelab_screened_row_topk(const uint16_t* approx, i64 ld, const float* bias, const float* row_a, const float* col_a,
+                             const float* row_b, const float* col_b, float rel_a, float rel_b, const float* x,
+                             const float* wt, i64 d, i64 rows, i64 m, i64 k, float* vals, i64* ids, int threads) {
   if (k <= 0 || k > m) return -1;
-  const ScreenBounds sb{approx, ld, bias, row_scale, col_norm, rel_a, rel_b};
+  const ScreenBounds sb{approx, ld, bias, row_a, col_a, row_b, col_b, rel_a, rel_b};
   const std::vector<float> zeros(m, 0.f);
   const std::vector<i64> bounds = even_bounds(rows, threads);
   std::vector<i64> screened(bounds.size() - 1, 0);
@@ -596,12 +597,13 @@ i64 saelab_screened_row_topk(const uint16_t* approx, i64 ld, const float* bias, 
 // whose upper bound reaches c, with exact values. If at least keep lower bounds reach c, so do keep exact
 // values, and every entry of the top keep is a candidate; otherwise it retries with a lower c. Returns the
 // number of candidates, or -1 if three cutoffs all failed (the caller then runs the float32 matmul).
-i64 saelab_screened_batch_topk(const uint16_t* approx, i64 ld, const float* bias, const float* row_scale,
-                               const float* col_norm, float rel_a, float rel_b, const float* x, const float* wt, i64 d,
-                               i64 rows, i64 m, i64 keep, i64* ids_out, float* vals_out, int threads) {
+i64 saelab_screened_batch_topk(const uint16_t* approx, i64 ld, const float* bias, const float* row_a,
+                               const float* col_a, const float* row_b, const float* col_b, float rel_a, float rel_b,
+                               const float* x, const float* wt, i64 d, i64 rows, i64 m, i64 keep, i64* ids_out,
+                               float* vals_out, int threads) {
   const i64 n = rows * m;
   if (keep <= 0 || keep > n || m <= 0) return -1;
-  const ScreenBounds sb{approx, ld, bias, row_scale, col_norm, rel_a, rel_b};
+  const ScreenBounds sb{approx, ld, bias, row_a, col_a, row_b, col_b, rel_a, rel_b};
   const std::vector<float> zeros(m, 0.f);
   const i64 n_sample = std::min<i64>(n, 1 << 16);
   std::vector<uint32_t> sample(n_sample);
@@ -647,19 +649,45 @@ i64 saelab_screened_batch_topk(const uint16_t* approx, i64 ld, const float* bias
   return -1;
 }
 
-// wt = W^T ([m, d], from W [d, m]) and col_norm[j] = |W[:, j]| (= |wt[j]|): the screen's exact values read
-// wt's contiguous rows. Blocked by 32 x 32 so both sides move whole cache lines.
-void saelab_screen_prepare(const float* W, i64 d, i64 m, float* wt, float* col_norm, int threads) {
+// The screen's norms. Columns: wt = W^T ([m, d]; the exact values read its contiguous rows), w_norm[j] = |w_j|
+// and w_error[j] = |w_j - float(Wb[:, j])| (Wb = bf16(W), [d, m]). Rows: x_norm[r] = |x_r| and x_error[r] =
+// |x_r - float(xb[r])|. The transpose is blocked by 32 x 32 so both sides move whole cache lines.
+void saelab_screen_prepare(const float* x, const uint16_t* xb, i64 rows, const float* W, const uint16_t* Wb, i64 d,
+                           i64 m, float* wt, float* x_norm, float* x_error, float* w_norm, float* w_error,
+                           int threads) {
   constexpr i64 BLOCK = 32;
   run_parts(even_bounds(m, threads, BLOCK), [&](int, i64 first, i64 last) {
+    float sq[BLOCK], err[BLOCK];
     for (i64 j0 = first; j0 < last; j0 += BLOCK) {
       const i64 j1 = std::min(last, j0 + BLOCK);
+      std::fill(sq, sq + BLOCK, 0.f);
+      std::fill(err, err + BLOCK, 0.f);
       for (i64 i0 = 0; i0 < d; i0 += BLOCK) {
         const i64 i1 = std::min(d, i0 + BLOCK);
         for (i64 i = i0; i < i1; ++i)
-          for (i64 j = j0; j < j1; ++j) wt[j * d + i] = W[i * m + j];
+          for (i64 j = j0; j < j1; ++j) {
+            const float w = W[i * m + j], e = w - bf16_value(Wb[i * m + j]);
+            wt[j * d + i] = w;
+            sq[j - j0] += w * w;
+            err[j - j0] += e * e;
+          }
       }
-      for (i64 j = j0; j < j1; ++j) col_norm[j] = std::sqrt(dot(wt + j * d, wt + j * d, d));
+      for (i64 j = j0; j < j1; ++j) {
+        w_norm[j] = std::sqrt(sq[j - j0]);
+        w_error[j] = std::sqrt(err[j - j0]);
+      }
+    }
+  });
+  run_parts(even_bounds(rows, threads), [&](int, i64 first, i64 last) {
+    for (i64 r = first; r < last; ++r) {
+      float sq = 0.f, err = 0.f;
+      for (i64 i = 0; i < d; ++i) {
+        const float v = x[r * d + i], e = v - bf16_value(xb[r * d + i]);
+        sq += v * v;
+        err += e * e;
+      }
+      x_norm[r] = std::sqrt(sq);
+      x_error[r] = std::sqrt(err);
     }
   });
 }
