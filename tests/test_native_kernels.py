@@ -331,3 +331,25 @@ def test_the_screen_declines_what_it_cannot_bound():
     x[1, 2] = float("nan")
     assert native.bf16_screen(x, W, bias) is None
     assert native.bf16_screen(x[:, :4], W[:4], torch.full_like(bias, float("nan"))) is None
+
+
+@pytest.mark.parametrize("near_all", [False, True])
+def test_jumprelu_forward_equals_torch(build, near_all):
+    """f, the active count, the firing mask and the kernel window (rows, cols, triangle weights) of one pass
+    equal the torch formulas. near_all: every entry in the window (more than the first buffer holds: a retry)."""
+    g = torch.Generator().manual_seed(0)
+    rows, m = (256, 1024) if near_all else (37, 100)
+    pre = torch.randn(rows, m, generator=g)
+    bias, theta = 0.1 * torch.randn(m, generator=g), 0.5 + 0.1 * torch.rand(m, generator=g)
+    theta[3] = 50.0  # never fires
+    width, scale = (10.0, 20.0) if near_all else (0.2, 0.4)
+    out = torch.full_like(pre, float("nan"))
+    active, fired, band_rows, band_cols, weights = native.jumprelu_forward(pre, bias, theta, width, scale, out)
+    p = pre + bias
+    shifted = p - theta
+    assert torch.equal(out, torch.where(shifted > 0, p, 0.0))
+    assert active == int((shifted > 0).sum()) and torch.equal(fired, (out > 0).any(0)) and not fired[3]
+    expected_rows, expected_cols = (shifted.abs() < width).nonzero(as_tuple=True)
+    assert torch.equal(band_rows, expected_rows) and torch.equal(band_cols, expected_cols)
+    assert band_rows.numel() > (pre.numel() // 16 if near_all else 0)
+    torch.testing.assert_close(weights, 1 - shifted.abs()[expected_rows, expected_cols] / scale)

@@ -153,9 +153,12 @@ def ref_relu_nocentre(sae, x, coef):
 
 @pytest.mark.parametrize("kernel", ["rectangle", "triangle"])
 @pytest.mark.parametrize("threshold_param", ["raw", "raw_positive", "log"])
-def test_jumprelu(x, kernel, threshold_param):
+def test_jumprelu(x, kernel, threshold_param, monkeypatch, step_path):
     """raw: perturbed thresholds, some negative (the fused kernel's bool-mask path); raw_positive and log:
-    all thresholds > 0, as training keeps them (its mask-free path)."""
+    all thresholds > 0, as training keeps them (its mask-free path, and natively its one-pass forward)."""
+    ran = []
+    kernel_fn = native.jumprelu_forward
+    monkeypatch.setattr(native, "jumprelu_forward", lambda *a, **k: ran.append(1) or kernel_fn(*a, **k))
     torch.manual_seed(0)
     # A wide bandwidth so that many pre-activations fall in the kernel window.
     sae = JumpReLUSAE(JumpReLUSAE.Config(d_in=D_IN, d_sae=D_SAE, bandwidth=0.2, kernel=kernel,
@@ -168,6 +171,9 @@ def test_jumprelu(x, kernel, threshold_param):
     assert (sae.threshold > 0).all() or threshold_param == "raw"
     out = check(sae, lambda s, x: ref_jumprelu(s, x, 0.05), x, {"sparsity": 0.05})
     torch.testing.assert_close(out.feature_acts, sae.encode(x))
+    assert bool(ran) == (step_path == "fused" and threshold_param != "raw")
+    if ran:  # the kernel's firing mask replaced the max-reduction over f
+        assert out.fired_mask is not None and torch.equal(out.fired_mask, (out.feature_acts > 0).any(0))
 
 
 @pytest.mark.parametrize("aux_loss", ["frozen_decoder", "none"])

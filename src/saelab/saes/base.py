@@ -76,6 +76,7 @@ class TrainStep:
     terms: dict[str, Tensor]
     latents: Tensor | SparseLatents  # [batch, d_sae], or only the active entries (no dense tensor built)
     extras: dict[str, Tensor] = field(default_factory=dict)  # logged as-is, not part of the loss
+    fired_mask: Tensor | None = None  # [d_sae] bool, when the forward already found which latents fired
 
     @property
     def feature_acts(self) -> Tensor:
@@ -89,6 +90,8 @@ class TrainStep:
     def fired(self) -> Tensor:
         """[d_sae] bool: latents active on at least one token. One max-reduction: (f > 0).any(0) would
         write a [batch, d_sae] mask first (about 10x slower on CPU)."""
+        if self.fired_mask is not None:
+            return self.fired_mask
         if isinstance(self.latents, Tensor):
             return self.latents.detach().amax(0) > 0
         return self.latents.fired()

@@ -104,47 +104,62 @@ class ReluL1Function(torch.autograd.Function):
 
 
 class JumpReLUL0Function(torch.autograd.Function):
-    """(x_hat, f, L0) for f = pi H(pi - theta), pi = x W_enc + b, L0 = E_b sum_i H(pi_i - theta_i).
+    """(x_hat, f, L0, fired) for f = pi H(pi - theta), pi = x W_enc + b, L0 = E_b sum_i H(pi_i - theta_i); fired
+    ([d_sae] bool: f > 0 on some token) is empty unless the native kernel found it on the way.
 
     The gradients are saes/ste.py's JumpReLUFunction and StepFunction (ste_to_preacts false) summed:
     d/dpi = g_f H; d/dtheta = -sum_b K((pi - theta)/eps)/eps (theta g_f + g_L0 / B), one kernel window.
     The kernel is zero outside a narrow band around theta, so the forward pass keeps only the (token, latent)
-    entries inside it (and their kernel values); the backward pass reduces over those entries alone, and pi
-    is overwritten by f rather than kept.
+    entries inside it (and their kernel values); the backward pass reduces over those entries alone. On the
+    CPU in float32 (with theta > 0, as the SAE keeps it) the forward after the matmul is one native pass
+    (native.jumprelu_forward: bias, f, L0, the window and the firing mask); otherwise torch operators make
+    the same in several passes, pi overwritten by f.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
-                bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        pre = torch.addmm(b, x, W_enc, out=workspace[0])
-        shifted = torch.sub(pre, theta, out=workspace[1])  # pi - theta
-        # f = pi H(pi - theta), in pi's buffer. Masking with a bool tensor costs ~5x a float pass on CPU, so
-        # H comes from threshold_backward (grad * (self > 0)), here and in backward.
-        active = shifted > 0
-        l0 = torch.count_nonzero(active).to(x.dtype) / x.shape[0]
-        f = _keep_where_positive(pre, shifted, out=pre)
-        # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0] and backward masks with f; otherwise
-        # it needs the (slower) bool mask.
-        active = None if bool(theta.min() > 0) else active
-        band = None
-        if ctx.needs_input_grad[3]:
-            distance = shifted.abs_()  # |pi - theta|
-            if kernel == "rectangle":  # K = 1[|u| < 1/2]
-                rows, cols = (distance < 0.5 * bandwidth).nonzero(as_tuple=True)
-                weights = None
-            else:  # triangle: K = max(0, 1 - |u|)
-                rows, cols = (distance < bandwidth).nonzero(as_tuple=True)
-                weights = 1.0 - distance[rows, cols] / bandwidth
-            band = (rows, cols, weights)
+                bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # The kernel window: K = 1[|u| < 1/2] (rectangle) or max(0, 1 - |u|) (triangle), u = (pi - theta) / eps.
+        width = 0.5 * bandwidth if kernel == "rectangle" else bandwidth
+        found = None
+        if native.usable(x, W_enc, b, theta) and bool(theta.min() > 0):
+            pre = torch.mm(x, W_enc, out=workspace[0])
+            found = native.jumprelu_forward(pre, b, theta, width, bandwidth, out=workspace[1])
+            if found is None:
+                pre.add_(b)
+        else:
+            pre = torch.addmm(b, x, W_enc, out=workspace[0])
+        if found is not None:  # f in workspace[1]; backward's dL/df then goes to workspace[0]
+            n_active, fired, rows, cols, weights = found
+            f, grad_buffer, active = workspace[1], workspace[0], None
+            l0 = x.new_tensor(n_active / x.shape[0])
+            band = (rows, cols, weights if kernel == "triangle" else None)
+        else:
+            shifted = torch.sub(pre, theta, out=workspace[1])  # pi - theta
+            # f = pi H(pi - theta), in pi's buffer. Masking with a bool tensor costs ~5x a float pass on CPU, so
+            # H comes from threshold_backward (grad * (self > 0)), here and in backward.
+            active = shifted > 0
+            l0 = torch.count_nonzero(active).to(x.dtype) / x.shape[0]
+            f = _keep_where_positive(pre, shifted, out=pre)
+            # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0] and backward masks with f; otherwise
+            # it needs the (slower) bool mask.
+            active = None if bool(theta.min() > 0) else active
+            band = None
+            if ctx.needs_input_grad[3]:
+                distance = shifted.abs_()  # |pi - theta|
+                rows, cols = (distance < width).nonzero(as_tuple=True)
+                band = (rows, cols, 1.0 - distance[rows, cols] / bandwidth if kernel == "triangle" else None)
+            fired, grad_buffer = x.new_empty(0, dtype=torch.bool), workspace[1]
         x_hat = torch.addmm(b_dec, f, W_dec)
         ctx.save_for_backward(x, W_enc, theta, W_dec, f, active)
-        ctx.bandwidth, ctx.band, ctx.workspace = bandwidth, band, workspace[1]
-        ctx.mark_non_differentiable(f)
+        ctx.bandwidth, ctx.band, ctx.workspace = bandwidth, band, grad_buffer
+        ctx.mark_non_differentiable(f, fired)
         ctx.set_materialize_grads(False)
-        return x_hat, f, l0
+        return x_hat, f, l0, fired
 
     @staticmethod
-    def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_l0: Tensor | None):
+    def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_l0: Tensor | None, _g_fired: Tensor | None):
         x, W_enc, theta, W_dec, f, active = ctx.saved_tensors
         batch, eps = f.shape[0], ctx.bandwidth
         need = ctx.needs_input_grad

@@ -81,11 +81,12 @@ class JumpReLUSAE(SAE):
         if (cfg.sparsity == "l0" and not cfg.ste_to_preacts and cfg.pre_act_loss_coefficient == 0
                 and self.fused_ok(x)):
             theta = self.threshold
-            x_hat, f, l0 = JumpReLUL0Function.apply(
+            x_hat, f, l0, fired = JumpReLUL0Function.apply(
                 x, self.W_enc, self.folded_bias(self.W_enc, self.b_enc), theta, self.W_dec, self.b_dec,
                 cfg.bandwidth, cfg.kernel, (self.workspace("f", x), self.workspace("grad_f", x)))
             terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * l0}
-            return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()})
+            return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()},
+                             fired_mask=fired if fired.numel() else None)
         pre, theta = self.preacts(x), self.threshold
         f = jumprelu(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts)
         terms = {"rec": squared_error(x, self.decode(f))}

@@ -51,6 +51,8 @@ _SIGNATURES = {
     **{name: (_i64, [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr, _ptr, _i64, _i64,
                      _i64, _i64, _ptr, _ptr, _int])
        for name in ("saelab_screened_row_topk", "saelab_screened_batch_topk")},
+    "saelab_jumprelu_forward": (_i64, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_float, _ptr, _ptr,
+                                       _ptr, _i64, _ptr, _ptr, _int]),
     "saelab_screen_prepare": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
 }
 BF16_UNIT = 2.0**-8  # bfloat16's unit roundoff (8 significant bits, rounded to nearest)
@@ -329,3 +331,31 @@ def screened_batch_topk(screen: Screen, keep: int) -> tuple[Tensor, Tensor, int]
     values = torch.empty(keep, dtype=torch.float32)
     found = lib.saelab_screened_batch_topk(*_screen_args(screen), keep, ids.data_ptr(), values.data_ptr(), _threads())
     return (ids, values, found) if found >= 0 else None
+
+
+def jumprelu_forward(pre: Tensor, bias: Tensor, theta: Tensor, width: float, weight_scale: float,
+                     out: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor] | None:
+    """JumpReLU's training forward in one pass over pre ([B, m], left as it was): f = p 1[p > theta] for
+    p = pre + bias, written to out. Returns (active entries, fired [m] bool, and the entries with |p - theta| <
+    width as rows, cols and 1 - |p - theta| / weight_scale, row-major)."""
+    if pre.dim() != 2 or any(t.dtype != torch.float32 for t in (pre, bias, theta, out)):
+        return None
+    if out.shape != pre.shape or bias.shape != (pre.shape[1],) or theta.shape != (pre.shape[1],):
+        return None
+    if (lib := _usable(pre, bias, theta, out)) is None:
+        return None
+    rows, m = pre.shape
+    fired = torch.empty(m, dtype=torch.bool)
+    band = ctypes.c_int64(0)
+    capacity = max(4096, pre.numel() // 16)  # the window holds ~0.1-2% of the entries; retried if more
+    while True:
+        band_rows, band_cols = torch.empty(capacity, dtype=torch.int64), torch.empty(capacity, dtype=torch.int64)
+        weights = torch.empty(capacity, dtype=torch.float32)
+        active = lib.saelab_jumprelu_forward(pre.data_ptr(), out.data_ptr(), bias.data_ptr(), theta.data_ptr(), rows,
+                                             m, width, weight_scale, band_rows.data_ptr(), band_cols.data_ptr(),
+                                             weights.data_ptr(), capacity, ctypes.byref(band), fired.data_ptr(),
+                                             _threads())
+        if band.value <= capacity:
+            n = band.value
+            return active, fired, band_rows[:n], band_cols[:n], weights[:n]
+        capacity = band.value

@@ -692,4 +692,94 @@ void saelab_screen_prepare(const float* x, const uint16_t* xb, i64 rows, const f
   });
 }
 
+// JumpReLU's training forward, one pass over pre = x W ([rows, m]): with p = pre + bias and s = p - theta (per
+// column), f = p where s > 0 and 0 elsewhere (written to out, [rows, m]), fired[j] = 1 if f > 0 on some row
+// (else 0), and the entries within the threshold's kernel window, |s| < width, listed in row-major order as
+// band_rows / band_cols with band_weights[e] = 1 - |s| / weight_scale (the triangle kernel's value). Returns
+// the number of active entries (s > 0) and sets *band to the number of window entries; if that exceeds
+// `capacity`, none are listed (pre is left as it was, so the caller can retry with room).
+i64 saelab_jumprelu_forward(const float* pre, float* out, const float* bias, const float* theta, i64 rows, i64 m, float width,
+                            float weight_scale, i64* band_rows, i64* band_cols, float* band_weights, i64 capacity,
+                            i64* band, uint8_t* fired, int threads) {
+  const std::vector<i64> bounds = even_bounds(rows, threads);
+  const int parts = static_cast<int>(bounds.size()) - 1;
+  std::vector<std::vector<int32_t>> cols(parts);
+  std::vector<std::vector<float>> dist(parts);
+  std::vector<std::vector<i64>> row_ends(parts);  // per row of the part: its entries end here
+  std::vector<std::vector<float>> most(parts);  // per column: the part's largest f (fired if > 0)
+  std::vector<i64> active(parts, 0);
+  run_parts(bounds, [&](int part, i64 first, i64 last) {
+    std::vector<float>& top = most[part];
+    top.assign(m, 0.f);
+    std::vector<int32_t>& c = cols[part];
+    std::vector<float>& dv = dist[part];
+    i64 count = 0;
+    for (i64 r = first; r < last; ++r) {
+      const float* row = pre + r * m;
+      float* f_row = out + r * m;
+      i64 j = 0;
+#if defined(__AVX512F__)
+      const __m512 w = _mm512_set1_ps(width);
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      for (; j + 16 <= m; j += 16) {
+        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(bias + j));
+        const __m512 sh = _mm512_sub_ps(v, _mm512_loadu_ps(theta + j));
+        const __mmask16 on = _mm512_cmp_ps_mask(sh, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 f = _mm512_maskz_mov_ps(on, v);
+        _mm512_storeu_ps(f_row + j, f);
+        _mm512_storeu_ps(top.data() + j, _mm512_max_ps(_mm512_loadu_ps(top.data() + j), f));
+        count += __builtin_popcount(on);
+        const __m512 d = _mm512_abs_ps(sh);
+        const __mmask16 near = _mm512_cmp_ps_mask(d, w, _CMP_LT_OQ);
+        if (near) {
+          const size_t at = c.size(), hits = __builtin_popcount(near);
+          c.resize(at + 16);
+          dv.resize(at + 16);
+          _mm512_storeu_si512(c.data() + at, _mm512_maskz_compress_epi32(near, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)))));
+          _mm512_storeu_ps(dv.data() + at, _mm512_maskz_compress_ps(near, d));
+          c.resize(at + hits);
+          dv.resize(at + hits);
+        }
+      }
+#endif
+      for (; j < m; ++j) {
+        const float v = row[j] + bias[j], sh = v - theta[j], f = sh > 0 ? v : 0.f;
+        f_row[j] = f;
+        top[j] = std::max(top[j], f);
+        count += sh > 0;
+        if (std::fabs(sh) < width) {
+          c.push_back(static_cast<int32_t>(j));
+          dv.push_back(std::fabs(sh));
+        }
+      }
+      row_ends[part].push_back(static_cast<i64>(c.size()));
+    }
+    active[part] = count;
+  });
+  i64 total_active = 0, total_band = 0;
+  for (int p = 0; p < parts; ++p) total_active += active[p], total_band += static_cast<i64>(cols[p].size());
+  for (i64 j = 0; j < m; ++j) {
+    bool any = false;
+    for (int p = 0; p < parts; ++p) any = any || most[p][j] > 0.f;
+    fired[j] = any;
+  }
+  *band = total_band;
+  if (total_band > capacity) return total_active;
+  i64 at = 0;
+  for (int p = 0; p < parts; ++p) {
+    i64 start = 0, r = bounds[p];
+    for (const i64 end : row_ends[p]) {
+      for (i64 e = start; e < end; ++e, ++at) {
+        band_rows[at] = r;
+        band_cols[at] = cols[p][e];
+        band_weights[at] = 1.f - dist[p][e] / weight_scale;
+      }
+      start = end;
+      ++r;
+    }
+  }
+  return total_active;
+}
+
+
 }  // extern "C"
