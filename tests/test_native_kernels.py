@@ -353,3 +353,37 @@ def test_jumprelu_forward_equals_torch(build, near_all):
     assert torch.equal(band_rows, expected_rows) and torch.equal(band_cols, expected_cols)
     assert band_rows.numel() > (pre.numel() // 16 if near_all else 0)
     torch.testing.assert_close(weights, 1 - shifted.abs()[expected_rows, expected_cols] / scale)
+
+
+@pytest.mark.parametrize("width", [100, 48])
+def test_gated_passes_equal_torch(build, width):
+    """The Gated SAE's three elementwise passes against the torch formulas (widths with and without a tail)."""
+    g = torch.Generator().manual_seed(0)
+    rows = 37
+    z, grad_f, grad_gate = (torch.randn(rows, width, generator=g) for _ in range(3))
+    bias_gate, mag_shift = 0.3 * torch.randn(width, generator=g), 0.3 * torch.randn(width, generator=g)
+    gain = torch.rand(width, generator=g) + 0.5
+    bias_gate[5] = -100.0  # latent 5 never fires
+    gate, pi_mag, f = (torch.full_like(z, float("nan")) for _ in range(3))
+    total, fired = native.gated_forward(z, bias_gate, gain, mag_shift, gate, pi_mag, f)
+    expected_gate = (z + bias_gate).relu()
+    expected_mag = z * gain + mag_shift
+    expected_f = torch.where(expected_gate > 0, expected_mag.relu(), 0.0)
+    torch.testing.assert_close(gate, expected_gate)
+    torch.testing.assert_close(pi_mag, expected_mag)
+    torch.testing.assert_close(f, expected_f)
+    assert torch.equal(fired, (f > 0).any(0)) and not fired[5]
+    assert total == pytest.approx(float(expected_gate.double().sum()), rel=1e-6)
+
+    g_mag = grad_f.clone()
+    sum_g, sum_pg = native.gated_backward_mag(g_mag, f, pi_mag, gain)
+    masked = torch.where(f > 0, grad_f, 0.0)
+    torch.testing.assert_close(sum_g, masked.sum(0))
+    torch.testing.assert_close(sum_pg, (pi_mag * masked).sum(0))
+    torch.testing.assert_close(g_mag, masked * gain)
+
+    g_z = g_mag.clone()
+    sums = native.gated_backward_gate(grad_gate, gate, g_z)
+    gate_term = torch.where(gate > 0, grad_gate, 0.0)
+    torch.testing.assert_close(sums, gate_term.sum(0))
+    torch.testing.assert_close(g_z, g_mag + gate_term)

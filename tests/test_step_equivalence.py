@@ -156,9 +156,15 @@ def ref_relu_nocentre(sae, x, coef):
 def test_jumprelu(x, kernel, threshold_param, monkeypatch, step_path):
     """raw: perturbed thresholds, some negative (the fused kernel's bool-mask path); raw_positive and log:
     all thresholds > 0, as training keeps them (its mask-free path, and natively its one-pass forward)."""
-    ran = []
+    ran = []  # calls that ran the kernel (the wrapper returns None when it declines)
     kernel_fn = native.jumprelu_forward
-    monkeypatch.setattr(native, "jumprelu_forward", lambda *a, **k: ran.append(1) or kernel_fn(*a, **k))
+
+    def spy(*args, **kwargs):
+        result = kernel_fn(*args, **kwargs)
+        ran.extend([] if result is None else [1])
+        return result
+
+    monkeypatch.setattr(native, "jumprelu_forward", spy)
     torch.manual_seed(0)
     # A wide bandwidth so that many pre-activations fall in the kernel window.
     sae = JumpReLUSAE(JumpReLUSAE.Config(d_in=D_IN, d_sae=D_SAE, bandwidth=0.2, kernel=kernel,
@@ -178,7 +184,17 @@ def test_jumprelu(x, kernel, threshold_param, monkeypatch, step_path):
 
 @pytest.mark.parametrize("aux_loss", ["frozen_decoder", "none"])
 @pytest.mark.parametrize("r_mag", [True, False])
-def test_gated(x, aux_loss, r_mag):
+def test_gated(x, aux_loss, r_mag, monkeypatch, step_path):
+    ran = set()  # the kernels that ran (a wrapper returning None declined)
+
+    def spy(*args, _kernel, _name, **kwargs):
+        result = _kernel(*args, **kwargs)
+        if result is not None:
+            ran.add(_name)
+        return result
+
+    for name in ("gated_forward", "gated_backward_mag", "gated_backward_gate"):
+        monkeypatch.setattr(native, name, functools.partial(spy, _kernel=getattr(native, name), _name=name))
     torch.manual_seed(0)
     sae = GatedSAE(GatedSAE.Config(d_in=D_IN, d_sae=D_SAE, aux_loss=aux_loss, r_mag=r_mag))
     perturb(sae)
@@ -187,6 +203,10 @@ def test_gated(x, aux_loss, r_mag):
             sae.r_mag.add_(0.1)
     out = check(sae, lambda s, x: ref_gated(s, x, 0.15), x, {"sparsity": 0.15})
     torch.testing.assert_close(out.feature_acts, sae.encode(x))
+    native_ran = {"gated_forward", "gated_backward_mag", "gated_backward_gate"}
+    assert ran == (native_ran if step_path == "fused" else set())
+    if ran:  # the kernel's firing mask replaced the max-reduction over f
+        assert out.fired_mask is not None and torch.equal(out.fired_mask, (out.feature_acts > 0).any(0))
 
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])

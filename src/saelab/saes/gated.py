@@ -144,13 +144,13 @@ class GatedSAE(SAE):
         else:
             bias_gate, shift_mag = self.b_gate, torch.zeros_like(self.b_gate)
         aux = self.cfg.aux_loss != "none"
-        x_hat, f, penalty, aux_hat = GatedFunction.apply(
+        x_hat, f, penalty, aux_hat, fired = GatedFunction.apply(
             x, self.W_enc, bias_gate, shift_mag, self.r_mag, self.b_mag, self.W_dec, self.b_dec, aux,
             tuple(self.workspace(name, x) for name in ("z", "gate", "f", "grad_mag", "grad_gate")))
         terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}
         if aux:
             terms["aux"] = squared_error(x, aux_hat)
-        return TrainStep(terms, f)
+        return TrainStep(terms, f, fired_mask=fired if fired.numel() else None)
 
     # -- export --------------------------------------------------------------------------------------------
     def export_tensors(self, scale: float) -> dict[str, Tensor]:

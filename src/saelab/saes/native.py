@@ -53,6 +53,9 @@ _SIGNATURES = {
        for name in ("saelab_screened_row_topk", "saelab_screened_batch_topk")},
     "saelab_jumprelu_forward": (_i64, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_float, _ptr, _ptr,
                                        _ptr, _i64, _ptr, _ptr, _int]),
+    "saelab_gated_forward": (ctypes.c_double, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]),
+    "saelab_gated_backward_mag": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int]),
+    "saelab_gated_backward_gate": (None, [_ptr, _ptr, _ptr, _i64, _i64, _ptr, _int]),
     "saelab_screen_prepare": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]),
 }
 BF16_UNIT = 2.0**-8  # bfloat16's unit roundoff (8 significant bits, rounded to nearest)
@@ -359,3 +362,46 @@ def jumprelu_forward(pre: Tensor, bias: Tensor, theta: Tensor, width: float, wei
             n = band.value
             return active, fired, band_rows[:n], band_cols[:n], weights[:n]
         capacity = band.value
+
+
+def _matrices_and_vectors(matrices: tuple[Tensor, ...], vectors: tuple[Tensor, ...]) -> ctypes.CDLL | None:
+    """The library, if the matrices are float32 [B, m] alike and the vectors float32 [m], all contiguous CPU."""
+    shape = matrices[0].shape
+    if len(shape) != 2 or any(t.shape != shape for t in matrices) or any(v.shape != (shape[1],) for v in vectors):
+        return None
+    if any(t.dtype != torch.float32 for t in (*matrices, *vectors)):
+        return None
+    return _usable(*matrices, *vectors)
+
+
+def gated_forward(z: Tensor, bias_gate: Tensor, gain: Tensor, mag_shift: Tensor, gate: Tensor, pi_mag: Tensor,
+                  f: Tensor) -> tuple[float, Tensor] | None:
+    """The Gated SAE's forward after z = x W in one pass: gate = ReLU(z + bias_gate), pi_mag = z gain + mag_shift,
+    f = 1[gate > 0] ReLU(pi_mag) into the given (distinct) buffers; returns (sum of gate, fired [m] bool)."""
+    if (lib := _matrices_and_vectors((z, gate, pi_mag, f), (bias_gate, gain, mag_shift))) is None:
+        return None
+    fired = torch.empty(z.shape[1], dtype=torch.bool)
+    total = lib.saelab_gated_forward(z.data_ptr(), bias_gate.data_ptr(), gain.data_ptr(), mag_shift.data_ptr(),
+                                     *z.shape, gate.data_ptr(), pi_mag.data_ptr(), f.data_ptr(), fired.data_ptr(),
+                                     _threads())
+    return total, fired
+
+
+def gated_backward_mag(g: Tensor, f: Tensor, pi_mag: Tensor, gain: Tensor) -> tuple[Tensor, Tensor] | None:
+    """In place over g (dL/df): g <- g 1[f > 0] gain; returns the column sums of g 1[f > 0] and of pi_mag g 1[f > 0]."""
+    if (lib := _matrices_and_vectors((g, f, pi_mag), (gain,))) is None:
+        return None
+    sum_g, sum_pg = torch.empty(g.shape[1]), torch.empty(g.shape[1])
+    lib.saelab_gated_backward_mag(g.data_ptr(), f.data_ptr(), pi_mag.data_ptr(), gain.data_ptr(), *g.shape,
+                                  sum_g.data_ptr(), sum_pg.data_ptr(), _threads())
+    return sum_g, sum_pg
+
+
+def gated_backward_gate(g_gate: Tensor, gate: Tensor, g_z: Tensor) -> Tensor | None:
+    """g_z += g_gate 1[gate > 0]; returns that term's column sums."""
+    if (lib := _matrices_and_vectors((g_gate, gate, g_z), ())) is None:
+        return None
+    sums = torch.empty(g_z.shape[1])
+    lib.saelab_gated_backward_gate(g_gate.data_ptr(), gate.data_ptr(), g_z.data_ptr(), *g_z.shape, sums.data_ptr(),
+                                   _threads())
+    return sums

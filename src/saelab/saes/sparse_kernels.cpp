@@ -782,4 +782,93 @@ i64 saelab_jumprelu_forward(const float* pre, float* out, const float* bias, con
 }
 
 
+// The Gated SAE's elementwise work around its matmuls (fused.GatedFunction), one pass each. Work is split by
+// column ranges (every column summed over rows in order by one thread), so no result depends on the threads.
+// Each row segment is one plain loop over restrict pointers, which GCC vectorises: no two buffers may overlap.
+namespace {
+
+void gated_forward_segment(const float* __restrict z, const float* __restrict bias_gate, const float* __restrict gain,
+                           const float* __restrict mag_shift, i64 n, float* __restrict gate, float* __restrict pi_mag,
+                           float* __restrict f, float* __restrict top, float* __restrict col_sum) {
+  for (i64 j = 0; j < n; ++j) {
+    const float zj = z[j], g = std::max(zj + bias_gate[j], 0.f), pm = zj * gain[j] + mag_shift[j];
+    const float fj = g > 0.f ? std::max(pm, 0.f) : 0.f;
+    gate[j] = g;
+    pi_mag[j] = pm;
+    f[j] = fj;
+    top[j] = std::max(top[j], fj);
+    col_sum[j] += g;
+  }
+}
+
+void gated_mag_segment(float* __restrict g, const float* __restrict f, const float* __restrict pi_mag,
+                       const float* __restrict gain, i64 n, float* __restrict sum_g, float* __restrict sum_pg) {
+  for (i64 j = 0; j < n; ++j) {
+    const float gj = f[j] > 0.f ? g[j] : 0.f;
+    sum_g[j] += gj;
+    sum_pg[j] += pi_mag[j] * gj;
+    g[j] = gj * gain[j];
+  }
+}
+
+void gated_gate_segment(const float* __restrict g_gate, const float* __restrict gate, float* __restrict g_z, i64 n,
+                        float* __restrict sum_h) {
+  for (i64 j = 0; j < n; ++j) {
+    const float h = gate[j] > 0.f ? g_gate[j] : 0.f;
+    sum_h[j] += h;
+    g_z[j] += h;
+  }
+}
+
+}  // namespace
+
+// Forward, from z = x W ([rows, m]): gate = ReLU(z + bias_gate), pi_mag = z gain + mag_shift, f = 1[gate > 0]
+// ReLU(pi_mag), each into its own buffer; fired[j] = 1 if f > 0 on some row. Returns sum(gate), the L1 penalty's
+// sum.
+double saelab_gated_forward(const float* z, const float* bias_gate, const float* gain, const float* mag_shift, i64 rows,
+                            i64 m, float* gate, float* pi_mag, float* f, uint8_t* fired, int threads) {
+  const std::vector<i64> bounds = even_bounds(m, threads, 16);
+  std::vector<double> partial(bounds.size() - 1, 0.0);
+  run_parts(bounds, [&](int part, i64 lo, i64 hi) {
+    std::vector<float> top(hi - lo, 0.f), col_sum(hi - lo, 0.f);
+    for (i64 r = 0; r < rows; ++r) {
+      const i64 o = r * m + lo;
+      gated_forward_segment(z + o, bias_gate + lo, gain + lo, mag_shift + lo, hi - lo, gate + o, pi_mag + o, f + o,
+                            top.data(), col_sum.data());
+    }
+    double total = 0.0;
+    for (i64 j = lo; j < hi; ++j) {
+      fired[j] = top[j - lo] > 0.f;
+      total += col_sum[j - lo];
+    }
+    partial[part] = total;
+  });
+  double total = 0.0;
+  for (const double p : partial) total += p;
+  return total;
+}
+
+// Backward, magnitude path, in place over g ([rows, m], dL/df): g <- g 1[f > 0] (dL/dpi_mag), with its column
+// sums into sum_g and those of pi_mag g into sum_pg, then g <- g gain (dL/dz from this path).
+void saelab_gated_backward_mag(float* g, const float* f, const float* pi_mag, const float* gain, i64 rows, i64 m,
+                               float* sum_g, float* sum_pg, int threads) {
+  run_parts(even_bounds(m, threads, 16), [&](int, i64 lo, i64 hi) {
+    std::fill(sum_g + lo, sum_g + hi, 0.f);
+    std::fill(sum_pg + lo, sum_pg + hi, 0.f);
+    for (i64 r = 0; r < rows; ++r)
+      gated_mag_segment(g + r * m + lo, f + r * m + lo, pi_mag + r * m + lo, gain + lo, hi - lo, sum_g + lo,
+                        sum_pg + lo);
+  });
+}
+
+// Backward, gate path: h = g_gate 1[gate > 0] (dL/dpi_gate), its column sums into sum_h, and g_z += h.
+void saelab_gated_backward_gate(const float* g_gate, const float* gate, float* g_z, i64 rows, i64 m, float* sum_h,
+                                int threads) {
+  run_parts(even_bounds(m, threads, 16), [&](int, i64 lo, i64 hi) {
+    std::fill(sum_h + lo, sum_h + hi, 0.f);
+    for (i64 r = 0; r < rows; ++r)
+      gated_gate_segment(g_gate + r * m + lo, gate + r * m + lo, g_z + r * m + lo, hi - lo, sum_h + lo);
+  });
+}
+
 }  // extern "C"
