@@ -209,7 +209,8 @@ def test_without_a_compiler_training_falls_back_with_one_warning(monkeypatch):
             rows, ids, values = per_token_topk(torch.randn(4, 64), 3)
         assert native.library() is None
         assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
-            "saelab: no C++ compiler (/nonexistent/g++); the sparse TopK step uses torch operators (slower)"]
+            "saelab: no C++ compiler (/nonexistent/g++); the CPU training kernels are off and torch operators run "
+            "instead (slower)"]
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

@@ -1,7 +1,9 @@
-"""The sparse step's CPU kernels (sparse_kernels.cpp), compiled once per machine and called through ctypes.
+"""The training step's CPU kernels (sparse_kernels.cpp), compiled once per machine and called through ctypes.
 
 TopK/BatchTopK training is one encoder matmul, then selection and sparse products; torch's operators for the
-latter (topk, embedding_bag, CSR products) cost more than the matmul budget allows on CPU. The kernels are
+latter (topk, embedding_bag, CSR products) cost more than the matmul budget allows on CPU. JumpReLU and Gated
+steps are matmuls with elementwise work between them, which torch spreads over many passes of [B, d_sae]
+tensors; jumprelu_forward and the gated_* kernels make it one pass each. The kernels are
 plain C++ with no torch headers, so they build in ~2 s with the system's g++ (a torch C++ extension takes
 ~40 s and needs ninja). The shared object is cached under $XDG_CACHE_HOME/saelab/kernels (or ~/.cache),
 keyed by the source, the compiler command and this CPU's instruction-set flags (-march=native), so a home
@@ -111,15 +113,15 @@ def _load() -> ctypes.CDLL | None:
     """Build (once per machine) and load the kernels; None, with one warning saying why, if that fails."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        warnings.warn(f"saelab: no C++ compiler ({os.environ.get('CXX', 'g++')}); the sparse TopK step uses torch "
-                      "operators (slower)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"saelab: no C++ compiler ({os.environ.get('CXX', 'g++')}); the CPU training kernels are off "
+                      "and torch operators run instead (slower)", RuntimeWarning, stacklevel=2)
         return None
     try:
         return bind(compile_kernels(compiler))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        warnings.warn(f"saelab: building {SOURCE.name} failed ({str(detail).strip()[:300]}); the sparse TopK step "
-                      "uses torch operators (slower)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"saelab: building {SOURCE.name} failed ({str(detail).strip()[:300]}); the CPU training "
+                      "kernels are off and torch operators run instead (slower)", RuntimeWarning, stacklevel=2)
         return None
 
 
