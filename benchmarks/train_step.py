@@ -69,13 +69,14 @@ def step_flops(variant: str, sae, batch: int) -> float:
 
 
 class Roofline:
-    """The step's dense matmul shapes (forward and backward), run back to back with preallocated outputs."""
+    """The step's dense matmul shapes (forward and backward), run back to back with preallocated outputs; in
+    float32, or in another dtype (bfloat16: the rate of the bf16 screen's encoder matmul)."""
 
-    def __init__(self, variant: str, batch: int, d_in: int, d_sae: int):
-        x, f = torch.randn(batch, d_in), torch.randn(batch, d_sae)
-        w_enc, w_dec = torch.randn(d_in, d_sae), torch.randn(d_sae, d_in)
-        out_f, out_x = torch.empty(batch, d_sae), torch.empty(batch, d_in)
-        out_we, out_wd = torch.empty(d_in, d_sae), torch.empty(d_sae, d_in)
+    def __init__(self, variant: str, batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32):
+        x, f = torch.randn(batch, d_in, dtype=dtype), torch.randn(batch, d_sae, dtype=dtype)
+        w_enc, w_dec = torch.randn(d_in, d_sae, dtype=dtype), torch.randn(d_sae, d_in, dtype=dtype)
+        out_f, out_x = torch.empty(batch, d_sae, dtype=dtype), torch.empty(batch, d_in, dtype=dtype)
+        out_we, out_wd = torch.empty(d_in, d_sae, dtype=dtype), torch.empty(d_sae, d_in, dtype=dtype)
         self.shapes = [
             lambda: torch.mm(x, w_enc, out=out_f),  # encoder forward
             lambda: torch.mm(x.t(), f, out=out_we),  # dW_enc
@@ -97,19 +98,6 @@ class Roofline:
 
     def gflops(self, repeats: int) -> float:
         return self.flops / statistics.median(self.run() for _ in range(repeats)) / 1e9
-
-
-def bf16_encoder_gflops(batch: int, d_in: int, d_sae: int, repeats: int) -> float:
-    """GFLOP/s of the encoder shape as a bf16 matmul (what the bf16 screen runs), median of `repeats`."""
-    x, w = torch.randn(batch, d_in).bfloat16(), torch.randn(d_in, d_sae).bfloat16()
-    out = torch.empty(batch, d_sae, dtype=torch.bfloat16)
-    torch.mm(x, w, out=out)  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(x, w, out=out)
-        seconds.append(time.perf_counter() - start)
-    return 2.0 * batch * d_in * d_sae / statistics.median(seconds) / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -183,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         candidates = getattr(sae, "screen_candidates_per_token", None)
         result["bf16_screen"] = candidates is not None
         result["screen_candidates_per_token"] = candidates
-        result["bf16_roofline_gflops"] = bf16_encoder_gflops(args.batch, d_in, args.d_sae, max(5, args.steps // 2))
+        bf16 = Roofline(args.variant, args.batch, d_in, args.d_sae, dtype=torch.bfloat16)  # the encoder shape
+        result["bf16_roofline_gflops"] = bf16.gflops(max(5, args.steps // 2))
         dense = Roofline("relu", args.batch, d_in, args.d_sae)
         dense_step_s = dense.flops / (dense.gflops(max(5, args.steps // 2)) * 1e9)
         result["dense_equivalent_fraction"] = dense_step_s / step_s

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from saelab.saes import native
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 VARIANTS = ["relu", "gated", "jumprelu", "topk", "batchtopk"]
@@ -39,6 +40,11 @@ def test_train_step_benchmark_reports_every_variant_on_synthetic_and_saved_activ
         assert 0 < low <= result["roofline_fraction"] <= high
         assert ("dense_equivalent_fraction" in result) == (variant in ("topk", "batchtopk"))
         assert result["native_kernels"] is True  # g++ is here, so TopK's figures are the C++ kernels'
+        if variant in ("topk", "batchtopk"):  # the bf16 screen ran exactly where the CPU has bf16 dot products
+            assert result["bf16_screen"] is native.fast_bf16()
+            if result["bf16_screen"]:  # at least the k = 4 selected values per token were computed exactly
+                assert 4 <= result["screen_candidates_per_token"] <= 64
+                assert result["bf16_roofline_gflops"] > 0
 
 
 def test_step_timer_attributes_each_steps_work_to_its_own_period(tiny_model_dir, tiny_corpus_dir, tmp_path):

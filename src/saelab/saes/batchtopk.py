@@ -56,14 +56,13 @@ class BatchTopKSAE(TopKSAE):
         flat_ids, values = self.batch_topk(pre, bias)
         return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae)
 
-    def select_screened(self, screen: native.Screen) -> ActiveLatents | None:
+    def select_screened(self, screen: native.Screen) -> tuple[ActiveLatents, int] | None:
         found = native.screened_batch_topk(screen, screen.approx.shape[0] * self.k)
         if found is None:
             return None
         flat_ids, values, candidates = found
         batch, d_sae = screen.approx.shape
-        self.screen_candidates_per_token = candidates / batch  # diagnostics (benchmarks/train_step.py reports it)
-        return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae)
+        return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae), candidates
 
     def batch_topk(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(flat indices in ascending order, i.e. grouped by token; values) of the B*k largest entries of pre

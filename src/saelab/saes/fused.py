@@ -105,7 +105,7 @@ class ReluL1Function(torch.autograd.Function):
 
 class JumpReLUL0Function(torch.autograd.Function):
     """(x_hat, f, L0, fired) for f = pi H(pi - theta), pi = x W_enc + b, L0 = E_b sum_i H(pi_i - theta_i); fired
-    ([d_sae] bool: f > 0 on some token) is empty unless the native kernel found it on the way.
+    ([d_sae] bool: f > 0 on some token) is None unless the native kernel found it on the way.
 
     The gradients are saes/ste.py's JumpReLUFunction and StepFunction (ste_to_preacts false) summed:
     d/dpi = g_f H; d/dtheta = -sum_b K((pi - theta)/eps)/eps (theta g_f + g_L0 / B), one kernel window.
@@ -119,11 +119,13 @@ class JumpReLUL0Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
                 bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         # The kernel window: K = 1[|u| < 1/2] (rectangle) or max(0, 1 - |u|) (triangle), u = (pi - theta) / eps.
         width = 0.5 * bandwidth if kernel == "rectangle" else bandwidth
-        found = None
-        if native.usable(x, W_enc, b, theta) and bool(theta.min() > 0):
+        # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0]: backward masks with f, and the native
+        # pass applies; otherwise backward needs the (slower) bool mask.
+        theta_positive, found = bool(theta.min() > 0), None
+        if native.usable(x, W_enc, b, theta) and theta_positive:
             pre = torch.mm(x, W_enc, out=workspace[0])
             found = native.jumprelu_forward(pre, b, theta, width, bandwidth, out=workspace[1])
             if found is None:
@@ -142,19 +144,17 @@ class JumpReLUL0Function(torch.autograd.Function):
             active = shifted > 0
             l0 = torch.count_nonzero(active).to(x.dtype) / x.shape[0]
             f = _keep_where_positive(pre, shifted, out=pre)
-            # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0] and backward masks with f; otherwise
-            # it needs the (slower) bool mask.
-            active = None if bool(theta.min() > 0) else active
+            active = None if theta_positive else active
             band = None
             if ctx.needs_input_grad[3]:
                 distance = shifted.abs_()  # |pi - theta|
                 rows, cols = (distance < width).nonzero(as_tuple=True)
                 band = (rows, cols, 1.0 - distance[rows, cols] / bandwidth if kernel == "triangle" else None)
-            fired, grad_buffer = x.new_empty(0, dtype=torch.bool), workspace[1]
+            fired, grad_buffer = None, workspace[1]
         x_hat = torch.addmm(b_dec, f, W_dec)
         ctx.save_for_backward(x, W_enc, theta, W_dec, f, active)
         ctx.bandwidth, ctx.band, ctx.workspace = bandwidth, band, grad_buffer
-        ctx.mark_non_differentiable(f, fired)
+        ctx.mark_non_differentiable(f)
         ctx.set_materialize_grads(False)
         return x_hat, f, l0, fired
 
@@ -374,13 +374,13 @@ class GatedFunction(torch.autograd.Function):
     One encoder matmul serves both paths, and the backward pass sums both paths' latent gradients before the
     one dW matmul. On the CPU in float32 the elementwise work between the matmuls is three native passes
     (native.gated_forward, gated_backward_mag, gated_backward_gate), which also give the firing mask ([d_sae]
-    bool; empty on the torch path) and the column sums; torch operators compute the same in ~12 passes.
+    bool; None on the torch path) and the column sums; torch operators compute the same in ~12 passes.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, bias_gate: Tensor, shift_mag: Tensor, r_mag: Tensor,
                 b_mag: Tensor, W_dec: Tensor, b_dec: Tensor, aux: bool,
-                workspace: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+                workspace: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         ws_z, ws_gate, ws_f, ws_mag, ws_grad_gate = workspace
         z = torch.mm(x, W_enc, out=ws_z)
         gain = r_mag.exp()
@@ -395,12 +395,12 @@ class GatedFunction(torch.autograd.Function):
             pi_mag = torch.addcmul(mag_shift, z, gain, out=z)  # (z + shift) exp(r) + b_mag, one pass
             f = _keep_where_positive(pi_mag, gate, out=ws_f).relu_()  # H(pi_gate) ReLU(pi_mag)
             penalty = gate.sum(-1).mean()
-            fired, grad_mag_buffer = x.new_empty(0, dtype=torch.bool), ws_mag
+            fired, grad_mag_buffer = None, ws_mag
         x_hat = torch.addmm(b_dec, f, W_dec)
         aux_hat = torch.addmm(b_dec, gate, W_dec) if aux else None
         ctx.save_for_backward(x, W_enc, gain, b_mag, W_dec, pi_mag, f, gate)
         ctx.workspace = (grad_mag_buffer, ws_grad_gate)
-        ctx.mark_non_differentiable(f, fired)
+        ctx.mark_non_differentiable(f)
         ctx.set_materialize_grads(False)
         return x_hat, f, penalty, aux_hat, fired
 

@@ -150,7 +150,7 @@ class GatedSAE(SAE):
         terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}
         if aux:
             terms["aux"] = squared_error(x, aux_hat)
-        return TrainStep(terms, f, fired_mask=fired if fired.numel() else None)
+        return TrainStep(terms, f, fired_mask=fired)
 
     # -- export --------------------------------------------------------------------------------------------
     def export_tensors(self, scale: float) -> dict[str, Tensor]:

@@ -85,8 +85,7 @@ class JumpReLUSAE(SAE):
                 x, self.W_enc, self.folded_bias(self.W_enc, self.b_enc), theta, self.W_dec, self.b_dec,
                 cfg.bandwidth, cfg.kernel, (self.workspace("f", x), self.workspace("grad_f", x)))
             terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * l0}
-            return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()},
-                             fired_mask=fired if fired.numel() else None)
+            return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()}, fired_mask=fired)
         pre, theta = self.preacts(x), self.threshold
         f = jumprelu(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts)
         terms = {"rec": squared_error(x, self.decode(f))}

@@ -242,9 +242,11 @@ def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tenso
     return out, sums
 
 
+@functools.cache
 def fast_bf16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX), where torch's bf16 matmul
-    runs ~2.6x faster than float32 (24 vs 63 ms for [4096, 384] x [384, 3072] here); without them it is slower."""
+    runs ~2.6x faster than float32 (24 vs 63 ms for [4096, 384] x [384, 3072] here); without them it is slower.
+    Asked every TopK step, so /proc/cpuinfo is read once."""
     flags = _cpu_flags().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
@@ -285,9 +287,7 @@ def bf16_screen(x: Tensor, W: Tensor, bias: Tensor, out: Tensor | None = None) -
     cannot use it (not float32 CPU tensors, no kernels, or norms so large the bound could overflow)."""
     if not (x.dim() == 2 and W.dim() == 2 and x.shape[1] == W.shape[0] and bias.shape == (W.shape[1],)):
         return None
-    if not (usable(x, W, bias) and x.dtype == W.dtype == bias.dtype == torch.float32):
-        return None
-    if (lib := library()) is None:
+    if not (x.dtype == W.dtype == bias.dtype == torch.float32) or (lib := _usable(x, W, bias)) is None:
         return None
     (batch, d), m = x.shape, W.shape[1]
     xb, Wb = x.bfloat16(), W.bfloat16()
@@ -338,16 +338,22 @@ def screened_batch_topk(screen: Screen, keep: int) -> tuple[Tensor, Tensor, int]
     return (ids, values, found) if found >= 0 else None
 
 
+def _matrices_and_vectors(matrices: tuple[Tensor, ...], vectors: tuple[Tensor, ...]) -> ctypes.CDLL | None:
+    """The library, if the matrices are float32 [B, m] alike and the vectors float32 [m], all contiguous CPU."""
+    shape = matrices[0].shape
+    if len(shape) != 2 or any(t.shape != shape for t in matrices) or any(v.shape != (shape[1],) for v in vectors):
+        return None
+    if any(t.dtype != torch.float32 for t in (*matrices, *vectors)):
+        return None
+    return _usable(*matrices, *vectors)
+
+
 def jumprelu_forward(pre: Tensor, bias: Tensor, theta: Tensor, width: float, weight_scale: float,
                      out: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor] | None:
     """JumpReLU's training forward in one pass over pre ([B, m], left as it was): f = p 1[p > theta] for
     p = pre + bias, written to out. Returns (active entries, fired [m] bool, and the entries with |p - theta| <
     width as rows, cols and 1 - |p - theta| / weight_scale, row-major)."""
-    if pre.dim() != 2 or any(t.dtype != torch.float32 for t in (pre, bias, theta, out)):
-        return None
-    if out.shape != pre.shape or bias.shape != (pre.shape[1],) or theta.shape != (pre.shape[1],):
-        return None
-    if (lib := _usable(pre, bias, theta, out)) is None:
+    if (lib := _matrices_and_vectors((pre, out), (bias, theta))) is None:
         return None
     rows, m = pre.shape
     fired = torch.empty(m, dtype=torch.bool)
@@ -364,16 +370,6 @@ def jumprelu_forward(pre: Tensor, bias: Tensor, theta: Tensor, width: float, wei
             n = band.value
             return active, fired, band_rows[:n], band_cols[:n], weights[:n]
         capacity = band.value
-
-
-def _matrices_and_vectors(matrices: tuple[Tensor, ...], vectors: tuple[Tensor, ...]) -> ctypes.CDLL | None:
-    """The library, if the matrices are float32 [B, m] alike and the vectors float32 [m], all contiguous CPU."""
-    shape = matrices[0].shape
-    if len(shape) != 2 or any(t.shape != shape for t in matrices) or any(v.shape != (shape[1],) for v in vectors):
-        return None
-    if any(t.dtype != torch.float32 for t in (*matrices, *vectors)):
-        return None
-    return _usable(*matrices, *vectors)
 
 
 def gated_forward(z: Tensor, bias_gate: Tensor, gain: Tensor, mag_shift: Tensor, gate: Tensor, pi_mag: Tensor,

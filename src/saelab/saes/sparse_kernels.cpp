@@ -378,7 +378,7 @@ inline i64 count_keys_at_least(const float* v, i64 n, uint32_t cutoff) {
 // Row r's screened candidates: the columns whose hi reaches `cutoff` (in index order, appended to ids with
 // id_offset added), with their exact values x[r] . wt[col] + bias[col] and those values' keys. Returns how many.
 template <class Index>
-i64 exact_candidates(const ScreenBounds& sb, const float* hi, i64 m, uint32_t cutoff, const float* x_row,
+i64 exact_candidates(const float* bias, const float* hi, i64 m, uint32_t cutoff, const float* x_row,
                      const float* wt, i64 d, const std::vector<float>& zeros, std::vector<uint32_t>& keys,
                      std::vector<Index>& ids, std::vector<float>& vals, i64 at, i64 id_offset) {
   if (keys.size() < static_cast<size_t>(at + m + 16)) {
@@ -389,7 +389,7 @@ i64 exact_candidates(const ScreenBounds& sb, const float* hi, i64 m, uint32_t cu
   const i64 n = collect_at_least(hi, zeros.data(), 0, m, cutoff, keys.data() + at, ids.data() + at, id_offset);
   for (i64 c = at; c < at + n; ++c) {
     const i64 col = static_cast<i64>(ids[c]) - id_offset;
-    vals[c] = dot(x_row, wt + col * d, d) + sb.bias[col];
+    vals[c] = dot(x_row, wt + col * d, d) + bias[col];
     keys[c] = float_key(vals[c]);
   }
   return n;
@@ -574,7 +574,7 @@ i64 saelab_screened_row_topk(const uint16_t* approx, i64 ld, const float* bias, 
       sb.row(r, m, lo.data(), hi.data());
       i64 n_lo = 0;
       const uint32_t low_kth = row_kth_key(lo.data(), zeros.data(), m, k, scratch, n_lo);
-      const i64 n = exact_candidates(sb, hi.data(), m, low_kth, x + r * d, wt, d, zeros, cand_keys, cand_ids, cand_vals,
+      const i64 n = exact_candidates(bias, hi.data(), m, low_kth, x + r * d, wt, d, zeros, cand_keys, cand_ids, cand_vals,
                                      0, 0);
       screened[part] += n;
       const uint32_t* keys = cand_keys.data();
@@ -631,7 +631,7 @@ i64 saelab_screened_batch_topk(const uint16_t* approx, i64 ld, const float* bias
       for (i64 r = first; r < last; ++r) {
         sb.row(r, m, lo.data(), hi.data());
         reached[part] += count_keys_at_least(lo.data(), m, cutoff);
-        found[part] += exact_candidates(sb, hi.data(), m, cutoff, x + r * d, wt, d, zeros, keys[part], ids[part],
+        found[part] += exact_candidates(bias, hi.data(), m, cutoff, x + r * d, wt, d, zeros, keys[part], ids[part],
                                         vals[part], found[part], r * m);
       }
     });

@@ -166,20 +166,26 @@ class TopKSAE(SAE):
         whose bound reaches the selection's threshold (1.4-2.5 k per token here) and selects among them, so the latents
         are the float32 top-k (tests/test_native_kernels.py checks equality).
         """
+        self.screen_candidates_per_token = None  # this step's, for diagnostics (benchmarks/train_step.py)
         if not (self.cfg.bf16_screen and native.fast_bf16()):
             return None
         screen = native.bf16_screen(x, self.W_enc, bias, out=self.workspace("screen", x, torch.bfloat16))
-        return self.select_screened(screen) if screen is not None else None
+        selected = self.select_screened(screen) if screen is not None else None
+        if selected is None:
+            return None
+        active, candidates = selected
+        self.screen_candidates_per_token = candidates / x.shape[0]
+        return active
 
-    def select_screened(self, screen: native.Screen) -> ActiveLatents | None:
+    def select_screened(self, screen: native.Screen) -> tuple[ActiveLatents, int] | None:
+        """(the selection, how many exact values the kernel computed), or None if the kernel declined."""
         found = native.screened_row_topk(screen, self.k)
         if found is None:
             return None
         ids, values, candidates = found
         batch = ids.shape[0]
-        self.screen_candidates_per_token = candidates / batch  # diagnostics (benchmarks/train_step.py reports it)
         rows = torch.arange(batch).repeat_interleave(self.k)
-        return ActiveLatents(rows, ids.flatten(), values.flatten().relu(), batch, self.d_sae)
+        return ActiveLatents(rows, ids.flatten(), values.flatten().relu(), batch, self.d_sae), candidates
 
     def encode(self, x: Tensor) -> Tensor:
         """Latents for tokens of any leading shape (the selection itself works on [tokens, d_in])."""
@@ -200,10 +206,10 @@ class TopKSAE(SAE):
             with torch.no_grad():
                 # The encoder bias with b_dec folded in; SparseGather gives the parameters their gradients.
                 bias = self.folded_bias(self.W_enc, self.b_enc)
-                active = self.screened_select(x, bias)
-                pre, pre_bias = self.float32_preacts(x, bias) if active is None else (None, None)
-            if active is None:
-                active = self.select(pre, pre_bias)
+                active, pre, pre_bias = self.screened_select(x, bias), None, None
+                if active is None:
+                    pre, pre_bias = self.float32_preacts(x, bias)
+                    active = self.select(pre, pre_bias)
             pattern = self.attach_gradient(active, x)
             rec, diff = SparseReconstructionError.apply(active.values, self.W_dec, self.b_dec, x, pattern)
             terms = {"rec": rec}
