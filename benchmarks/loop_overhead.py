@@ -70,7 +70,7 @@ class StepTimer(L.Callback):
         return wrapper
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.step_loss = self._timed(pl_module.step_loss)
+        pl_module.member.step_loss = self._timed(pl_module.member.step_loss)
         pl_module.sae.before_optimizer_step = self._timed(pl_module.sae.before_optimizer_step)
         pl_module.sae.after_optimizer_step = self._timed(pl_module.sae.after_optimizer_step)
         # Lightning runs optimizer.step(closure): the closure (training_step, backward, before-step hooks) ends

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --variant relu --d-sae 3072 --batch 4096 [--d-in 384] [--acts PATH]
         [--steps 30] [--warmup 5] [--json OUT] [SAE overrides, e.g. k=64]
 
-Each step runs exactly what SAEModule runs per step (SAEModule.step_loss: the SAE's training loss and the
+Each step runs exactly what SAEModule runs per step (SAEMember.step_loss: the SAE's training loss and the
 dead-latent bookkeeping; backward; before_optimizer_step, i.e. the decoder-gradient projection; Adam's step;
 after_optimizer_step, i.e. renormalisation / threshold projection), minus logging I/O.
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         acts = torch.randn(max(4 * args.batch, 16384), d_in) / d_in**0.5
     sae = build(args.variant, d_in, args.d_sae, args.overrides)
     optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF_SAE.parent / "optim" / "adam.yaml")) | {"lr": 1e-4}
-    module = SAEModule(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000)
+    module = SAEModule.single(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000)
     optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
     module.on_fit_start()  # what the Trainer calls first: the allocator setting training runs with
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         x = acts[start_row : start_row + args.batch]
         roofline_s = roofline.run()
         start = time.perf_counter()
-        loss, _ = module.step_loss(x, coefficients, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
+        loss, _ = module.member.step_loss(x, coefficients, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
         optimizer.zero_grad(set_to_none=True)
         forward_end = time.perf_counter()
         loss.backward()

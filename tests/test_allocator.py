@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     from saelab.module import SAEModule
     from saelab.saes.relu import ReluSAE
     if sys.argv[1] == "fit":
-        SAEModule(ReluSAE(ReluSAE.Config(d_in=8, d_sae=16)), {"lr": 1e-3}, max_steps=1,
+        SAEModule.single(ReluSAE(ReluSAE.Config(d_in=8, d_sae=16)), {"lr": 1e-3}, max_steps=1,
                   dead_window_tokens=10).on_fit_start()
     x, w = torch.ones(4096, 384), torch.ones(3072, 384)  # a TopK step's [B, d_in] and [d_sae, d_in] shapes
 

@@ -251,8 +251,9 @@ def test_datamodule_reuses_its_cache_without_text_or_forward(tiny_model, tiny_co
     built = make(str(tmp_path))
     streamed = make("off")
     # The cache holds exactly the held-out activations the uncached stream computes.
-    assert torch.allclose(built.eval_acts * built.scale, streamed.eval_acts * streamed.scale, atol=1e-6)
-    assert streamed.cache is None and next(streamed.train_batches()).shape == (256, 32)
+    hook = built.hooks[0]
+    assert torch.allclose(built.eval_acts[hook] * built.scale, streamed.eval_acts[hook] * streamed.scale, atol=1e-6)
+    assert streamed.cache is None and next(streamed.train_batches())[hook].shape == (256, 32)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reused cache must not run the model or read text")
@@ -260,11 +261,11 @@ def test_datamodule_reuses_its_cache_without_text_or_forward(tiny_model, tiny_co
     monkeypatch.setattr(activations, "window_activations", forbidden)
     monkeypatch.setattr(datamodule, "load_documents", forbidden)
     reused = make(str(tmp_path))
-    assert reused.scale == built.scale and torch.equal(reused.eval_acts, built.eval_acts)
+    assert reused.scale == built.scale and torch.equal(reused.eval_acts[hook], built.eval_acts[hook])
     assert torch.equal(reused.eval_windows, streamed.eval_windows)  # for spliced metrics
     assert len(reused.cache.train) > 1 and reused.cache.train_tokens >= 4096 + 2048
     batches = [list(zip(range(5), dm.train_batches(), strict=False)) for dm in (built, reused)]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*batches, strict=True))  # same seed, same data
+    assert all(torch.equal(a[hook], b[hook]) for (_, a), (_, b) in zip(*batches, strict=True))  # same seed, same data
 
 
 # -- through the command line (subprocesses) -----------------------------------------------------------------

@@ -25,7 +25,7 @@ OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
 def _module(nan_policy: str) -> SAEModule:
     torch.manual_seed(0)
     sae = build_sae({"_target_": "saelab.saes.relu.ReluSAE", "d_in": 8, "d_sae": 32, "sparsity_coefficient": 0.01})
-    return SAEModule(sae, OPTIM, max_steps=6, dead_window_tokens=1000, nan_policy=nan_policy)
+    return SAEModule.single(sae, OPTIM, max_steps=6, dead_window_tokens=1000, nan_policy=nan_policy)
 
 
 def _batches(bad_index: int | None) -> DataLoader:
@@ -66,7 +66,7 @@ def test_nan_loss_skips_the_batch_when_configured(tmp_path):
     trainer.fit(module, train_dataloaders=_batches(bad_index=2))
     # Six batches, one skipped: Adam updated the weights five times (Lightning still counts six steps).
     assert int(trainer.optimizers[0].state[module.sae.W_dec]["step"]) == 5
-    assert int(module.skipped_batches) == 1
+    assert int(module.member.skipped_batches) == 1
     assert not torch.equal(module.sae.W_dec, before["W_dec"])  # the other batches did train
     assert all(torch.isfinite(p).all() for p in module.sae.parameters())
     assert _all_checkpoints_finite(tmp_path / "ckpt") == [1, 2, 3, 4, 5, 6]
@@ -153,11 +153,11 @@ def test_compile_switch_gives_the_eager_loss_and_gradients_under_bf16_autocast()
     for compiled in (False, True):
         torch.manual_seed(0)
         sae = build_sae({"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "d_in": 8, "d_sae": 32})
-        module = SAEModule(sae, OPTIM, max_steps=6, dead_window_tokens=1000, compile=compiled)
+        module = SAEModule.single(sae, OPTIM, max_steps=6, dead_window_tokens=1000, compile=compiled)
         # the switch really changes the function that runs (bound methods compare equal with ==, not `is`)
-        assert (module._training_loss == sae.training_loss) != compiled
+        assert (module.member._training_loss == sae.training_loss) != compiled
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = module.step_loss(x, {"sparsity": 0.01})
+            loss, _ = module.member.step_loss(x, {"sparsity": 0.01})
         loss.backward()
         results.append((loss.detach(), {name: p.grad for name, p in sae.named_parameters()}))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results

@@ -38,11 +38,11 @@ def test_width_from_expansion_factor_and_unknown_fields_rejected():
 
 
 def _train_steps(sae, n_steps=5, lr=1e-2):
-    module = SAEModule(sae, {"lr": lr, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
+    module = SAEModule.single(sae, {"lr": lr, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
                              "lr_decay_fraction": 0.0}, max_steps=100, dead_window_tokens=1000)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     for _ in range(n_steps):
-        out = sae.training_loss(torch.randn(32, 16), module.coefficients())
+        out = sae.training_loss(torch.randn(32, 16), module.member.coefficients())
         optimizer.zero_grad()
         sum(out.terms.values()).backward()
         module.on_before_optimizer_step(optimizer)
@@ -79,8 +79,8 @@ def test_ri_l1_penalty_weights_latents_by_decoder_norm():
 
 def test_sparsity_coefficient_warms_up_linearly():
     sae = relu_sae(sparsity_warmup_steps=10, sparsity_coefficient=0.5)
-    module = SAEModule(sae, {}, max_steps=100, dead_window_tokens=10)
-    assert module.coefficients()["sparsity"] == pytest.approx(0.05)
+    module = SAEModule.single(sae, {}, max_steps=100, dead_window_tokens=10)
+    assert module.member.coefficients()["sparsity"] == pytest.approx(0.05)
 
 
 def test_lr_schedule_warmup_and_final_decay():
@@ -131,7 +131,7 @@ def test_training_optimiser_is_fused_adam_unless_switched_off(fused):
     torch.manual_seed(0)
     sae = relu_sae(d_in=8, d_sae=16)
     cfg = {"lr": 1e-2, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
-    optimizer = SAEModule(sae, cfg | {"fused": fused}, max_steps=10, dead_window_tokens=10).configure_optimizers()[
+    optimizer = SAEModule.single(sae, cfg | {"fused": fused}, max_steps=10, dead_window_tokens=10).configure_optimizers()[
         "optimizer"]
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is fused
     reference = torch.optim.Adam([p.detach().clone().requires_grad_() for p in sae.parameters()], lr=1e-2,
@@ -145,26 +145,28 @@ def test_training_optimiser_is_fused_adam_unless_switched_off(fused):
 
 
 def test_training_logs_only_on_logging_steps(monkeypatch, tmp_path):
-    """self.log has a cost, so a training step calls it only when the loggers will write (every
-    log_every_n_steps); those steps carry the loss, tok/s and the step metrics."""
+    """Logging has a cost, so a training step logs only when the loggers will write (every log_every_n_steps):
+    the member's loggers get the loss, tok/s and the step metrics, the progress bar the loss and tok/s."""
     import lightning as L
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    module = SAEModule(relu_sae(), {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
-                                    "lr_decay_fraction": 0.0}, max_steps=20, dead_window_tokens=1000)
+    module = SAEModule.single(relu_sae(), {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
+                                           "lr_decay_fraction": 0.0}, max_steps=20, dead_window_tokens=1000)
     logged_at: dict[int, set[str]] = {}
+    bar_at: dict[int, set[str]] = {}
+
+    def spy_member(metrics, step):
+        logged_at.setdefault(step, set()).update(metrics)
 
     def spy_log(name, *args, **kwargs):
-        logged_at.setdefault(module.global_step, set()).add(name)
+        bar_at.setdefault(module.global_step, set()).add(name)
 
-    def spy_log_dict(metrics, *args, **kwargs):
-        logged_at.setdefault(module.global_step, set()).update(metrics)
-
+    monkeypatch.setattr(module.member, "log_metrics", spy_member)
     monkeypatch.setattr(module, "log", spy_log)
-    monkeypatch.setattr(module, "log_dict", spy_log_dict)
     trainer = L.Trainer(max_steps=20, log_every_n_steps=10, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, DataLoader(torch.randn(20 * 8, 16), batch_size=8))
-    assert sorted(logged_at) == [9, 19]  # steps 10 and 20 (global_step counts the steps done before)
-    assert {"loss", "tok/s", "loss/rec", "train/fvu"} <= logged_at[19]
+    assert sorted(logged_at) == [9, 19] and sorted(bar_at) == [9, 19]  # steps 10 and 20 (9 and 19 done before)
+    assert {"loss", "tok/s", "loss/rec", "train/fvu", "train/l0", "lr"} <= logged_at[19]
+    assert bar_at[19] == {"loss", "tok/s"}

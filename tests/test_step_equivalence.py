@@ -255,9 +255,9 @@ def test_module_step_l0_and_firing(x, cls):
     torch.manual_seed(0)
     cfg = {"d_in": D_IN, "d_sae": D_SAE} | ({"k": 4} if issubclass(cls, TopKSAE) else {})
     sae = cls(cls.Config(**cfg))
-    module = SAEModule(sae, {"lr": 1e-4}, max_steps=10, dead_window_tokens=1000)
+    module = SAEModule.single(sae, {"lr": 1e-4}, max_steps=10, dead_window_tokens=1000)
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
-    _, out = module.step_loss(x, coefficients)
+    _, out = module.member.step_loss(x, coefficients)
     f = out.feature_acts
     torch.testing.assert_close(out.extras["l0"], (f > 0).sum(-1).float().mean())
     assert isinstance(out.latents, torch.Tensor) != issubclass(cls, TopKSAE)  # TopK latents stay sparse

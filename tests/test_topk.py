@@ -240,8 +240,8 @@ def test_learns_planted_sparse_structure_through_the_module(variant):
                      "dead_window_tokens": 20_000})
     before, _ = evaluate_sae(sae, held_out, 512)
     optim = {"lr": 3e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
-    module = SAEModule(sae, optim, max_steps=300, dead_window_tokens=20_000)
-    assert module.coefficients() == {}
+    module = SAEModule.single(sae, optim, max_steps=300, dead_window_tokens=20_000)
+    assert module.member.coefficients() == {}
     trainer = L.Trainer(max_steps=300, max_epochs=-1, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(train, batch_size=256, shuffle=True))

@@ -8,7 +8,8 @@ from saelab.metrics.evaluate import evaluate_sae
 
 
 class PeriodicEval(L.Callback):
-    """Evaluate on the datamodule's held-out activations every `every_n_steps`; log them as `eval/<name>`."""
+    """Evaluate every member on its hook's held-out activations every `every_n_steps`; each job's loggers get
+    its own metrics as `eval/<name>`."""
 
     def __init__(self, every_n_steps: int, batch_size: int):
         self.every_n_steps, self.batch_size = int(every_n_steps), int(batch_size)
@@ -16,5 +17,9 @@ class PeriodicEval(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step < (trainer.max_steps or step + 1):
-            metrics, _ = evaluate_sae(pl_module.sae, trainer.datamodule.eval_acts, self.batch_size)
-            pl_module.log_dict({f"eval/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
+            eval_acts = trainer.datamodule.eval_acts
+            for member in pl_module.members:
+                if member.alive:
+                    acts = eval_acts[member.hook] if isinstance(eval_acts, dict) else eval_acts
+                    metrics, _ = evaluate_sae(member.sae, acts, self.batch_size)
+                    member.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, pl_module._log_step())

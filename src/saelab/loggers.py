@@ -26,7 +26,10 @@ def wandb_api_key_configured() -> bool:
 
 def build_loggers(logger_cfg: Mapping[str, Any] | None, run_dir: Path, run_name: str | None = None,
                   group: str | None = None) -> list:
-    """Instantiate the configured loggers; W&B runs get a name and group unless the config sets them."""
+    """Instantiate the configured loggers; W&B runs get a name and group unless the config sets them.
+
+    Each W&B logger gets a run of its own (wandb.init with reinit="create_new"), so the jobs of a group,
+    trained in one process, log to one run each."""
     loggers = []
     for name, cfg in (logger_cfg or {}).items():
         cfg = dict(cfg)
@@ -38,9 +41,31 @@ def build_loggers(logger_cfg: Mapping[str, Any] | None, run_dir: Path, run_name:
             if cfg["offline"] or os.environ.get("WANDB_MODE") == "offline":
                 log.info("W&B is offline: upload this run later with `wandb sync %s/wandb/offline-run-*`",
                          cfg.get("save_dir", run_dir))
+            cfg["experiment"] = _wandb_run(cfg)
         log.debug("logger %s: %s", name, cfg)
         loggers.append(instantiate(cfg))
     return loggers
+
+
+def _wandb_run(cfg: Mapping[str, Any]):
+    """A new W&B run with the arguments WandbLogger would pass to wandb.init."""
+    import wandb
+
+    init = {"name": cfg.get("name"), "project": cfg.get("project"), "dir": cfg.get("save_dir"),
+            "id": cfg.get("id") or cfg.get("version"), "resume": "allow", "group": cfg.get("group"),
+            "entity": cfg.get("entity"), "tags": list(cfg.get("tags") or []) or None, "reinit": "create_new"}
+    if cfg.get("offline"):
+        init["mode"] = "offline"
+    return wandb.init(**{k: v for k, v in init.items() if v is not None})
+
+
+def close_loggers(loggers: list, status: str) -> None:
+    """Flush and end each logger; a W&B run is finished (its offline files are complete for `wandb sync`)."""
+    for logger in loggers:
+        logger.finalize(status)
+        experiment = getattr(logger, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "finish"):
+            experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def finish_wandb() -> None:

@@ -1,21 +1,30 @@
-"""The LightningModule that trains any SAE variant through the contract in saes/base.py.
+"""The LightningModule that trains SAEs in lockstep on one activation stream, through the contract in saes/base.py.
 
-It knows nothing variant-specific: it sums the named loss terms, schedules the named coefficients,
-applies the unit-norm decoder constraint, and keeps the dead-latent statistics.
+A run is a group of members: `SAEMember` holds one SAE with everything it trains with (its optimiser settings,
+schedules, coefficient warm-ups, dead-latent statistics, normalisation scale, NaN policy and precision), and
+`SAEModule` steps every member on each batch. A plain run is a group of one; `hydra/launcher=fanout` makes
+groups of several jobs that share a model forward (saelab.group). Nothing here is variant-specific: a member
+sums the named loss terms, schedules the named coefficients, applies the decoder constraint and keeps the
+dead-latent statistics.
+
+One optimiser serves the group: Adam with one parameter group per member (its own lr, betas and state), and
+one LambdaLR with one schedule per member. The members' losses are summed for one backward; their parameters
+are disjoint, so each member's gradient is exactly the one its own backward would give.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saelab.allocator import keep_freed_memory
 from saelab.errors import check_choice
@@ -23,6 +32,9 @@ from saelab.saes.base import SAE, TrainStep
 
 log = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
+# Precisions a member applies itself (autocast around its own loss); any other runs through Lightning's
+# precision plugin and is then the same for the whole group.
+MEMBER_PRECISIONS = {"32-true": None, "32": None, 32: None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int, warmup: str, decay_fraction: float) -> float:
@@ -38,35 +50,53 @@ def lr_factor(step: int, max_steps: int, warmup_steps: int, warmup: str, decay_f
     return factor
 
 
-class SAEModule(L.LightningModule):
+class SAEMember(nn.Module):
+    """One SAE of a group and its own training state; the group's module steps it."""
+
     def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
-                 nan_policy: str = "stop", compile: bool = False):
-        """`nan_policy`: what a non-finite loss term does: "stop" raises FloatingPointError naming the step and
-        the term; "skip" drops that batch (no backward, no optimiser step) and logs a warning.
+                 nan_policy: str = "stop", compile: bool = False, hook: str | None = None,
+                 precision: str | int = "32-true", gradient_clip_val: float | None = None, name: str = "0"):
+        """`nan_policy`: what a non-finite loss term does: "stop" ends this member (FloatingPointError naming
+        the step and the term; the group goes on without it); "skip" drops its batch (no update) and warns.
         `compile`: run the SAE's training loss through torch.compile (fuses the elementwise work of the
-        autograd path, which is what runs under bf16 autocast on CUDA)."""
+        autograd path, which is what runs under bf16 autocast on CUDA). `hook`: the key of this member's
+        activations in a batch (None: batches are plain tensors). `precision`: the member's autocast
+        ("bf16-mixed") or none ("32-true"); `name` labels it in log lines (the job number in a sweep)."""
         super().__init__()
         check_choice("nan_policy", nan_policy, NAN_POLICIES)
-        self.nan_policy = nan_policy
+        self.nan_policy, self.hook, self.name = nan_policy, hook, str(name)
         self.sae = sae
         self._training_loss = torch.compile(sae.training_loss, dynamic=False) if compile else sae.training_loss
         self.optim_cfg = dict(optim)
         self.max_steps = int(max_steps)
         self.dead_window_tokens = int(dead_window_tokens)
+        self.autocast_dtype = MEMBER_PRECISIONS.get(precision)
+        self.gradient_clip_val = gradient_clip_val
         # The normalisation scale C: saved in checkpoints, folded into the exported SAE.
         self.register_buffer("norm_scale", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
+        self.loggers: list = []  # this member's experiment loggers (one W&B run / CSV file per job)
+        self.failure: BaseException | None = None  # set when the member stops (its job then fails alone)
         self._step_times: deque[tuple[float, int]] = deque(maxlen=21)
 
-    def coefficients(self) -> dict[str, float]:
-        step = self.global_step
+    @property
+    def alive(self) -> bool:
+        return self.failure is None
+
+    def coefficients(self, step: int = 0) -> dict[str, float]:
         return {
             name: value * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
             for name, (value, warmup) in self.sae.scheduled_coefficients.items()
         }
 
-    def step_loss(self, batch: Tensor, coefficients: dict[str, float], with_l0: bool = True
-                  ) -> tuple[Tensor, TrainStep]:
+    def autocast(self, device_type: str):
+        """The member's mixed-precision context for its forward (none in float32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def step_loss(self, batch: Tensor, coefficients: dict[str, float], step: int = 0, with_l0: bool = True,
+                  distributed: bool = False) -> tuple[Tensor, TrainStep]:
         """The per-step work besides the optimiser: the SAE's loss terms, their sum, dead-latent bookkeeping,
         and (if `with_l0`, i.e. on logging steps) the batch's L0 as `extras["l0"]`.
 
@@ -76,11 +106,11 @@ class SAEModule(L.LightningModule):
         loss = sum(out.terms.values())
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}: term(s) {', '.join(bad)}")
+            raise FloatingPointError(f"non-finite loss at step {step}: term(s) {', '.join(bad)}")
         with torch.no_grad():
             fired, n_tokens = out.fired(), out.n_tokens
             active = out.active_count() if with_l0 else None
-            if self._distributed():  # every rank keeps the same statistics: those of the global batch
+            if distributed:  # every rank keeps the same statistics: those of the global batch
                 fired = fired.to(torch.int32)
                 torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
                 if active is not None:
@@ -91,6 +121,82 @@ class SAEModule(L.LightningModule):
             if active is not None:
                 out.extras["l0"] = active.float() / n_tokens  # logged as train/l0
         return loss, out
+
+    def step_metrics(self, batch: Tensor, loss: Tensor, out: TrainStep, coefficients: dict[str, float], lr: float
+                     ) -> dict[str, Any]:
+        """What a logging step sends to the loggers: loss, loss terms, coefficients, extras, L0, FVU, dead."""
+        logs: dict[str, Any] = {"loss": loss.detach()}
+        logs |= {f"loss/{name}": term.detach() for name, term in out.terms.items()}
+        logs |= {f"coef/{name}": value for name, value in coefficients.items()}
+        logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
+        if "rec" in out.terms:  # FVU of this batch, about its own mean
+            variance = (batch - batch.mean(0)).pow(2).sum(-1).mean()
+            logs["train/fvu"] = out.terms["rec"].detach() / variance
+        logs["lr"] = lr
+        logs["train/dead_fraction"] = self.sae.dead_mask(self.dead_window_tokens).float().mean()
+        if (rate := self.tokens_per_s()) is not None:
+            logs["tok/s"] = rate
+        return logs
+
+    def record_batch(self, n_tokens: int) -> None:
+        self._step_times.append((time.perf_counter(), n_tokens))
+
+    def tokens_per_s(self) -> float | None:
+        """Tokens/s over the last 20 steps, data generation included (what the run actually achieves)."""
+        if len(self._step_times) < 2:
+            return None
+        (t0, _), (t1, _) = self._step_times[0], self._step_times[-1]
+        return sum(n for _, n in list(self._step_times)[1:]) / max(t1 - t0, 1e-9)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Send scalars to this member's loggers only (a group's jobs each have their own run)."""
+        if not self.loggers:
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, Tensor))}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=step)
+
+    def param_group(self) -> dict[str, Any]:
+        """This member's Adam parameter group: its parameters, learning rate and betas."""
+        cfg = self.optim_cfg
+        betas = tuple(cfg["betas"]) if cfg.get("betas") is not None else self.sae.recipe_adam_betas
+        return {"params": list(self.sae.parameters()), "lr": float(cfg["lr"]), "betas": betas,
+                "fused": bool(cfg.get("fused", True))}
+
+    def lr_lambda(self, step: int) -> float:
+        cfg = self.optim_cfg
+        return lr_factor(step, self.max_steps, int(cfg["lr_warmup_steps"]), str(cfg["lr_warmup"]),
+                         float(cfg["lr_decay_fraction"]))
+
+    def non_finite_weights(self) -> list[str]:
+        return [name for name, value in self.state_dict().items()
+                if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+class SAEModule(L.LightningModule):
+    def __init__(self, members: Sequence[SAEMember]):
+        super().__init__()
+        if not members:
+            raise ValueError("SAEModule needs at least one member")
+        self.members = nn.ModuleList(members)
+        self._stepping: list[SAEMember] = list(members)  # members that take part in the current optimiser step
+
+    @classmethod
+    def single(cls, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
+               nan_policy: str = "stop", compile: bool = False) -> SAEModule:
+        """A group of one that takes plain tensor batches (tests and benchmarks)."""
+        return cls([SAEMember(sae, optim, max_steps, dead_window_tokens, nan_policy, compile)])
+
+    @property
+    def member(self) -> SAEMember:
+        """The member of a one-member module."""
+        (member,) = self.members
+        return member
+
+    @property
+    def sae(self) -> SAE:
+        """The SAE of a one-member module."""
+        return self.member.sae
 
     def _logging_step(self) -> bool:
         """Steps whose metrics reach the loggers (Trainer.log_every_n_steps); L0 is computed only on those."""
@@ -103,70 +209,87 @@ class SAEModule(L.LightningModule):
         return torch.distributed.is_available() and torch.distributed.is_initialized() and (
             torch.distributed.get_world_size() > 1)
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
-        coefficients = self.coefficients()
-        logging_step = self._logging_step()
-        try:
-            loss, out = self.step_loss(batch, coefficients, with_l0=logging_step)
-        except FloatingPointError as err:
-            if self.nan_policy == "stop":
-                raise
-            log.warning("%s: batch skipped (nan_policy=skip)", err)
-            self.log("train/skipped_batches", float(self.skipped_batches.add_(1)), on_step=True, on_epoch=False)
-            return None  # Lightning runs no backward and no optimiser step for this batch
-        self._step_times.append((time.perf_counter(), batch.shape[0]))
-        if logging_step:  # each self.log call has a cost, so only what reaches the loggers is logged
-            self.log_dict(self._step_metrics(batch, out, coefficients), on_step=True, on_epoch=False)
-            self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-            self._log_throughput()
-        return loss
+    def training_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
+        logging_step, step = self._logging_step(), self.global_step
+        self._stepping = [m for m in self.members if m.alive]
+        total: Tensor | None = None
+        for index, member in enumerate(self.members):
+            if not member.alive:
+                continue
+            x = batch[member.hook] if isinstance(batch, Mapping) else batch
+            coefficients = member.coefficients(step)
+            try:
+                with member.autocast(x.device.type):
+                    loss, out = member.step_loss(x, coefficients, step, logging_step, self._distributed())
+            except FloatingPointError as err:
+                self._non_finite(member, err)
+                continue
+            member.record_batch(x.shape[0])
+            if logging_step:  # the loggers' cost is paid only on the steps they write
+                lr = self.optimizers().param_groups[index]["lr"]
+                member.log_metrics(member.step_metrics(x, loss, out, coefficients, lr), self._log_step())
+            total = loss if total is None else total + loss
+        if not any(m.alive for m in self.members):  # nothing left to train: end the run with the first failure
+            raise next(m.failure for m in self.members)
+        if logging_step and total is not None:  # the progress bar: the group's summed loss and its tokens/s
+            self.log("loss", total.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            rates = [r for m in self.members if m.alive and (r := m.tokens_per_s()) is not None]
+            if rates:
+                self.log("tok/s", min(rates), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        return total  # None: every member skipped this batch (Lightning then runs no backward)
 
-    def _step_metrics(self, batch: Tensor, out: TrainStep, coefficients: dict[str, float]) -> dict[str, Any]:
-        """What a logging step sends to the loggers: loss terms, coefficients, the SAE's extras, L0, FVU, dead."""
-        logs = {f"loss/{name}": term.detach() for name, term in out.terms.items()}
-        logs |= {f"coef/{name}": value for name, value in coefficients.items()}
-        logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
-        if "rec" in out.terms:  # FVU of this batch, about its own mean
-            variance = (batch - batch.mean(0)).pow(2).sum(-1).mean()
-            logs["train/fvu"] = out.terms["rec"].detach() / variance
-        logs["lr"] = self.optimizers().param_groups[0]["lr"]
-        logs["train/dead_fraction"] = self.sae.dead_mask(self.dead_window_tokens).float().mean()
-        return logs
+    def _non_finite(self, member: SAEMember, err: FloatingPointError) -> None:
+        if member.nan_policy == "stop" or self._distributed():  # a rank that skipped would hang the others
+            member.failure = err
+            if len(self.members) > 1:
+                log.error("job %s stops: %s (nan_policy=stop); the rest of the group goes on", member.name, err)
+            return
+        log.warning("%s: batch skipped (nan_policy=skip)", err)
+        member.skipped_batches.add_(1)
+        member.log_metrics({"train/skipped_batches": float(member.skipped_batches)}, self._log_step())
 
-    def _log_throughput(self) -> None:
-        """Tokens/s over the last 20 steps, data generation included (what the run actually achieves)."""
-        if len(self._step_times) > 1:
-            (t0, _), (t1, _) = self._step_times[0], self._step_times[-1]
-            tokens = sum(n for _, n in list(self._step_times)[1:])
-            self.log("tok/s", tokens / max(t1 - t0, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+    def _log_step(self) -> int:
+        """The step Lightning's own logging would use: batches stepped before this one."""
+        if self._trainer is None:
+            return self.global_step
+        return int(self.trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def on_fit_start(self) -> None:
         keep_freed_memory()  # a step's fresh tensors then reuse freed memory instead of page-faulting anew
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never write non-finite weights: a checkpoint must be something a run can safely resume from."""
-        bad = [name for name, value in checkpoint["state_dict"].items()
-               if value.is_floating_point() and not torch.isfinite(value).all()]
-        if bad:
-            raise FloatingPointError(f"non-finite weights at step {self.global_step} in {', '.join(bad)}: "
-                                     "no checkpoint written")
+        """Never write non-finite weights: a checkpoint must be something a run can safely resume from.
+
+        A member whose weights went non-finite stops (its job fails, its earlier checkpoints stay); the
+        checkpoint I/O (saelab.checkpoint_io) writes only the members still alive."""
+        for member in self.members:
+            bad = member.non_finite_weights() if member.alive else []
+            if bad:
+                member.failure = FloatingPointError(
+                    f"non-finite weights at step {self.global_step} in {', '.join(bad)}: no checkpoint written")
+        if not any(m.alive for m in self.members):
+            raise next(m.failure for m in self.members)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Each member clips its own gradient by its own trainer.gradient_clip_val (by norm)."""
+        for member in self._stepping:
+            clip = member.gradient_clip_val if member.gradient_clip_val is not None else gradient_clip_val
+            if clip:
+                torch.nn.utils.clip_grad_norm_(list(member.sae.parameters()), float(clip))
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.sae.before_optimizer_step()
+        for member in self._stepping:
+            member.sae.before_optimizer_step()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.sae.after_optimizer_step()
+        for member in self._stepping:
+            if member.alive:
+                member.sae.after_optimizer_step()
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        betas = tuple(cfg["betas"]) if cfg.get("betas") is not None else self.sae.recipe_adam_betas
+        groups = [member.param_group() for member in self.members]
         # torch's fused Adam kernel: one vectorised pass per parameter, ~8x the per-tensor loop on CPU.
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=float(cfg["lr"]), betas=betas,
-                                     fused=bool(cfg.get("fused", True)))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, self.max_steps, int(cfg["lr_warmup_steps"]), str(cfg["lr_warmup"]),
-                                   float(cfg["lr_decay_fraction"])),
-        )
+        optimizer = torch.optim.Adam(groups, fused=all(g["fused"] for g in groups))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [member.lr_lambda for member in self.members])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -36,21 +36,26 @@ def activation_chunks(
     hook: str | None = None,
     generator: torch.Generator | None = None,
     epochs: int | None = 1,
+    hooks: list[str] | None = None,
 ) -> Iterator[Tensor]:
     """Yield float32 CPU activations [n_tokens, d] of the real-text positions, one model batch at a time.
 
-    With a generator the window order is reshuffled every epoch; `epochs=None` cycles forever.
+    With `hooks` (several hook points of one forward pass), each chunk holds their activations side by side,
+    [n_tokens, sum of widths] in the order given, so a shuffle treats a token's activations as one row and
+    every hook sees the same tokens in the same order. With a generator the window order is reshuffled every
+    epoch; `epochs=None` cycles forever.
     """
-    hook = hook or model.hooks[0]
+    names = hooks or [hook or model.hooks[0]]
     epoch = 0
     while epochs is None or epoch < epochs:
         order = torch.randperm(len(windows), generator=generator) if generator is not None else None
         for start in range(0, len(windows), batch_windows):
             idx = order[start : start + batch_windows] if order is not None else slice(start, start + batch_windows)
             batch = windows[idx]
-            acts = window_activations(model, batch)[hook]
-            mask = keep_mask(batch, special).to(acts.device)
-            yield acts[mask].float().cpu()
+            acts = window_activations(model, batch)
+            mask = keep_mask(batch, special).to(acts[names[0]].device)
+            rows = [acts[name][mask] for name in names]
+            yield (rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)).float().cpu()
         epoch += 1
 
 

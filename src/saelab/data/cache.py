@@ -205,10 +205,11 @@ class ModelSpec:
     hook: str  # the hook whose activations are cached
 
     @classmethod
-    def of(cls, model: LoadedModel) -> ModelSpec:
+    def of(cls, model: LoadedModel, hook: str | None = None) -> ModelSpec:
+        """The spec of `model` for `hook` (default: its first hook)."""
         cfg = model.bridge.cfg
         return cls(model.name, str(getattr(cfg, "model_name", None) or model.name),
-                   str(getattr(cfg, "dtype", "")).removeprefix("torch."), model.hooks[0])
+                   str(getattr(cfg, "dtype", "")).removeprefix("torch."), hook or model.hooks[0])
 
 
 def cache_name(inputs: Mapping[str, Any]) -> str:

@@ -80,8 +80,17 @@ def check_model_config(model_cfg: Mapping[str, Any]) -> None:
         raise ConfigError("model.name", model_cfg.get("name"), "a hub model name or a local directory")
 
 
-def load_model(model_cfg: Mapping[str, Any]) -> LoadedModel:
-    """Boot the bridge from a local directory (`model.path`) or a hub name (`model.name`)."""
+def configured_hooks(model_cfg: Mapping[str, Any]) -> list[str]:
+    """`model.hooks` if set, else [`model.hook`]; the first is the one an SAE trains on."""
+    return list(model_cfg["hooks"]) if model_cfg.get("hooks") else [str(model_cfg["hook"])]
+
+
+def load_model(model_cfg: Mapping[str, Any], hooks: list[str] | None = None, check_hooks: bool = True
+               ) -> LoadedModel:
+    """Boot the bridge from a local directory (`model.path`) or a hub name (`model.name`).
+
+    `hooks` replaces the configured hooks (a group reads every member's hook from one forward pass);
+    `check_hooks=False` leaves checking them to the caller."""
     from transformer_lens.model_bridge import TransformerBridge
 
     check_model_config(model_cfg)
@@ -89,8 +98,8 @@ def load_model(model_cfg: Mapping[str, Any]) -> LoadedModel:
     device = resolve_device(str(model_cfg["device"]))
     bridge = TransformerBridge.boot_transformers(source, device=device, dtype=DTYPES[model_cfg["dtype"]])
     bridge.eval()
-    hooks = list(model_cfg["hooks"]) if model_cfg.get("hooks") else [str(model_cfg["hook"])]
-    for hook in hooks:
+    hooks = list(hooks) if hooks is not None else configured_hooks(model_cfg)
+    for hook in hooks if check_hooks else ():
         check_hook(hook, bridge.hook_dict)
     return LoadedModel(bridge, bridge.tokenizer, hooks, device, str(model_cfg["name"]))
 

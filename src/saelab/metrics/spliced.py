@@ -15,7 +15,8 @@ removes them when each forward pass ends, even if it raises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from saelab.data.model import LoadedModel
 from saelab.data.tokens import SpecialTokens, keep_mask
 
 Reconstruct = Callable[[Tensor], Tensor]
+Key = TypeVar("Key", bound=Hashable)
 
 
 def is_causal_lm(model: LoadedModel) -> bool:
@@ -57,43 +59,62 @@ def _logits(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstr
     return model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits").float()
 
 
+def _log_probs(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None,
+               mask: Tensor | None, predicted: Tensor) -> Tensor:
+    """Next-token log-probabilities at the predicted positions (spliced when a mask is given)."""
+    return _logits(model, tokens, hook, reconstruct, mask)[:, :-1][predicted].log_softmax(-1)
+
+
 @torch.no_grad()
-def spliced_lm_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor, special: SpecialTokens,
-                       batch_windows: int, hook: str | None = None) -> dict[str, float | str]:
-    """Next-token CE clean / spliced / zero-ablated, delta LM loss, loss recovered and KL(clean || spliced).
+def spliced_lm_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Reconstruct], windows: Tensor,
+                            special: SpecialTokens, batch_windows: int, hook: str | None = None
+                            ) -> dict[Key, dict[str, float | str]]:
+    """Next-token CE clean / spliced / zero-ablated, delta LM loss, loss recovered and KL(clean || spliced),
+    for every SAE in `reconstructs` (the clean and zero-ablated passes run once for all of them).
 
     A prediction (logits at t for token t+1) counts only if both token t and token t+1 are real text, so
     the BOS position and every special input or target are masked. Sums run over all windows before
     dividing (a token mean, not a mean of batch means).
     """
     hook = hook or model.hooks[0]
-    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0}
+    shared = {"ce_clean": 0.0, "ce_zero": 0.0}
+    sums = {key: {"ce_sae": 0.0, "kl_sae": 0.0} for key in reconstructs}
     n_predicted = 0
     for start in range(0, len(windows), batch_windows):
         tokens = windows[start : start + batch_windows].to(model.device)
         keep = keep_mask(tokens, special)
         predicted = keep[:, :-1] & keep[:, 1:]
         targets = tokens[:, 1:][predicted]
-        log_probs = {}
-        for name, recon, mask in (("clean", None, None), ("sae", reconstruct, keep), ("zero", None, keep)):
-            logits = _logits(model, tokens, hook, recon, mask)
-            log_probs[name] = logits[:, :-1][predicted].log_softmax(-1)
-            sums[f"ce_{name}"] += float(F.nll_loss(log_probs[name], targets, reduction="sum"))
-        # KL(clean || spliced) = sum p_clean (log p_clean - log p_sae)
-        kl = F.kl_div(log_probs["sae"], log_probs["clean"], log_target=True, reduction="sum")
-        sums["kl_sae"] += float(kl)
+        clean = _log_probs(model, tokens, hook, None, None, predicted)
+        shared["ce_clean"] += float(F.nll_loss(clean, targets, reduction="sum"))
+        for key, reconstruct in reconstructs.items():
+            spliced = _log_probs(model, tokens, hook, reconstruct, keep, predicted)
+            sums[key]["ce_sae"] += float(F.nll_loss(spliced, targets, reduction="sum"))
+            # KL(clean || spliced) = sum p_clean (log p_clean - log p_sae)
+            sums[key]["kl_sae"] += float(F.kl_div(spliced, clean, log_target=True, reduction="sum"))
+        zero = _log_probs(model, tokens, hook, None, keep, predicted)
+        shared["ce_zero"] += float(F.nll_loss(zero, targets, reduction="sum"))
         n_predicted += int(predicted.sum())
     if n_predicted == 0:
         raise ValueError("no predicted positions: every window is special tokens only")
-    m = {k: v / n_predicted for k, v in sums.items()}
-    recoverable = m["ce_zero"] - m["ce_clean"]
-    return {
-        "spliced_kind": "causal_lm",
-        **m,
-        "delta_lm_loss": m["ce_sae"] - m["ce_clean"],
-        "loss_recovered": (m["ce_zero"] - m["ce_sae"]) / recoverable if recoverable != 0 else float("nan"),
-        "spliced_tokens": float(n_predicted),
-    }
+    results = {}
+    for key, own in sums.items():
+        m = {k: v / n_predicted for k, v in (shared | own).items()}
+        recoverable = m["ce_zero"] - m["ce_clean"]
+        results[key] = {
+            "spliced_kind": "causal_lm",
+            **m,
+            "delta_lm_loss": m["ce_sae"] - m["ce_clean"],
+            "loss_recovered": (m["ce_zero"] - m["ce_sae"]) / recoverable if recoverable != 0 else float("nan"),
+            "spliced_tokens": float(n_predicted),
+        }
+    return results
+
+
+def spliced_lm_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor, special: SpecialTokens,
+                       batch_windows: int, hook: str | None = None) -> dict[str, float | str]:
+    """spliced_lm_metrics_many for one SAE."""
+    return spliced_lm_metrics_many(model, {0: reconstruct}, windows, special, batch_windows, hook)[0]
 
 
 class _Stop(Exception):
@@ -123,42 +144,62 @@ def _mean_pool(hidden: Tensor, keep: Tensor) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+def _pooled_cosine(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None, keep: Tensor,
+                   clean: Tensor) -> float:
+    """Summed cosine between the clean pooled hidden states and those with the hook spliced."""
+    spliced = _mean_pool(_final_hidden(model, tokens, hook, reconstruct, keep), keep)
+    return float(F.cosine_similarity(clean, spliced, dim=-1).sum())
+
+
 @torch.no_grad()
-def spliced_encoder_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor,
-                            special: SpecialTokens, batch_windows: int,
-                            hook: str | None = None) -> dict[str, float | str]:
+def spliced_encoder_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Reconstruct], windows: Tensor,
+                                 special: SpecialTokens, batch_windows: int, hook: str | None = None
+                                 ) -> dict[Key, dict[str, float | str]]:
     """Mean over windows of cos(pool(h_clean), pool(h_spliced)), h the last block's output, pooled over
-    real-text positions (the sentence-transformers embedding, before its final normalisation).
+    real-text positions (the sentence-transformers embedding, before its final normalisation), for every SAE
+    in `reconstructs` (the clean and zero-ablated passes run once for all of them).
 
     `spliced_hidden_cosine_zero` is the same with the hook zero-ablated: the floor to compare against.
     """
     hook = hook or model.hooks[0]
-    total = {"sae": 0.0, "zero": 0.0}
+    zero, totals = 0.0, dict.fromkeys(reconstructs, 0.0)
     n_windows = 0
     for start in range(0, len(windows), batch_windows):
         tokens = windows[start : start + batch_windows].to(model.device)
         keep = keep_mask(tokens, special)
         clean = _mean_pool(_final_hidden(model, tokens, hook, None, None), keep)
-        for name, recon in (("sae", reconstruct), ("zero", None)):
-            spliced = _mean_pool(_final_hidden(model, tokens, hook, recon, keep), keep)
-            total[name] += float(F.cosine_similarity(clean, spliced, dim=-1).sum())
+        for key, reconstruct in reconstructs.items():
+            totals[key] += _pooled_cosine(model, tokens, hook, reconstruct, keep, clean)
+        zero += _pooled_cosine(model, tokens, hook, None, keep, clean)
         n_windows += len(tokens)
     if n_windows == 0:
         raise ValueError("no windows to evaluate")
-    return {
-        "spliced_kind": "encoder_hidden_cosine",
-        "spliced_hidden_cosine": total["sae"] / n_windows,
-        "spliced_hidden_cosine_zero": total["zero"] / n_windows,
-        "spliced_windows": float(n_windows),
-    }
+    return {key: {"spliced_kind": "encoder_hidden_cosine", "spliced_hidden_cosine": total / n_windows,
+                  "spliced_hidden_cosine_zero": zero / n_windows, "spliced_windows": float(n_windows)}
+            for key, total in totals.items()}
+
+
+def spliced_encoder_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor,
+                            special: SpecialTokens, batch_windows: int,
+                            hook: str | None = None) -> dict[str, float | str]:
+    """spliced_encoder_metrics_many for one SAE."""
+    return spliced_encoder_metrics_many(model, {0: reconstruct}, windows, special, batch_windows, hook)[0]
+
+
+def spliced_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Reconstruct], windows: Tensor,
+                         special: SpecialTokens, batch_windows: int, hook: str | None = None
+                         ) -> dict[Key, dict[str, float | str]]:
+    """The spliced metrics that fit the model, for several SAEs on one hook: next-token losses for causal LMs,
+    hidden cosine otherwise. The SAE-independent passes (clean, zero-ablated) run once per batch.
+
+    Each reconstruct maps raw activations [..., d] (float32, on the model's device) to raw reconstructions;
+    the caller composes the normalisation (x -> C * sae(x / C)). `hook` defaults to the trained hook.
+    """
+    metric = spliced_lm_metrics_many if is_causal_lm(model) else spliced_encoder_metrics_many
+    return metric(model, reconstructs, windows, special, batch_windows, hook)
 
 
 def spliced_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor, special: SpecialTokens,
                     batch_windows: int, hook: str | None = None) -> dict[str, float | str]:
-    """The spliced metrics that fit the model: next-token losses for causal LMs, hidden cosine otherwise.
-
-    `reconstruct` maps raw activations [..., d] (float32, on the model's device) to raw reconstructions;
-    the caller composes the normalisation (x -> C * sae(x / C)). `hook` defaults to the trained hook.
-    """
-    metric = spliced_lm_metrics if is_causal_lm(model) else spliced_encoder_metrics
-    return metric(model, reconstruct, windows, special, batch_windows, hook)
+    """spliced_metrics_many for one SAE."""
+    return spliced_metrics_many(model, {0: reconstruct}, windows, special, batch_windows, hook)[0]

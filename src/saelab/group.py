@@ -1,0 +1,285 @@
+"""Train a group of jobs on one activation stream, in lockstep: the one training path of saelab.
+
+A plain run is a group of one; `hydra/launcher=fanout` (saelab.fanout) passes groups of jobs whose activation
+source is the same. The model is loaded once (with every member's hook), the stream runs it once per batch,
+and every member's SAE takes its step on that batch. Each job keeps its own directory and results:
+checkpoints (one file per job, saelab.checkpoint_io), logger run, metrics.json and SAELens export. A job that
+fails (a config error found here, a non-finite loss under nan_policy=stop) fails alone: the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from saelab.callbacks import PeriodicEval
+from saelab.checkpoint_io import GroupCheckpointIO
+from saelab.data.datamodule import ActivationDataModule
+from saelab.data.model import LoadedModel, check_hook, load_model
+from saelab.errors import ConfigError
+from saelab.export import export_sae
+from saelab.io import write_json
+from saelab.job import Job
+from saelab.loggers import build_loggers, close_loggers
+from saelab.metrics.evaluate import evaluate_sae
+from saelab.metrics.spliced import spliced_metrics_many
+from saelab.module import MEMBER_PRECISIONS, SAEMember, SAEModule
+from saelab.saes.base import build_sae
+
+log = logging.getLogger("saelab")
+Outcome = dict[str, Any] | BaseException  # a job's metrics, or why it failed
+
+
+def run_steps(cfg: DictConfig) -> int:
+    """Optimiser steps of a run: trainer.max_steps, else data.train_tokens / data.batch_size (rounded up)."""
+    return int(cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / int(cfg.data.batch_size)))
+
+
+def activations_needed(cfg: DictConfig, world_size: int) -> int:
+    """Training activations a run reads. Under DDP, data.batch_size and data.train_tokens are per device: each
+    rank trains run_steps batches of its own, disjoint from the other ranks'."""
+    return run_steps(cfg) * int(cfg.data.batch_size) * world_size
+
+
+def train_group(jobs: Sequence[Job]) -> list[Outcome]:
+    """Train `jobs` together; return each job's metrics (also written to its metrics.json) or its error."""
+    started = time.time()
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    with _job_logs(jobs):
+        try:
+            _train(jobs, outcomes, started)
+        except Exception as err:  # a failure of the whole group (model, data, the Trainer): every job has it
+            for i, outcome in enumerate(outcomes):
+                if outcome is None:
+                    outcomes[i] = err
+    return outcomes  # type: ignore[return-value]
+
+
+def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) -> None:
+    first = jobs[0].cfg
+    max_steps = run_steps(first)
+    saes = {}
+    for i, job in enumerate(jobs):  # each SAE initialised from its own seed, as in a run by itself
+        try:
+            L.seed_everything(int(job.cfg.seed), workers=True, verbose=False)
+            saes[i] = build_sae(OmegaConf.to_container(job.cfg.sae, resolve=True))
+        except ConfigError as err:
+            outcomes[i] = err
+    model = _load_model(jobs, saes, outcomes)
+    live = [i for i in saes if outcomes[i] is None]
+    if not live:
+        return
+
+    callbacks = [instantiate(c) for c in (first.get("callbacks") or {}).values()]
+    if first.eval.every_n_steps:
+        callbacks.append(PeriodicEval(first.eval.every_n_steps, first.eval.batch_size))
+    checkpoint_io = GroupCheckpointIO([jobs[i].run_dir / "checkpoints" for i in live],
+                                      alive=lambda: [m.alive for m in module.members],
+                                      resume_from=_resume_paths([jobs[i] for i in live]))
+    trainer = instantiate(_trainer_config(first, max_steps), logger=False, callbacks=callbacks,
+                          default_root_dir=str(jobs[live[0]].run_dir), plugins=[checkpoint_io])
+    world = int(trainer.world_size)
+    if world > 1 and any(jobs[i].cfg.get("nan_policy") == "skip" for i in live):  # a rank that skipped its
+        raise ConfigError("nan_policy", "skip", "stop when training on several devices")  # backward would hang
+    datamodule = ActivationDataModule(first.data, model, first.eval.tokens, first.seed, cache_dir=first.paths.cache_dir,
+                                      train_tokens=activations_needed(first, world),
+                                      hooks=[jobs[i].hook for i in live])
+    datamodule.setup()
+    members = [_member(jobs[i], saes[i], max_steps, datamodule.scales[jobs[i].hook]) for i in live]
+    module = SAEModule(members)
+    # Loggers start last, so a config rejected during set-up leaves no logger files behind.
+    for i, member in zip(live, members, strict=True):
+        member.loggers = build_loggers(jobs[i].cfg.get("logger"), jobs[i].run_dir, jobs[i].run_name,
+                                       jobs[i].run_group)
+    setup_s = time.time() - started
+    fit_started = time.time()
+    try:
+        try:
+            # weights_only: a checkpoint is tensors and plain values; loading one cannot run code.
+            trainer.fit(module, datamodule=datamodule, ckpt_path=_first(checkpoint_io.resume_from),
+                        weights_only=True)
+        except Exception as err:
+            if any(m.alive for m in members):  # not a member's own failure: the group stopped with an error
+                for member in members:
+                    member.failure = member.failure or err
+        train_s = time.time() - fit_started
+        for i, member in zip(live, members, strict=True):
+            if not member.alive:
+                outcomes[i] = member.failure
+        if not trainer.is_global_zero:  # under DDP the other ranks hold the same weights; rank 0 reports
+            for i in live:
+                outcomes[i] = outcomes[i] or {"global_rank": trainer.global_rank, "steps": int(trainer.global_step)}
+            return
+        eval_started = time.time()
+        finishing = [(i, m) for i, m in zip(live, members, strict=True) if m.alive]
+        results = _evaluate(jobs, finishing, model, datamodule)
+        for i, member in finishing:
+            metrics, log10_density = results[i]
+            outcomes[i] = _write_results(jobs[i], member, metrics, datamodule, trainer, world, started)
+            _log_final(member.loggers, metrics, log10_density, int(trainer.global_step))
+        log.info("group of %d job(s): set-up %.1f s, training %.1f s (%d steps), evaluation %.1f s", len(jobs),
+                 setup_s, train_s, int(trainer.global_step), time.time() - eval_started)
+    finally:
+        for member in members:
+            close_loggers(member.loggers, "success" if member.alive else "failed")
+
+
+def _load_model(jobs: Sequence[Job], saes: dict[int, Any], outcomes: list[Outcome | None]) -> LoadedModel | None:
+    """The model, loaded once with every member's hook; a member whose hook or width does not fit fails alone."""
+    live = [i for i in saes if outcomes[i] is None]
+    if not live:
+        return None
+    hooks = list(dict.fromkeys(jobs[i].hook for i in live))
+    model = load_model(jobs[live[0]].cfg.model, hooks=hooks, check_hooks=False)
+    for i in live:
+        try:
+            check_hook(jobs[i].hook, model.bridge.hook_dict)
+            if model.d_model != saes[i].d_in:
+                raise ConfigError("sae.d_in", saes[i].d_in, f"the model's d_model ({model.d_model}); set model.d_model")
+        except ConfigError as err:
+            outcomes[i] = err
+    model.hooks = list(dict.fromkeys(jobs[i].hook for i in live if outcomes[i] is None)) or hooks
+    return model
+
+
+def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
+    """The group's Trainer arguments: the first job's, with precision and clipping left to the members where
+    they apply them themselves (saelab.module.SAEMember)."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["max_steps"] = int(max_steps)
+    if trainer_cfg.get("precision", "32-true") in MEMBER_PRECISIONS:
+        trainer_cfg["precision"] = "32-true"
+    trainer_cfg["gradient_clip_val"] = None
+    return trainer_cfg
+
+
+def _member(job: Job, sae, max_steps: int, scale: float) -> SAEMember:
+    cfg = job.cfg
+    member = SAEMember(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")),
+                       compile=bool(cfg.get("compile", False)), hook=job.hook,
+                       precision=cfg.trainer.get("precision", "32-true"),
+                       gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num))
+    member.norm_scale.fill_(scale)
+    return member
+
+
+def _resume_paths(jobs: Sequence[Job]) -> list | None:
+    paths = [job.resume_from for job in jobs]
+    if all(p is None for p in paths):
+        return None
+    if any(p is None for p in paths):
+        raise ConfigError("ckpt_path", None, "the same for every job of a group (all null, or all resuming)")
+    return paths
+
+
+def _first(paths: list | None) -> str | None:
+    return str(paths[0]) if paths else None
+
+
+def _evaluate(jobs: Sequence[Job], finishing: list[tuple[int, SAEMember]], model: LoadedModel,
+              datamodule: ActivationDataModule) -> dict[int, tuple[dict[str, Any], torch.Tensor]]:
+    """Held-out metrics per job; the spliced metrics share the clean and zero-ablated passes per hook."""
+    results = {}
+    for i, member in finishing:
+        metrics, density = evaluate_sae(member.sae, datamodule.eval_acts[member.hook], int(jobs[i].cfg.eval.batch_size))
+        results[i] = (metrics, density)
+    spliced = [(i, m) for i, m in finishing if jobs[i].cfg.eval.spliced_windows]
+    for hook in dict.fromkeys(m.hook for _, m in spliced):
+        on_hook = [(i, m) for i, m in spliced if m.hook == hook]
+        n_windows = int(jobs[on_hook[0][0]].cfg.eval.spliced_windows)
+        reconstructs = {i: _reconstruct(m.sae, datamodule.scales[hook]) for i, m in on_hook}
+        by_job = spliced_metrics_many(model, reconstructs, datamodule.eval_windows[:n_windows], datamodule.special,
+                                      int(jobs[on_hook[0][0]].cfg.data.model_batch_size), hook)
+        for i, metrics in by_job.items():
+            results[i][0].update(metrics)
+    return results
+
+
+def _reconstruct(sae, scale: float):
+    """Raw activations in, raw reconstruction out: x -> C sae(x / C)."""
+    device = next(sae.parameters()).device
+    sae.eval()
+
+    def reconstruct(x):
+        with torch.no_grad():
+            return sae(x.to(device).float() / scale) * scale
+
+    return reconstruct
+
+
+def _write_results(job: Job, member: SAEMember, metrics: dict[str, Any], datamodule: ActivationDataModule,
+                   trainer: L.Trainer, world: int, started: float) -> dict[str, Any]:
+    """The job's SAELens export and metrics.json."""
+    cfg, sae, scale = job.cfg, member.sae, datamodule.scales[member.hook]
+    export_sae(sae, scale, job.run_dir / "sae", {
+        "model_name": str(cfg.model.name),
+        "hook_name": member.hook,
+        "context_size": int(cfg.data.context_size),
+        "prepend_bos": bool(cfg.data.prepend_bos),
+        "exclude_special_tokens": True,
+        "dataset_path": str(cfg.data.get("path") or cfg.data.source),
+        "normalization": str(cfg.data.normalize),
+        "trained_by": "saelab",
+    })
+    result = {
+        **metrics,
+        "variant": sae.__class__.__name__,
+        "architecture": sae.saelens_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "steps": int(trainer.global_step),
+        "tokens_trained": int(trainer.global_step) * int(cfg.data.batch_size) * world,
+        "world_size": world,
+        "normalization_scale": float(scale),
+        "wall_time_s": time.time() - started,
+        "overrides": job.overrides,
+    }
+    write_json(job.run_dir / "metrics.json", result)
+    log.info("%sheld-out: L0 %.1f, FVU %.3f, shrinkage %.3f, dead %.1f%%; %d tokens in %.0f s -> %s",
+             f"job {job.num}: " if job.multirun else "", metrics["l0"], metrics["fvu"], metrics["shrinkage"],
+             100 * metrics["dead_fraction"], result["tokens_trained"], result["wall_time_s"], job.run_dir)
+    return result
+
+
+def _log_final(loggers: list, metrics: dict[str, Any], log10_density: torch.Tensor, step: int) -> None:
+    numeric = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for logger in loggers:
+        logger.log_metrics(numeric, step=step)
+        experiment = getattr(logger, "experiment", None)
+        if isinstance(logger, WandbLogger) and experiment is not None:
+            import wandb
+
+            finite = log10_density[torch.isfinite(log10_density)].numpy()
+            experiment.log({"final/log10_feature_density": wandb.Histogram(finite)}, step=step)
+            experiment.summary.update(numeric)
+
+
+@contextlib.contextmanager
+def _job_logs(jobs: Sequence[Job]) -> Iterator[None]:
+    """Every job's log file receives the group's log lines (a job of one already has its own)."""
+    root = logging.getLogger()
+    present = {getattr(h, "baseFilename", None) for h in root.handlers}
+    formatter = next((h.formatter for h in root.handlers if isinstance(h, logging.FileHandler)), None)
+    added = []
+    for path in dict.fromkeys(p for job in jobs for p in job.log_files):
+        if str(path) not in present:
+            handler = logging.FileHandler(path, mode="a")
+            handler.setFormatter(formatter)
+            root.addHandler(handler)
+            added.append(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()

@@ -1,0 +1,92 @@
+"""One training job as Hydra sets it up: the resolved config and where its results go.
+
+`prepare_job` runs inside Hydra's job context (a run, or one job of a multirun) and captures everything that
+context provides, so the job can then train with others in one process (saelab.group) with no Hydra global
+state: the config is resolved there, `${hydra:runtime.output_dir}` included.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from saelab.config_checks import check_run_config
+from saelab.data.model import configured_hooks
+from saelab.errors import ConfigError
+
+log = logging.getLogger("saelab")
+
+
+@dataclass
+class Job:
+    cfg: DictConfig  # the job's config, every interpolation resolved
+    run_dir: Path
+    overrides: list[str]  # the job's command-line overrides (recorded in metrics.json)
+    multirun: bool
+    num: int = 0  # hydra.job.num: labels the job in a group's log lines
+    run_name: str | None = None  # the logger's run name (from the overrides)
+    run_group: str | None = None  # the logger's group (the sweep directory in a multirun)
+    resume_from: Path | None = None  # the checkpoint file this job continues from
+    log_files: list[Path] = field(default_factory=list)  # Hydra's log file(s) for this job
+
+    @property
+    def hook(self) -> str:
+        """The hook point this job's SAE trains on."""
+        return configured_hooks(self.cfg.model)[0]
+
+
+def prepare_job(cfg: DictConfig) -> Job:
+    """Check the config (ConfigError before any heavy work) and capture the job's Hydra context."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    check_run_config(cfg)
+    resolved = copy.deepcopy(cfg)
+    OmegaConf.resolve(resolved)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    shown = [o for o in overrides if not o.startswith(("paths.", "hydra", "logger"))]
+    root = logging.getLogger()
+    return Job(
+        cfg=resolved, run_dir=run_dir, overrides=overrides, multirun=multirun,
+        num=int(hydra_cfg.job.get("num") or 0) if multirun else 0,
+        run_name=",".join(shown)[:120] or None,
+        run_group=hydra_cfg.sweep.dir if multirun else None,
+        resume_from=resume_path(cfg.get("ckpt_path"), run_dir),
+        log_files=[Path(h.baseFilename) for h in root.handlers if isinstance(h, logging.FileHandler)],
+    )
+
+
+def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    """`last` means this run directory's checkpoints/last.ckpt, which must exist (resume where a run stopped)."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        return Path(ckpt_path).expanduser()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError("ckpt_path", "last", f"a run directory with a checkpoint ({last} does not exist); "
+                          "pass hydra.run.dir=<the run to resume>")
+    return last
+
+
+def record_failure(run_dir: Path, err: BaseException) -> None:
+    """A failed job keeps its error in its own directory; a sweep goes on."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+    log.error("job failed (%s: %s); details in %s", type(err).__name__, err, run_dir / "error.txt")
+
+
+def report_failure(run_dir: Path, err: BaseException) -> None:
+    """A multirun job's failure: its error on stderr (for a config error, the usual one line) and error.txt."""
+    import sys
+
+    if isinstance(err, ConfigError):
+        print(f"error: {err}", file=sys.stderr)
+    record_failure(run_dir, err)
