@@ -17,7 +17,8 @@ class RankRecorder(L.Callback):
         self.rows: list[str] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        data = batch.detach().cpu().contiguous()
+        (data,) = batch.values()  # {hook: activations}: one hook here
+        data = data.detach().cpu().contiguous()
         self.batches.append(hashlib.sha1(data.numpy().tobytes()).hexdigest())
         self.rows.extend(hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in data)
 

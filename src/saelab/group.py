@@ -269,7 +269,8 @@ def _job_logs(jobs: Sequence[Job]) -> Iterator[None]:
     """Every job's log file receives the group's log lines (a job of one already has its own)."""
     root = logging.getLogger()
     present = {getattr(h, "baseFilename", None) for h in root.handlers}
-    formatter = next((h.formatter for h in root.handlers if isinstance(h, logging.FileHandler)), None)
+    formatter = next((h.formatter for h in root.handlers if isinstance(h, logging.FileHandler)),
+                     logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     added = []
     for path in dict.fromkeys(p for job in jobs for p in job.log_files):
         if str(path) not in present:

@@ -226,7 +226,8 @@ class SAEModule(L.LightningModule):
                 continue
             member.record_batch(x.shape[0])
             if logging_step:  # the loggers' cost is paid only on the steps they write
-                lr = self.optimizers().param_groups[index]["lr"]
+                lr = (self.optimizers().param_groups[index]["lr"] if self._trainer is not None
+                      else float(member.optim_cfg["lr"]))
                 member.log_metrics(member.step_metrics(x, loss, out, coefficients, lr), self._log_step())
             total = loss if total is None else total + loss
         if not any(m.alive for m in self.members):  # nothing left to train: end the run with the first failure
