@@ -1,23 +1,30 @@
-"""Sweep economy of the activation cache: a 4-job multirun with data.cache=auto vs data.cache=off.
+"""Sweep economy: what a multirun pays for its activations, through the real CLI.
 
-Runs the same Hydra multirun (by default `-m sae.sparsity_coefficient=0.05,0.1,0.2,0.4`) twice through the
-real CLI, each in a subprocess with a fresh temporary paths.output_dir (so the auto cache starts empty):
-once with data.cache=auto, once with data.cache=off. Prints the wall time of each sweep and how many model
-forward passes it ran. Forwards are counted in the child: it runs the CLI through this module, which wraps
-saelab.data.activations.window_activations (the one function every activation forward goes through; the
-stream and the cache builder both reach it through activation_chunks' module-global lookup) and
-saelab.train.train (to split the count by job), then calls saelab.train.main(). The child prints its counts
-to stderr as one JSON line; the cache's "building" / "reusing" / "extending" log lines are counted too.
-Target: one generation pass for the whole sweep with the cache (the first job builds, three reuse), four
-with the cache off.
+Two comparisons, each measured within one run of this script:
 
-    .venv/bin/python -m benchmarks.sweep_economy                   # MiniLM (offline default), reduced budget
+- `--launcher basic` (default): the same 4-job multirun (`-m sae.sparsity_coefficient=0.05,0.1,0.2,0.4`)
+  under Hydra's basic launcher, once with data.cache=auto (from an empty cache) and once with data.cache=off.
+- `--launcher fanout`: an 8-job multirun (four variants x two sparsity levels, `+point=<variant>_<sparse|dense>`)
+  under the basic launcher and under `hydra/launcher=fanout`, streamed (data.cache=off) and from a warm cache
+  (built once beforehand by `saelab-cache build`, not timed). Prints wall times, model forward passes and the
+  time split: activations (inside the model forward), training steps (inside Trainer.fit, activations
+  excluded), evaluation (held-out and spliced metrics), and start-up + other (the rest: interpreter and
+  imports, Hydra, model loading, cache reads, exports).
+
+Every sweep runs in a subprocess with a fresh temporary paths.output_dir. Forwards and times are counted in
+the child: it runs the CLI through this module, which wraps saelab.data.activations.window_activations (the
+one function every activation forward goes through), lightning's Trainer.fit, saelab.group._evaluate and
+saelab.group.train_group (one entry per group: per job under the basic launcher), then calls
+saelab.train.main(). The child prints its counts to stderr as one JSON line; the cache's "building" /
+"reusing" / "extending" log lines are counted too.
+
+    .venv/bin/python -m benchmarks.sweep_economy [--launcher basic|fanout]  # MiniLM (offline default)
     .venv/bin/python -m benchmarks.sweep_economy --model tiny [--model-path DIR]   # a tiny local GPT-2
-        [--values 0.05,0.1,0.2,0.4] [--only auto|off] [--keep] [-- extra overrides]
+        [--values 0.05,0.1,0.2,0.4] [--points relu_sparse,...] [--keep] [-- extra overrides]
 
 Run from the repository root. The MiniLM defaults (data.train_tokens=51200 eval.tokens=8192
 eval.spliced_windows=0 logger=none data.batch_size=512, checkpoints every 1000 steps) keep one sweep to a few
-minutes on a 2-core CPU; extra overrides after `--` are appended to both sweeps.
+minutes on a 2-core CPU; extra overrides after `--` are appended to every sweep.
 """
 
 from __future__ import annotations
@@ -92,46 +99,87 @@ def load() -> str:
 def child(cli_args: list[str]) -> None:
     import atexit
 
+    import lightning
+
     import saelab.data.activations as activations
+    import saelab.group as group_mod
     import saelab.train as train_mod
 
-    counts = {"calls": 0, "windows": 0, "jobs": []}
+    started = time.perf_counter()
+    counts = {"calls": 0, "windows": 0, "jobs": [], "seconds": {"activations": 0.0, "fit": 0.0, "fit_activations": 0.0,
+                                                                "evaluation": 0.0}}
+    in_fit = [False]
     forward = activations.window_activations
 
     def counted(model, windows):
         counts["calls"] += 1
         counts["windows"] += int(windows.shape[0])
-        return forward(model, windows)
+        t0 = time.perf_counter()
+        try:
+            return forward(model, windows)
+        finally:
+            counts["seconds"]["activations"] += time.perf_counter() - t0
+            if in_fit[0]:
+                counts["seconds"]["fit_activations"] += time.perf_counter() - t0
 
     activations.window_activations = counted  # activation_chunks looks it up in this module at call time
-    train = train_mod.train
+    fit = lightning.Trainer.fit
 
-    def train_counted(cfg):
-        before = (counts["calls"], counts["windows"])
-        started = time.perf_counter()
+    def fit_timed(self, *args, **kwargs):
+        t0, in_fit[0] = time.perf_counter(), True
         try:
-            return train(cfg)
+            return fit(self, *args, **kwargs)
         finally:
-            counts["jobs"].append({"calls": counts["calls"] - before[0], "windows": counts["windows"] - before[1],
-                                   "seconds": round(time.perf_counter() - started, 1)})
+            in_fit[0] = False
+            counts["seconds"]["fit"] += time.perf_counter() - t0
 
-    train_mod.train = train_counted  # hydra_entry calls train() through the module global
-    atexit.register(lambda: print(COUNTS_TAG + json.dumps(counts), file=sys.stderr, flush=True))
+    lightning.Trainer.fit = fit_timed
+    evaluate = group_mod._evaluate
+
+    def evaluate_timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            counts["seconds"]["evaluation"] += time.perf_counter() - t0
+
+    group_mod._evaluate = evaluate_timed
+    train_group = group_mod.train_group
+
+    def train_group_counted(jobs):  # one entry per group (the basic launcher: one per job)
+        before = (counts["calls"], counts["windows"])
+        t0 = time.perf_counter()
+        try:
+            return train_group(jobs)
+        finally:
+            counts["jobs"].append({"n_jobs": len(jobs), "calls": counts["calls"] - before[0],
+                                   "windows": counts["windows"] - before[1],
+                                   "seconds": round(time.perf_counter() - t0, 1)})
+
+    # saelab.train holds its own reference; the fan-out launcher imports it from saelab.group when it runs.
+    group_mod.train_group = train_mod.train_group = train_group_counted
+
+    def report() -> None:
+        counts["seconds"]["wall"] = time.perf_counter() - started
+        print(COUNTS_TAG + json.dumps(counts), file=sys.stderr, flush=True)
+
+    atexit.register(report)
     sys.argv = ["saelab-train", *cli_args]
     train_mod.main()
 
 
 # -- the parent ------------------------------------------------------------------------------------------------
-def run_sweep(cache: str, base: list[str], values: str, keep: bool) -> dict:
-    out = Path(tempfile.mkdtemp(prefix=f"saelab-sweep-{cache}-"))
-    args = ["-m", f"sae.sparsity_coefficient={values}", f"data.cache={cache}", f"paths.output_dir={out}", *base]
+def run_sweep(label: str, sweep_args: list[str], base: list[str], keep: bool, out: Path | None = None) -> dict:
+    """One multirun in a child process: its wall time, counts, cache log lines and job outcomes."""
+    out = out or Path(tempfile.mkdtemp(prefix=f"saelab-sweep-{label}-"))
+    args = ["-m", *sweep_args, f"paths.output_dir={out}", *base]
     cmd = [sys.executable, "-m", "benchmarks.sweep_economy", "--child", "--", *args]
-    print(f"[{cache}] {load()}  running: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"[{label}] {load()}  running: {' '.join(cmd)}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
     wall = time.perf_counter() - started
     log_text = proc.stdout + proc.stderr
-    (Path(tempfile.gettempdir()) / f"saelab-sweep-{cache}.log").write_text(log_text)
+    (Path(tempfile.gettempdir()) / f"saelab-sweep-{label}.log").write_text(log_text)
     counts = None
     for line in proc.stderr.splitlines():
         if line.startswith(COUNTS_TAG):
@@ -142,7 +190,7 @@ def run_sweep(cache: str, base: list[str], values: str, keep: bool) -> dict:
         lines[match.group(1)] += 1
         caches.add(Path(match.group(2)).name)
     if len(caches) > 1:  # the key hashes saelab's data code: an edit to src/ mid-sweep starts a new cache
-        print(f"[{cache}] warning: {len(caches)} different cache keys in one sweep ({', '.join(sorted(caches))});"
+        print(f"[{label}] warning: {len(caches)} different cache keys in one sweep ({', '.join(sorted(caches))});"
               " was src/saelab/data edited while it ran?", file=sys.stderr)
     metrics = sorted(out.glob("multirun/*/*/*/metrics.json"))
     errors = sorted(out.glob("multirun/*/*/*/error.txt"))
@@ -153,12 +201,79 @@ def run_sweep(cache: str, base: list[str], values: str, keep: bool) -> dict:
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     else:
-        print(f"[{cache}] kept {out}", file=sys.stderr)
-    result = {"cache": cache, "wall_s": wall, "rc": proc.returncode, "counts": counts, "lines": lines,
-              "keys": len(caches),
-              "jobs_ok": len(metrics), "jobs_failed": len(errors), "load_after": load()}
-    print(f"[{cache}] done in {wall:.0f} s, {result['load_after']}", file=sys.stderr, flush=True)
+        print(f"[{label}] kept {out}", file=sys.stderr)
+    result = {"label": label, "wall_s": wall, "rc": proc.returncode, "counts": counts, "lines": lines,
+              "keys": len(caches), "jobs_ok": len(metrics), "jobs_failed": len(errors), "load_after": load()}
+    print(f"[{label}] done in {wall:.0f} s, {result['load_after']}", file=sys.stderr, flush=True)
     return result
+
+
+def cache_comparison(base: list[str], values: str, keep: bool) -> list[dict]:
+    """The basic launcher's sweep with data.cache=auto (from an empty cache) and with data.cache=off."""
+    sweep = [f"sae.sparsity_coefficient={values}"]
+    results = [run_sweep(cache, [*sweep, f"data.cache={cache}"], base, keep) for cache in ("auto", "off")]
+    n_jobs = len(values.split(","))
+    print(f"\nsweep: {n_jobs} jobs, sae.sparsity_coefficient={values}")
+    print(f"{'data.cache':<11}{'wall s':>8}{'jobs ok':>9}{'fwd calls':>11}{'windows':>9}"
+          f"{'jobs w/ fwd':>13}  {'cache log lines':<36}{'load after'}")
+    for r in results:
+        c = r["counts"] or {"calls": -1, "windows": -1, "jobs": []}
+        with_fwd = sum(1 for j in c["jobs"] if j["calls"])
+        lines = " ".join(f"{k} {v}" for k, v in r["lines"].items() if v or k in ("building", "reusing"))
+        lines += f" ({r['keys']} key{'s' if r['keys'] != 1 else ''})" if r["keys"] else ""
+        print(f"{r['label']:<11}{r['wall_s']:>8.0f}{r['jobs_ok']:>6}/{n_jobs:<2}{c['calls']:>11}{c['windows']:>9}"
+              f"{with_fwd:>10}/{n_jobs:<2}  {lines:<36}{r['load_after']}")
+        per_job = ", ".join(f"job{i}: {j['calls']} calls/{j['windows']} win/{j['seconds']:.0f} s"
+                            for i, j in enumerate(c["jobs"]))
+        print(f"{'':<11}per job: {per_job}")
+    auto, off = results
+    if auto["counts"] and off["counts"] and auto["counts"]["windows"]:
+        print(f"cache=auto: {off['wall_s'] / auto['wall_s']:.2f}x faster, "
+              f"{off['counts']['windows'] / auto['counts']['windows']:.2f}x fewer windows forwarded")
+    return results
+
+
+def launcher_comparison(base: list[str], points: str, keep: bool) -> list[dict]:
+    """The same sweep through Hydra's basic launcher and through hydra/launcher=fanout, streamed
+    (data.cache=off) and from a warm cache, all in this run."""
+    sweep = [f"+point={points}"]
+    scratch = Path(tempfile.mkdtemp(prefix="saelab-sweep-cache-"))
+    cache = [f"paths.cache_dir={scratch}"]
+    results = []
+    try:
+        for launcher in ("basic", "fanout"):
+            results.append(run_sweep(f"off/{launcher}".replace("/", "-"), [*sweep, "data.cache=off",
+                                     f"hydra/launcher={launcher}"], [*base, *cache], keep))
+        # Warm the cache once (not timed), then both launchers read it.
+        build = subprocess.run([sys.executable, "-m", "saelab.cache_cli", "build", *base, *cache,
+                                "data.cache=auto"], cwd=REPO, env=child_env(), capture_output=True, text=True)
+        if build.returncode != 0:
+            raise SystemExit(build.stderr[-3000:])
+        for launcher in ("basic", "fanout"):
+            results.append(run_sweep(f"warm/{launcher}".replace("/", "-"), [*sweep, "data.cache=auto",
+                                     f"hydra/launcher={launcher}"], [*base, *cache], keep))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    n_jobs = len(points.split(","))
+    print(f"\nsweep: {n_jobs} jobs, +point={points}")
+    print(f"{'run':<14}{'wall s':>8}{'jobs ok':>9}{'groups':>8}{'fwd calls':>11}{'windows':>9}   "
+          f"time split (s): start-up+other / activations / training steps / evaluation   load after")
+    for r in results:
+        c = r["counts"] or {"calls": -1, "windows": -1, "jobs": [], "seconds": {}}
+        t = c.get("seconds", {})
+        steps = t.get("fit", 0.0) - t.get("fit_activations", 0.0)
+        other = r["wall_s"] - t.get("activations", 0.0) - steps - t.get("evaluation", 0.0)
+        print(f"{r['label']:<14}{r['wall_s']:>8.0f}{r['jobs_ok']:>6}/{n_jobs:<2}{len(c['jobs']):>8}{c['calls']:>11}"
+              f"{c['windows']:>9}   {other:>6.1f} / {t.get('activations', 0.0):>6.1f} / {steps:>6.1f} / "
+              f"{t.get('evaluation', 0.0):>6.1f}   {r['load_after']}")
+    for mode in ("off", "warm"):
+        basic, fanout = (r for r in results if r["label"].startswith(mode))
+        if basic["counts"] and fanout["counts"]:
+            ratio = basic["counts"]["windows"] / max(fanout["counts"]["windows"], 1)
+            print(f"{'streamed' if mode == 'off' else 'warm cache'}: fanout {basic['wall_s'] / fanout['wall_s']:.2f}x "
+                  f"faster than basic; windows forwarded {fanout['counts']['windows']} vs {basic['counts']['windows']}"
+                  + (f" ({ratio:.1f}x fewer)" if fanout["counts"]["windows"] else ""))
+    return results
 
 
 def main() -> None:
@@ -167,12 +282,17 @@ def main() -> None:
         child(rest[1:] if rest[:1] == ["--"] else rest)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launcher", choices=("basic", "fanout"), default="basic",
+                        help="basic: data.cache=auto vs off under the basic launcher; fanout: basic vs fanout "
+                             "launcher on an 8-job sweep, streamed and with a warm cache")
     parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
     parser.add_argument("--model-path", type=Path, help="tiny: an existing HF model dir (default: build one)")
-    parser.add_argument("--values", default="0.05,0.1,0.2,0.4", help="sae.sparsity_coefficient sweep values")
-    parser.add_argument("--only", choices=("auto", "off"), help="run one of the two sweeps only")
+    parser.add_argument("--values", default="0.05,0.1,0.2,0.4", help="basic: sae.sparsity_coefficient values")
+    parser.add_argument("--points", default=",".join(f"{v}_{s}" for v in ("relu", "gated", "jumprelu", "topk")
+                                                      for s in ("sparse", "dense")),
+                        help="fanout: the conf/point/ configs swept (default: four variants x two sparsities)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary output directories")
-    parser.add_argument("extra", nargs="*", help="extra overrides for both sweeps (after --)")
+    parser.add_argument("extra", nargs="*", help="extra overrides for every sweep (after --)")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="saelab-sweep-assets-"))
@@ -184,30 +304,12 @@ def main() -> None:
             base = list(MINILM)
         base += args.extra
         print(f"{load()}  cpus {os.cpu_count()}  model {args.model}  overrides: {' '.join(base)}", file=sys.stderr)
-        results = [run_sweep(cache, base, args.values, args.keep)
-                   for cache in ("auto", "off") if args.only in (None, cache)]
+        if args.launcher == "fanout":
+            results = launcher_comparison(base, args.points, args.keep)
+        else:
+            results = cache_comparison(base, args.values, args.keep)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-    n_jobs = len(args.values.split(","))
-    print(f"\nsweep: {n_jobs} jobs, sae.sparsity_coefficient={args.values}, model {args.model}")
-    print(f"{'data.cache':<11}{'wall s':>8}{'jobs ok':>9}{'fwd calls':>11}{'windows':>9}"
-          f"{'jobs w/ fwd':>13}  {'cache log lines':<36}{'load after'}")
-    for r in results:
-        c = r["counts"] or {"calls": -1, "windows": -1, "jobs": []}
-        with_fwd = sum(1 for j in c["jobs"] if j["calls"])
-        lines = " ".join(f"{k} {v}" for k, v in r["lines"].items() if v or k in ("building", "reusing"))
-        lines += f" ({r['keys']} key{'s' if r['keys'] != 1 else ''})" if r["keys"] else ""
-        print(f"{r['cache']:<11}{r['wall_s']:>8.0f}{r['jobs_ok']:>6}/{n_jobs:<2}{c['calls']:>11}{c['windows']:>9}"
-              f"{with_fwd:>10}/{n_jobs:<2}  {lines:<36}{r['load_after']}")
-        per_job = ", ".join(f"job{i}: {j['calls']} calls/{j['windows']} win/{j['seconds']:.0f} s"
-                            for i, j in enumerate(c["jobs"]))
-        print(f"{'':<11}per job: {per_job}")
-    if len(results) == 2 and all(r["counts"] for r in results):
-        auto, off = results
-        if auto["counts"]["windows"]:
-            print(f"cache=auto: {off['wall_s'] / auto['wall_s']:.2f}x faster, "
-                  f"{off['counts']['windows'] / auto['counts']['windows']:.2f}x fewer windows forwarded")
     if any(r["rc"] or r["jobs_failed"] or r["counts"] is None for r in results):
         sys.exit(1)
 
