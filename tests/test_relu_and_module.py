@@ -131,8 +131,8 @@ def test_training_optimiser_is_fused_adam_unless_switched_off(fused):
     torch.manual_seed(0)
     sae = relu_sae(d_in=8, d_sae=16)
     cfg = {"lr": 1e-2, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
-    optimizer = SAEModule.single(sae, cfg | {"fused": fused}, max_steps=10, dead_window_tokens=10).configure_optimizers()[
-        "optimizer"]
+    module = SAEModule.single(sae, cfg | {"fused": fused}, max_steps=10, dead_window_tokens=10)
+    optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is fused
     reference = torch.optim.Adam([p.detach().clone().requires_grad_() for p in sae.parameters()], lr=1e-2,
                                  betas=sae.recipe_adam_betas)

@@ -15,10 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-from saelab.io import atomic_write
 
 log = logging.getLogger(__name__)
 _PREFIX = "members.{}."
@@ -130,7 +127,7 @@ class GroupCheckpointIO(TorchCheckpointIO):
         for index, (target, alive) in enumerate(zip(self._member_paths(path), self.alive(), strict=True)):
             if alive:
                 own = split_checkpoint(checkpoint, index, _prefix_rewrite(self.dirs[0], self.dirs[index]))
-                atomic_write(target, lambda tmp, own=own: torch.save(own, tmp))
+                super().save_checkpoint(own, target)
 
     def remove_checkpoint(self, path) -> None:
         for target, alive in zip(self._member_paths(path), self.alive(), strict=True):
