@@ -123,6 +123,12 @@ BAD_INPUTS = [
     (["sae.sparsity=l0"], "sae.sparsity='l0' is not allowed: expected one of 'l1', 'ri_l1'"),
     (["sae=jumprelu", "sae.sparsity=l1"], "sae.sparsity='l1' is not allowed: expected one of 'l0', 'tanh'"),
     (["sae=gated", "sae.sparsity=tanh"], "sae.sparsity='tanh' is not allowed: expected one of 'l1', 'ri_l1'"),
+    # A penalty weighted by ||d_i|| under the unit-norm constraint would be its unweighted twin.
+    (["sae.sparsity=ri_l1"], "sae.sparsity='ri_l1' is not allowed: expected it with sae.decoder_constraint=none"),
+    (["sae=gated", "sae.sparsity=ri_l1"], "sae.sparsity='ri_l1' is not allowed: expected it with "
+     "sae.decoder_constraint=none"),
+    (["sae=jumprelu", "sae.sparsity=tanh"], "sae.sparsity='tanh' is not allowed: expected it with "
+     "sae.decoder_constraint=none"),
     (["sae=topk", "+sae.sparsity_coefficient=0.1"],
      "sae.sparsity_coefficient=0.1 is not allowed: expected 0 (sae.k sets the sparsity)"),
     (["paths.output_dir=/proc/saelab-out"],

@@ -53,8 +53,9 @@ def test_frozen_decoder_aux_loss_sends_no_gradient_to_the_decoder():
 
 
 def test_frozen_decoder_sparsity_term_sends_no_gradient_to_the_decoder():
-    for sparsity in ("l1", "ri_l1"):
-        grads = term_grads(make(aux_loss="frozen_decoder", sparsity=sparsity), "sparsity")
+    for sparsity, constraint in (("l1", "unit_norm"), ("ri_l1", "none")):
+        grads = term_grads(make(aux_loss="frozen_decoder", sparsity=sparsity, decoder_constraint=constraint),
+                           "sparsity")
         assert not reached(grads["W_dec"]) and not reached(grads["b_dec"]), sparsity
         assert reached(grads["b_gate"])
 
@@ -63,7 +64,8 @@ def test_unfrozen_decoder_aux_loss_trains_the_decoder():
     grads = term_grads(make(aux_loss="unfrozen_decoder"), "aux")
     assert reached(grads["W_dec"]) and reached(grads["b_dec"]) and reached(grads["b_gate"])
     # Under ri_l1 the penalty's ||d_i|| is then live too (the authors' consistency rule).
-    assert reached(term_grads(make(aux_loss="unfrozen_decoder", sparsity="ri_l1"), "sparsity")["W_dec"])
+    ri_l1 = make(aux_loss="unfrozen_decoder", sparsity="ri_l1", decoder_constraint="none")
+    assert reached(term_grads(ri_l1, "sparsity")["W_dec"])
 
 
 def test_no_aux_loss_leaves_only_the_sparsity_term_on_the_gate():

@@ -99,7 +99,9 @@ def test_dead_latent_bookkeeping():
     sae.record_fired(torch.zeros(64, dtype=torch.bool), 10)
     dead = sae.dead_mask(window_tokens=15)
     assert not dead[:5].any() and dead[5:].all()
-    assert not sae.dead_mask(window_tokens=1000)[:5].any()
+    assert not sae.dead_mask(window_tokens=1000).any()  # a window has not passed yet: nothing is dead
+    sae.record_fired(torch.zeros(64, dtype=torch.bool), 980)  # 1000 tokens without latents 5.., 990 without 0-4
+    assert not sae.dead_mask(window_tokens=1000)[:5].any() and sae.dead_mask(window_tokens=1000)[5:].all()
 
 
 def test_export_takes_raw_activations(tmp_path):

@@ -32,36 +32,72 @@ def mse(x, x_hat):
 
 
 def ref_relu(sae, x, coef):
-    f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    return {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * f.sum(-1).mean()}
+    """SPEC 1: f = ReLU(W_enc (x - b_dec) + b_enc); l1: lambda ||f||_1; ri_l1: lambda sum_i f_i ||d_i||."""
+    x_c = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    f = torch.relu(x_c @ sae.W_enc + sae.b_enc)
+    weights = sae.W_dec.norm(dim=1) if sae.cfg.sparsity == "ri_l1" else torch.ones(f.shape[-1])
+    return {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * (f * weights).sum(-1).mean()}
+
+
+def straight_through(value, surrogate):
+    """`value` forward; the gradient of `surrogate` backward (surrogate is written to be 0 in value)."""
+    return value + surrogate
 
 
 def ref_jumprelu(sae, x, coef):
+    """SPEC 3: f_i = pi_i H(pi_i - theta_i) with the STEs d f_i/d theta_i := -(theta_i/eps) K((pi_i-theta_i)/eps),
+    d H/d theta_i := -(1/eps) K(.), d f_i/d pi_i = H exactly; with ste_to_preacts pi also gets the negative of
+    theta's pseudo-gradient. Penalties: l0 lambda sum_i H(pi_i - theta_i); tanh lambda sum_i tanh(c f_i ||d_i||);
+    pre_act lambda_p sum_i ReLU(theta_i - pi_i) ||d_i||."""
     cfg, theta = sae.cfg, sae.threshold
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    x_c = x - sae.b_dec if cfg.apply_b_dec_to_input else x
+    pre = x_c @ sae.W_enc + sae.b_enc
     eps = cfg.bandwidth
 
     def kernel(u):
         return (u.abs() < 0.5).float() if cfg.kernel == "rectangle" else (1 - u.abs()).clamp_min(0)
 
-    # H(pi - theta) with the STE derivative -K((pi - theta)/eps)/eps to theta, written as a value-free term.
-    h = (pre > theta).float()
     k = (kernel((pre - theta) / eps) / eps).detach()
-    h_ste = h + (-k * (theta - theta.detach()))
-    f = pre * (pre > theta).float() + (-(theta.detach() * k) * (theta - theta.detach()))
-    return {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * h_ste.sum(-1).mean()}
+    h = (pre > theta).float()
+    d_theta, d_pre = theta - theta.detach(), pre - pre.detach()  # zero in value, carriers of gradient
+    f = straight_through(pre * h, -(theta.detach() * k) * d_theta
+                         + ((theta.detach() * k) * d_pre if cfg.ste_to_preacts else 0))
+    h_ste = straight_through(h, -k * d_theta + (k * d_pre if cfg.ste_to_preacts else 0))
+    norms = sae.W_dec.norm(dim=1)
+    if cfg.sparsity == "l0":
+        penalty = h_ste.sum(-1).mean()
+    else:
+        penalty = torch.tanh(cfg.tanh_scale * f * norms).sum(-1).mean()
+    terms = {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * penalty}
+    if cfg.pre_act_loss_coefficient > 0:
+        terms["pre_act"] = cfg.pre_act_loss_coefficient * (torch.relu(theta - pre) * norms).sum(-1).mean()
+    return terms
 
 
 def ref_gated(sae, x, coef):
-    x_c = x - sae.b_dec
-    x_c_frozen = x - sae.b_dec.detach()
-    pi_gate_frozen = x_c_frozen @ sae.W_enc + sae.b_gate
-    pi_mag = sae.r_mag.exp() * (x_c @ sae.W_enc) + sae.b_mag
-    f = (pi_gate_frozen > 0).float() * torch.relu(pi_mag)
-    gate = torch.relu(pi_gate_frozen)
-    terms = {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * gate.sum(-1).mean()}
-    if sae.cfg.aux_loss != "none":
-        terms["aux"] = mse(x, gate @ sae.W_dec.detach() + sae.b_dec.detach())
+    """SPEC 2: pi_gate = W_gate x_c + b_gate, pi_mag = W_mag x_c + b_mag (W_mag = exp(r_mag) W_gate when tied),
+    f = gate(pi_gate) ReLU(pi_mag); L = L_rec + lambda sum_i g_i [||d_i||] + L_aux, with
+    L_aux = ||x - (sg(W_dec) ReLU(pi_gate) + sg(b_dec))||^2. A frozen decoder (frozen_decoder, and none, which
+    only drops L_aux) is frozen everywhere in the gate's terms: b_dec in their centring and ||d_i|| under ri_l1."""
+    cfg = sae.cfg
+    frozen = cfg.aux_loss != "unfrozen_decoder"
+    b_dec = sae.b_dec if cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
+    x_c = x - b_dec
+    x_c_gate = x - (b_dec.detach() if frozen else b_dec)
+    pi_gate = x_c @ sae.W_enc + sae.b_gate  # as the magnitude path sees the decoder: live
+    pi_gate_terms = x_c_gate @ sae.W_enc + sae.b_gate  # as the gate's own terms see it
+    W_mag = sae.W_mag if not cfg.tie_encoder else sae.W_enc * sae.r_mag.exp()
+    mag = torch.relu(x_c @ W_mag + sae.b_mag)
+    if cfg.gate == "heaviside":
+        f, g = (pi_gate > 0).float() * mag, torch.relu(pi_gate_terms)
+    else:
+        f, g = torch.sigmoid(pi_gate / cfg.gate_temperature) * mag, torch.sigmoid(pi_gate_terms / cfg.gate_temperature)
+    norms = sae.W_dec.norm(dim=1)
+    weights = (norms.detach() if frozen else norms) if cfg.sparsity == "ri_l1" else torch.ones_like(norms)
+    terms = {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * (g * weights).sum(-1).mean()}
+    if cfg.aux_loss != "none":
+        W_dec, b_dec_aux = (sae.W_dec.detach(), sae.b_dec.detach()) if frozen else (sae.W_dec, sae.b_dec)
+        terms["aux"] = mse(x, torch.relu(pi_gate_terms) @ W_dec + b_dec_aux)
     return terms
 
 
@@ -85,17 +121,25 @@ def ref_topk(sae, x, batch_topk: bool):
         top = masked.topk(min(sae.k_aux, int(dead.sum())), dim=-1)
         z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
         e_hat = z @ sae.W_dec
-        terms["auxk"] = sae.cfg.auxk_alpha * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        # Gao et al.'s normalised AuxK MSE on the scale of the unnormalised L_rec (times E_b ||x - mean x||^2).
+        terms["auxk"] = (sae.cfg.auxk_alpha * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+                         * (x - x.mean(0)).pow(2).sum(-1).mean())
     return terms
 
 
 def perturb(sae):
-    """Non-trivial biases and gains, so every gradient path carries signal."""
+    """Every parameter moved, so every gradient path carries signal and no two paths can stand in for each other:
+    biases and gains off zero, every encoder matrix independent of W_dec^T (a backward that used W_enc where
+    W_dec^T belongs would pass if they were equal, as they are at initialisation), and decoder rows of unequal
+    norms (a kernel that assumed unit rows would pass otherwise)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in sae.parameters():
+        for name, p in sae.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+            elif name != "W_dec":  # an encoder matrix: fresh, of the same scale
+                p.copy_(p.std() * torch.randn(p.shape, generator=g))
+        sae.W_dec.mul_(0.5 + 1.5 * torch.rand(sae.W_dec.shape[0], 1, generator=g))  # row norms in [0.5, 2]
 
 
 def check(sae, ref_terms_fn, x, coefficients, atol=1e-5):
@@ -137,18 +181,15 @@ def x():
 
 
 @pytest.mark.parametrize("apply_b_dec", [True, False])
-def test_relu(x, apply_b_dec):
+@pytest.mark.parametrize("sparsity", ["l1", "ri_l1"])
+def test_relu(x, apply_b_dec, sparsity):
     torch.manual_seed(0)
-    sae = ReluSAE(ReluSAE.Config(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec))
+    constraint = "none" if sparsity == "ri_l1" else "unit_norm"
+    sae = ReluSAE(ReluSAE.Config(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec, sparsity=sparsity,
+                                 decoder_constraint=constraint))
     perturb(sae)
-    ref = ref_relu if apply_b_dec else (lambda s, x, c: ref_relu_nocentre(s, x, c))
-    out = check(sae, lambda s, x: ref(s, x, 0.1), x, {"sparsity": 0.1})
+    out = check(sae, lambda s, x: ref_relu(s, x, 0.1), x, {"sparsity": 0.1})
     torch.testing.assert_close(out.feature_acts, sae.encode(x))
-
-
-def ref_relu_nocentre(sae, x, coef):
-    f = torch.relu(x @ sae.W_enc + sae.b_enc)
-    return {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * f.sum(-1).mean()}
 
 
 @pytest.mark.parametrize("kernel", ["rectangle", "triangle"])
@@ -207,6 +248,68 @@ def test_gated(x, aux_loss, r_mag, monkeypatch, step_path):
     assert ran == (native_ran if step_path == "fused" else set())
     if ran:  # the kernel's firing mask replaced the max-reduction over f
         assert out.fired_mask is not None and torch.equal(out.fired_mask, (out.feature_acts > 0).any(0))
+
+
+JUMPRELU_OPTIONS = [
+    {"sparsity": "tanh", "decoder_constraint": "none"},
+    {"ste_to_preacts": True},
+    {"pre_act_loss_coefficient": 0.3},
+    {"sparsity": "tanh", "decoder_constraint": "none", "ste_to_preacts": True, "pre_act_loss_coefficient": 0.3,
+     "apply_b_dec_to_input": False},
+]
+GATED_OPTIONS = [
+    {"aux_loss": "unfrozen_decoder"},
+    {"gate": "sigmoid", "gate_temperature": 0.5, "aux_loss": "none"},
+    {"gate": "sigmoid", "gate_temperature": 0.5},
+    {"tie_encoder": False},
+    {"sparsity": "ri_l1", "decoder_constraint": "none"},
+    {"sparsity": "ri_l1", "decoder_constraint": "none", "aux_loss": "unfrozen_decoder"},
+    {"apply_b_dec_to_input": False},
+]
+
+
+@pytest.mark.parametrize("options", JUMPRELU_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_jumprelu_options(x, options):
+    """The autograd-only options against the SPEC's formulas (thresholds > 0, a wide bandwidth)."""
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(JumpReLUSAE.Config(d_in=D_IN, d_sae=D_SAE, bandwidth=0.2, **options))
+    perturb(sae)
+    with torch.no_grad():
+        sae.raw_threshold.abs_().add_(0.01)
+    check(sae, lambda s, x: ref_jumprelu(s, x, 0.05), x, {"sparsity": 0.05})
+
+
+@pytest.mark.parametrize("options", GATED_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_gated_options(x, options):
+    torch.manual_seed(0)
+    sae = GatedSAE(GatedSAE.Config(d_in=D_IN, d_sae=D_SAE, **options))
+    perturb(sae)
+    check(sae, lambda s, x: ref_gated(s, x, 0.15), x, {"sparsity": 0.15})
+
+
+@pytest.mark.parametrize("name", ["relu", "jumprelu", "gated", "topk", "batchtopk"])
+def test_at_the_benchmark_width(name, step_path):
+    """d_in 384, d_sae 3072 (the shape the kernels were tuned at: vector tails, several threads' column ranges)."""
+    d_in, d_sae = 384, 3072
+    x = torch.randn(64, d_in, generator=torch.Generator().manual_seed(0)) / d_in**0.5 + 0.01
+    torch.manual_seed(0)
+    if name == "relu":
+        sae, ref, coef = ReluSAE(ReluSAE.Config(d_in=d_in, d_sae=d_sae)), ref_relu, 0.1
+    elif name == "jumprelu":
+        sae, ref, coef = JumpReLUSAE(JumpReLUSAE.Config(d_in=d_in, d_sae=d_sae, bandwidth=0.05)), ref_jumprelu, 0.05
+    elif name == "gated":
+        sae, ref, coef = GatedSAE(GatedSAE.Config(d_in=d_in, d_sae=d_sae)), ref_gated, 0.15
+    else:
+        cls = TopKSAE if name == "topk" else BatchTopKSAE
+        sae = cls(cls.Config(d_in=d_in, d_sae=d_sae, k=32, k_aux=64, dead_window_tokens=100, bf16_screen=False))
+        sae.tokens_since_fired[::3] = 100  # a third dead, so AuxK runs
+    perturb(sae)
+    if name == "jumprelu":
+        sae.after_optimizer_step()  # thresholds > 0 (the native one-pass forward's case); decoder rows renormalised
+    if name in ("topk", "batchtopk"):
+        check(sae, lambda s, x: ref_topk(s, x, batch_topk=name == "batchtopk"), x, {}, atol=1e-4)
+    else:
+        check(sae, lambda s, x: ref(s, x, coef), x, {"sparsity": coef}, atol=1e-4)
 
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])

@@ -174,14 +174,37 @@ def test_auxk_trains_only_dead_latents(variant):
     assert sae.b_enc.grad[live].abs().max() == 0
     assert (sae.W_dec.grad[dead].norm(dim=1) > 0).all() and (sae.W_enc.grad[:, dead].norm(dim=0) > 0).all()
 
-    # The term is alpha * ||e - W_dec z_aux||^2 / ||e - mean e||^2 with e the detached main residual.
+    # Gao et al.'s alpha * ||e - W_dec z_aux||^2 / ||e - mean e||^2 (e the detached main residual), on the scale
+    # of saelab's unnormalised L_rec: times E_b ||x - mean x||^2.
     with torch.no_grad():
         pre = sae.pre_activations(x)
         e = x - sae(x)
         z_aux = torch.zeros_like(pre)
         z_aux[:, dead] = pre[:, dead]  # min(k_aux, n_dead) = all 5 dead latents, raw pre-activations
         expected = (e - z_aux @ sae.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum() / 32
+        expected *= (x - x.mean(0)).pow(2).sum(-1).mean()
     assert out.terms["auxk"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_auxk_weight_against_reconstruction_does_not_depend_on_the_input_scale(variant):
+    """Gao et al. add two normalised MSEs, so L_auxk / L_rec is scale-free: the same SAE on inputs scaled by s
+    (biases scaled by s too, so every latent and residual scales by s) gives the same ratio. Normalising AuxK
+    alone made it fall by s^2 (from 0.130 to 0.0041 at s = sqrt(32)), which switched AuxK off under
+    data.normalize=sqrt_d_model."""
+    ratios = []
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    for s in (1.0, 32**0.5):
+        torch.manual_seed(0)
+        sae = make_sae(variant, dead_window_tokens=100)
+        sae.tokens_since_fired[::2] = 100  # half the latents dead
+        with torch.no_grad():
+            sae.b_dec.normal_(generator=torch.Generator().manual_seed(2)).mul_(s)
+            sae.b_enc.mul_(s)
+        terms = sae.training_loss(s * x, {}).terms
+        ratios.append((terms["auxk"] / terms["rec"]).item())
+    assert ratios[0] > 0
+    assert ratios[1] == pytest.approx(ratios[0], rel=1e-3)
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])

@@ -11,10 +11,11 @@ from omegaconf import DictConfig, ListConfig
 from saelab.data.cache import cache_root
 from saelab.data.model import check_model_config
 from saelab.data.normalize import METHODS
+from saelab.data.synthetic import SyntheticSpec
 from saelab.errors import ConfigError, check_bool, check_choice, check_positive
 from saelab.module import NAN_POLICIES
 
-SOURCES = ("pydocs", "text_files", "hf")
+SOURCES = ("pydocs", "text_files", "hf", "synthetic")
 # What lightning.pytorch.Trainer(precision=...) accepts (its _PRECISION_INPUT), read from Lightning when possible.
 _PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
                "transformer-engine-float16")
@@ -90,6 +91,8 @@ def check_run_config(cfg: DictConfig) -> None:
     if not 0 < float(data.eval_fraction) < 1:
         raise ConfigError("data.eval_fraction", data.eval_fraction, "a fraction strictly between 0 and 1")
     check_choice("data.normalize", data.normalize, METHODS)
+    if data.source == "synthetic":
+        SyntheticSpec.from_config(data)
     cache_root(data.get("cache"), cfg.paths.cache_dir, create=False)
     check_positive("optim.lr", cfg.optim.lr)
     if cfg.optim.betas is not None and (len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas)):

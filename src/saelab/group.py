@@ -21,17 +21,20 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
 from saelab.callbacks import PeriodicEval
 from saelab.checkpoint_io import GroupCheckpointIO
 from saelab.data.datamodule import ActivationDataModule
 from saelab.data.model import LoadedModel, check_hook, load_model
+from saelab.data.synthetic_datamodule import SyntheticDataModule
 from saelab.errors import ConfigError
 from saelab.export import export_sae
 from saelab.io import write_json
 from saelab.job import Job
 from saelab.loggers import build_loggers, close_loggers
 from saelab.metrics.evaluate import evaluate_sae
+from saelab.metrics.ground_truth import ground_truth_metrics
 from saelab.metrics.spliced import spliced_metrics_many
 from saelab.module import MEMBER_PRECISIONS, SAEMember, SAEModule
 from saelab.saes.base import build_sae
@@ -91,11 +94,16 @@ def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) 
     world = int(trainer.world_size)
     if world > 1 and any(jobs[i].cfg.get("nan_policy") == "skip" for i in live):  # a rank that skipped its
         raise ConfigError("nan_policy", "skip", "stop when training on several devices")  # backward would hang
-    datamodule = ActivationDataModule(first.data, model, first.eval.tokens, first.seed, cache_dir=first.paths.cache_dir,
-                                      train_tokens=activations_needed(first, world),
-                                      hooks=[jobs[i].hook for i in live])
+    if model is None:  # data=synthetic: generated, with its ground truth
+        datamodule = SyntheticDataModule(first.data, first.eval.tokens, first.seed, hooks=[jobs[i].hook for i in live])
+    else:
+        datamodule = ActivationDataModule(first.data, model, first.eval.tokens, first.seed,
+                                          cache_dir=first.paths.cache_dir,
+                                          train_tokens=activations_needed(first, world),
+                                          hooks=[jobs[i].hook for i in live])
     datamodule.setup()
-    members = [_member(jobs[i], saes[i], max_steps, datamodule.scales[jobs[i].hook]) for i in live]
+    members = [_member(jobs[i], saes[i], max_steps, datamodule.scales[jobs[i].hook],
+                       datamodule.input_rms[jobs[i].hook]) for i in live]
     module = SAEModule(members)
     # Loggers start last, so a config rejected during set-up leaves no logger files behind.
     for i, member in zip(live, members, strict=True):
@@ -139,6 +147,12 @@ def _load_model(jobs: Sequence[Job], saes: dict[int, Any], outcomes: list[Outcom
     live = [i for i in saes if outcomes[i] is None]
     if not live:
         return None
+    if jobs[live[0]].cfg.data.source == "synthetic":  # no model; the SAE reads the world's d_in
+        d_in = int(jobs[live[0]].cfg.data.synthetic.d_in)
+        for i in live:
+            if saes[i].d_in != d_in:
+                outcomes[i] = ConfigError("sae.d_in", saes[i].d_in, f"data.synthetic.d_in ({d_in})")
+        return None
     hooks = list(dict.fromkeys(jobs[i].hook for i in live))
     model = load_model(jobs[live[0]].cfg.model, hooks=hooks, check_hooks=False)
     for i in live:
@@ -163,8 +177,11 @@ def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
     return trainer_cfg
 
 
-def _member(job: Job, sae, max_steps: int, scale: float) -> SAEMember:
+def _member(job: Job, sae, max_steps: int, scale: float, input_rms: float) -> SAEMember:
     cfg = job.cfg
+    for name, (given, used) in sae.adapt_to_input_scale(input_rms).items():
+        log.info("%ssae.%s = %.4g (in units of E||x||^2 = 1) -> %.4g for data.normalize=%s (inputs' rms %.4g)",
+                 f"job {job.num}: " if job.multirun else "", name, given, used, cfg.data.normalize, input_rms)
     member = SAEMember(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")),
                        compile=bool(cfg.get("compile", False)), hook=job.hook,
                        precision=cfg.trainer.get("precision", "32-true"),
@@ -193,7 +210,13 @@ def _evaluate(jobs: Sequence[Job], finishing: list[tuple[int, SAEMember]], model
     for i, member in finishing:
         metrics, density = evaluate_sae(member.sae, datamodule.eval_acts[member.hook], int(jobs[i].cfg.eval.batch_size))
         results[i] = (metrics, density)
-    spliced = [(i, m) for i, m in finishing if jobs[i].cfg.eval.spliced_windows]
+    truth = getattr(datamodule, "world", None)
+    if truth is not None:  # a source that knows its features: how well each SAE recovers them
+        for i, member in finishing:
+            fired = _fired(member.sae, datamodule.eval_acts[member.hook], int(jobs[i].cfg.eval.batch_size))
+            results[i][0].update(ground_truth_metrics(member.sae.W_dec, fired, truth.dictionary,
+                                                      datamodule.eval_firing, truth.parent))
+    spliced = [(i, m) for i, m in finishing if jobs[i].cfg.eval.spliced_windows and model is not None]
     for hook in dict.fromkeys(m.hook for _, m in spliced):
         on_hook = [(i, m) for i, m in spliced if m.hook == hook]
         n_windows = int(jobs[on_hook[0][0]].cfg.eval.spliced_windows)
@@ -203,6 +226,15 @@ def _evaluate(jobs: Sequence[Job], finishing: list[tuple[int, SAEMember]], model
         for i, metrics in by_job.items():
             results[i][0].update(metrics)
     return results
+
+
+@torch.no_grad()
+def _fired(sae, acts: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[n, d_sae] bool: which latents fire on each held-out sample."""
+    device = next(sae.parameters()).device
+    sae.eval()
+    return torch.cat([sae.encode(acts[s : s + batch_size].to(device)).cpu() > 0
+                      for s in range(0, len(acts), batch_size)])
 
 
 def _reconstruct(sae, scale: float):
@@ -221,8 +253,11 @@ def _write_results(job: Job, member: SAEMember, metrics: dict[str, Any], datamod
                    trainer: L.Trainer, world: int, started: float) -> dict[str, Any]:
     """The job's SAELens export and metrics.json."""
     cfg, sae, scale = job.cfg, member.sae, datamodule.scales[member.hook]
+    truth = getattr(datamodule, "world", None)
+    if truth is not None:  # the truth this SAE is measured against, with the run
+        save_file(truth.tensors(), str(job.run_dir / "ground_truth.safetensors"))
     export_sae(sae, scale, job.run_dir / "sae", {
-        "model_name": str(cfg.model.name),
+        "model_name": "synthetic" if truth is not None else str(cfg.model.name),
         "hook_name": member.hook,
         "context_size": int(cfg.data.context_size),
         "prepend_bos": bool(cfg.data.prepend_bos),

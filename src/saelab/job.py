@@ -38,7 +38,9 @@ class Job:
 
     @property
     def hook(self) -> str:
-        """The hook point this job's SAE trains on."""
+        """The hook point this job's SAE trains on ("synthetic" for data=synthetic, which has no model)."""
+        if self.cfg.data.source == "synthetic":
+            return "synthetic"
         return configured_hooks(self.cfg.model)[0]
 
 

@@ -433,7 +433,7 @@ class CacheReader:
 
     def eval_activations(self, n_tokens: int) -> Tensor:
         """The first n_tokens held-out activations in corpus order (fewer if the held-out text is short)."""
-        return _take(self.eval, n_tokens)
+        return take_rows(self.eval, n_tokens)
 
     def epoch(self, generator: torch.Generator, group_tokens: int = 0, scale: float = 1.0) -> Iterator[Tensor]:
         """Every train activation read by this run exactly once, as permuted groups of shards.
@@ -491,7 +491,7 @@ def _scaled(rows: Tensor, scale: float) -> Tensor:
     return rows.div_(scale) if scale != 1.0 else rows
 
 
-def _take(shards: list[np.ndarray], n_tokens: int) -> Tensor:
+def take_rows(shards: list[np.ndarray], n_tokens: int) -> Tensor:
     taken, have = [], 0
     for shard in shards:
         if have >= n_tokens:
@@ -502,7 +502,7 @@ def _take(shards: list[np.ndarray], n_tokens: int) -> Tensor:
 
 
 def _read_rows(directory: Path, shards: list[dict[str, Any]], n_tokens: int) -> Tensor:
-    return _take([np.load(directory / s["file"], mmap_mode="r") for s in shards], n_tokens)
+    return take_rows([np.load(directory / s["file"], mmap_mode="r") for s in shards], n_tokens)
 
 
 def _bytes(manifest: Mapping[str, Any]) -> int:

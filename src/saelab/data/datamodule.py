@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from saelab.data.activations import activation_chunks, collect
 from saelab.data.buffer import ShuffleBuffer
-from saelab.data.cache import ActivationCache, CacheReader, ModelSpec, Request, cache_root, key_inputs
+from saelab.data.cache import ActivationCache, CacheReader, ModelSpec, Request, cache_root, key_inputs, take_rows
 from saelab.data.model import LoadedModel
 from saelab.data.normalize import estimate_scale
 from saelab.data.text_sources import load_documents
@@ -77,6 +77,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.eval_windows: Tensor | None = None  # held-out token windows, in corpus order (spliced metrics)
         self.eval_acts: dict[str, Tensor] = {}  # normalised held-out activations per hook
         self.scales: dict[str, float] = {}  # the normalisation scale C per hook
+        self.input_rms: dict[str, float] = {}  # sqrt(E||x||^2) of the normalised activations (1 by default)
         self._head: Tensor | None = None  # the activations used to estimate the scales, trained on first
         self._ready = False
         self._resume_batches = 0  # batches this rank consumed before the checkpoint it resumes from
@@ -129,6 +130,7 @@ class ActivationDataModule(L.LightningDataModule):
             reader = self.caches[hook] = cache.open(request, windows, functools.partial(self._generate, hook=hook))
             self.scales[hook], self.eval_windows = reader.scale, reader.eval_windows
             self.eval_acts[hook] = reader.eval_activations(self.eval_tokens) / reader.scale
+            self.input_rms[hook] = self._rms(take_rows(reader.train, int(cfg["normalize_tokens"])), reader.scale)
             log.info("normalisation %s at %s: scale C = %.4g (from the cache's first %d activations); %d held-out "
                      "activations; %d cached train activations per epoch", cfg["normalize"], hook, reader.scale,
                      int(cfg["normalize_tokens"]), len(self.eval_acts[hook]), reader.train_tokens)
@@ -144,9 +146,17 @@ class ActivationDataModule(L.LightningDataModule):
         self._head = collect(self._train_iter, int(cfg["normalize_tokens"]))
         for hook, head in self._split(self._head).items():
             self.scales[hook] = estimate_scale(head, str(cfg["normalize"]))
+            self.input_rms[hook] = self._rms(head, self.scales[hook])
             self.eval_acts[hook] = raw_eval[hook] / self.scales[hook]
             log.info("normalisation %s at %s: scale C = %.4g (from %d activations); %d held-out activations",
                      cfg["normalize"], hook, self.scales[hook], len(head), len(self.eval_acts[hook]))
+
+    def _rms(self, raw_head: Tensor, scale: float) -> float:
+        """sqrt(E||x||^2) of the activations that set the scale, once normalised: exactly 1 under the default
+        unit_mean_squared_norm; the factor the SAEs' scale-dependent knobs convert by otherwise."""
+        if self.cfg["normalize"] == "unit_mean_squared_norm":
+            return 1.0
+        return float(raw_head.double().pow(2).sum(-1).mean().sqrt()) / scale
 
     def _split(self, rows: Tensor) -> dict[str, Tensor]:
         """Columns of side-by-side activations (activation_chunks with several hooks) -> {hook: rows}."""

@@ -47,6 +47,19 @@ class SAEConfig:
         check_choice("sae.decoder_constraint", self.decoder_constraint, ("unit_norm", "none"))
         check_positive("sae.decoder_init_norm", self.decoder_init_norm)
 
+    def scale_dependent(self) -> dict[str, int]:
+        """Fields given in units of inputs with E||x||^2 = 1 (data.normalize=unit_mean_squared_norm), with the
+        power of the input scale s they follow (SPEC section 0: pre-activations, thresholds and bandwidths scale
+        by s, the MSE by s^2, so an L1 coefficient by s and an L0 coefficient by s^2). Variants extend it."""
+        return {}
+
+    def require_free_decoder_norms(self, penalty: str) -> None:
+        """A penalty weighted by ||d_i|| (ri_l1, tanh) equals its unweighted form when the unit-norm constraint
+        holds every ||d_i|| at 1, so a sweep over both would report one method twice: reject the pairing."""
+        if self.decoder_constraint == "unit_norm":
+            raise ConfigError("sae.sparsity", penalty, "it with sae.decoder_constraint=none (it weights latents "
+                              "by ||d_i||, which decoder_constraint=unit_norm fixes at 1)")
+
     @property
     def width(self) -> int:
         if self.d_sae is not None:
@@ -193,6 +206,24 @@ class SAE(nn.Module):
         """name -> (final value, linear warm-up steps). The module passes the scheduled values back."""
         return {"sparsity": (float(self.cfg.sparsity_coefficient), int(self.cfg.sparsity_warmup_steps))}
 
+    # -- the input scale -----------------------------------------------------------------------------
+    def adapt_to_input_scale(self, rms: float) -> dict[str, tuple[float, float]]:
+        """Convert the scale-dependent knobs (SAEConfig.scale_dependent) from units of E||x||^2 = 1 to inputs
+        whose root mean squared norm is `rms` (about sqrt(d_in) under data.normalize=sqrt_d_model; C under
+        none), before training. Returns {field: (given, used)} for the fields it changed."""
+        changed = {}
+        if rms == 1.0:
+            return changed
+        for name, power in self.cfg.scale_dependent().items():
+            given = float(getattr(self.cfg, name))
+            setattr(self.cfg, name, given * float(rms) ** power)
+            changed[name] = (given, getattr(self.cfg, name))
+        self.reinitialise_scaled()
+        return changed
+
+    def reinitialise_scaled(self) -> None:
+        """Re-initialise parameters whose initial value is a scale-dependent knob (JumpReLU's threshold)."""
+
     # -- around the optimiser step (the module calls these; variants may extend them) ---------------
     def before_optimizer_step(self) -> None:
         """Called after backward, before the step: the unit-norm constraint's gradient projection."""
@@ -228,8 +259,10 @@ class SAE(nn.Module):
         self.tokens_seen.add_(n_tokens)
 
     def dead_mask(self, window_tokens: int) -> Tensor:
-        """Latents that have not fired in the last `window_tokens` tokens (or ever, if fewer were seen)."""
-        return self.tokens_since_fired >= min(int(window_tokens), max(int(self.tokens_seen), 1))
+        """Latents that have not fired in the last `window_tokens` tokens. Before a window has passed nothing is
+        dead: a latent that missed the first batches is not dead, and one that fired early and then stopped is
+        dead once a whole window has passed without it (as SAELens's and sparsify's counters)."""
+        return self.tokens_since_fired >= int(window_tokens)
 
     # -- export ------------------------------------------------------------------------------------------
     def export_tensors(self, scale: float) -> dict[str, Tensor]:

@@ -49,6 +49,12 @@ class GatedConfig(SAEConfig):
         check_bool("sae.r_mag", self.r_mag)
         check_bool("sae.tie_encoder", self.tie_encoder)
         check_choice("sae.sparsity", self.sparsity, ("l1", "ri_l1"))
+        if self.sparsity == "ri_l1":
+            self.require_free_decoder_norms(self.sparsity)
+
+    def scale_dependent(self) -> dict[str, int]:
+        # L1 of ReLU(pi_gate) scales by s; the sigmoid gate's penalty counts (scale-free), like an L0.
+        return {"sparsity_coefficient": 1 if self.gate == "heaviside" else 2, "gate_temperature": 1}
 
 
 class GatedSAE(SAE):

@@ -6,6 +6,7 @@ bandwidth (1e-3 by default), where bf16's 8-bit mantissa could not move it by an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ class JumpReLUConfig(SAEConfig):
     def validate(self) -> None:
         super().validate()
         check_choice("sae.sparsity", self.sparsity, ("l0", "tanh"))
+        if self.sparsity == "tanh":
+            self.require_free_decoder_norms(self.sparsity)
         check_positive("sae.bandwidth", self.bandwidth)
         check_choice("sae.kernel", self.kernel, tuple(KERNELS))
         check_positive("sae.threshold_init", self.threshold_init)
@@ -39,6 +42,12 @@ class JumpReLUConfig(SAEConfig):
         check_bool("sae.ste_to_preacts", self.ste_to_preacts)
         check_positive("sae.pre_act_loss_coefficient", self.pre_act_loss_coefficient, allow_zero=True)
         check_positive("sae.tanh_scale", self.tanh_scale)
+
+    def scale_dependent(self) -> dict[str, int]:
+        # Both penalties count (L0; tanh saturates at 1 per latent), so lambda follows the MSE's s^2; tanh's c
+        # multiplies a latent value, the pre-activation loss sums (theta - pi) values.
+        return {"sparsity_coefficient": 2, "bandwidth": 1, "threshold_init": 1, "tanh_scale": -1,
+                "pre_act_loss_coefficient": 1}
 
 
 class JumpReLUSAE(SAE):
@@ -56,6 +65,14 @@ class JumpReLUSAE(SAE):
             self.raw_threshold = nn.Parameter(init)
         else:
             self.log_threshold = nn.Parameter(init.log())
+
+    @torch.no_grad()
+    def reinitialise_scaled(self) -> None:
+        init = float(self.cfg.threshold_init)
+        if self.cfg.threshold_param == "raw":
+            self.raw_threshold.fill_(init)
+        else:
+            self.log_threshold.fill_(math.log(init))
 
     @property
     def threshold(self) -> Tensor:

@@ -20,6 +20,11 @@ class ReluConfig(SAEConfig):
     def validate(self) -> None:
         super().validate()
         check_choice("sae.sparsity", self.sparsity, ("l1", "ri_l1"))
+        if self.sparsity == "ri_l1":
+            self.require_free_decoder_norms(self.sparsity)
+
+    def scale_dependent(self) -> dict[str, int]:
+        return {"sparsity_coefficient": 1}  # an L1 penalty (ri_l1 too: ||d_i|| is scale-free)
 
 
 class ReluSAE(SAE):

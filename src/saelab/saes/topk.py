@@ -9,10 +9,12 @@ elsewhere, torch operators (topk, embedding_bag, CSR products) compute the same.
 products even the encoder matmul runs in bf16, as a screen that the exact float32 selection then settles
 (TopKSAE.screened_select).
 
-AuxK revives dead latents: it reconstructs the main model's residual e = sg(x - x_hat) from the top k_aux
-pre-activations among dead latents, e_hat = W_dec z_aux (no bias), and adds
-alpha ||e - e_hat||^2 / ||e - mean_b(e)||^2 (both summed over the batch). Dividing by the residual's
-variance makes the term scale-free, as Gao et al.'s normalised MSE, so alpha = 1/32 holds at any scale.
+AuxK revives dead latents (not fired in the last `dead_window_tokens` tokens): it reconstructs the main model's
+residual e = sg(x - x_hat) from the top k_aux pre-activations among dead latents, e_hat = W_dec z_aux (no bias).
+Gao et al. add normalised MSEs, L = ||x - x_hat||^2 / V_x + alpha ||e - e_hat||^2 / V_e (V the summed variance
+about the batch mean). saelab's L_rec is the plain E_b ||x - x_hat||^2 (SPEC section 0), so the AuxK term is
+that loss times V_x / B: alpha ||e - e_hat||^2 / V_e * E_b ||x - mean_b(x)||^2. The ratio of the two terms is
+then Gao et al.'s at any input scale (data.normalize), and alpha = 1/32 means what it means in the paper.
 z_aux uses raw pre-activations (no ReLU): dead latents' pre-activations are mostly negative, and a ReLU
 there would block exactly the gradient meant to bring them back.
 """
@@ -39,7 +41,7 @@ class TopKConfig(SAEConfig):
     k: int = 32  # active latents per token
     auxk_alpha: float = 1 / 32  # weight of the AuxK loss (0 disables it)
     k_aux: int | None = None  # dead latents AuxK uses per token; null = d_in // 2 (capped at the dead count)
-    dead_window_tokens: int = 1_000_000  # AuxK's notion of dead: not fired in this many tokens (or the run)
+    dead_window_tokens: int = 100_000  # AuxK's notion of dead: not fired in the last this-many tokens
     bf16_screen: bool = True  # CPU float32 training: top-k candidates from a bf16 matmul (see screened_select)
 
     def validate(self) -> None:
@@ -89,6 +91,12 @@ class ActiveLatents:
         """sum_j values_j W_dec[latents_j] per token, reading (and back-propagating to) only the used rows."""
         return F.embedding_bag(self.latents, W_dec, csr_offsets(self.rows, self.batch_size)[:-1], mode="sum",
                                per_sample_weights=self.values.to(W_dec.dtype))
+
+
+@torch.no_grad()
+def input_variance(x: Tensor) -> Tensor:
+    """E_b ||x - mean_b(x)||^2: the batch's variance about its mean, summed over dimensions (a constant)."""
+    return (x - x.mean(0)).pow(2).sum(-1).mean()
 
 
 CANDIDATE_GROUP = 8  # per_token_topk's prefilter: groups of 8 latents (a speed knob; exact either way)
@@ -217,7 +225,8 @@ class TopKSAE(SAE):
                 if use_auxk:
                     dead_ids = dead.nonzero().squeeze(1)
                     dead_pre, dead_bias = self.dead_preacts(x, dead_ids, pre, pre_bias, bias)
-                    terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(dead_pre, dead_ids, diff.neg(), x, dead_bias)
+                    terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(dead_pre, dead_ids, diff.neg(),
+                                                                         input_variance(x), x, dead_bias)
                 else:
                     terms["auxk"] = rec.new_zeros(())
         else:
@@ -229,7 +238,7 @@ class TopKSAE(SAE):
                 if use_auxk:
                     dead_ids = dead.nonzero().squeeze(1)
                     terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(pre[:, dead_ids], dead_ids,
-                                                                         (x - x_hat).detach())
+                                                                         (x - x_hat).detach(), input_variance(x))
                 else:
                     terms["auxk"] = terms["rec"].new_zeros(())
         extras = {"dead_latents": dead.sum().float(), **self.update_from_batch(active)}
@@ -269,9 +278,10 @@ class TopKSAE(SAE):
         """Per-batch state updates from the training selection (none for TopK); returns extras to log."""
         return {}
 
-    def auxk_loss(self, dead_pre: Tensor, dead_ids: Tensor, residual: Tensor, x: Tensor | None = None,
-                  dead_bias: Tensor | None = None) -> Tensor:
-        """||e - W_dec z_aux||^2 / ||e - mean(e)||^2, z_aux = top min(k_aux, n_dead) dead pre-activations.
+    def auxk_loss(self, dead_pre: Tensor, dead_ids: Tensor, residual: Tensor, input_variance: Tensor,
+                  x: Tensor | None = None, dead_bias: Tensor | None = None) -> Tensor:
+        """||e - W_dec z_aux||^2 / ||e - mean(e)||^2 * E_b||x - mean(x)||^2 (`input_variance`, see the module
+        docstring), z_aux = top min(k_aux, n_dead) dead pre-activations.
 
         dead_pre [B, n_dead] are the pre-activations of the latents dead_ids (+ dead_bias, if given apart). With
         the batch x (the fused path: dead_pre has no gradient) the entries get their gradient sparsely.
@@ -284,7 +294,7 @@ class TopKSAE(SAE):
         else:
             e_hat = aux.decode(self.W_dec)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (residual - e_hat).pow(2).sum() / variance
+        return (residual - e_hat).pow(2).sum() / variance * input_variance
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         return self.standard_tensors(scale)

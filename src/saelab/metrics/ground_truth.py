@@ -1,0 +1,70 @@
+"""Ground-truth metrics for a source that knows its features (data=synthetic): how well an SAE's dictionary and
+firing recover the true ones.
+
+- `mcc`: the mean |cosine| of an optimal one-to-one matching between decoder rows and true features (Hungarian
+  algorithm on |cos|; signs do not matter). A random dictionary scores its chance level, the truth 1.
+- `recovered_fraction`: true features whose matched latent has |cos| > 0.9.
+- `uniqueness`: distinct true features among the nearest features of the latents that fire on held-out data,
+  divided by the number of those latents (1: no two latents describe the same feature).
+- `firing_precision`, `firing_recall`, `firing_f1`: for matched pairs with |cos| > 0.5 whose feature fires on the
+  held-out set, P(feature fires | latent fires), P(latent fires | feature fires), and their F1, averaged.
+- `absorption_rate`: over parents with a matched latent, P(the parent's latent is silent | the parent and one of
+  its children fire), averaged: a parent latent absorbed into its children stops firing exactly there.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+MATCHED = 0.5  # |cos| above which a matched latent counts as describing its feature (firing, absorption)
+RECOVERED = 0.9
+
+
+def match(decoder: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(latent ids, feature ids, |cos|) of the optimal one-to-one matching of decoder rows [M, d] to true
+    features [N, d]; min(M, N) pairs."""
+    rows = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = (rows.double() @ truth.double().T).abs()
+    latent, feature = linear_sum_assignment(cos.numpy(), maximize=True)
+    latent, feature = torch.from_numpy(latent), torch.from_numpy(feature)
+    return latent, feature, cos[latent, feature].float()
+
+
+@torch.no_grad()
+def ground_truth_metrics(decoder: Tensor, latents_fired: Tensor, truth: Tensor, truth_fired: Tensor,
+                         parent: Tensor) -> dict[str, float]:
+    """`decoder` [M, d]; `latents_fired` [n, M] and `truth_fired` [n, N] bool on the same held-out samples;
+    `parent` [N] (-1 for features without a parent)."""
+    latent, feature, cos = match(decoder.detach().float().cpu(), truth.float().cpu())
+    latents_fired, truth_fired = latents_fired.cpu(), truth_fired.cpu()
+    metrics = {"mcc": float(cos.mean()), "recovered_fraction": float((cos > RECOVERED).float().mean())}
+
+    alive = latents_fired.any(0)
+    nearest = (decoder.float().cpu() @ truth.float().cpu().T).abs().argmax(1)
+    metrics["uniqueness"] = float(nearest[alive].unique().numel() / max(int(alive.sum()), 1))
+
+    good = (cos > MATCHED) & truth_fired[:, feature].any(0)
+    if good.any():
+        lat, feat = latent[good], feature[good]
+        both = (latents_fired[:, lat] & truth_fired[:, feat]).sum(0).float()
+        precision = both / latents_fired[:, lat].sum(0).clamp_min(1)
+        recall = both / truth_fired[:, feat].sum(0).clamp_min(1)
+        f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+        metrics |= {"firing_precision": float(precision.mean()), "firing_recall": float(recall.mean()),
+                    "firing_f1": float(f1.mean())}
+
+    latent_of = torch.full((truth.shape[0],), -1, dtype=torch.long)
+    latent_of[feature[cos > MATCHED]] = latent[cos > MATCHED]
+    rates = []
+    for p in torch.unique(parent[parent >= 0]).tolist():
+        children = (parent == p).nonzero().squeeze(1)
+        if latent_of[p] < 0:
+            continue
+        with_child = truth_fired[:, p] & truth_fired[:, children].any(1)
+        if with_child.any():
+            rates.append(float((~latents_fired[with_child, latent_of[p]]).float().mean()))
+    if rates:
+        metrics["absorption_rate"] = sum(rates) / len(rates)
+    return metrics
