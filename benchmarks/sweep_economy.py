@@ -8,8 +8,9 @@ Two comparisons, each measured within one run of this script:
   under the basic launcher and under `hydra/launcher=fanout`, streamed (data.cache=off) and from a warm cache
   (built once beforehand by `saelab-cache build`, not timed). Prints wall times, model forward passes and the
   time split: activations (inside the model forward), training steps (inside Trainer.fit, activations
-  excluded), evaluation (held-out and spliced metrics), and start-up + other (the rest: interpreter and
-  imports, Hydra, model loading, cache reads, exports).
+  excluded), evaluation (held-out and spliced metrics; the default eval.spliced_windows=64 unless
+  --spliced-windows says otherwise), and start-up + other (the rest: interpreter and imports, Hydra, model
+  loading, cache reads, exports).
 
 Every sweep runs in a subprocess with a fresh temporary paths.output_dir. Forwards and times are counted in
 the child: it runs the CLI through this module, which wraps saelab.data.activations.window_activations (the
@@ -233,10 +234,13 @@ def cache_comparison(base: list[str], values: str, keep: bool) -> list[dict]:
     return results
 
 
-def launcher_comparison(base: list[str], points: str, keep: bool) -> list[dict]:
+def launcher_comparison(base: list[str], points: str, keep: bool, spliced: int = 64) -> list[dict]:
     """The same sweep through Hydra's basic launcher and through hydra/launcher=fanout, streamed
     (data.cache=off) and from a warm cache, all in this run."""
     sweep = [f"+point={points}"]
+    # The default evaluation (spliced metrics on eval.spliced_windows=64 held-out windows), as a user's sweep
+    # runs it: the fan-out shares its clean and zero-ablated passes. --spliced-windows changes it.
+    base = [a for a in base if not a.startswith("eval.spliced_windows=")] + [f"eval.spliced_windows={spliced}"]
     scratch = Path(tempfile.mkdtemp(prefix="saelab-sweep-cache-"))
     cache = [f"paths.cache_dir={scratch}"]
     results = []
@@ -291,6 +295,8 @@ def main() -> None:
     parser.add_argument("--points", default=",".join(f"{v}_{s}" for v in ("relu", "gated", "jumprelu", "topk")
                                                       for s in ("sparse", "dense")),
                         help="fanout: the conf/point/ configs swept (default: four variants x two sparsities)")
+    parser.add_argument("--spliced-windows", type=int, default=64,
+                        help="fanout: eval.spliced_windows of every job (default 64, the main job's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary output directories")
     parser.add_argument("extra", nargs="*", help="extra overrides for every sweep (after --)")
     args = parser.parse_args()
@@ -305,7 +311,7 @@ def main() -> None:
         base += args.extra
         print(f"{load()}  cpus {os.cpu_count()}  model {args.model}  overrides: {' '.join(base)}", file=sys.stderr)
         if args.launcher == "fanout":
-            results = launcher_comparison(base, args.points, args.keep)
+            results = launcher_comparison(base, args.points, args.keep, args.spliced_windows)
         else:
             results = cache_comparison(base, args.values, args.keep)
     finally:

@@ -148,3 +148,37 @@ def test_one_job_per_override_value_falls_back_to_one_series_per_variant(tmp_pat
         (job_dir / "metrics.json").write_text(json.dumps({"l0": l0, "fvu": fvu, "variant": variant}))
     series = collect(tmp_path).table.set_index("job")["series"]
     assert series.nunique() == 2 and series.iloc[0] == series.iloc[1] != series.iloc[2] == series.iloc[3]
+
+
+def test_jobs_differing_only_by_seed_become_one_row_with_mean_and_std(tmp_path, capsys):
+    """Two settings x three seeds: one row per setting with the seeds' mean and sample standard deviation,
+    in report_seeds.csv, a mean ± std table and Pareto plots with error bars."""
+    import statistics
+
+    root = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    values = {}
+    num = 0
+    for coef in (0.1, 0.3):
+        for seed in range(3):
+            l0, fvu = 50 / coef + 3 * seed, coef + 0.01 * seed * seed
+            values.setdefault(coef, []).append((l0, fvu))
+            write_job(root / str(num), ["sae=relu", f"sae.sparsity_coefficient={coef}", f"seed={seed}"],
+                      {"l0": l0, "fvu": fvu, "variant": "ReluSAE", "wall_time_s": 1.0})
+            num += 1
+    assert main([str(root), "--wandb", "off"]) == 0
+    out = capsys.readouterr().out
+    by_seed = pd.read_csv(root / "report_seeds.csv").set_index("sae.sparsity_coefficient")
+    for coef, points in values.items():
+        row = by_seed.loc[coef]
+        assert row["n_seeds"] == 3
+        assert row["l0"] == pytest.approx(statistics.mean(p[0] for p in points))
+        assert row["l0_std"] == pytest.approx(statistics.stdev(p[0] for p in points))
+        assert row["fvu_std"] == pytest.approx(statistics.stdev(p[1] for p in points))
+    assert "## Over seeds (mean ± std)" in out and " ± " in out
+    png = root / "pareto_seeds_l0_vs_fvu.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and f"Plot: {png}" in out
+
+
+def test_no_seed_table_when_every_setting_has_one_seed(sweep_dir, capsys):
+    assert main([str(sweep_dir), "--wandb", "off"]) == 0
+    assert not (sweep_dir / "report_seeds.csv").exists() and "Over seeds" not in capsys.readouterr().out

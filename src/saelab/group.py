@@ -279,6 +279,9 @@ def _write_results(job: Job, member: SAEMember, metrics: dict[str, Any], datamod
         "wall_time_s": time.time() - started,
         "overrides": job.overrides,
     }
+    if member.target_l0 is not None:  # what the controller asked for and the coefficient it ended with
+        result["target_l0"] = float(member.target_l0)
+        result["sparsity_coefficient_reached"] = float(member.coefficients(int(trainer.global_step))["sparsity"])
     write_json(job.run_dir / "metrics.json", result)
     log.info("%sheld-out: L0 %.1f, FVU %.3f, shrinkage %.3f, dead %.1f%%; %d tokens in %.0f s -> %s",
              f"job {job.num}: " if job.multirun else "", metrics["l0"], metrics["fvu"], metrics["shrinkage"],

@@ -32,6 +32,7 @@ from saelab.saes.base import SAE, TrainStep
 
 log = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
+L0_RATE = 0.02  # sae.target_l0's controller: the log-coefficient moves by this times the relative L0 error a step
 # Precisions a member applies itself (autocast around its own loss); any other runs through Lightning's
 # precision plugin and is then the same for the whole group.
 MEMBER_PRECISIONS = {"32-true": None, "32": None, 32: None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
@@ -75,6 +76,11 @@ class SAEMember(nn.Module):
         # The normalisation scale C: saved in checkpoints, folded into the exported SAE.
         self.register_buffer("norm_scale", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
+        # sae.target_l0: the factor the controller applies to the sparsity coefficient (kept on the device,
+        # saved in checkpoints so a resumed run continues the same trajectory).
+        self.register_buffer("sparsity_gain", torch.ones((), dtype=torch.float64))
+        # Only a variant with a sparsity coefficient is controlled (TopK's k already is its L0).
+        self.target_l0 = getattr(sae.cfg, "target_l0", None) if "sparsity" in sae.scheduled_coefficients else None
         self.loggers: list = []  # this member's experiment loggers (one W&B run / CSV file per job)
         self.failure: BaseException | None = None  # set when the member stops (its job then fails alone)
         self._step_times: deque[tuple[float, int]] = deque(maxlen=21)
@@ -83,11 +89,26 @@ class SAEMember(nn.Module):
     def alive(self) -> bool:
         return self.failure is None
 
-    def coefficients(self, step: int = 0) -> dict[str, float]:
-        return {
+    def coefficients(self, step: int = 0) -> dict[str, float | Tensor]:
+        """The scheduled coefficients at `step`; under sae.target_l0 the sparsity one times the controller's gain
+        (a device scalar, so reading it costs no host synchronisation)."""
+        values: dict[str, float | Tensor] = {
             name: value * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
             for name, (value, warmup) in self.sae.scheduled_coefficients.items()
         }
+        if self.target_l0 is not None and "sparsity" in values:
+            values["sparsity"] = values["sparsity"] * self.sparsity_gain.float()
+        return values
+
+    @torch.no_grad()
+    def control_l0(self, l0: Tensor, step: int) -> None:
+        """sae.target_l0: lambda <- lambda exp(L0_RATE (L0 - target) / target) after each step past the
+        coefficient's warm-up (integral control on log lambda: the gain grows while L0 is above the target and
+        shrinks while it is below). The batch L0 is noisy; the small rate averages it over ~1/L0_RATE steps."""
+        if step < int(getattr(self.sae.cfg, "sparsity_warmup_steps", 0)):
+            return
+        error = (l0.double() - self.target_l0) / self.target_l0
+        self.sparsity_gain.mul_(torch.exp(L0_RATE * error.clamp(-1, 1))).clamp_(1e-4, 1e4)
 
     def autocast(self, device_type: str):
         """The member's mixed-precision context for its forward (none in float32)."""
@@ -109,7 +130,7 @@ class SAEMember(nn.Module):
             raise FloatingPointError(f"non-finite loss at step {step}: term(s) {', '.join(bad)}")
         with torch.no_grad():
             fired, n_tokens = out.fired(), out.n_tokens
-            active = out.active_count() if with_l0 else None
+            active = out.active_count() if with_l0 or self.target_l0 is not None else None
             if distributed:  # every rank keeps the same statistics: those of the global batch
                 fired = fired.to(torch.int32)
                 torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
@@ -120,6 +141,8 @@ class SAEMember(nn.Module):
             self.sae.record_fired(fired.bool(), n_tokens)
             if active is not None:
                 out.extras["l0"] = active.float() / n_tokens  # logged as train/l0
+            if self.target_l0 is not None:
+                self.control_l0(out.extras["l0"], step)
         return loss, out
 
     def step_metrics(self, batch: Tensor, loss: Tensor, out: TrainStep, coefficients: dict[str, float], lr: float

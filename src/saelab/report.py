@@ -12,6 +12,10 @@ knob that moves a run along the L0 axis) and nuisance keys (seed, paths.*, hydra
 `sae.aux_loss=true,false` splits each variant per ablation setting. With nothing left, one series per
 variant (metrics.json's `variant`).
 
+Seeds: when jobs differ only by `seed`, each setting also gets one row with the mean and standard deviation of
+every metric over its seeds (report_seeds.csv, a "mean ± std" table), and the Pareto plots are drawn again
+from those means with one-standard-deviation error bars (pareto_seeds_*.png).
+
 Pareto frontier of a series: the points no other point of the series beats on both axes (lower L0, better
 metric: lower FVU / delta LM loss, higher cosine / loss recovered).
 """
@@ -170,6 +174,31 @@ def series_labels(table: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
     return table.apply(lambda r: ", ".join(f"{k}={'?' if pd.isna(r[k]) else r[k]}" for k in keys), axis=1)
 
 
+# -- seeds ---------------------------------------------------------------------------------------------------
+SEED_COLUMNS = ("seed", "override:seed")
+
+
+def aggregate_seeds(sweep: Sweep) -> pd.DataFrame | None:
+    """Finished jobs that differ only by `seed`, one row per setting: every numeric metric's mean (its own
+    column) and sample standard deviation (`<metric>_std`), and `n_seeds`. None when no setting has two seeds."""
+    table = sweep.table[sweep.table["status"] == "ok"]
+    seeds = [c for c in sweep.varying if c in SEED_COLUMNS]
+    if not seeds or table.empty:
+        return None
+    keys = ["series", *(c for c in sweep.varying if c not in seeds)]
+    skip = {"job", "status", "error", *keys, *seeds}
+    metrics = [c for c in table if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
+    grouped = table.astype({k: str for k in keys}).groupby(keys, sort=False)
+    if grouped.size().max() < 2:
+        return None
+    mean, std = grouped[metrics].mean(), grouped[metrics].std(ddof=1)
+    out = pd.concat([mean, std.add_suffix("_std")], axis=1)
+    out["n_seeds"] = grouped.size()
+    out = out.reset_index()
+    out.insert(1, "status", "ok")
+    return out
+
+
 # -- Pareto frontier and plots ------------------------------------------------------------------------------
 def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = False) -> list[int]:
     """Indices of the non-dominated points (x minimised; y minimised, or maximised), sorted by x.
@@ -201,6 +230,10 @@ def plot_pareto(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
     for label, group in data.groupby("series", sort=True):
         xs, ys = group[x].astype(float).to_numpy(), group[y].astype(float).to_numpy()
         points = ax.scatter(xs, ys, alpha=0.45, s=28)
+        if f"{x}_std" in group and f"{y}_std" in group:  # seed means: one standard deviation each way
+            ax.errorbar(xs, ys, xerr=group[f"{x}_std"].fillna(0).to_numpy(),
+                        yerr=group[f"{y}_std"].fillna(0).to_numpy(), fmt="none", capsize=3,
+                        ecolor=points.get_facecolor()[0][:3], alpha=0.7)
         front = pareto_front(xs, ys, maximize_y=y in HIGHER_IS_BETTER)
         ax.plot(xs[front], ys[front], marker="o", color=points.get_facecolor()[0][:3], label=label)
     if len(data) and (data[x].astype(float) > 0).all():
@@ -209,7 +242,9 @@ def plot_pareto(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
     better = "higher" if y in HIGHER_IS_BETTER else "lower"
-    ax.set(xlabel=x, ylabel=f"{y} ({better} is better)", title=f"{y} vs {x}: Pareto frontier per series")
+    seeds = f" (mean ± std over {int(data['n_seeds'].min())}-{int(data['n_seeds'].max())} seeds)" \
+        if "n_seeds" in data and len(data) else ""
+    ax.set(xlabel=x, ylabel=f"{y} ({better} is better)", title=f"{y} vs {x}: Pareto frontier per series{seeds}")
     ax.grid(True, which="both", alpha=0.3)
     if len(data):
         ax.legend(fontsize=8, title="series", title_fontsize=8)
@@ -234,6 +269,20 @@ def to_markdown(table: pd.DataFrame, columns: Sequence[str]) -> str:
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
     return "\n".join([header, rule, *body])
+
+
+def seeds_markdown(by_seed: pd.DataFrame, swept: str | None) -> str:
+    """The per-setting table: mean ± std over seeds."""
+    keys = ["series", *([swept] if swept and swept in by_seed else []), "n_seeds"]
+    metrics = [c for c in MARKDOWN_METRICS if c in by_seed and by_seed[c].notna().any()]
+    rows = []
+    for _, r in by_seed.iterrows():
+        cells = [_cell(r[k]) for k in keys]
+        cells += [f"{_cell(r[m])} ± {_cell(r[f'{m}_std'])}" if not pd.isna(r[f"{m}_std"]) else _cell(r[m])
+                  for m in metrics]
+        rows.append("| " + " | ".join(cells) + " |")
+    header = "| " + " | ".join([*keys, *metrics]) + " |"
+    return "\n".join([header, "|" + "|".join("---" for _ in [*keys, *metrics]) + "|", *rows])
 
 
 def markdown_report(sweep: Sweep, root: Path, plots: Sequence[Path], csv: Path) -> str:
@@ -318,7 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for y in dict.fromkeys([args.y, *DOWNSTREAM]):
         if args.x in table and y in table and table.loc[table["status"] == "ok", y].notna().any():
             plots.append(plot_pareto(table, args.x, y, out / f"pareto_{args.x}_vs_{y}.png"))
-    print(markdown_report(sweep, root, plots, csv))
+    report = markdown_report(sweep, root, plots, csv)
+    by_seed = aggregate_seeds(sweep)
+    if by_seed is not None:  # settings run with several seeds: their means with error bars
+        seeds_csv = out / "report_seeds.csv"
+        by_seed.to_csv(seeds_csv, index=False)
+        seed_plots = [plot_pareto(by_seed, args.x, y, out / f"pareto_seeds_{args.x}_vs_{y}.png")
+                      for y in dict.fromkeys([args.y, *DOWNSTREAM])
+                      if args.x in by_seed and y in by_seed and by_seed[y].notna().any()]
+        report += ("\n\n## Over seeds (mean ± std)\n\n" + seeds_markdown(by_seed, sweep.swept)
+                   + f"\n\nCSV: {seeds_csv}\n" + "\n".join(f"Plot: {p}" for p in seed_plots))
+        plots += seed_plots
+    print(report)
     if args.wandb == "auto" and wandb_online():
         log_to_wandb(table, plots, root)
     return 0

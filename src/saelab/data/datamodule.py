@@ -29,7 +29,7 @@ from saelab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-class _Batches(IterableDataset):
+class Batches(IterableDataset):
     """Wraps a generator function so a DataLoader (batch_size=None) can iterate it."""
 
     def __init__(self, make_iterator):
@@ -227,4 +227,4 @@ class ActivationDataModule(L.LightningDataModule):
             yield {hook: rows / self.scales[hook] for hook, rows in self._split(batch).items()}
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Batches(self.train_batches), batch_size=None, num_workers=0)
+        return DataLoader(Batches(self.train_batches), batch_size=None, num_workers=0)

@@ -16,20 +16,13 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from saelab.data.datamodule import Batches
 from saelab.data.normalize import estimate_scale
 from saelab.data.synthetic import SyntheticSpec, SyntheticWorld
 
 log = logging.getLogger(__name__)
-
-
-class _Batches(IterableDataset):
-    def __init__(self, make_iterator):
-        self.make_iterator = make_iterator
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.make_iterator()
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -83,4 +76,4 @@ class SyntheticDataModule(L.LightningDataModule):
             yield {hook: x / self.scales[hook] for hook in self.hooks}
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Batches(self.train_batches), batch_size=None, num_workers=0)
+        return DataLoader(Batches(self.train_batches), batch_size=None, num_workers=0)

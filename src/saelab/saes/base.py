@@ -29,6 +29,7 @@ class SAEConfig:
     expansion_factor: float | None = 8.0
     sparsity_coefficient: float = 0.0  # lambda, on the summed-over-dimensions MSE scale
     sparsity_warmup_steps: int = 0  # linear warm-up of lambda from 0
+    target_l0: float | None = None  # adapt lambda during training until the batch L0 is this (SAEModule)
     decoder_constraint: str = "unit_norm"  # unit_norm | none
     decoder_init_norm: float = 1.0  # norm of each decoder row at initialisation
     apply_b_dec_to_input: bool = True  # the encoder sees x - b_dec
@@ -44,6 +45,8 @@ class SAEConfig:
             check_positive("sae.d_sae", self.d_sae, integer=True)
         check_positive("sae.sparsity_coefficient", self.sparsity_coefficient, allow_zero=True)
         check_positive("sae.sparsity_warmup_steps", self.sparsity_warmup_steps, allow_zero=True, integer=True)
+        if self.target_l0 is not None:
+            check_positive("sae.target_l0", self.target_l0)
         check_choice("sae.decoder_constraint", self.decoder_constraint, ("unit_norm", "none"))
         check_positive("sae.decoder_init_norm", self.decoder_init_norm)
 

@@ -55,6 +55,10 @@ class TopKConfig(SAEConfig):
         check_positive("sae.dead_window_tokens", self.dead_window_tokens, integer=True)
         if not isinstance(self.bf16_screen, bool):
             raise ConfigError("sae.bf16_screen", self.bf16_screen, "true or false")
+        if self.target_l0 is not None:  # k is the L0: target_l0 sets it, so one sweep key matches every variant
+            check_positive("sae.target_l0", self.target_l0)
+            if round(self.target_l0) < 1 or round(self.target_l0) > self.width:
+                raise ConfigError("sae.target_l0", self.target_l0, f"a number in [1, d_sae ({self.width})]")
         if self.sparsity_coefficient != 0:
             raise ConfigError("sae.sparsity_coefficient", self.sparsity_coefficient,
                               "0 (sae.k sets the sparsity)")
@@ -143,7 +147,7 @@ class TopKSAE(SAE):
         super().__init__(cfg)
         self.W_enc = nn.Parameter(self.init_decoder_and_tied_encoder())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
-        self.k = int(cfg.k)
+        self.k = int(round(cfg.target_l0)) if cfg.target_l0 is not None else int(cfg.k)
         self.k_aux = int(cfg.k_aux) if cfg.k_aux is not None else max(1, self.d_in // 2)
 
     @property

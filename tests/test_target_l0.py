@@ -1,0 +1,62 @@
+"""sae.target_l0: a controller adapts the sparsity coefficient during training until L0 is the target, so a sweep
+compares variants at equal L0 instead of at equal coefficients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saelab.errors import ConfigError
+from saelab.module import SAEModule
+from saelab.saes.base import build_sae
+from tests.conftest import run_cli
+
+OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+
+
+def test_the_coefficient_rises_while_l0_is_above_target_and_falls_below():
+    for target, direction in ((1.0, 1), (60.0, -1)):
+        torch.manual_seed(0)
+        sae = build_sae({"_target_": "saelab.saes.relu.ReluSAE", "d_in": 16, "d_sae": 64,
+                         "sparsity_coefficient": 0.01, "target_l0": target})
+        member = SAEModule.single(sae, OPTIM, max_steps=10, dead_window_tokens=100).member
+        before = member.coefficients(0)["sparsity"].item()
+        for step in range(5):
+            member.step_loss(torch.randn(32, 16), member.coefficients(step), step, with_l0=False)
+        after = member.coefficients(5)["sparsity"].item()
+        assert (after - before) * direction > 0, (target, before, after)
+
+
+def test_topk_takes_the_target_as_its_k():
+    """One sweep key for every variant: for TopK and BatchTopK the target L0 is k, and nothing is controlled."""
+    for target in ("saelab.saes.topk.TopKSAE", "saelab.saes.batchtopk.BatchTopKSAE"):
+        sae = build_sae({"_target_": target, "d_in": 16, "d_sae": 64, "k": 4, "target_l0": 10})
+        assert sae.k == 10
+        assert SAEModule.single(sae, OPTIM, max_steps=10, dead_window_tokens=100).member.target_l0 is None
+    with pytest.raises(ConfigError, match=r"sae.target_l0=100 is not allowed: expected a number in \[1, d_sae"):
+        build_sae({"_target_": "saelab.saes.topk.TopKSAE", "d_in": 16, "d_sae": 64, "target_l0": 100})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["relu", "jumprelu"])
+def test_runs_from_far_apart_coefficients_land_on_the_target(variant, tmp_path):
+    """On data=synthetic (true mean L0 8), two runs starting 30x apart in lambda both end near L0 12 on held-out
+    samples, while at their fixed starting coefficients their L0s are far apart."""
+    start = {"relu": (0.01, 0.3), "jumprelu": (0.0005, 0.015)}[variant]
+    reached = []
+    for i, coefficient in enumerate(start):
+        out = tmp_path / str(i)
+        result = run_cli(["data=synthetic", f"sae={variant}", "sae.d_sae=512", "sae.target_l0=12",
+                          f"sae.sparsity_coefficient={coefficient}", "data.train_tokens=512000", "optim.lr=3e-3",
+                          "logger=none", f"paths.output_dir={out}", "callbacks.progress_bar.refresh_rate=0"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        (path,) = out.rglob("metrics.json")
+        metrics = json.loads(path.read_text())
+        assert metrics["target_l0"] == 12
+        reached.append(metrics)
+    for metrics in reached:
+        assert metrics["l0"] == pytest.approx(12, rel=0.2), [m["l0"] for m in reached]
+    assert reached[0]["sparsity_coefficient_reached"] == pytest.approx(reached[1]["sparsity_coefficient_reached"],
+                                                                       rel=0.5)
