@@ -40,12 +40,13 @@ import yaml
 log = logging.getLogger("saelab.report")
 
 DOWNSTREAM = ("delta_lm_loss", "spliced_hidden_cosine")  # causal LMs, encoders (saelab.metrics.spliced)
-HIGHER_IS_BETTER = {"explained_variance", "cosine", "loss_recovered", "spliced_hidden_cosine"}
+HIGHER_IS_BETTER = {"explained_variance", "cosine", "loss_recovered", "spliced_hidden_cosine", "mcc",
+                    "recovered_fraction", "uniqueness", "firing_precision", "firing_recall", "firing_f1"}
 METRIC_ORDER = ("variant", "l0", "fvu", "explained_variance", "delta_lm_loss", "loss_recovered", "kl_sae",
                 "spliced_hidden_cosine", "shrinkage", "cosine", "norm_ratio", "dead_fraction",
                 "dense_fraction", "d_sae", "steps", "tokens_trained", "wall_time_s")
-MARKDOWN_METRICS = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "spliced_hidden_cosine", "dead_fraction",
-                    "steps", "wall_time_s")
+MARKDOWN_METRICS = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "spliced_hidden_cosine", "mcc",
+                    "recovered_fraction", "absorption_rate", "shrinkage", "dead_fraction", "steps", "wall_time_s")
 NUISANCE = re.compile(r"^(seed|paths\..*|hydra\..*|logger.*|callbacks\..*)$")
 ERROR_LINE = re.compile(r"Traceback|\[ERROR\]|\b\w*(Error|Exception)\b|^error:", re.IGNORECASE)
 ERROR_TAIL_LINES = 3
@@ -236,14 +237,18 @@ def plot_pareto(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
                         ecolor=points.get_facecolor()[0][:3], alpha=0.7)
         front = pareto_front(xs, ys, maximize_y=y in HIGHER_IS_BETTER)
         ax.plot(xs[front], ys[front], marker="o", color=points.get_facecolor()[0][:3], label=label)
-    if len(data) and (data[x].astype(float) > 0).all():
+    values = data[x].astype(float)
+    if len(data) and (values > 0).all() and values.max() > 4 * values.min():  # a log axis for wide L0 ranges
         ax.set_xscale("log")
         plain = LogFormatter(labelOnlyBase=False)  # "40", not "4 x 10^1"
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
+
     better = "higher" if y in HIGHER_IS_BETTER else "lower"
-    seeds = f" (mean ± std over {int(data['n_seeds'].min())}-{int(data['n_seeds'].max())} seeds)" \
-        if "n_seeds" in data and len(data) else ""
+    seeds = ""
+    if "n_seeds" in data and len(data):
+        low, high = int(data["n_seeds"].min()), int(data["n_seeds"].max())
+        seeds = f" (mean ± std, {low if low == high else f'{low}-{high}'} seeds)"
     ax.set(xlabel=x, ylabel=f"{y} ({better} is better)", title=f"{y} vs {x}: Pareto frontier per series{seeds}")
     ax.grid(True, which="both", alpha=0.3)
     if len(data):
