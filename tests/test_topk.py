@@ -308,3 +308,28 @@ def test_bf16_screen_selects_what_the_float32_matmul_does_and_steps_aside_when_i
 def test_bf16_screen_must_be_a_bool():
     with pytest.raises(ConfigError, match="sae.bf16_screen"):
         make_sae(bf16_screen="yes")
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("scaling", [False, True])
+def test_auxk_options_follow_their_formulas(relu, scaling):
+    """sae.auxk_relu: z_aux = ReLU of the dead pre-activations (Gao et al.'s code); sae.auxk_dead_scaling: the
+    term times min(n_dead / k_aux, 1). Here 5 dead latents and k_aux 8: the factor is 5/8."""
+    torch.manual_seed(0)
+    sae = make_sae("topk", dead_window_tokens=1000, auxk_relu=relu, auxk_dead_scaling=scaling)
+    dead = torch.tensor([3, 10, 20, 41, 63])
+    sae.tokens_since_fired[dead] = 5000
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    out = sae.training_loss(x, {})
+    with torch.no_grad():
+        pre = sae.pre_activations(x)
+        e = x - sae(x)
+        z_aux = torch.zeros_like(pre)
+        z_aux[:, dead] = pre[:, dead].relu() if relu else pre[:, dead]
+        assert (pre[:, dead] < 0).any()  # so the ReLU makes a difference
+        expected = (e - z_aux @ sae.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum() / 32
+        expected *= (x - x.mean(0)).pow(2).sum(-1).mean() * (5 / 8 if scaling else 1.0)
+    assert out.terms["auxk"].item() == pytest.approx(expected.item(), rel=1e-4)

@@ -15,8 +15,8 @@ Gao et al. add normalised MSEs, L = ||x - x_hat||^2 / V_x + alpha ||e - e_hat||^
 about the batch mean). saelab's L_rec is the plain E_b ||x - x_hat||^2 (SPEC section 0), so the AuxK term is
 that loss times V_x / B: alpha ||e - e_hat||^2 / V_e * E_b ||x - mean_b(x)||^2. The ratio of the two terms is
 then Gao et al.'s at any input scale (data.normalize), and alpha = 1/32 means what it means in the paper.
-z_aux uses raw pre-activations (no ReLU): dead latents' pre-activations are mostly negative, and a ReLU
-there would block exactly the gradient meant to bring them back.
+By default z_aux uses raw pre-activations (no ReLU) and no min(n_dead / k_aux, 1) factor; `auxk_relu` and
+`auxk_dead_scaling` switch to Gao et al.'s reference code and SAELens/sparsify (docs/RESULTS.md measures both).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_positive
+from saelab.errors import ConfigError, check_bool, check_positive
 from saelab.saes import native
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 from saelab.saes.fused import SparseDecode, SparseGather, SparsePattern, SparseReconstructionError, csr_offsets
@@ -42,6 +42,8 @@ class TopKConfig(SAEConfig):
     auxk_alpha: float = 1 / 32  # weight of the AuxK loss (0 disables it)
     k_aux: int | None = None  # dead latents AuxK uses per token; null = d_in // 2 (capped at the dead count)
     dead_window_tokens: int = 100_000  # AuxK's notion of dead: not fired in the last this-many tokens
+    auxk_relu: bool = False  # ReLU on the dead latents' pre-activations in z_aux (Gao et al.'s reference code)
+    auxk_dead_scaling: bool = False  # times min(n_dead / k_aux, 1) (SPEC, SAELens, sparsify)
     bf16_screen: bool = True  # CPU float32 training: top-k candidates from a bf16 matmul (see screened_select)
 
     def validate(self) -> None:
@@ -53,6 +55,8 @@ class TopKConfig(SAEConfig):
         if self.k_aux is not None:
             check_positive("sae.k_aux", self.k_aux, integer=True)
         check_positive("sae.dead_window_tokens", self.dead_window_tokens, integer=True)
+        check_bool("sae.auxk_relu", self.auxk_relu)
+        check_bool("sae.auxk_dead_scaling", self.auxk_dead_scaling)
         if not isinstance(self.bf16_screen, bool):
             raise ConfigError("sae.bf16_screen", self.bf16_screen, "true or false")
         if self.target_l0 is not None:  # k is the L0: target_l0 sets it, so one sweep key matches every variant
@@ -290,15 +294,21 @@ class TopKSAE(SAE):
         dead_pre [B, n_dead] are the pre-activations of the latents dead_ids (+ dead_bias, if given apart). With
         the batch x (the fused path: dead_pre has no gradient) the entries get their gradient sparsely.
         """
+        cfg = self.cfg
         rows, local, values = per_token_topk(dead_pre, min(self.k_aux, dead_ids.numel()), dead_bias)
         aux = ActiveLatents(rows, dead_ids[local], values, dead_pre.shape[0], self.d_sae)
         if x is not None:
-            pattern = self.attach_gradient(aux, x, relu=False)
+            pattern = self.attach_gradient(aux, x, relu=cfg.auxk_relu)
             e_hat = SparseDecode.apply(aux.values, self.W_dec, pattern)
         else:
+            if cfg.auxk_relu:
+                aux.values = aux.values.relu()
             e_hat = aux.decode(self.W_dec)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (residual - e_hat).pow(2).sum() / variance * input_variance
+        loss = (residual - e_hat).pow(2).sum() / variance * input_variance
+        if cfg.auxk_dead_scaling:  # fewer dead latents than k_aux: a proportionally smaller term
+            loss = loss * min(dead_ids.numel() / self.k_aux, 1.0)
+        return loss
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         return self.standard_tensors(scale)
