@@ -123,7 +123,7 @@ def ref_topk(sae, x, batch_topk: bool):
         e_hat = z @ sae.W_dec
         # Gao et al.'s normalised AuxK MSE on the scale of the unnormalised L_rec (times E_b ||x - mean x||^2).
         terms["auxk"] = (sae.cfg.auxk_alpha * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-                         * (x - x.mean(0)).pow(2).sum(-1).mean())
+                         * (x - x.mean(0)).pow(2).sum(-1).mean() * min(int(dead.sum()) / sae.k_aux, 1.0))
     return terms
 
 

@@ -156,7 +156,7 @@ def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_kept_activation()
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
 def test_auxk_trains_only_dead_latents(variant):
     torch.manual_seed(0)
-    sae = make_sae(variant, dead_window_tokens=1000)  # k_aux = d_in // 2 = 8 > 5 dead: uses all 5
+    sae = make_sae(variant, dead_window_tokens=1000)  # k_aux = d_in // 2 = 8 > 5 dead: uses all 5, scaled by 5/8
     dead = torch.tensor([3, 10, 20, 41, 63])
     live = torch.ones(64, dtype=torch.bool)
     live[dead] = False
@@ -182,7 +182,7 @@ def test_auxk_trains_only_dead_latents(variant):
         z_aux = torch.zeros_like(pre)
         z_aux[:, dead] = pre[:, dead]  # min(k_aux, n_dead) = all 5 dead latents, raw pre-activations
         expected = (e - z_aux @ sae.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum() / 32
-        expected *= (x - x.mean(0)).pow(2).sum(-1).mean()
+        expected *= (x - x.mean(0)).pow(2).sum(-1).mean() * 5 / 8  # min(n_dead / k_aux, 1)
     assert out.terms["auxk"].item() == pytest.approx(expected.item(), rel=1e-4)
 
 
