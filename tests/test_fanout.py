@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from saelab.job import Job
 from saelab.module import SAEMember, SAEModule
 from saelab.report import collect
 from saelab.saes.base import build_sae
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, run_until_then_kill, tiny_overrides
 
 COUNTS_TAG = "SWEEP_ECONOMY_COUNTS "
 
@@ -146,18 +145,8 @@ def test_killed_group_resumes_exactly(tiny_model_dir, tiny_corpus_dir, tmp_path)
 
     whole, _ = _sweep(args(tmp_path / "whole"), None)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "saelab.train", "-m", *args(out)], cwd=REPO,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ})
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(out.glob("multirun/*/*/*/checkpoints/last.ckpt"))) == 2 and _logged_steps(out) >= 30:
-                break
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = run_until_then_kill(["-m", *args(out)], lambda: len(list(out.glob(
+        "multirun/*/*/*/checkpoints/last.ckpt"))) == 2 and _logged_steps(out) >= 30)
     assert proc.returncode == -signal.SIGKILL, "the group ended before it could be killed"
     (sweep_dir,) = (out / "multirun").glob("*/*")
     assert not list(sweep_dir.glob("*/metrics.json"))

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import run_cli, run_until_then_kill, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -59,24 +55,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(variant, data_cache, ti
 
     # The same run, killed without warning once a checkpoint exists and more steps have been done since.
     args = _overrides(tiny_model_dir, tiny_corpus_dir, killed_out, cache, variant, data_cache)
-    proc = subprocess.Popen([sys.executable, "-m", "saelab.train", *args], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    deadline = time.time() + 300
-    last = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            found = list(killed_out.rglob("checkpoints/last.ckpt"))
-            if found:
-                last = found[0]
-                run_dir = last.parent.parent
-                if _logged_steps(run_dir) >= INTERVAL + INTERVAL // 2:
-                    break
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    def checkpointed_and_past_it() -> bool:
+        found = list(killed_out.rglob("checkpoints/last.ckpt"))
+        return bool(found) and _logged_steps(found[0].parent.parent) >= INTERVAL + INTERVAL // 2
+
+    proc = run_until_then_kill(args, checkpointed_and_past_it)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert last is not None
+    (last,) = killed_out.rglob("checkpoints/last.ckpt")
+    run_dir = last.parent.parent
     steps_done = _logged_steps(run_dir)
     saved_step = _checkpoint_step(last)
     assert not (run_dir / "metrics.json").exists()  # a killed run does not look complete

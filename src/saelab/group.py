@@ -207,15 +207,15 @@ def _evaluate(jobs: Sequence[Job], finishing: list[tuple[int, SAEMember]], model
               datamodule: ActivationDataModule) -> dict[int, tuple[dict[str, Any], torch.Tensor]]:
     """Held-out metrics per job; the spliced metrics share the clean and zero-ablated passes per hook."""
     results = {}
+    truth = getattr(datamodule, "world", None)  # a source that knows its features (data=synthetic)
     for i, member in finishing:
-        metrics, density = evaluate_sae(member.sae, datamodule.eval_acts[member.hook], int(jobs[i].cfg.eval.batch_size))
+        firing: list[torch.Tensor] | None = [] if truth is not None else None
+        metrics, density = evaluate_sae(member.sae, datamodule.eval_acts[member.hook],
+                                        int(jobs[i].cfg.eval.batch_size), firing)
+        if truth is not None:  # how well the SAE recovers them, from the same held-out encode
+            metrics |= ground_truth_metrics(member.sae.W_dec, torch.cat(firing), truth.dictionary,
+                                            datamodule.eval_firing, truth.parent)
         results[i] = (metrics, density)
-    truth = getattr(datamodule, "world", None)
-    if truth is not None:  # a source that knows its features: how well each SAE recovers them
-        for i, member in finishing:
-            fired = _fired(member.sae, datamodule.eval_acts[member.hook], int(jobs[i].cfg.eval.batch_size))
-            results[i][0].update(ground_truth_metrics(member.sae.W_dec, fired, truth.dictionary,
-                                                      datamodule.eval_firing, truth.parent))
     spliced = [(i, m) for i, m in finishing if jobs[i].cfg.eval.spliced_windows and model is not None]
     for hook in dict.fromkeys(m.hook for _, m in spliced):
         on_hook = [(i, m) for i, m in spliced if m.hook == hook]
@@ -226,15 +226,6 @@ def _evaluate(jobs: Sequence[Job], finishing: list[tuple[int, SAEMember]], model
         for i, metrics in by_job.items():
             results[i][0].update(metrics)
     return results
-
-
-@torch.no_grad()
-def _fired(sae, acts: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[n, d_sae] bool: which latents fire on each held-out sample."""
-    device = next(sae.parameters()).device
-    sae.eval()
-    return torch.cat([sae.encode(acts[s : s + batch_size].to(device)).cpu() > 0
-                      for s in range(0, len(acts), batch_size)])
 
 
 def _reconstruct(sae, scale: float):

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from saelab.cli_checks import CONF_DIR, check_group_overrides
 from saelab.errors import ConfigError
 from saelab.group import activations_needed, run_steps, train_group
-from saelab.job import prepare_job, record_failure
+from saelab.job import prepare_job, record_failure, report_failure
 from saelab.loggers import finish_wandb
 
 log = logging.getLogger("saelab")
@@ -84,24 +84,19 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
         return sweep_objective(result, cfg) if "global_rank" not in result else None
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # this job's point is invalid; the sweep goes on
-            record_failure(run_dir, err)
-            return None
-        _discard_incomplete_run_dir(run_dir, Path(cfg.paths.output_dir))
-        sys.exit(2)
-    except FloatingPointError as err:  # nan_policy=stop: the run ends; its checkpoints hold finite weights
-        record_failure(run_dir, err)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return None
-        print(f"error: {err} (nan_policy=stop; see {run_dir / 'error.txt'})", file=sys.stderr)
-        sys.exit(1)
     except Exception as err:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise
-        record_failure(run_dir, err)
-        return None
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # this job fails alone (as under hydra/launcher=fanout)
+            report_failure(run_dir, err)
+            return None
+        if isinstance(err, ConfigError):
+            print(f"error: {err}", file=sys.stderr)
+            _discard_incomplete_run_dir(run_dir, Path(cfg.paths.output_dir))
+            sys.exit(2)
+        if isinstance(err, FloatingPointError):  # nan_policy=stop: the checkpoints hold finite weights
+            record_failure(run_dir, err)
+            print(f"error: {err} (nan_policy=stop; see {run_dir / 'error.txt'})", file=sys.stderr)
+            sys.exit(1)
+        raise
     finally:
         finish_wandb()
         if torch.cuda.is_available():

@@ -10,8 +10,11 @@ from saelab.saes.base import SAE
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, acts: Tensor, batch_size: int) -> tuple[dict[str, float], Tensor]:
-    """Metrics on `acts` (normalised held-out activations) and the per-latent log10 firing density."""
+def evaluate_sae(sae: SAE, acts: Tensor, batch_size: int, firing: list[Tensor] | None = None
+                 ) -> tuple[dict[str, float], Tensor]:
+    """Metrics on `acts` (normalised held-out activations) and the per-latent log10 firing density. With a
+    `firing` list, each batch's [batch, d_sae] bool firing mask (on the CPU) is appended to it, from the same
+    encode (ground-truth metrics need it)."""
     was_training = sae.training
     sae.eval()
     device = next(sae.parameters()).device
@@ -21,6 +24,8 @@ def evaluate_sae(sae: SAE, acts: Tensor, batch_size: int) -> tuple[dict[str, flo
             x = acts[start : start + batch_size].to(device)
             f = sae.encode(x)
             metrics.update(x, sae.decode(f), f)
+            if firing is not None:
+                firing.append((f > 0).cpu())
     finally:
         sae.train(was_training)
     return metrics.compute(), metrics.log10_density()
