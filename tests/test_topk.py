@@ -15,7 +15,8 @@ from saelab.metrics.evaluate import evaluate_sae
 from saelab.module import SAEModule
 from saelab.saes import build_sae
 
-TARGETS = {"topk": "saelab.saes.topk.TopKSAE", "batchtopk": "saelab.saes.batchtopk.BatchTopKSAE"}
+TARGETS = {"topk": "saelab.saes.topk.TopKSAE", "batchtopk": "saelab.saes.batchtopk.BatchTopKSAE",
+           "matryoshka": "saelab.saes.matryoshka_batchtopk.MatryoshkaBatchTopKSAE"}
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +154,7 @@ def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_kept_activation()
     assert sae.threshold.item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka"])
 def test_auxk_trains_only_dead_latents(variant):
     torch.manual_seed(0)
     sae = make_sae(variant, dead_window_tokens=1000)  # k_aux = d_in // 2 = 8 > 5 dead: uses all 5, scaled by 5/8
@@ -173,6 +174,8 @@ def test_auxk_trains_only_dead_latents(variant):
     assert sae.W_dec.grad[live].abs().max() == 0 and sae.W_enc.grad[:, live].abs().max() == 0
     assert sae.b_enc.grad[live].abs().max() == 0
     assert (sae.W_dec.grad[dead].norm(dim=1) > 0).all() and (sae.W_enc.grad[:, dead].norm(dim=0) > 0).all()
+    if variant == "matryoshka":
+        return  # AuxK per level: its value is checked in tests/test_matryoshka.py
 
     # Gao et al.'s alpha * ||e - W_dec z_aux||^2 / ||e - mean e||^2 (e the detached main residual), on the scale
     # of saelab's unnormalised L_rec: times E_b ||x - mean x||^2.
@@ -207,14 +210,14 @@ def test_auxk_weight_against_reconstruction_does_not_depend_on_the_input_scale(v
     assert ratios[1] == pytest.approx(ratios[0], rel=1e-3)
 
 
-@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka"])
 def test_export_reproduces_reconstructions_on_raw_activations(variant, tmp_path):
     torch.manual_seed(0)
     sae = make_sae(variant)
     with torch.no_grad():
         sae.b_enc.normal_(0.0, 0.3)
         sae.b_dec.normal_()
-    if variant == "batchtopk":
+    if variant != "topk":
         sae.threshold.fill_(0.4)
     sae.eval()
     scale = 7.5
@@ -254,7 +257,7 @@ def planted_data(n: int, d_in: int = 32, n_atoms: int = 64, active: int = 3) -> 
     return torch.einsum("na,nad->nd", coefs, atoms[ids])
 
 
-@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka"])
 def test_learns_planted_sparse_structure_through_the_module(variant):
     torch.manual_seed(0)
     data = planted_data(9216)

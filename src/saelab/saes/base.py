@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_choice, check_positive
+from saelab.errors import ConfigError, check_bool, check_choice, check_positive
 from saelab.saes.fused import SquaredError
 
 
@@ -32,7 +32,9 @@ class SAEConfig:
     target_l0: float | None = None  # adapt lambda during training until the batch L0 is this (SAEModule)
     decoder_constraint: str = "unit_norm"  # unit_norm | none
     decoder_init_norm: float = 1.0  # norm of each decoder row at initialisation
-    apply_b_dec_to_input: bool = True  # the encoder sees x - b_dec
+    apply_b_dec_to_input: bool = True  # the encoder sees x - b_dec (SAEs; a transcoder's b_dec is the target's)
+    d_out: int | None = None  # output width: null = an SAE (reconstructs its input); set = a transcoder
+    skip: bool = False  # transcoders: add an affine skip connection W_skip x to the prediction (skip-transcoder)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field. Subclasses extend this and call super()."""
@@ -49,6 +51,12 @@ class SAEConfig:
             check_positive("sae.target_l0", self.target_l0)
         check_choice("sae.decoder_constraint", self.decoder_constraint, ("unit_norm", "none"))
         check_positive("sae.decoder_init_norm", self.decoder_init_norm)
+        if self.d_out is not None:
+            check_positive("sae.d_out", self.d_out, integer=True)
+        check_bool("sae.skip", self.skip)
+        if self.skip and self.d_out is None:
+            raise ConfigError("sae.skip", self.skip, "false for an SAE (a skip connection needs a transcoder: set "
+                              "model.target_hook)")
 
     def scale_dependent(self) -> dict[str, int]:
         """Fields given in units of inputs with E||x||^2 = 1 (data.normalize=unit_mean_squared_norm), with the
@@ -68,6 +76,15 @@ class SAEConfig:
         if self.d_sae is not None:
             return int(self.d_sae)
         return max(1, round(float(self.expansion_factor) * self.d_in))
+
+
+# SAELens's transcoder layouts: (the SAE's architecture, with a skip connection) -> the transcoder's.
+TRANSCODER_LAYOUTS = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
 
 
 class SparseLatents(Protocol):
@@ -130,7 +147,14 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 class SAE(nn.Module):
-    """Base class. Weights follow SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in]."""
+    """Base class. Weights follow SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_out].
+
+    An SAE reconstructs its input (d_out = d_in). A transcoder (cfg.d_out set) predicts another activation, the
+    target, from its input: the same encoder and decoder, a different target in the loss, and b_dec lives in the
+    target's space, so the encoder never subtracts it. A skip-transcoder adds W_skip x ([d_out, d_in], from 0),
+    so the latents explain only what the affine map cannot: every variant trains the dictionary against
+    `reconstruction_target` = target - W_skip x (whose gradient reaches W_skip) and its file never sees the skip.
+    """
 
     Config: ClassVar[type[SAEConfig]] = SAEConfig
     saelens_architecture: ClassVar[str] = "standard"
@@ -140,23 +164,48 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.d_in, self.d_sae = int(cfg.d_in), cfg.width
-        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_in))
-        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+        self.d_out = int(cfg.d_out) if cfg.d_out is not None else self.d_in
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        self.W_skip = nn.Parameter(torch.zeros(self.d_out, self.d_in)) if cfg.skip else None
         # Tokens seen since each latent last fired: dead-latent bookkeeping, saved in checkpoints.
         self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.long))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
     # -- initialisation -------------------------------------------------------------------------
     def init_decoder_and_tied_encoder(self) -> Tensor:
-        """Kaiming-uniform decoder rows scaled to `decoder_init_norm`; returns W_dec^T for W_enc."""
+        """Kaiming-uniform decoder rows scaled to `decoder_init_norm`; returns W_dec^T for W_enc (a transcoder
+        whose output width differs from its input's gets an encoder drawn the same way instead)."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.W_dec)
             self.W_dec.mul_(self.cfg.decoder_init_norm / self.W_dec.norm(dim=1, keepdim=True))
-            return self.W_dec.t().clone().contiguous()
+            if self.d_out == self.d_in:
+                return self.W_dec.t().clone().contiguous()
+            W_enc = nn.init.kaiming_uniform_(torch.empty(self.d_sae, self.d_in))
+            return (W_enc * (self.cfg.decoder_init_norm / W_enc.norm(dim=1, keepdim=True))).t().contiguous()
 
     # -- the contract -----------------------------------------------------------------------------
+    @property
+    def transcoder(self) -> bool:
+        return self.cfg.d_out is not None
+
+    @property
+    def centres_input(self) -> bool:
+        """Whether the encoder sees x - b_dec: apply_b_dec_to_input, for SAEs (a transcoder's b_dec is the
+        target's bias, as in SAELens, which refuses the flag for transcoders)."""
+        return bool(self.cfg.apply_b_dec_to_input) and not self.transcoder
+
     def centre(self, x: Tensor) -> Tensor:
-        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return x - self.b_dec if self.centres_input else x
+
+    def reconstruction_target(self, x: Tensor, target: Tensor | None) -> Tensor:
+        """What the dictionary's output is trained to match: the input x (an SAE) or the target (a transcoder),
+        less the skip path's prediction W_skip x (which then learns from the same loss)."""
+        out = x if target is None else target
+        return out if self.W_skip is None else out - self.skip_prediction(x)
+
+    def skip_prediction(self, x: Tensor) -> Tensor:
+        return x @ self.W_skip.t().to(x.dtype)
 
     def encoder_preacts(self, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
         """(x - b_dec) W_enc + b_enc, computed as x W_enc + (b_enc - b_dec W_enc) outside autocast.
@@ -165,13 +214,13 @@ class SAE(nn.Module):
         [B, d_in] x [d_in, d_sae] matmul (about a sixth of a dense training step). Under autocast the
         subtraction could cancel in low precision, so there the input is centred first.
         """
-        if not self.cfg.apply_b_dec_to_input or torch.is_autocast_enabled(x.device.type):
+        if not self.centres_input or torch.is_autocast_enabled(x.device.type):
             return self.centre(x) @ W_enc + b_enc
         return x @ W_enc + self.folded_bias(W_enc, b_enc)
 
     def folded_bias(self, W_enc: Tensor, b_enc: Tensor) -> Tensor:
         """b_enc - b_dec W_enc (or b_enc without centring): the encoder bias once b_dec is folded in."""
-        return b_enc - self.b_dec @ W_enc if self.cfg.apply_b_dec_to_input else b_enc
+        return b_enc - self.b_dec @ W_enc if self.centres_input else b_enc
 
     def fused_ok(self, x: Tensor) -> bool:
         """Whether the fused float kernels (saes/fused.py) may run: a 2-D batch, no autocast."""
@@ -198,10 +247,19 @@ class SAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The dictionary's output for x (variants with a faster path than decode(encode(x)) override this)."""
         return self.decode(self.encode(x))
 
-    def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction of x (an SAE) or the prediction of the target from x (a transcoder)."""
+        out = self.reconstruct(x)
+        return out if self.W_skip is None else out + self.skip_prediction(x)
+
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
+                      ) -> TrainStep:
+        """The named loss terms for input x; `target` is a transcoder's target activation (None: an SAE).
+        Variants reconstruct `self.reconstruction_target(x, target)`."""
         raise NotImplementedError
 
     @property
@@ -287,6 +345,32 @@ class SAE(nn.Module):
     def export_config(self) -> dict[str, Any]:
         """Architecture-specific cfg.json fields (beyond d_in, d_sae, ...)."""
         return {"architecture": self.saelens_architecture}
+
+    def exported_tensors(self, scale: float, target_scale: float | None = None) -> dict[str, Tensor]:
+        """export_tensors for raw inputs x_raw = scale * x; a transcoder's output side then for raw targets
+        t_raw = target_scale * t. The latents carry `scale` (see export_tensors), so with r = target_scale / scale
+        the output side becomes W_dec' = r W_dec, b_dec' = target_scale b_dec and W_skip' = r W_skip."""
+        tensors = self.export_tensors(scale)
+        if not self.transcoder:
+            return tensors
+        ratio = (target_scale if target_scale is not None else scale) / scale
+        tensors["W_dec"] = tensors["W_dec"] * ratio
+        tensors["b_dec"] = tensors["b_dec"] * ratio  # export_tensors scaled it by `scale`
+        if self.W_skip is not None:
+            tensors["W_skip"] = self.W_skip.detach() * ratio
+        return tensors
+
+    def exported_config(self) -> dict[str, Any]:
+        """export_config, with a transcoder's SAELens architecture (transcoder, skip_transcoder,
+        jumprelu_transcoder, jumprelu_skip_transcoder) and d_out; a transcoder SAELens has no layout for gets a
+        saelab-named one (e.g. saelab_topk_transcoder), as the untied Gated SAE does."""
+        config = self.export_config()
+        if not self.transcoder:
+            return config
+        base, skip = config["architecture"], self.W_skip is not None
+        name = TRANSCODER_LAYOUTS.get((base, skip),
+                                      f"saelab_{base.removeprefix('saelab_')}{'_skip' if skip else ''}_transcoder")
+        return {**config, "architecture": name, "d_out": self.d_out}
 
 
 def _coerce(value: Any, hint: Any) -> Any:

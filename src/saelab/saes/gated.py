@@ -92,7 +92,7 @@ class GatedSAE(SAE):
         through a zero-valued term (b_dec - sg(b_dec)) W_gate: a [d_sae] vector, so this costs no extra pass.
         """
         cfg = self.cfg
-        if cfg.apply_b_dec_to_input:
+        if self.centres_input:
             z_sg = (x - self.b_dec.detach()) @ self.W_enc
             z = z_sg - (self.b_dec - self.b_dec.detach()) @ self.W_enc
         else:
@@ -114,16 +114,18 @@ class GatedSAE(SAE):
             return torch.relu(pi_gate)
         return torch.sigmoid(pi_gate / self.cfg.gate_temperature)
 
-    def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
+                      ) -> TrainStep:
+        t = self.reconstruction_target(x, target)
         cfg = self.cfg
         if (cfg.gate == "heaviside" and cfg.tie_encoder and cfg.sparsity == "l1" and self.frozen_decoder
                 and self.fused_ok(x)):
-            return self.fused_training_loss(x, coefficients)
+            return self.fused_training_loss(x, t, coefficients)
         pi_gate, pi_gate_sg, pi_mag = self.preacts(x)
         mag = torch.relu(pi_mag)
         hard = (pi_gate > 0).to(mag.dtype) * mag  # what `encode` returns: L0 and dead-latent bookkeeping
         f = hard if cfg.gate == "heaviside" else self.gate_activation(pi_gate) * mag
-        terms = {"rec": squared_error(x, self.decode(f))}
+        terms = {"rec": squared_error(t, self.decode(f))}
 
         gate_pre = pi_gate_sg if self.frozen_decoder else pi_gate
         gate = self.gate_activation(gate_pre)
@@ -136,15 +138,16 @@ class GatedSAE(SAE):
         terms["sparsity"] = coefficients["sparsity"] * penalty.mean()
 
         if cfg.aux_loss != "none":
-            W_dec, b_dec = self.W_dec, self.b_dec
-            if self.frozen_decoder:
-                W_dec, b_dec = W_dec.detach(), b_dec.detach()
-            terms["aux"] = squared_error(x, torch.relu(gate_pre) @ W_dec + b_dec)
+            W_dec, b_dec, aux_target = self.W_dec, self.b_dec, t
+            if self.frozen_decoder:  # frozen: the decoder and a transcoder's skip path (through t)
+                W_dec, b_dec, aux_target = W_dec.detach(), b_dec.detach(), t.detach()
+            terms["aux"] = squared_error(aux_target, torch.relu(gate_pre) @ W_dec + b_dec)
         return TrainStep(terms, hard.detach())
 
-    def fused_training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
-        """training_loss for the default configuration through fused.GatedFunction (same terms and grads)."""
-        if self.cfg.apply_b_dec_to_input:
+    def fused_training_loss(self, x: Tensor, t: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+        """training_loss for the default configuration through fused.GatedFunction (same terms and grads); t is
+        what it reconstructs (reconstruction_target)."""
+        if self.centres_input:
             bias_gate = self.b_gate - self.b_dec.detach() @ self.W_enc
             shift_mag = -(self.b_dec @ self.W_enc)
         else:
@@ -153,9 +156,9 @@ class GatedSAE(SAE):
         x_hat, f, penalty, aux_hat, fired = GatedFunction.apply(
             x, self.W_enc, bias_gate, shift_mag, self.r_mag, self.b_mag, self.W_dec, self.b_dec, aux,
             tuple(self.workspace(name, x) for name in ("z", "gate", "f", "grad_mag", "grad_gate")))
-        terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}
+        terms = {"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}
         if aux:
-            terms["aux"] = squared_error(x, aux_hat)
+            terms["aux"] = squared_error(t.detach(), aux_hat)  # the frozen decoder's skip path is frozen too
         return TrainStep(terms, f, fired_mask=fired)
 
     # -- export --------------------------------------------------------------------------------------------

@@ -93,7 +93,9 @@ class JumpReLUSAE(SAE):
         pre = self.preacts(x)
         return torch.where(pre.float() > self.threshold, pre, 0.0)
 
-    def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
+                      ) -> TrainStep:
+        t = self.reconstruction_target(x, target)
         cfg = self.cfg
         if (cfg.sparsity == "l0" and not cfg.ste_to_preacts and cfg.pre_act_loss_coefficient == 0
                 and self.fused_ok(x)):
@@ -101,11 +103,11 @@ class JumpReLUSAE(SAE):
             x_hat, f, l0, fired = JumpReLUL0Function.apply(
                 x, self.W_enc, self.folded_bias(self.W_enc, self.b_enc), theta, self.W_dec, self.b_dec,
                 cfg.bandwidth, cfg.kernel, (self.workspace("f", x), self.workspace("grad_f", x)))
-            terms = {"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * l0}
+            terms = {"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * l0}
             return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()}, fired_mask=fired)
         pre, theta = self.preacts(x), self.threshold
         f = jumprelu(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts)
-        terms = {"rec": squared_error(x, self.decode(f))}
+        terms = {"rec": squared_error(t, self.decode(f))}
         if cfg.sparsity == "l0":
             penalty = step(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts).sum(-1).mean()
         else:

@@ -39,19 +39,21 @@ class ReluSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.encoder_preacts(x, self.W_enc, self.b_enc))
 
-    def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
+                      ) -> TrainStep:
+        t = self.reconstruction_target(x, target)
         if self.cfg.sparsity == "l1" and self.fused_ok(x):
             bias = self.folded_bias(self.W_enc, self.b_enc)
             x_hat, f, penalty = ReluL1Function.apply(x, self.W_enc, bias, self.W_dec, self.b_dec,
                                                      (self.workspace("f", x), self.workspace("grad_f", x)))
-            return TrainStep({"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
+            return TrainStep({"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
         f = self.encode(x)
         x_hat = self.decode(f)
         if self.cfg.sparsity == "l1":
             penalty = f.sum(-1).mean()
         else:
             penalty = (f @ self.W_dec.norm(dim=1)).mean()
-        return TrainStep({"rec": squared_error(x, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
+        return TrainStep({"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         return self.standard_tensors(scale)

@@ -103,6 +103,29 @@ class ActiveLatents:
                                per_sample_weights=self.values.to(W_dec.dtype))
 
 
+@dataclass
+class Selection:
+    """A training batch's selection: the input, the active latents (values carry their gradient) and what AuxK
+    reuses. Fused path: `pattern` is set, `pre` (if not None) is x W_enc without autograd and `pre_bias` the bias
+    still to add to it, `bias` the folded encoder bias. Autograd path: `pre` is the dense pre-activations."""
+
+    x: Tensor
+    active: ActiveLatents
+    pre: Tensor | None
+    pattern: SparsePattern | None = None
+    bias: Tensor | None = None
+    pre_bias: Tensor | None = None
+
+
+@dataclass
+class Residual:
+    """sg(t - x_hat) of one reconstruction, and the latent ids [start, stop) whose dead ones AuxK fits to it."""
+
+    start: int
+    stop: int
+    values: Tensor
+
+
 @torch.no_grad()
 def input_variance(x: Tensor) -> Tensor:
     """E_b ||x - mean_b(x)||^2: the batch's variance about its mean, summed over dimensions (a constant)."""
@@ -210,50 +233,71 @@ class TopKSAE(SAE):
         flat = x.reshape(-1, self.d_in)
         return self.select(self.pre_activations(flat)).dense().reshape(*x.shape[:-1], self.d_sae)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reconstruct(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.d_in)
-        return (self.select(self.pre_activations(flat)).decode(self.W_dec) + self.b_dec).reshape(x.shape)
+        return (self.select(self.pre_activations(flat)).decode(self.W_dec) + self.b_dec).reshape(
+            *x.shape[:-1], self.d_out)
 
-    def training_loss(self, x: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
+                      ) -> TrainStep:
+        t = self.reconstruction_target(x, target)
+        selection = self.training_selection(x)
+        terms, residuals = self.reconstruction_terms(selection, t)
         dead = self.dead_mask(self.cfg.dead_window_tokens)
-        use_auxk = self.cfg.auxk_alpha > 0 and bool(dead.any())
-        if self.fused_ok(x):
-            # Sparse after the encoder matmul: pi is computed without autograd, only the selected entries get a
-            # gradient (fused.SparseGather), and fused.SparseReconstructionError decodes them and forms the
-            # error in one pass. No dense [B, d_sae] gradient or dense dW_enc matmul is ever built.
-            with torch.no_grad():
-                # The encoder bias with b_dec folded in; SparseGather gives the parameters their gradients.
-                bias = self.folded_bias(self.W_enc, self.b_enc)
-                active, pre, pre_bias = self.screened_select(x, bias), None, None
-                if active is None:
-                    pre, pre_bias = self.float32_preacts(x, bias)
-                    active = self.select(pre, pre_bias)
-            pattern = self.attach_gradient(active, x)
-            rec, diff = SparseReconstructionError.apply(active.values, self.W_dec, self.b_dec, x, pattern)
-            terms = {"rec": rec}
-            if self.cfg.auxk_alpha > 0:
-                if use_auxk:
-                    dead_ids = dead.nonzero().squeeze(1)
-                    dead_pre, dead_bias = self.dead_preacts(x, dead_ids, pre, pre_bias, bias)
-                    terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(dead_pre, dead_ids, diff.neg(),
-                                                                         input_variance(x), x, dead_bias)
-                else:
-                    terms["auxk"] = rec.new_zeros(())
-        else:
-            pre = self.pre_activations(x)
-            active = self.select(pre)
-            x_hat = active.decode(self.W_dec) + self.b_dec
-            terms = {"rec": squared_error(x, x_hat)}
-            if self.cfg.auxk_alpha > 0:
-                if use_auxk:
-                    dead_ids = dead.nonzero().squeeze(1)
-                    terms["auxk"] = self.cfg.auxk_alpha * self.auxk_loss(pre[:, dead_ids], dead_ids,
-                                                                         (x - x_hat).detach(), input_variance(x))
-                else:
-                    terms["auxk"] = terms["rec"].new_zeros(())
+        if self.cfg.auxk_alpha > 0:
+            terms["auxk"] = self.cfg.auxk_alpha * self.auxk_terms(selection, dead, residuals, t)
+        active = selection.active
         extras = {"dead_latents": dead.sum().float(), **self.update_from_batch(active)}
         # The latents stay sparse: firing statistics come from the active entries (TrainStep.fired).
         return TrainStep(terms, active.detach(), extras)
+
+    def training_selection(self, x: Tensor) -> Selection:
+        """The batch's selected latents, with their gradient attached.
+
+        Fused (float, no autocast): sparse after the encoder matmul. pi is computed without autograd, only the
+        selected entries get a gradient (fused.SparseGather), and the reconstruction decodes them sparsely
+        (fused.SparseReconstructionError), so no dense [B, d_sae] gradient or dense dW_enc matmul is ever built.
+        Otherwise autograd runs through the dense pre-activations.
+        """
+        if not self.fused_ok(x):
+            pre = self.pre_activations(x)
+            return Selection(x, self.select(pre), pre)
+        with torch.no_grad():
+            # The encoder bias with b_dec folded in; SparseGather gives the parameters their gradients.
+            bias = self.folded_bias(self.W_enc, self.b_enc)
+            active, pre, pre_bias = self.screened_select(x, bias), None, None
+            if active is None:
+                pre, pre_bias = self.float32_preacts(x, bias)
+                active = self.select(pre, pre_bias)
+        pattern = self.attach_gradient(active, x)
+        return Selection(x, active, pre, pattern, bias, pre_bias)
+
+    def reconstruction_terms(self, selection: Selection, t: Tensor) -> tuple[dict[str, Tensor], list[Residual]]:
+        """{"rec": E_b ||t - x_hat||^2}, and the residual sg(t - x_hat) AuxK's dead latents (all of them) fit."""
+        active = selection.active
+        if selection.pattern is not None:
+            rec, diff = SparseReconstructionError.apply(active.values, self.W_dec, self.b_dec, t, selection.pattern)
+            return {"rec": rec}, [Residual(0, self.d_sae, diff.neg())]
+        x_hat = active.decode(self.W_dec) + self.b_dec
+        return {"rec": squared_error(t, x_hat)}, [Residual(0, self.d_sae, (t - x_hat).detach())]
+
+    def auxk_terms(self, selection: Selection, dead: Tensor, residuals: list[Residual], t: Tensor) -> Tensor:
+        """The AuxK loss (before alpha), summed over the residuals: each one's dead latents (those in its range of
+        latent ids) reconstruct it. Zero while nothing in range is dead."""
+        total = t.new_zeros(())
+        variance = None
+        for residual in residuals:
+            dead_ids = dead[residual.start:residual.stop].nonzero().squeeze(1) + residual.start
+            if dead_ids.numel() == 0:
+                continue
+            variance = input_variance(t) if variance is None else variance
+            if selection.pattern is not None:
+                dead_pre, dead_bias = self.dead_preacts(selection.x, dead_ids, selection.pre, selection.pre_bias,
+                                                        selection.bias)
+                total = total + self.auxk_loss(dead_pre, dead_ids, residual.values, variance, selection.x, dead_bias)
+            else:
+                total = total + self.auxk_loss(selection.pre[:, dead_ids], dead_ids, residual.values, variance)
+        return total
 
     def float32_preacts(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor | None]:
         """(pi, the bias still to add to it, or None): x W_enc into a reused buffer. The native top-k adds the bias
@@ -279,7 +323,7 @@ class TopKSAE(SAE):
         already be ReLU'd: ReLU(ReLU(p)) = ReLU(p), and its backward masks the same entries (where p <= 0).
         """
         pattern = SparsePattern(active.rows, active.latents, active.batch_size, active.d_sae)
-        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        b_dec = self.b_dec if self.centres_input else None
         values = SparseGather.apply(x, self.W_enc, self.b_enc, b_dec, active.values, pattern)
         active.values = values.relu() if relu else values
         return pattern
