@@ -75,6 +75,21 @@ def check_ckpt_path(value) -> None:
         raise ConfigError("ckpt_path", value, 'null, "last", or an existing checkpoint file')
 
 
+def check_transcoder(cfg: DictConfig) -> None:
+    """model.target_hook makes a transcoder: it needs a model (not data=synthetic) and a hook other than its
+    input; sae.d_out is then filled in from the model (saelab.group), and is null for an SAE."""
+    target = cfg.model.get("target_hook")
+    if target is None:
+        if cfg.sae.get("d_out") is not None:
+            raise ConfigError("sae.d_out", cfg.sae.d_out, "null for an SAE (a transcoder's output width comes with "
+                              "model.target_hook)")
+        return
+    if cfg.data.source == "synthetic":
+        raise ConfigError("model.target_hook", target, "null with data=synthetic (no model to read a target from)")
+    if str(target) == str(cfg.model.hook) or cfg.model.get("hooks"):
+        raise ConfigError("model.target_hook", target, "a hook other than model.hook (and model.hooks null)")
+
+
 def check_run_config(cfg: DictConfig) -> None:
     check_model_config(cfg.model)
     data = cfg.data
@@ -94,6 +109,7 @@ def check_run_config(cfg: DictConfig) -> None:
     if data.source == "synthetic":
         SyntheticSpec.from_config(data)
     cache_root(data.get("cache"), cfg.paths.cache_dir, create=False)
+    check_transcoder(cfg)
     check_positive("optim.lr", cfg.optim.lr)
     if cfg.optim.betas is not None and (len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas)):
         raise ConfigError("optim.betas", list(cfg.optim.betas), "null or two numbers in [0, 1)")

@@ -47,7 +47,7 @@ def group_key(job: Job) -> str:
     if trainer.get("precision", "32-true") in MEMBER_PRECISIONS:
         trainer["precision"] = "per job"
     key = {
-        "model": {k: v for k, v in cfg["model"].items() if k not in ("hook", "hooks", "d_model")},
+        "model": {k: v for k, v in cfg["model"].items() if k not in ("hook", "hooks", "target_hook", "d_model")},
         "data": cfg["data"],
         "steps": run_steps(job.cfg),
         "trainer": trainer,

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from saelab.callbacks import PeriodicEval
 from saelab.checkpoint_io import GroupCheckpointIO
 from saelab.data.datamodule import ActivationDataModule
-from saelab.data.model import LoadedModel, check_hook, load_model
+from saelab.data.model import LoadedModel, check_hook, check_target_hook, hook_widths, load_model
 from saelab.data.synthetic_datamodule import SyntheticDataModule
 from saelab.errors import ConfigError
 from saelab.export import export_sae
@@ -35,7 +35,7 @@ from saelab.job import Job
 from saelab.loggers import build_loggers, close_loggers
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
-from saelab.metrics.spliced import spliced_metrics_many
+from saelab.metrics.spliced import Splice, Transcode, spliced_metrics_many
 from saelab.module import MEMBER_PRECISIONS, SAEMember, SAEModule
 from saelab.saes.base import build_sae
 
@@ -75,7 +75,7 @@ def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) 
     for i, job in enumerate(jobs):  # each SAE initialised from its own seed, as in a run by itself
         try:
             L.seed_everything(int(job.cfg.seed), workers=True, verbose=False)
-            saes[i] = build_sae(OmegaConf.to_container(job.cfg.sae, resolve=True))
+            saes[i] = build_sae(job.sae_config())
         except ConfigError as err:
             outcomes[i] = err
     model = _load_model(jobs, saes, outcomes)
@@ -99,11 +99,9 @@ def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) 
     else:
         datamodule = ActivationDataModule(first.data, model, first.eval.tokens, first.seed,
                                           cache_dir=first.paths.cache_dir,
-                                          train_tokens=activations_needed(first, world),
-                                          hooks=[jobs[i].hook for i in live])
+                                          train_tokens=activations_needed(first, world), hooks=model.hooks)
     datamodule.setup()
-    members = [_member(jobs[i], saes[i], max_steps, datamodule.scales[jobs[i].hook],
-                       datamodule.input_rms[jobs[i].hook]) for i in live]
+    members = [_member(jobs[i], saes[i], max_steps, datamodule) for i in live]
     module = SAEModule(members)
     # Loggers start last, so a config rejected during set-up leaves no logger files behind.
     for i, member in zip(live, members, strict=True):
@@ -153,16 +151,23 @@ def _load_model(jobs: Sequence[Job], saes: dict[int, Any], outcomes: list[Outcom
             if saes[i].d_in != d_in:
                 outcomes[i] = ConfigError("sae.d_in", saes[i].d_in, f"data.synthetic.d_in ({d_in})")
         return None
-    hooks = list(dict.fromkeys(jobs[i].hook for i in live))
+    hooks = list(dict.fromkeys(h for i in live for h in jobs[i].hooks_read))
     model = load_model(jobs[live[0]].cfg.model, hooks=hooks, check_hooks=False)
+    widths = None
     for i in live:
         try:
             check_hook(jobs[i].hook, model.bridge.hook_dict)
             if model.d_model != saes[i].d_in:
                 raise ConfigError("sae.d_in", saes[i].d_in, f"the model's d_model ({model.d_model}); set model.d_model")
+            if jobs[i].target_hook is not None:
+                check_hook(jobs[i].target_hook, model.bridge.hook_dict, field="model.target_hook")
+                widths = widths or hook_widths(model, [h for h in hooks if h in model.bridge.hook_dict])
+                check_target_hook(jobs[i].hook, jobs[i].target_hook, widths, model.d_model)
+                if saes[i].d_out != model.d_model:
+                    raise ConfigError("sae.d_out", saes[i].d_out, f"null or the model's d_model ({model.d_model})")
         except ConfigError as err:
             outcomes[i] = err
-    model.hooks = list(dict.fromkeys(jobs[i].hook for i in live if outcomes[i] is None)) or hooks
+    model.hooks = list(dict.fromkeys(h for i in live if outcomes[i] is None for h in jobs[i].hooks_read)) or hooks
     return model
 
 
@@ -177,16 +182,18 @@ def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
     return trainer_cfg
 
 
-def _member(job: Job, sae, max_steps: int, scale: float, input_rms: float) -> SAEMember:
-    cfg = job.cfg
+def _member(job: Job, sae, max_steps: int, datamodule) -> SAEMember:
+    cfg, scale, input_rms = job.cfg, datamodule.scales[job.hook], datamodule.input_rms[job.hook]
     for name, (given, used) in sae.adapt_to_input_scale(input_rms).items():
         log.info("%ssae.%s = %.4g (in units of E||x||^2 = 1) -> %.4g for data.normalize=%s (inputs' rms %.4g)",
                  f"job {job.num}: " if job.multirun else "", name, given, used, cfg.data.normalize, input_rms)
     member = SAEMember(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")),
-                       compile=bool(cfg.get("compile", False)), hook=job.hook,
+                       compile=bool(cfg.get("compile", False)), hook=job.hook, target_hook=job.target_hook,
                        precision=cfg.trainer.get("precision", "32-true"),
                        gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num))
     member.norm_scale.fill_(scale)
+    if job.target_hook is not None:
+        member.target_scale.fill_(datamodule.scales[job.target_hook])
     return member
 
 
@@ -210,17 +217,18 @@ def _evaluate(jobs: Sequence[Job], finishing: list[tuple[int, SAEMember]], model
     truth = getattr(datamodule, "world", None)  # a source that knows its features (data=synthetic)
     for i, member in finishing:
         firing: list[torch.Tensor] | None = [] if truth is not None else None
+        targets = datamodule.eval_acts[member.target_hook] if member.target_hook is not None else None
         metrics, density = evaluate_sae(member.sae, datamodule.eval_acts[member.hook],
-                                        int(jobs[i].cfg.eval.batch_size), firing)
+                                        int(jobs[i].cfg.eval.batch_size), firing, targets)
         if truth is not None:  # how well the SAE recovers them, from the same held-out encode
             metrics |= ground_truth_metrics(member.sae.W_dec, torch.cat(firing), truth.dictionary,
                                             datamodule.eval_firing, truth.parent)
         results[i] = (metrics, density)
     spliced = [(i, m) for i, m in finishing if jobs[i].cfg.eval.spliced_windows and model is not None]
-    for hook in dict.fromkeys(m.hook for _, m in spliced):
-        on_hook = [(i, m) for i, m in spliced if m.hook == hook]
+    for hook in dict.fromkeys(m.spliced_hook for _, m in spliced):
+        on_hook = [(i, m) for i, m in spliced if m.spliced_hook == hook]
         n_windows = int(jobs[on_hook[0][0]].cfg.eval.spliced_windows)
-        reconstructs = {i: _reconstruct(m.sae, datamodule.scales[hook]) for i, m in on_hook}
+        reconstructs = {i: _splice(m, datamodule.scales) for i, m in on_hook}
         by_job = spliced_metrics_many(model, reconstructs, datamodule.eval_windows[:n_windows], datamodule.special,
                                       int(jobs[on_hook[0][0]].cfg.data.model_batch_size), hook)
         for i, metrics in by_job.items():
@@ -228,16 +236,19 @@ def _evaluate(jobs: Sequence[Job], finishing: list[tuple[int, SAEMember]], model
     return results
 
 
-def _reconstruct(sae, scale: float):
-    """Raw activations in, raw reconstruction out: x -> C sae(x / C)."""
+def _splice(member: SAEMember, scales: dict[str, float]) -> Splice:
+    """Raw activations in, raw output out: x -> C sae(x / C) for an SAE; a transcoder reads its input hook and
+    predicts its target, x -> C_target sae(x / C_input)."""
+    sae, in_scale = member.sae, scales[member.hook]
+    out_scale = scales[member.target_hook] if member.target_hook is not None else in_scale
     device = next(sae.parameters()).device
     sae.eval()
 
-    def reconstruct(x):
+    def predict(x):
         with torch.no_grad():
-            return sae(x.to(device).float() / scale) * scale
+            return sae(x.to(device).float() / in_scale) * out_scale
 
-    return reconstruct
+    return predict if member.target_hook is None else Transcode(predict, reads=member.hook)
 
 
 def _write_results(job: Job, member: SAEMember, metrics: dict[str, Any], datamodule: ActivationDataModule,
@@ -247,22 +258,26 @@ def _write_results(job: Job, member: SAEMember, metrics: dict[str, Any], datamod
     truth = getattr(datamodule, "world", None)
     if truth is not None:  # the truth this SAE is measured against, with the run
         save_file(truth.tensors(), str(job.run_dir / "ground_truth.safetensors"))
+    target_scale = datamodule.scales[member.target_hook] if member.target_hook is not None else None
     export_sae(sae, scale, job.run_dir / "sae", {
         "model_name": "synthetic" if truth is not None else str(cfg.model.name),
         "hook_name": member.hook,
+        **({"hook_name_out": member.target_hook} if member.target_hook is not None else {}),
         "context_size": int(cfg.data.context_size),
         "prepend_bos": bool(cfg.data.prepend_bos),
         "exclude_special_tokens": True,
         "dataset_path": str(cfg.data.get("path") or cfg.data.source),
         "normalization": str(cfg.data.normalize),
         "trained_by": "saelab",
-    })
+    }, target_scale)
     result = {
         **metrics,
         "variant": sae.__class__.__name__,
-        "architecture": sae.saelens_architecture,
+        "architecture": sae.exported_config()["architecture"],
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
+        **({"target_hook": member.target_hook, "d_out": sae.d_out,
+            "target_normalization_scale": float(target_scale)} if member.target_hook is not None else {}),
         "steps": int(trainer.global_step),
         "tokens_trained": int(trainer.global_step) * int(cfg.data.batch_size) * world,
         "world_size": world,

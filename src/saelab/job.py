@@ -43,6 +43,26 @@ class Job:
             return "synthetic"
         return configured_hooks(self.cfg.model)[0]
 
+    @property
+    def target_hook(self) -> str | None:
+        """A transcoder's target (model.target_hook): the activation it predicts from `hook`'s. None: an SAE."""
+        if self.cfg.data.source == "synthetic":
+            return None
+        target = self.cfg.model.get("target_hook")
+        return str(target) if target is not None else None
+
+    @property
+    def hooks_read(self) -> list[str]:
+        """Every hook whose activations this job trains on: its input, and a transcoder's target."""
+        return [self.hook] + ([self.target_hook] if self.target_hook else [])
+
+    def sae_config(self) -> dict:
+        """The SAE's config, with a transcoder's output width: the model's d_model (every trained hook has it)."""
+        sae_cfg = OmegaConf.to_container(self.cfg.sae, resolve=True)
+        if self.target_hook is not None and sae_cfg.get("d_out") is None:
+            sae_cfg["d_out"] = int(self.cfg.model.d_model)
+        return sae_cfg
+
 
 def prepare_job(cfg: DictConfig) -> Job:
     """Check the config (ConfigError before any heavy work) and capture the job's Hydra context."""

@@ -56,16 +56,18 @@ class SAEMember(nn.Module):
 
     def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
                  nan_policy: str = "stop", compile: bool = False, hook: str | None = None,
-                 precision: str | int = "32-true", gradient_clip_val: float | None = None, name: str = "0"):
+                 precision: str | int = "32-true", gradient_clip_val: float | None = None, name: str = "0",
+                 target_hook: str | None = None):
         """`nan_policy`: what a non-finite loss term does: "stop" ends this member (FloatingPointError naming
         the step and the term; the group goes on without it); "skip" drops its batch (no update) and warns.
         `compile`: run the SAE's training loss through torch.compile (fuses the elementwise work of the
         autograd path, which is what runs under bf16 autocast on CUDA). `hook`: the key of this member's
-        activations in a batch (None: batches are plain tensors). `precision`: the member's autocast
-        ("bf16-mixed") or none ("32-true"); `name` labels it in log lines (the job number in a sweep)."""
+        activations in a batch (None: batches are plain tensors); `target_hook` the key of a transcoder's
+        target activations. `precision`: the member's autocast ("bf16-mixed") or none ("32-true"); `name`
+        labels it in log lines (the job number in a sweep)."""
         super().__init__()
         check_choice("nan_policy", nan_policy, NAN_POLICIES)
-        self.nan_policy, self.hook, self.name = nan_policy, hook, str(name)
+        self.nan_policy, self.hook, self.target_hook, self.name = nan_policy, hook, target_hook, str(name)
         self.sae = sae
         self._training_loss = torch.compile(sae.training_loss, dynamic=False) if compile else sae.training_loss
         self.optim_cfg = dict(optim)
@@ -75,6 +77,8 @@ class SAEMember(nn.Module):
         self.gradient_clip_val = gradient_clip_val
         # The normalisation scale C: saved in checkpoints, folded into the exported SAE.
         self.register_buffer("norm_scale", torch.tensor(1.0, dtype=torch.float64))
+        if target_hook is not None:  # a transcoder's target has its own scale, folded into the export's output side
+            self.register_buffer("target_scale", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
         # sae.target_l0: the factor the controller applies to the sparsity coefficient (kept on the device,
         # saved in checkpoints so a resumed run continues the same trajectory).
@@ -84,6 +88,11 @@ class SAEMember(nn.Module):
         self.loggers: list = []  # this member's experiment loggers (one W&B run / CSV file per job)
         self.failure: BaseException | None = None  # set when the member stops (its job then fails alone)
         self._step_times: deque[tuple[float, int]] = deque(maxlen=21)
+
+    @property
+    def spliced_hook(self) -> str | None:
+        """Where spliced evaluation replaces the model's activation: a transcoder's target, an SAE's own hook."""
+        return self.target_hook if self.target_hook is not None else self.hook
 
     @property
     def alive(self) -> bool:
@@ -117,13 +126,13 @@ class SAEMember(nn.Module):
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def step_loss(self, batch: Tensor, coefficients: dict[str, float], step: int = 0, with_l0: bool = True,
-                  distributed: bool = False) -> tuple[Tensor, TrainStep]:
+                  distributed: bool = False, target: Tensor | None = None) -> tuple[Tensor, TrainStep]:
         """The per-step work besides the optimiser: the SAE's loss terms, their sum, dead-latent bookkeeping,
-        and (if `with_l0`, i.e. on logging steps) the batch's L0 as `extras["l0"]`.
+        and (if `with_l0`, i.e. on logging steps) the batch's L0 as `extras["l0"]`. `target`: a transcoder's.
 
         benchmarks/train_step.py calls this too, so it measures exactly what training runs.
         """
-        out = self._training_loss(batch, coefficients)
+        out = self._training_loss(batch, coefficients, target)
         loss = sum(out.terms.values())
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
@@ -152,7 +161,7 @@ class SAEMember(nn.Module):
         logs |= {f"loss/{name}": term.detach() for name, term in out.terms.items()}
         logs |= {f"coef/{name}": value for name, value in coefficients.items()}
         logs |= {f"train/{name}": value.detach() for name, value in out.extras.items()}
-        if "rec" in out.terms:  # FVU of this batch, about its own mean
+        if "rec" in out.terms:  # FVU of this batch (a transcoder's: of its target), about its own mean
             variance = (batch - batch.mean(0)).pow(2).sum(-1).mean()
             logs["train/fvu"] = out.terms["rec"].detach() / variance
         logs["lr"] = lr
@@ -240,10 +249,11 @@ class SAEModule(L.LightningModule):
             if not member.alive:
                 continue
             x = batch[member.hook] if isinstance(batch, Mapping) else batch
+            target = batch[member.target_hook] if member.target_hook is not None else None
             coefficients = member.coefficients(step)
             try:
                 with member.autocast(x.device.type):
-                    loss, out = member.step_loss(x, coefficients, step, logging_step, self._distributed())
+                    loss, out = member.step_loss(x, coefficients, step, logging_step, self._distributed(), target)
             except FloatingPointError as err:
                 self._non_finite(member, err)
                 continue
@@ -251,7 +261,8 @@ class SAEModule(L.LightningModule):
             if logging_step:  # the loggers' cost is paid only on the steps they write
                 lr = (self.optimizers().param_groups[index]["lr"] if self._trainer is not None
                       else float(member.optim_cfg["lr"]))
-                member.log_metrics(member.step_metrics(x, loss, out, coefficients, lr), self._log_step())
+                member.log_metrics(member.step_metrics(x if target is None else target, loss, out, coefficients, lr),
+                                   self._log_step())
             total = loss if total is None else total + loss
         if not any(m.alive for m in self.members):  # nothing left to train: end the run with the first failure
             raise next(m.failure for m in self.members)

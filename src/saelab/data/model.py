@@ -104,8 +104,27 @@ def load_model(model_cfg: Mapping[str, Any], hooks: list[str] | None = None, che
     return LoadedModel(bridge, bridge.tokenizer, hooks, device, str(model_cfg["name"]))
 
 
-def check_hook(hook: str, hook_names: Mapping[str, Any]) -> None:
+def check_hook(hook: str, hook_names: Mapping[str, Any], field: str = "model.hook") -> None:
     if hook not in hook_names:
         close = difflib.get_close_matches(hook, list(hook_names), n=4, cutoff=0.5)
         allowed = "a hook of the model" + (" such as " + ", ".join(close) if close else "")
-        raise ConfigError("model.hook", hook, allowed)
+        raise ConfigError(field, hook, allowed)
+
+
+@torch.inference_mode()
+def hook_widths(model: LoadedModel, hooks: list[str]) -> dict[str, int]:
+    """{hook: activation width}, in the order the forward pass reaches them (one forward on two tokens)."""
+    probe = torch.zeros(1, 2, dtype=torch.long, device=model.device)
+    _, cache = model.bridge.run_with_cache(probe, names_filter=list(hooks))
+    return {name: int(acts.shape[-1]) for name, acts in cache.items()}
+
+
+def check_target_hook(hook: str, target_hook: str, widths: Mapping[str, int], d_model: int) -> None:
+    """A transcoder's target must come after its input in the forward pass and be as wide as the residual stream
+    (every trained hook is d_model wide: the activation stream and caches assume it)."""
+    if widths.get(target_hook) != d_model:
+        raise ConfigError("model.target_hook", target_hook, f"a hook d_model ({d_model}) wide, like model.hook "
+                          f"(this one is {widths.get(target_hook)} wide)")
+    order = list(widths)
+    if order.index(target_hook) <= order.index(hook):
+        raise ConfigError("model.target_hook", target_hook, f"a hook reached after model.hook ({hook})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -41,32 +42,59 @@ def is_causal_lm(model: LoadedModel) -> bool:
     return getattr(cfg, "attention_dir", "causal") == "causal"
 
 
-def _splice_hook(reconstruct: Reconstruct | None, mask: Tensor) -> Callable[[Tensor, object], Tensor]:
-    """Hook replacing the activation at `mask` positions by reconstruct(activation) (None: by zero)."""
+@dataclass
+class Transcode:
+    """A transcoder's splice: the activation at the spliced (target) hook is replaced by predict(activation at
+    `reads`), the input hook, which the same forward pass reached earlier and leaves unchanged."""
 
-    def hook(acts: Tensor, hook: object) -> Tensor:
-        replaced = torch.zeros_like(acts) if reconstruct is None else reconstruct(acts.float())
+    predict: Reconstruct
+    reads: str
+
+
+Splice = Reconstruct | Transcode  # what replaces a hook's activation: an SAE's reconstruction, or a transcoder's
+
+
+def _splice_hooks(hook: str, reconstruct: Splice | None, mask: Tensor | None) -> list:
+    """Forward hooks replacing the activation at `hook` at `mask` positions by reconstruct(activation), by a
+    transcoder's prediction from its input hook, or (reconstruct None) by zero. No mask: none (a clean pass)."""
+    if mask is None:
+        return []
+    source: dict[str, Tensor] = {}
+
+    def splice(acts: Tensor, hook: object) -> Tensor:
+        if reconstruct is None:
+            replaced = torch.zeros_like(acts)
+        elif isinstance(reconstruct, Transcode):
+            replaced = reconstruct.predict(source["input"].float())
+        else:
+            replaced = reconstruct(acts.float())
         replaced = replaced.to(device=acts.device, dtype=acts.dtype)
         return torch.where(mask.to(acts.device)[..., None], replaced, acts)
 
-    return hook
+    if not isinstance(reconstruct, Transcode):
+        return [(hook, splice)]
+
+    def read_input(acts: Tensor, hook: object) -> None:
+        source["input"] = acts  # returning None leaves the activation as it is
+
+    return [(reconstruct.reads, read_input), (hook, splice)]
 
 
-def _logits(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None,
+def _logits(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None,
             mask: Tensor | None) -> Tensor:
     """Float32 logits [batch, ctx, vocab]; with a mask, the hook is spliced (reconstruct None = zeros)."""
-    fwd_hooks = [] if mask is None else [(hook, _splice_hook(reconstruct, mask))]
+    fwd_hooks = _splice_hooks(hook, reconstruct, mask)
     return model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits").float()
 
 
-def _log_probs(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None,
+def _log_probs(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None,
                mask: Tensor | None, predicted: Tensor) -> Tensor:
     """Next-token log-probabilities at the predicted positions (spliced when a mask is given)."""
     return _logits(model, tokens, hook, reconstruct, mask)[:, :-1][predicted].log_softmax(-1)
 
 
 @torch.no_grad()
-def spliced_lm_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Reconstruct], windows: Tensor,
+def spliced_lm_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Splice], windows: Tensor,
                             special: SpecialTokens, batch_windows: int, hook: str | None = None
                             ) -> dict[Key, dict[str, float | str]]:
     """Next-token CE clean / spliced / zero-ablated, delta LM loss, loss recovered and KL(clean || spliced),
@@ -121,7 +149,7 @@ class _Stop(Exception):
     """Raised by the capture hook to skip everything after the last block (e.g. an untrained MLM head)."""
 
 
-def _final_hidden(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None,
+def _final_hidden(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None,
                   mask: Tensor | None) -> Tensor:
     """Output of the last block [batch, ctx, d] (float32), with the hook spliced when a mask is given."""
     final_hook = f"blocks.{int(model.bridge.cfg.n_layers) - 1}.hook_out"
@@ -131,7 +159,7 @@ def _final_hidden(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Re
         captured.append(acts)
         raise _Stop
 
-    fwd_hooks = [] if mask is None else [(hook, _splice_hook(reconstruct, mask))]
+    fwd_hooks = _splice_hooks(hook, reconstruct, mask)
     with contextlib.suppress(_Stop):
         model.bridge.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (final_hook, capture)], return_type=None)
     if not captured:
@@ -144,7 +172,7 @@ def _mean_pool(hidden: Tensor, keep: Tensor) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def _pooled_cosine(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Reconstruct | None, keep: Tensor,
+def _pooled_cosine(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None, keep: Tensor,
                    clean: Tensor) -> float:
     """Summed cosine between the clean pooled hidden states and those with the hook spliced."""
     spliced = _mean_pool(_final_hidden(model, tokens, hook, reconstruct, keep), keep)
@@ -152,7 +180,7 @@ def _pooled_cosine(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: R
 
 
 @torch.no_grad()
-def spliced_encoder_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Reconstruct], windows: Tensor,
+def spliced_encoder_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Splice], windows: Tensor,
                                  special: SpecialTokens, batch_windows: int, hook: str | None = None
                                  ) -> dict[Key, dict[str, float | str]]:
     """Mean over windows of cos(pool(h_clean), pool(h_spliced)), h the last block's output, pooled over
@@ -186,14 +214,15 @@ def spliced_encoder_metrics(model: LoadedModel, reconstruct: Reconstruct, window
     return spliced_encoder_metrics_many(model, {0: reconstruct}, windows, special, batch_windows, hook)[0]
 
 
-def spliced_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Reconstruct], windows: Tensor,
+def spliced_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Splice], windows: Tensor,
                          special: SpecialTokens, batch_windows: int, hook: str | None = None
                          ) -> dict[Key, dict[str, float | str]]:
     """The spliced metrics that fit the model, for several SAEs on one hook: next-token losses for causal LMs,
     hidden cosine otherwise. The SAE-independent passes (clean, zero-ablated) run once per batch.
 
     Each reconstruct maps raw activations [..., d] (float32, on the model's device) to raw reconstructions;
-    the caller composes the normalisation (x -> C * sae(x / C)). `hook` defaults to the trained hook.
+    the caller composes the normalisation (x -> C * sae(x / C)). A transcoder's is a Transcode, which reads its
+    input hook and replaces `hook`, its target. `hook` defaults to the trained hook.
     """
     metric = spliced_lm_metrics_many if is_causal_lm(model) else spliced_encoder_metrics_many
     return metric(model, reconstructs, windows, special, batch_windows, hook)

@@ -247,6 +247,11 @@ class SAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
+    def output(self, x: Tensor, f: Tensor) -> Tensor:
+        """The output for input x with latents f = encode(x): decode(f), plus a skip-transcoder's W_skip x."""
+        out = self.decode(f)
+        return out if self.W_skip is None else out + self.skip_prediction(x)
+
     def reconstruct(self, x: Tensor) -> Tensor:
         """The dictionary's output for x (variants with a faster path than decode(encode(x)) override this)."""
         return self.decode(self.encode(x))
