@@ -146,6 +146,20 @@ BAD_INPUTS = [
     (["trainer.precision=8-mixed"],
      "trainer.precision='8-mixed' is not allowed: expected one of 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, "
      "64-true"),
+    (["sae.skip=true"], "sae.skip=True is not allowed: expected false for an SAE (a skip connection needs a "
+     "transcoder: set model.target_hook)"),
+    (["sae.d_out=32"], "sae.d_out=32 is not allowed: expected null for an SAE"),
+    (["model.target_hook=blocks.0.hook_out"],
+     "model.target_hook='blocks.0.hook_out' is not allowed: expected a hook other than model.hook"),
+    (["data=synthetic", "model.target_hook=blocks.0.mlp.hook_out"],
+     "model.target_hook='blocks.0.mlp.hook_out' is not allowed: expected null with data=synthetic"),
+    (["model.target_hook=blocks.0.mlp.hook_outt"],
+     "model.target_hook='blocks.0.mlp.hook_outt' is not allowed: expected a hook of the model such as"),
+    (["model.hook=blocks.0.mlp.hook_in", "model.target_hook=blocks.0.mlp.hook_post"],
+     "model.target_hook='blocks.0.mlp.hook_post' is not allowed: expected a hook d_model (32) wide, like "
+     "model.hook (this one is 128 wide)"),
+    (["model.hook=blocks.0.mlp.hook_out", "model.target_hook=blocks.0.mlp.hook_in"],
+     "model.target_hook='blocks.0.mlp.hook_in' is not allowed: expected a hook reached after model.hook"),
     (["trainer.devices=0"],
      "trainer.devices=0 is not allowed: expected a positive integer, -1 (all), 'auto', or a non-empty list of device"),
 ]
@@ -153,7 +167,8 @@ BAD_INPUTS = [
 
 # Only these need the model's weights to be found wrong (its hook names, its n_ctx); every other case must fail
 # before the model loads, so it runs with model.path pointing at an empty directory that cannot be loaded.
-NEEDS_MODEL = {"model.hook=blocks.0.hook_outt", "data.context_size=1000"}
+NEEDS_MODEL = {"model.hook=blocks.0.hook_outt", "data.context_size=1000", "model.target_hook=blocks.0.mlp.hook_outt",
+               "model.target_hook=blocks.0.mlp.hook_post", "model.target_hook=blocks.0.mlp.hook_in"}
 
 
 def _bad_input_case_dirs(root: Path, index: int) -> tuple[Path, Path, Path]:
