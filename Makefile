@@ -13,7 +13,7 @@ test: $(STAMP)  ## run the test suite (offline, CPU)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 env: $(STAMP)
 

@@ -15,7 +15,9 @@ FLOPs counted: 2 x B x d_in x d_sae per dense matmul pass, forward and backward 
                   gradient (the decoder is frozen there, so no weight gradient)
   topk, batchtopk 1 pass: the encoder forward. The decoder is sparse (k of d_sae latents: fwd, dW_dec, df)
                   and so is the encoder backward (dW_enc from the B k selected entries only), 4 x 2 B k d_in
-                  FLOPs, counted as such (AuxK's sparse work is not counted)
+                  FLOPs, counted as such (AuxK's sparse work is not counted). matryoshka_batchtopk: the same
+                  (its levels decode disjoint bands of the B k entries; the M passes over [B, d_in] that sum
+                  them are not counted)
 The roofline is the GFLOP/s of those same matmul shapes run back to back with preallocated outputs, on this
 machine, in this run: one pass over them is timed just before every measured step, and roofline_fraction is
 the median over steps of (the step's GFLOP/s) / (the GFLOP/s of the roofline pass just before it), with the
@@ -44,26 +46,29 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from saelab.module import SAEModule
 from saelab.saes import build_sae, native
 
-CONF_SAE = Path(__file__).resolve().parents[1] / "conf" / "sae"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 LOG_EVERY_N_STEPS = 10  # conf/trainer/default.yaml: L0 is computed on logging steps only, as in training
-DENSE_PASSES = {"relu": 5, "jumprelu": 5, "gated": 7, "topk": 1, "batchtopk": 1}
+DENSE_PASSES = {"relu": 5, "jumprelu": 5, "gated": 7, "topk": 1, "batchtopk": 1, "matryoshka_batchtopk": 1}
+SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")  # one dense pass; the decoder side is sparse
 
 
 def build(variant: str, d_in: int, d_sae: int, overrides: list[str]):
-    cfg = OmegaConf.load(CONF_SAE / f"{variant}.yaml")
-    cfg.d_in, cfg.d_sae = d_in, d_sae
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    return build_sae(OmegaConf.to_container(cfg))
+    """The variant's SAE as conf/sae/<variant>.yaml composes it (defaults lists included), with overrides."""
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("train", overrides=[f"sae={variant}", f"sae.d_in={d_in}", f"sae.d_sae={d_sae}",
+                                          *(f"sae.{o}" for o in overrides)])
+    return build_sae(OmegaConf.to_container(cfg.sae, resolve=True))
 
 
 def step_flops(variant: str, sae, batch: int) -> float:
     dense = DENSE_PASSES[variant] * 2.0 * batch * sae.d_in * sae.d_sae
-    if variant in ("topk", "batchtopk"):
+    if variant in SPARSE:
         dense += 4 * 2.0 * batch * int(sae.cfg.k) * sae.d_in
     return dense
 
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         d_in = args.d_in
         acts = torch.randn(max(4 * args.batch, 16384), d_in) / d_in**0.5
     sae = build(args.variant, d_in, args.d_sae, args.overrides)
-    optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF_SAE.parent / "optim" / "adam.yaml")) | {"lr": 1e-4}
+    optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "optim" / "adam.yaml")) | {"lr": 1e-4}
     module = SAEModule.single(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000)
     optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
     module.on_fit_start()  # what the Trainer calls first: the allocator setting training runs with
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         # (decoder-gradient projection, Adam, renormalisation), which any implementation of the step pays.
         **{f"{phase}_ms": 1e3 * statistics.median(seconds) for phase, seconds in phases.items()},
     }
-    if args.variant in ("topk", "batchtopk"):
+    if args.variant in SPARSE:
         candidates = getattr(sae, "screen_candidates_per_token", None)
         result["bf16_screen"] = candidates is not None
         result["screen_candidates_per_token"] = candidates
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
              if "dense_equivalent_fraction" in result else "")
           + f"; phases (ms) forward {result['forward_ms']:.1f}, backward {result['backward_ms']:.1f}, "
             f"optimiser {result['optimizer_ms']:.1f}"
-          + ("" if result["native_kernels"] or args.variant not in ("topk", "batchtopk")
+          + ("" if result["native_kernels"] or args.variant not in SPARSE
              else "; native kernels OFF")
           + (f"; bf16 screen ON ({result['screen_candidates_per_token']:.1f} exact values per token; bf16 matmul "
              f"{result['bf16_roofline_gflops']:.1f} GFLOP/s)" if result.get("bf16_screen") else ""))

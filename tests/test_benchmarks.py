@@ -13,7 +13,8 @@ import torch
 from saelab.saes import native
 from tests.conftest import REPO, run_cli, tiny_overrides
 
-VARIANTS = ["relu", "gated", "jumprelu", "topk", "batchtopk"]
+VARIANTS = ["relu", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"]
+SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")
 FIELDS = {"tokens_per_s", "ms_per_step", "gflops", "roofline_gflops", "roofline_fraction", "forward_ms",
           "backward_ms", "optimizer_ms"}
 
@@ -38,9 +39,9 @@ def test_train_step_benchmark_reports_every_variant_on_synthetic_and_saved_activ
         assert result["tokens_per_s"] == pytest.approx(64 / (result["ms_per_step"] / 1e3))
         low, high = result["roofline_fraction_range"]  # the fraction is the median of step/roofline pairs
         assert 0 < low <= result["roofline_fraction"] <= high
-        assert ("dense_equivalent_fraction" in result) == (variant in ("topk", "batchtopk"))
+        assert ("dense_equivalent_fraction" in result) == (variant in SPARSE)
         assert result["native_kernels"] is True  # g++ is here, so TopK's figures are the C++ kernels'
-        if variant in ("topk", "batchtopk"):  # the bf16 screen ran exactly where the CPU has bf16 dot products
+        if variant in SPARSE:  # the bf16 screen ran exactly where the CPU has bf16 dot products
             assert result["bf16_screen"] is native.fast_bf16()
             if result["bf16_screen"]:  # at least the k = 4 selected values per token were computed exactly
                 assert 4 <= result["screen_candidates_per_token"] <= 64

@@ -41,10 +41,11 @@ class ToySAE(SAE):
     def encode(self, x):
         return torch.relu(self.centre(x) @ self.W_enc + self.b_enc)
 
-    def training_loss(self, x, coefficients):
+    def training_loss(self, x, coefficients, target=None):
         f = self.encode(x)
         penalty = f.pow(self.cfg.penalty_power).sum(-1).mean()
-        terms = {"rec": squared_error(x, self.decode(f)), "toy_penalty": coefficients["sparsity"] * penalty}
+        t = self.reconstruction_target(x, target)  # x for an SAE; a transcoder's target (less its skip path)
+        terms = {"rec": squared_error(t, self.decode(f)), "toy_penalty": coefficients["sparsity"] * penalty}
         return TrainStep(terms, f)
 
     def export_tensors(self, scale):
@@ -62,7 +63,9 @@ sparsity_coefficient: 0.01
 """
 
 
-def test_a_variant_from_a_temp_module_trains_through_the_cli(tiny_model_dir, tiny_corpus_dir, tmp_path):
+@pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
+def test_a_variant_from_a_temp_module_trains_through_the_cli(transcoder, tiny_model_dir, tiny_corpus_dir, tmp_path):
+    """...and, reconstructing `reconstruction_target`, is a transcoder too (model.target_hook), with no more code."""
     (tmp_path / "toy_variant.py").write_text(textwrap.dedent(TOY_VARIANT))
     (tmp_path / "conf" / "sae").mkdir(parents=True)
     (tmp_path / "conf" / "sae" / "toy.yaml").write_text(TOY_YAML)
@@ -71,12 +74,15 @@ def test_a_variant_from_a_temp_module_trains_through_the_cli(tiny_model_dir, tin
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(
         [sys.executable, "-m", "saelab.train", *args, "sae=toy", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-         "trainer.max_steps=1", "trainer.log_every_n_steps=1"],
+         "trainer.max_steps=1", "trainer.log_every_n_steps=1",
+         *(["model.hook=blocks.0.mlp.hook_in", "model.target_hook=blocks.0.mlp.hook_out"] if transcoder else [])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics_file,) = out.rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["variant"] == "ToySAE" and metrics["steps"] == 1 and metrics["d_sae"] == 64
+    assert metrics["architecture"] == ("transcoder" if transcoder else "standard")
+    assert metrics.get("target_hook") == ("blocks.0.mlp.hook_out" if transcoder else None)
     csv_log = next(out.rglob("metrics.csv")).read_text()
     assert "loss/toy_penalty" in csv_log

@@ -132,7 +132,9 @@ class SAEMember(nn.Module):
 
         benchmarks/train_step.py calls this too, so it measures exactly what training runs.
         """
-        out = self._training_loss(batch, coefficients, target)
+        # A variant written before transcoders takes (x, coefficients): the target is passed only when there is one.
+        out = (self._training_loss(batch, coefficients) if target is None
+               else self._training_loss(batch, coefficients, target))
         loss = sum(out.terms.values())
         if not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]

@@ -42,9 +42,9 @@ log = logging.getLogger("saelab.report")
 DOWNSTREAM = ("delta_lm_loss", "spliced_hidden_cosine")  # causal LMs, encoders (saelab.metrics.spliced)
 HIGHER_IS_BETTER = {"explained_variance", "cosine", "loss_recovered", "spliced_hidden_cosine", "mcc",
                     "recovered_fraction", "uniqueness", "firing_precision", "firing_recall", "firing_f1"}
-METRIC_ORDER = ("variant", "l0", "fvu", "explained_variance", "delta_lm_loss", "loss_recovered", "kl_sae",
-                "spliced_hidden_cosine", "shrinkage", "cosine", "norm_ratio", "dead_fraction",
-                "dense_fraction", "d_sae", "steps", "tokens_trained", "wall_time_s")
+METRIC_ORDER = ("variant", "architecture", "target_hook", "l0", "fvu", "explained_variance", "delta_lm_loss",
+                "loss_recovered", "kl_sae", "spliced_hidden_cosine", "shrinkage", "cosine", "norm_ratio",
+                "dead_fraction", "dense_fraction", "d_sae", "steps", "tokens_trained", "wall_time_s")
 MARKDOWN_METRICS = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "spliced_hidden_cosine", "mcc",
                     "recovered_fraction", "absorption_rate", "shrinkage", "dead_fraction", "steps", "wall_time_s")
 NUISANCE = re.compile(r"^(seed|paths\..*|hydra\..*|logger.*|callbacks\..*)$")
