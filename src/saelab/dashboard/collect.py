@@ -65,7 +65,9 @@ def held_out(model, data_cfg, tokens: int) -> tuple[HeldOut, Any]:
     from saelab.data.datamodule import ActivationDataModule
     from saelab.data.tokens import keep_mask
 
-    datamodule = ActivationDataModule(data_cfg, model, eval_tokens=tokens, seed=0, cache_dir=None)
+    # data.cache is off (options.make_plan): cache_dir is never used, given only so the detached data section
+    # is not searched for paths.cache_dir.
+    datamodule = ActivationDataModule(data_cfg, model, eval_tokens=tokens, seed=0, cache_dir="unused")
     windows = datamodule.windows()["eval"]
     keep = keep_mask(windows, datamodule.special)
     n = select_windows(windows, keep, tokens)
@@ -103,10 +105,12 @@ def choose_latents(spec: LatentSpec, fires: Tensor, seed: int) -> list[tuple[int
     """(id, why) for each latent that gets a page: listed ids, then the `top` most frequently firing (ties by id),
     then `random` others drawn uniformly (seeded) from all the rest, dead latents included."""
     chosen: dict[int, str] = {i: "listed" for i in spec.listed}
-    order = sorted(range(len(fires)), key=lambda i: (-int(fires[i]), i))
-    for i in order[: spec.top]:
+    order = torch.sort(fires, descending=True, stable=True).indices  # ties: the lower id first
+    for i in order[: spec.top].tolist():
         chosen.setdefault(i, "top")
-    rest = torch.tensor([i for i in range(len(fires)) if i not in chosen], dtype=torch.long)
+    free = torch.ones(len(fires), dtype=torch.bool)
+    free[list(chosen)] = False
+    rest = free.nonzero().squeeze(1)
     if spec.random and len(rest):
         picks = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[: spec.random]]
         for i in sorted(picks.tolist()):
@@ -153,7 +157,9 @@ def top_contexts(column: Tensor, data: HeldOut, n: int, window: int, tokenizer, 
         acts = [None if int(rows[q]) < 0 else _sig(column[int(rows[q])]) for q in range(lo, hi)]
         contexts.append({
             "window": w, "pos": p, "max": _sig(best[w]), "center": p - lo, "ids": ids,
-            "tokens": token_pieces(tokenizer, ids), "acts": acts,
+            # decoded after the token before the snippet, so a cut word's continuation reads right ("bit", not "##bit")
+            "tokens": token_pieces(tokenizer, data.windows[w, lo - 1 : hi].tolist())[1:] if lo > 0
+            else token_pieces(tokenizer, ids), "acts": acts,
             "special": [i in special_ids for i in ids], "cut_left": lo > 0, "cut_right": hi < ctx,
         })
     return contexts

@@ -140,7 +140,7 @@ def parse_latents(value: Any) -> LatentSpec:
     elif isinstance(value, int) and not isinstance(value, bool):
         terms = [value]
     elif isinstance(value, str):
-        terms = [t.strip() for t in re.split(r"[+,]", value.strip().strip("[]"))]
+        terms = [t.strip() for t in re.split(r"[+,]", re.sub(r"[\[\]\s]", "", value))]
     else:
         raise ConfigError("latents", value, LATENTS_ALLOWED)
     top = rand = 0
@@ -205,7 +205,8 @@ def split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], dict[str,
     try:
         options = OmegaConf.to_container(OmegaConf.from_dotlist(option_words)) if option_words else {}
     except Exception as err:  # a value YAML cannot read, e.g. latents=[3,
-        raise ConfigError("option", " ".join(option_words), f"key=value with a YAML value ({err})") from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError("option", " ".join(option_words), f"key=value with a YAML value ({first})") from None
     return choices, dict(options), fields
 
 
@@ -231,6 +232,15 @@ def _resolved(cfg: DictConfig, group: str) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(cfg[group], resolve=True))
 
 
+def _has_field(section: DictConfig, dotted: str) -> bool:
+    """Whether `a.b` names a field, a mandatory `???` one included (which `in` and select treat as absent)."""
+    node: Any = section
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, DictConfig) and part in list(node.keys()) else None
+    return isinstance(node, DictConfig) and last in list(node.keys())
+
+
 def _apply_fields(sections: dict[str, DictConfig], fields: Sequence[str]) -> set[str]:
     """Apply `group.field=value` overrides; `+group.field=value` may add a field. Returns the keys set."""
     touched = set()
@@ -240,7 +250,7 @@ def _apply_fields(sections: dict[str, DictConfig], fields: Sequence[str]) -> set
         group, name = key.lstrip("+").split(".", 1)
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
         section = sections[group]
-        if not add and OmegaConf.select(section, name, default="<missing>") == "<missing>":
+        if not add and not _has_field(section, name):
             raise ConfigError(key, parsed, f"a field of {group}: {', '.join(map(str, section.keys()))}")
         OmegaConf.update(section, name, parsed, merge=True)
         touched.add(f"{group}.{name}")
