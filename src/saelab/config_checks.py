@@ -132,3 +132,7 @@ def check_run_config(cfg: DictConfig) -> None:
     check_choice("nan_policy", cfg.get("nan_policy", "stop"), NAN_POLICIES)
     check_bool("compile", cfg.get("compile", False))
     check_ckpt_path(cfg.get("ckpt_path"))
+    init_from = cfg.get("init_from")
+    if init_from is not None and not (Path(str(init_from)).expanduser() / "cfg.json").is_file():
+        raise ConfigError("init_from", init_from, "null or a SAELens-format SAE directory (cfg.json + "
+                          "sae_weights.safetensors)")

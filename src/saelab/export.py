@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from saelab.errors import ConfigError
 from saelab.io import atomic_write, write_json
 from saelab.saes.base import SAE
 
@@ -67,8 +68,8 @@ class ExportedSAE(nn.Module):
             pi_mag = x_c @ w_mag + self.b_mag
             return (pi_gate > 0).to(x.dtype) * torch.relu(pi_mag)
         pre = x_c @ self.W_enc + self.b_enc
-        if arch == "jumprelu":
-            return pre * (pre > self.threshold).to(x.dtype)
+        if arch == "jumprelu":  # SAELens: ReLU(pre) where pre > threshold
+            return torch.relu(pre) * (pre > self.threshold).to(x.dtype)
         if arch == "topk":
             acts = torch.relu(pre)
             top = acts.topk(int(self.cfg["k"]), dim=-1)
@@ -78,9 +79,13 @@ class ExportedSAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
+    def output(self, x: Tensor, f: Tensor) -> Tensor:
+        """The output for input x with latents f: decode(f), plus a skip-transcoder's affine path W_skip x."""
+        out = self.decode(f)
+        return out + x @ self.W_skip.T if hasattr(self, "W_skip") else out
+
     def forward(self, x: Tensor) -> Tensor:
-        out = self.decode(self.encode(x))
-        return out + x @ self.W_skip.T if hasattr(self, "W_skip") else out  # a skip-transcoder's affine path
+        return self.output(x, self.encode(x))
 
 
 def base_architecture(architecture: str) -> str:
@@ -96,7 +101,37 @@ def base_architecture(architecture: str) -> str:
     return architecture
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """An export's cfg.json (ConfigError, naming the file, if it is not a JSON object with d_in and d_sae)."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError("sae_dir", str(file), f"a readable SAELens cfg.json ({type(err).__name__})") from None
+    if not isinstance(cfg, dict) or "d_in" not in cfg or "d_sae" not in cfg:
+        raise ConfigError("sae_dir", str(file), "a SAELens cfg.json with d_in and d_sae")
+    return cfg
+
+
 def load_exported(path: Path) -> ExportedSAE:
     path = Path(path)
-    cfg = json.loads((path / CONFIG_FILE).read_text())
-    return ExportedSAE(cfg, load_file(str(path / WEIGHTS_FILE)))
+    return ExportedSAE(read_config(path), load_file(str(path / WEIGHTS_FILE)))
+
+
+def import_sae(sae: SAE, path: Path, scale: float, target_scale: float | None = None) -> None:
+    """init_from: set `sae`'s parameters from an export so that, on activations normalised by `scale` (a
+    transcoder's targets by `target_scale`), it computes exactly what the export computes on raw ones."""
+    check_importable(sae, path)
+    sae.import_tensors(load_file(str(Path(path) / WEIGHTS_FILE)), scale, target_scale)
+
+
+def check_importable(sae: SAE, path: Path) -> None:
+    """init_from's export must have this SAE's layout and sizes (checked from cfg.json, before any heavy work)."""
+    cfg = read_config(path)
+    expected = sae.exported_config()["architecture"]
+    sizes = {"d_in": sae.d_in, "d_sae": sae.d_sae, **({"d_out": sae.d_out} if sae.transcoder else {})}
+    found = {"architecture": cfg.get("architecture", "standard"), **{k: cfg.get(k) for k in sizes}}
+    if found != {"architecture": expected, **sizes}:
+        raise ConfigError("init_from", str(path), f"an SAE the sae config describes ({expected}, "
+                          + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "); this one: "
+                          + ", ".join(f"{k} {v}" for k, v in found.items()))

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,7 +30,7 @@ from saelab.data.datamodule import ActivationDataModule
 from saelab.data.model import LoadedModel, check_hook, check_target_hook, hook_widths, load_model
 from saelab.data.synthetic_datamodule import SyntheticDataModule
 from saelab.errors import ConfigError
-from saelab.export import export_sae
+from saelab.export import check_importable, export_sae, import_sae
 from saelab.io import write_json
 from saelab.job import Job
 from saelab.loggers import build_loggers, close_loggers
@@ -76,6 +77,8 @@ def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) 
         try:
             L.seed_everything(int(job.cfg.seed), workers=True, verbose=False)
             saes[i] = build_sae(job.sae_config())
+            if job.cfg.get("init_from"):  # its layout and sizes, before the model loads
+                check_importable(saes[i], Path(job.cfg.init_from))
         except ConfigError as err:
             outcomes[i] = err
     model = _load_model(jobs, saes, outcomes)
@@ -192,8 +195,12 @@ def _member(job: Job, sae, max_steps: int, datamodule) -> SAEMember:
                        precision=cfg.trainer.get("precision", "32-true"),
                        gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num))
     member.norm_scale.fill_(scale)
-    if job.target_hook is not None:
-        member.target_scale.fill_(datamodule.scales[job.target_hook])
+    target_scale = datamodule.scales[job.target_hook] if job.target_hook is not None else None
+    if target_scale is not None:
+        member.target_scale.fill_(target_scale)
+    if cfg.get("init_from"):  # fine-tuning: the export's function, on this run's normalised activations
+        import_sae(sae, Path(cfg.init_from), scale, target_scale)
+        log.info("%sinitialised from %s", f"job {job.num}: " if job.multirun else "", cfg.init_from)
     return member
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -10,7 +12,7 @@ from saelab.saes.base import SAE
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, acts: Tensor, batch_size: int, firing: list[Tensor] | None = None,
+def evaluate_sae(sae: SAE | torch.nn.Module, acts: Tensor, batch_size: int, firing: list[Tensor] | None = None,
                  targets: Tensor | None = None) -> tuple[dict[str, float], Tensor]:
     """Metrics on `acts` (normalised held-out activations) and the per-latent log10 firing density. With a
     `firing` list, each batch's [batch, d_sae] bool firing mask (on the CPU) is appended to it, from the same
@@ -18,7 +20,7 @@ def evaluate_sae(sae: SAE, acts: Tensor, batch_size: int, firing: list[Tensor] |
     activations of its target hook, row for row with `acts`): FVU, cosine and shrinkage are then the target's."""
     was_training = sae.training
     sae.eval()
-    device = next(sae.parameters()).device
+    device = next(itertools.chain(sae.parameters(), sae.buffers())).device
     metrics = ReconstructionMetrics(sae.d_sae)
     try:
         for start in range(0, len(acts), batch_size):

@@ -365,6 +365,33 @@ class SAE(nn.Module):
             tensors["W_skip"] = self.W_skip.detach() * ratio
         return tensors
 
+    @torch.no_grad()
+    def import_tensors(self, tensors: Mapping[str, Tensor], scale: float, target_scale: float | None = None) -> None:
+        """The inverse of exported_tensors (init_from): biases and thresholds back to the normalised scale
+        (/ scale), a transcoder's output side back by r = target_scale / scale; weights as they are. Parameters are
+        matched by name; a threshold goes through import_threshold (variants keep it their own way)."""
+        expected = self.exported_tensors(scale, target_scale)
+        if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+            found = {k: tuple(v.shape) for k, v in tensors.items()}
+            raise ConfigError("init_from", found, "the tensors this SAE exports: "
+                              + str({k: tuple(v.shape) for k, v in expected.items()}))
+        ratio = (target_scale if target_scale is not None else scale) / scale if self.transcoder else 1.0
+        params = dict(self.named_parameters())
+        for name, value in tensors.items():
+            value = value.to(torch.float32)
+            if name.startswith("b_") or name == "threshold":
+                value = value / scale
+            if name in ("W_dec", "b_dec", "W_skip"):
+                value = value / ratio
+            if name == "threshold":
+                self.import_threshold(value)
+            else:
+                params[name].copy_(value)
+
+    def import_threshold(self, threshold: Tensor) -> None:
+        """Set the per-latent threshold (normalised scale) from an export; variants with one override this."""
+        raise ConfigError("init_from", "threshold", f"no threshold tensor for {type(self).__name__}")
+
     def exported_config(self) -> dict[str, Any]:
         """export_config, with a transcoder's SAELens architecture (transcoder, skip_transcoder,
         jumprelu_transcoder, jumprelu_skip_transcoder) and d_out; a transcoder SAELens has no layout for gets a

@@ -104,6 +104,14 @@ class BatchTopKSAE(TopKSAE):
             self.threshold_batches.add_(1)
         return {"threshold": self.threshold.clone()}
 
+    @torch.no_grad()
+    def import_threshold(self, threshold: Tensor) -> None:
+        """BatchTopK's threshold is one number (exported once per latent); the EMA then continues from it."""
+        if not torch.allclose(threshold, threshold[0].expand_as(threshold)):
+            raise ConfigError("init_from", "threshold", "one threshold shared by all latents (a BatchTopK export)")
+        self.threshold.fill_(float(threshold[0]))
+        self.threshold_batches.fill_(1)
+
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         threshold = (self.threshold * scale).expand(self.d_sae).clone()  # SAELens stores one per latent
         return {**super().export_tensors(scale), "threshold": threshold}

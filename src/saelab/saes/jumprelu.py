@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import check_bool, check_choice, check_positive
+from saelab.errors import ConfigError, check_bool, check_choice, check_positive
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 from saelab.saes.fused import JumpReLUL0Function
 from saelab.saes.ste import KERNELS, jumprelu, step
@@ -124,6 +124,16 @@ class JumpReLUSAE(SAE):
         super().after_optimizer_step()
         if self.cfg.threshold_param == "raw":
             self.raw_threshold.clamp_(min=self.threshold_floor)
+
+    @torch.no_grad()
+    def import_threshold(self, threshold: Tensor) -> None:
+        if self.cfg.threshold_param == "raw":
+            self.raw_threshold.copy_(threshold.clamp_min(self.threshold_floor))
+            return
+        if not (threshold > 0).all():
+            raise ConfigError("init_from", "threshold", "positive thresholds for sae.threshold_param=log "
+                              "(sae.threshold_param=raw takes any)")
+        self.log_threshold.copy_(threshold.log())
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         return self.standard_tensors(scale) | {"threshold": self.threshold.detach() * scale}

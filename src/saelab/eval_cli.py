@@ -1,0 +1,194 @@
+"""`saelab-eval <SAE dir> [overrides]`: evaluate any SAE saved in SAELens's format, whoever trained it.
+
+The SAE (`cfg.json` + `sae_weights.safetensors`: standard, gated, jumprelu, topk and the transcoder layouts)
+is measured with saelab's metrics on the held-out activations a saelab run with the same overrides uses (the
+same config composition, the same activation cache), the spliced metrics included, and the result is a
+`metrics.json` that `saelab-report` tables and plots beside saelab's own runs. The hook (and a transcoder's
+target hook) come from the SAE's cfg.json unless `model.hook` / `model.target_hook` are given. Everything
+that can be checked before the model loads is; a wrong width or hook fails right after, in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from saelab.cli_checks import CONF_DIR
+from saelab.errors import ConfigError
+from saelab.export import CONFIG_FILE, WEIGHTS_FILE, ExportedSAE, base_architecture, load_exported, read_config
+from saelab.io import write_json
+
+log = logging.getLogger("saelab.eval")
+ENCODERS = ("standard", "gated", "jumprelu", "topk", "saelab_gated_untied")  # what ExportedSAE can run
+
+
+@dataclass
+class Plan:
+    sae_dir: Path
+    sae_cfg: dict[str, Any]
+    cfg: DictConfig  # seed, model, data, eval and paths of the composed train config, resolved
+    out_dir: Path
+
+    @property
+    def hook(self) -> str:
+        return str(self.cfg.model.hook)
+
+    @property
+    def target_hook(self) -> str | None:
+        target = self.cfg.model.get("target_hook")
+        return str(target) if target is not None else None
+
+
+class NormalisedView(nn.Module):
+    """An exported SAE (raw activations in, raw output out) seen on saelab's normalised activations, so
+    evaluate_sae measures it exactly as it measures a run: x -> export(C x) / C_out, latents / C."""
+
+    def __init__(self, exported: ExportedSAE, scale: float, target_scale: float):
+        super().__init__()
+        self.exported, self.scale, self.target_scale = exported, float(scale), float(target_scale)
+        self.d_sae = int(exported.cfg["d_sae"])
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.exported.encode(x * self.scale) / self.scale
+
+    def output(self, x: Tensor, f: Tensor) -> Tensor:
+        return self.exported.output(x * self.scale, f * self.scale) / self.target_scale
+
+
+def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
+    """Check the SAE directory and compose the config; loads no model, writes nothing."""
+    directory = Path(sae_dir).expanduser()
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ConfigError("sae_dir", str(sae_dir), f"a directory holding {CONFIG_FILE} and {WEIGHTS_FILE} (SAELens's "
+                          "format; a saelab run's is <run dir>/sae)")
+    sae_cfg = read_config(directory)
+    architecture = str(sae_cfg.get("architecture", "standard"))
+    if base_architecture(architecture) not in ENCODERS:
+        raise ConfigError("architecture", architecture, "a SAELens layout saelab can evaluate: standard, gated, "
+                          "jumprelu, topk, transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder")
+    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    metadata = sae_cfg.get("metadata") or {}
+    implied = []
+    for key, field in (("model.hook", "hook_name"), ("model.target_hook", "hook_name_out")):
+        value = sae_cfg.get(field, metadata.get(field))
+        if value is not None and key not in given:
+            implied.append(f"{key}={value}")
+    cfg = _compose([*implied, *overrides])
+    if cfg.data.source == "synthetic":
+        raise ConfigError("data", "synthetic", "a text source: saelab-eval reads a model's activations")
+    if ("transcoder" in architecture) != (cfg.model.get("target_hook") is not None):
+        raise ConfigError("model.target_hook", cfg.model.get("target_hook"),
+                          "a hook for a transcoder (hook_name_out in its cfg.json) and null for an SAE")
+    out_dir = out or Path(str(cfg.paths.output_dir)) / "eval" / time.strftime("%Y-%m-%d/%H-%M-%S")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError("--out", str(out_dir), "a new or empty directory")
+    return Plan(directory, sae_cfg, cfg, out_dir)
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml with the overrides, as saelab-train composes it, resolved and checked."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    import saelab.data.model  # noqa: F401  registers the package_model_path resolver
+    from saelab.config_checks import check_run_config
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+    except HydraException as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError("overrides", " ".join(overrides), f"overrides saelab-train accepts ({reason})") from None
+    check_run_config(cfg)
+    # The sections evaluation reads, resolved (the rest may name Hydra's run directory, which has no run here).
+    return OmegaConf.create({"seed": cfg.seed, **{k: OmegaConf.to_container(cfg[k], resolve=True)
+                                                 for k in ("model", "data", "eval", "paths")}})
+
+
+def evaluate(plan: Plan) -> dict[str, Any]:
+    """The SAE's metrics on the run's held-out activations, written to <out>/metrics.json."""
+    from saelab.data.datamodule import ActivationDataModule
+    from saelab.data.model import check_hook, check_target_hook, hook_widths, load_model
+    from saelab.metrics.evaluate import evaluate_sae
+    from saelab.metrics.spliced import Transcode, spliced_metrics_many
+
+    started, cfg, target = time.time(), plan.cfg, plan.target_hook
+    hooks = [plan.hook] + ([target] if target else [])
+    model = load_model(cfg.model, hooks=hooks, check_hooks=False)
+    check_hook(plan.hook, model.bridge.hook_dict)
+    if target:
+        check_hook(target, model.bridge.hook_dict, field="model.target_hook")
+    widths = hook_widths(model, hooks)
+    d_in = int(plan.sae_cfg["d_in"])
+    if widths[plan.hook] != d_in or d_in != model.d_model:
+        raise ConfigError("model.hook", plan.hook, f"a hook as wide as the SAE's d_in ({d_in}) and the model's "
+                          f"d_model ({model.d_model}); this one is {widths[plan.hook]} wide")
+    if target:
+        check_target_hook(plan.hook, target, widths, model.d_model)
+    exported = load_exported(plan.sae_dir)
+    datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
+                                      train_tokens=int(cfg.data.normalize_tokens), hooks=hooks)
+    datamodule.setup()
+    scale = datamodule.scales[plan.hook]
+    target_scale = datamodule.scales[target] if target else scale
+    targets = datamodule.eval_acts[target] if target else None
+    view = NormalisedView(exported, scale, target_scale)
+    metrics, _ = evaluate_sae(view, datamodule.eval_acts[plan.hook], int(cfg.eval.batch_size), targets=targets)
+    if cfg.eval.spliced_windows:
+        def predict(x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return exported(x.float())
+
+        splice = Transcode(predict, reads=plan.hook) if target else predict
+        windows = datamodule.eval_windows[: int(cfg.eval.spliced_windows)]
+        metrics |= spliced_metrics_many(model, {0: splice}, windows, datamodule.special,
+                                        int(cfg.data.model_batch_size), target or plan.hook)[0]
+    architecture = str(plan.sae_cfg.get("architecture", "standard"))
+    metadata = plan.sae_cfg.get("metadata") or {}
+    result = {
+        **metrics,
+        "variant": f"eval:{architecture}",
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": int(plan.sae_cfg["d_sae"]),
+        "hook_name": plan.hook,
+        **({"target_hook": target, "d_out": int(plan.sae_cfg.get("d_out", d_in))} if target else {}),
+        "evaluated": str(plan.sae_dir.resolve()),
+        "trained_by": metadata.get("trained_by", "unknown"),
+        "normalization_scale": float(scale),
+        "wall_time_s": time.time() - started,
+    }
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plan.out_dir / "metrics.json", result)
+    log.info("held-out: L0 %.1f, FVU %.3f -> %s", metrics["l0"], metrics["fvu"], plan.out_dir / "metrics.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="saelab-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("sae_dir", help="a directory with cfg.json + sae_weights.safetensors (SAELens's format)")
+    parser.add_argument("overrides", nargs="*", help="saelab-train overrides: model=..., data=..., eval.tokens=...")
+    parser.add_argument("--out", type=Path, help="where metrics.json goes (default: outputs/eval/<date>/<time>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        plan = make_plan(args.sae_dir, args.overrides, args.out)
+        result = evaluate(plan)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{plan.out_dir / 'metrics.json'}: L0 {result['l0']:.2f}, FVU {result['fvu']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
