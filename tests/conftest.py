@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -99,3 +100,12 @@ def run_until_then_kill(args: list[str], ready, timeout: float = 300) -> subproc
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return proc
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: extra threads only contend (10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -221,15 +221,6 @@ def train_and_measure_l0(aux_loss: str) -> tuple[float, float]:
     return l0, ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one thread is faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_without_aux_loss_the_gate_collapses(one_thread):
     l0_none, fvu_none = train_and_measure_l0("none")
     l0_frozen, fvu_frozen = train_and_measure_l0("frozen_decoder")

@@ -9,16 +9,10 @@ import torch
 from saelab.errors import ConfigError
 from saelab.saes import build_sae
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
+
 TARGET = "saelab.saes.matryoshka_batchtopk.MatryoshkaBatchTopKSAE"
 WIDTHS = [5, 24, 40, 64]  # uneven bands, none a power of two
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_sae(**overrides):

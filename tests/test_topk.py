@@ -15,17 +15,10 @@ from saelab.metrics.evaluate import evaluate_sae
 from saelab.module import SAEModule
 from saelab.saes import build_sae
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
+
 TARGETS = {"topk": "saelab.saes.topk.TopKSAE", "batchtopk": "saelab.saes.batchtopk.BatchTopKSAE",
            "matryoshka": "saelab.saes.matryoshka_batchtopk.MatryoshkaBatchTopKSAE"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: extra threads only contend (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_sae(variant: str = "topk", **overrides):

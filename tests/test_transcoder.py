@@ -14,6 +14,8 @@ from saelab.metrics.evaluate import evaluate_sae
 from saelab.module import SAEMember, SAEModule
 from saelab.saes import build_sae
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
+
 IN, OUT = "blocks.0.mlp.hook_in", "blocks.0.mlp.hook_out"  # the tiny GPT-2's first MLP: its input and output
 TARGETS = {
     "relu": "saelab.saes.relu.ReluSAE",
@@ -34,14 +36,6 @@ LAYOUTS = {  # (variant, skip) -> the cfg.json architecture; SAELens's names whe
     ("topk", False): "saelab_topk_transcoder", ("topk", True): "saelab_topk_skip_transcoder",
     ("gated", False): "saelab_gated_transcoder", ("gated", True): "saelab_gated_skip_transcoder",
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_transcoder(variant: str, skip: bool, d_in: int = 16, d_out: int = 12, **overrides):
