@@ -75,7 +75,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             x_hat = x_hat + self.band_decode(active, selection.pattern, start, width)
             name = "rec" if width == self.d_sae else f"rec_{width}"
             terms[name] = weight * squared_error(t, x_hat)
-            residuals.append(Residual(start, width, (t - x_hat).detach()))
+            residuals.append(Residual(start, width, prediction=x_hat.detach()))
             start = width
         return terms, residuals
 

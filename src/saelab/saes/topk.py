@@ -119,11 +119,16 @@ class Selection:
 
 @dataclass
 class Residual:
-    """sg(t - x_hat) of one reconstruction, and the latent ids [start, stop) whose dead ones AuxK fits to it."""
+    """sg(t - x_hat) of one reconstruction, and the latent ids [start, stop) whose dead ones AuxK fits to it:
+    given as `values`, or as sg(x_hat) in `prediction`, subtracted only if AuxK needs it (a pass saved)."""
 
     start: int
     stop: int
-    values: Tensor
+    values: Tensor | None = None
+    prediction: Tensor | None = None
+
+    def of(self, t: Tensor) -> Tensor:
+        return self.values if self.values is not None else (t - self.prediction).detach()
 
 
 @torch.no_grad()
@@ -279,7 +284,7 @@ class TopKSAE(SAE):
             rec, diff = SparseReconstructionError.apply(active.values, self.W_dec, self.b_dec, t, selection.pattern)
             return {"rec": rec}, [Residual(0, self.d_sae, diff.neg())]
         x_hat = active.decode(self.W_dec) + self.b_dec
-        return {"rec": squared_error(t, x_hat)}, [Residual(0, self.d_sae, (t - x_hat).detach())]
+        return {"rec": squared_error(t, x_hat)}, [Residual(0, self.d_sae, prediction=x_hat.detach())]
 
     def auxk_terms(self, selection: Selection, dead: Tensor, residuals: list[Residual], t: Tensor) -> Tensor:
         """The AuxK loss (before alpha), summed over the residuals: each one's dead latents (those in its range of
@@ -294,9 +299,9 @@ class TopKSAE(SAE):
             if selection.pattern is not None:
                 dead_pre, dead_bias = self.dead_preacts(selection.x, dead_ids, selection.pre, selection.pre_bias,
                                                         selection.bias)
-                total = total + self.auxk_loss(dead_pre, dead_ids, residual.values, variance, selection.x, dead_bias)
+                total = total + self.auxk_loss(dead_pre, dead_ids, residual.of(t), variance, selection.x, dead_bias)
             else:
-                total = total + self.auxk_loss(selection.pre[:, dead_ids], dead_ids, residual.values, variance)
+                total = total + self.auxk_loss(selection.pre[:, dead_ids], dead_ids, residual.of(t), variance)
         return total
 
     def float32_preacts(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor | None]:
