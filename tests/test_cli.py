@@ -146,6 +146,8 @@ BAD_INPUTS = [
     (["trainer.precision=8-mixed"],
      "trainer.precision='8-mixed' is not allowed: expected one of 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, "
      "64-true"),
+    (["sae=matryoshka_batchtopk", "sae.matryoshka_widths=[32,8,128]"],
+     "sae.matryoshka_widths=[32, 8, 128] is not allowed: expected strictly increasing widths ending at d_sae (128)"),
     (["sae.skip=true"], "sae.skip=True is not allowed: expected false for an SAE (a skip connection needs a "
      "transcoder: set model.target_hook)"),
     (["sae.d_out=32"], "sae.d_out=32 is not allowed: expected null for an SAE"),

@@ -36,11 +36,20 @@ def trained_run(tiny_model_dir, tiny_corpus_dir, out: Path, extra: list[str]) ->
     return metrics_file.parent, overrides
 
 
-@pytest.mark.parametrize("extra", [["sae=relu"], ["sae=jumprelu", "model.hook=blocks.0.mlp.hook_in",
-                                                   "model.target_hook=blocks.0.mlp.hook_out", "sae.skip=true"]],
-                         ids=["sae", "skip_transcoder"])
-def test_eval_of_saelabs_own_export_gives_the_runs_metrics(extra, tiny_model_dir, tiny_corpus_dir, tmp_path):
-    run_dir, overrides = trained_run(tiny_model_dir, tiny_corpus_dir, tmp_path / "outputs", extra)
+@pytest.fixture(scope="module")
+def relu_run(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One ReLU run on the tiny model, shared by the tests that evaluate or fine-tune from its export."""
+    return trained_run(tiny_model_dir, tiny_corpus_dir, tmp_path_factory.mktemp("relu_run") / "outputs",
+                       ["sae=relu"])
+
+
+@pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "skip_transcoder"])
+def test_eval_of_saelabs_own_export_gives_the_runs_metrics(transcoder, relu_run, tiny_model_dir, tiny_corpus_dir,
+                                                           tmp_path):
+    extra = ["sae=jumprelu", "model.hook=blocks.0.mlp.hook_in", "model.target_hook=blocks.0.mlp.hook_out",
+             "sae.skip=true"]
+    run_dir, overrides = (trained_run(tiny_model_dir, tiny_corpus_dir, tmp_path / "outputs", extra) if transcoder
+                          else relu_run)
     result = run_eval([str(run_dir / "sae"), *overrides, "--out", str(tmp_path / "eval")])
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((run_dir / "metrics.json").read_text())
@@ -81,7 +90,9 @@ def test_eval_of_an_sae_saved_by_saelens(name, tiny_model_dir, tiny_corpus_dir, 
     assert 0 < metrics["l0"] < 64 and metrics["fvu"] > 0 and metrics["ce_sae"] > 0
 
 
-def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path):
+def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
+    from saelab.eval_cli import main
+
     overrides = tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path / "outputs")
     unknown = tmp_path / "unknown"
     shutil.copytree(FIXTURES / "standard", unknown)
@@ -91,18 +102,22 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
     shutil.copytree(FIXTURES / "standard", narrow)
     (narrow / "cfg.json").write_text(json.dumps(cfg | {"metadata": cfg["metadata"] | {"hook_name":
                                                                                        "blocks.0.mlp.hook_post"}}))
+    normalised = tmp_path / "normalised"
+    shutil.copytree(FIXTURES / "standard", normalised)
+    (normalised / "cfg.json").write_text(json.dumps(cfg | {"normalize_activations": "expected_average_only_in"}))
     cases = [
         ([str(tmp_path / "nothing-here")], "sae_dir="),
+        ([str(normalised)], "normalize_activations='expected_average_only_in' is not allowed"),
         ([str(unknown)], "architecture='crosscoder' is not allowed"),
         ([str(FIXTURES / "standard"), "model.hook=blocks.0.hook_outt"], "model.hook='blocks.0.hook_outt' is not"),
         ([str(narrow)], "model.hook='blocks.0.mlp.hook_post' is not allowed: expected a hook as wide as"),
         ([str(FIXTURES / "standard"), "model.target_hook=blocks.0.mlp.hook_out"], "model.target_hook="),
     ]
-    for args, message in cases:
+    for args, message in cases:  # in this process: saelab-eval's main(), as the console script calls it
         out = tmp_path / "eval"
-        result = run_eval([*args[:1], *overrides, *args[1:], "--out", str(out)])
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+        code = main([*args[:1], *overrides, *args[1:], "--out", str(out)])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], errors
         assert not out.exists()
 
 
@@ -141,8 +156,8 @@ def test_init_from_an_export_reproduces_it_at_step_zero(variant, transcoder, tmp
             assert torch.allclose(p, dict(fresh.named_parameters())[name], atol=1e-6), name
 
 
-def test_init_from_through_the_cli_starts_from_the_exported_function(tiny_model_dir, tiny_corpus_dir, tmp_path):
-    run_dir, overrides = trained_run(tiny_model_dir, tiny_corpus_dir, tmp_path / "first", ["sae=relu"])
+def test_init_from_through_the_cli_starts_from_the_exported_function(relu_run, tmp_path):
+    run_dir, overrides = relu_run
     first = json.loads((run_dir / "metrics.json").read_text())
     again = [o for o in overrides if not o.startswith("paths.output_dir")]
     out = tmp_path / "fine-tuned"

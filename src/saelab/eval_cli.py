@@ -75,6 +75,10 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
     if base_architecture(architecture) not in ENCODERS:
         raise ConfigError("architecture", architecture, "a SAELens layout saelab can evaluate: standard, gated, "
                           "jumprelu, topk, transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder")
+    for field, plain in (("normalize_activations", "none"), ("reshape_activations", "none"),
+                         ("rescale_acts_by_decoder_norm", False)):  # run-time transforms saelab does not apply
+        if sae_cfg.get(field, plain) not in (plain, None):
+            raise ConfigError(field, sae_cfg[field], f"{plain!r}: saelab-eval runs the SAE on raw activations as saved")
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     metadata = sae_cfg.get("metadata") or {}
     implied = []
