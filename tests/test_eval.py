@@ -87,7 +87,49 @@ def test_eval_of_an_sae_saved_by_saelens(name, tiny_model_dir, tiny_corpus_dir, 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["architecture"] == name and metrics["trained_by"] == "unknown"
     assert metrics["hook_name"] == ("blocks.0.hook_out" if name == "standard" else "blocks.0.mlp.hook_in")
-    assert 0 < metrics["l0"] < 64 and metrics["fvu"] > 0 and metrics["ce_sae"] > 0
+    assert metrics["ce_sae"] > 0
+    # What SAELens's own formulas give on the held-out activations (the first eval.tokens real-text positions of
+    # the held-out windows, read here with the bridge's run_with_cache).
+    l0, fvu = saelens_metrics(name, overrides)
+    assert 0 < l0 < 64
+    assert metrics["l0"] == pytest.approx(l0, rel=1e-5) and metrics["fvu"] == pytest.approx(fvu, rel=1e-4)
+
+
+def saelens_metrics(name: str, overrides: list[str]) -> tuple[float, float]:
+    """(L0, FVU) of a fixture on the run's held-out activations, from SAELens's forward written out here:
+    standard f = ReLU((x - b_dec) W_enc + b_enc); skip-transcoder f = ReLU(x W_enc + b_enc), predicting the MLP's
+    output as f W_dec + b_dec + x W_skip^T. FVU = sum ||t - t_hat||^2 / sum ||t - mean t||^2."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saelab.cli_checks import CONF_DIR
+    from saelab.data.datamodule import ActivationDataModule
+    from saelab.data.model import load_model
+    from saelab.data.tokens import keep_mask
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    data, model_cfg = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model"))
+    hook, target = ("blocks.0.hook_out", None) if name == "standard" else ("blocks.0.mlp.hook_in",
+                                                                            "blocks.0.mlp.hook_out")
+    model = load_model(model_cfg, hooks=[hook] + ([target] if target else []))
+    dm = ActivationDataModule(data, model, int(cfg.eval.tokens), int(cfg.seed))
+    windows = dm.windows()["eval"]
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(windows, names_filter=model.hooks)
+    keep = keep_mask(windows, dm.special)
+    n = int(cfg.eval.tokens)
+    x = cache[hook][keep][:n].float()
+    t = cache[target][keep][:n].float() if target else x
+    w = load_file(str(FIXTURES / name / "sae_weights.safetensors"))
+    if target:
+        f = torch.relu(x @ w["W_enc"] + w["b_enc"])
+        t_hat = f @ w["W_dec"] + w["b_dec"] + x @ w["W_skip"].T
+    else:
+        f = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+        t_hat = f @ w["W_dec"] + w["b_dec"]
+    fvu = (t - t_hat).pow(2).sum() / (t - t.mean(0)).pow(2).sum()
+    return float((f > 0).sum(-1).float().mean()), float(fvu)
 
 
 def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
@@ -110,7 +152,7 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
         ([str(normalised)], "normalize_activations='expected_average_only_in' is not allowed"),
         ([str(unknown)], "architecture='crosscoder' is not allowed"),
         ([str(FIXTURES / "standard"), "model.hook=blocks.0.hook_outt"], "model.hook='blocks.0.hook_outt' is not"),
-        ([str(narrow)], "model.hook='blocks.0.mlp.hook_post' is not allowed: expected a hook as wide as"),
+        ([str(narrow)], "model.hook='blocks.0.mlp.hook_post' is not allowed: expected a hook d_model (32) wide"),
         ([str(FIXTURES / "standard"), "model.target_hook=blocks.0.mlp.hook_out"], "model.target_hook="),
     ]
     for args, message in cases:  # in this process: saelab-eval's main(), as the console script calls it

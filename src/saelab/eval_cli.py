@@ -24,11 +24,13 @@ from torch import Tensor, nn
 
 from saelab.cli_checks import CONF_DIR
 from saelab.errors import ConfigError
-from saelab.export import CONFIG_FILE, WEIGHTS_FILE, ExportedSAE, base_architecture, load_exported, read_config
+from saelab.export import CONFIG_FILE, WEIGHTS_FILE, ExportedSAE, load_exported, read_config
 from saelab.io import write_json
+from saelab.saes.base import SAELENS_ARCHITECTURES, encoder_architecture
+from saelab.saes.gated import UNTIED_ARCHITECTURE
 
 log = logging.getLogger("saelab.eval")
-ENCODERS = ("standard", "gated", "jumprelu", "topk", "saelab_gated_untied")  # what ExportedSAE can run
+ENCODERS = (*SAELENS_ARCHITECTURES, UNTIED_ARCHITECTURE)  # the encoders ExportedSAE runs
 
 
 @dataclass
@@ -72,7 +74,7 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
                           "format; a saelab run's is <run dir>/sae)")
     sae_cfg = read_config(directory)
     architecture = str(sae_cfg.get("architecture", "standard"))
-    if base_architecture(architecture) not in ENCODERS:
+    if encoder_architecture(architecture) not in ENCODERS:
         raise ConfigError("architecture", architecture, "a SAELens layout saelab can evaluate: standard, gated, "
                           "jumprelu, topk, transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder")
     for field, plain in (("normalize_activations", "none"), ("reshape_activations", "none"),
@@ -121,23 +123,16 @@ def _compose(overrides: list[str]) -> DictConfig:
 def evaluate(plan: Plan) -> dict[str, Any]:
     """The SAE's metrics on the run's held-out activations, written to <out>/metrics.json."""
     from saelab.data.datamodule import ActivationDataModule
-    from saelab.data.model import check_hook, check_target_hook, hook_widths, load_model
+    from saelab.data.model import check_sae_hooks, hook_widths, load_model
     from saelab.metrics.evaluate import evaluate_sae
     from saelab.metrics.spliced import Transcode, spliced_metrics_many
 
     started, cfg, target = time.time(), plan.cfg, plan.target_hook
     hooks = [plan.hook] + ([target] if target else [])
     model = load_model(cfg.model, hooks=hooks, check_hooks=False)
-    check_hook(plan.hook, model.bridge.hook_dict)
-    if target:
-        check_hook(target, model.bridge.hook_dict, field="model.target_hook")
-    widths = hook_widths(model, hooks)
     d_in = int(plan.sae_cfg["d_in"])
-    if widths[plan.hook] != d_in or d_in != model.d_model:
-        raise ConfigError("model.hook", plan.hook, f"a hook as wide as the SAE's d_in ({d_in}) and the model's "
-                          f"d_model ({model.d_model}); this one is {widths[plan.hook]} wide")
-    if target:
-        check_target_hook(plan.hook, target, widths, model.d_model)
+    check_sae_hooks(model, hook_widths(model, [h for h in hooks if h in model.bridge.hook_dict]), plan.hook, target,
+                    d_in)
     exported = load_exported(plan.sae_dir)
     datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
                                       train_tokens=int(cfg.data.normalize_tokens), hooks=hooks)

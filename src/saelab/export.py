@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError
 from saelab.io import atomic_write, write_json
-from saelab.saes.base import SAE
+from saelab.saes.base import SAE, encoder_architecture
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -60,7 +60,7 @@ class ExportedSAE(nn.Module):
             self.register_buffer(name, value)
 
     def encode(self, x: Tensor) -> Tensor:
-        arch = base_architecture(self.cfg["architecture"])
+        arch = encoder_architecture(self.cfg["architecture"])
         x_c = x - self.b_dec if self.cfg.get("apply_b_dec_to_input", True) else x
         if arch in ("gated", "saelab_gated_untied"):  # the untied ablation carries its own W_mag
             pi_gate = x_c @ self.W_enc + self.b_gate
@@ -86,19 +86,6 @@ class ExportedSAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.output(x, self.encode(x))
-
-
-def base_architecture(architecture: str) -> str:
-    """The SAE architecture whose encoder a transcoder layout uses: transcoder and skip_transcoder -> standard,
-    jumprelu_(skip_)transcoder -> jumprelu, saelab_<arch>(_skip)_transcoder -> <arch> (an SAE: itself)."""
-    known = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu",
-             "jumprelu_skip_transcoder": "jumprelu"}
-    if architecture in known:
-        return known[architecture]
-    if architecture.startswith("saelab_") and architecture.endswith("_transcoder"):
-        base = architecture.removeprefix("saelab_").removesuffix("_transcoder").removesuffix("_skip")
-        return base if base in ("topk", "gated") else f"saelab_{base}"
-    return architecture
 
 
 def read_config(path: Path) -> dict[str, Any]:

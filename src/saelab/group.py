@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from saelab.callbacks import PeriodicEval
 from saelab.checkpoint_io import GroupCheckpointIO
 from saelab.data.datamodule import ActivationDataModule
-from saelab.data.model import LoadedModel, check_hook, check_target_hook, hook_widths, load_model
+from saelab.data.model import LoadedModel, check_sae_hooks, hook_widths, load_model
 from saelab.data.synthetic_datamodule import SyntheticDataModule
 from saelab.errors import ConfigError
 from saelab.export import check_importable, export_sae, import_sae
@@ -156,18 +156,12 @@ def _load_model(jobs: Sequence[Job], saes: dict[int, Any], outcomes: list[Outcom
         return None
     hooks = list(dict.fromkeys(h for i in live for h in jobs[i].hooks_read))
     model = load_model(jobs[live[0]].cfg.model, hooks=hooks, check_hooks=False)
-    widths = None
+    widths = hook_widths(model, [h for h in hooks if h in model.bridge.hook_dict])
     for i in live:
         try:
-            check_hook(jobs[i].hook, model.bridge.hook_dict)
-            if model.d_model != saes[i].d_in:
-                raise ConfigError("sae.d_in", saes[i].d_in, f"the model's d_model ({model.d_model}); set model.d_model")
-            if jobs[i].target_hook is not None:
-                check_hook(jobs[i].target_hook, model.bridge.hook_dict, field="model.target_hook")
-                widths = widths or hook_widths(model, [h for h in hooks if h in model.bridge.hook_dict])
-                check_target_hook(jobs[i].hook, jobs[i].target_hook, widths, model.d_model)
-                if saes[i].d_out != model.d_model:
-                    raise ConfigError("sae.d_out", saes[i].d_out, f"null or the model's d_model ({model.d_model})")
+            check_sae_hooks(model, widths, jobs[i].hook, jobs[i].target_hook, saes[i].d_in)
+            if jobs[i].target_hook is not None and saes[i].d_out != model.d_model:
+                raise ConfigError("sae.d_out", saes[i].d_out, f"null or the model's d_model ({model.d_model})")
         except ConfigError as err:
             outcomes[i] = err
     model.hooks = list(dict.fromkeys(h for i in live if outcomes[i] is None for h in jobs[i].hooks_read)) or hooks

@@ -45,9 +45,8 @@ class Job:
 
     @property
     def target_hook(self) -> str | None:
-        """A transcoder's target (model.target_hook): the activation it predicts from `hook`'s. None: an SAE."""
-        if self.cfg.data.source == "synthetic":
-            return None
+        """A transcoder's target (model.target_hook): the activation it predicts from `hook`'s. None: an SAE
+        (config_checks refuses a target with data=synthetic)."""
         target = self.cfg.model.get("target_hook")
         return str(target) if target is not None else None
 

@@ -119,12 +119,23 @@ def hook_widths(model: LoadedModel, hooks: list[str]) -> dict[str, int]:
     return {name: int(acts.shape[-1]) for name, acts in cache.items()}
 
 
-def check_target_hook(hook: str, target_hook: str, widths: Mapping[str, int], d_model: int) -> None:
-    """A transcoder's target must come after its input in the forward pass and be as wide as the residual stream
-    (every trained hook is d_model wide: the activation stream and caches assume it)."""
-    if widths.get(target_hook) != d_model:
-        raise ConfigError("model.target_hook", target_hook, f"a hook d_model ({d_model}) wide, like model.hook "
-                          f"(this one is {widths.get(target_hook)} wide)")
+def check_sae_hooks(model: LoadedModel, widths: Mapping[str, int], hook: str, target_hook: str | None,
+                    d_in: int) -> None:
+    """An SAE's hook (and a transcoder's target) on this model, given `hook_widths` of the model's valid hooks:
+    each exists and is d_model wide (the activation stream and caches assume it), the SAE's d_in is d_model, and
+    a target comes after the input in the forward pass."""
+    check_hook(hook, model.bridge.hook_dict)
+    if widths[hook] != model.d_model:
+        raise ConfigError("model.hook", hook, f"a hook d_model ({model.d_model}) wide (this one is {widths[hook]} "
+                          "wide)")
+    if d_in != model.d_model:
+        raise ConfigError("sae.d_in", d_in, f"the model's d_model ({model.d_model}); set model.d_model")
+    if target_hook is None:
+        return
+    check_hook(target_hook, model.bridge.hook_dict, field="model.target_hook")
+    if widths[target_hook] != model.d_model:
+        raise ConfigError("model.target_hook", target_hook, f"a hook d_model ({model.d_model}) wide, like model.hook "
+                          f"(this one is {widths[target_hook]} wide)")
     order = list(widths)
     if order.index(target_hook) <= order.index(hook):
         raise ConfigError("model.target_hook", target_hook, f"a hook reached after model.hook ({hook})")

@@ -85,6 +85,25 @@ TRANSCODER_LAYOUTS = {
     ("jumprelu", False): "jumprelu_transcoder",
     ("jumprelu", True): "jumprelu_skip_transcoder",
 }
+SAELENS_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk")  # the rest are saelab-named (saelab_...)
+
+
+def transcoder_architecture(architecture: str, skip: bool) -> str:
+    """A transcoder's cfg.json architecture: SAELens's layout where it has one, else a saelab-named one
+    (saelab_topk_transcoder, saelab_gated_skip_transcoder, ...), as the untied Gated SAE gets."""
+    base = architecture.removeprefix("saelab_")
+    return TRANSCODER_LAYOUTS.get((architecture, skip), f"saelab_{base}{'_skip' if skip else ''}_transcoder")
+
+
+def encoder_architecture(architecture: str) -> str:
+    """The inverse: the SAE architecture whose encoder a cfg.json architecture uses (an SAE's: itself)."""
+    for (base, _), name in TRANSCODER_LAYOUTS.items():
+        if name == architecture:
+            return base
+    if architecture.startswith("saelab_") and architecture.endswith("_transcoder"):
+        base = architecture.removeprefix("saelab_").removesuffix("_transcoder").removesuffix("_skip")
+        return base if base in SAELENS_ARCHITECTURES else f"saelab_{base}"
+    return architecture
 
 
 class SparseLatents(Protocol):
@@ -399,10 +418,8 @@ class SAE(nn.Module):
         config = self.export_config()
         if not self.transcoder:
             return config
-        base, skip = config["architecture"], self.W_skip is not None
-        name = TRANSCODER_LAYOUTS.get((base, skip),
-                                      f"saelab_{base.removeprefix('saelab_')}{'_skip' if skip else ''}_transcoder")
-        return {**config, "architecture": name, "d_out": self.d_out}
+        return {**config, "architecture": transcoder_architecture(config["architecture"], self.W_skip is not None),
+                "d_out": self.d_out}
 
 
 def _coerce(value: Any, hint: Any) -> Any:

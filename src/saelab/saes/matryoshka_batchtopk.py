@@ -40,7 +40,7 @@ class MatryoshkaBatchTopKConfig(BatchTopKConfig):
     def validate(self) -> None:
         super().validate()
         widths = self.widths()
-        if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ConfigError("sae.matryoshka_widths", self.matryoshka_widths, "a list of positive integers")
         if any(b <= a for a, b in itertools.pairwise(widths)) or widths[-1] != self.width:
             raise ConfigError("sae.matryoshka_widths", self.matryoshka_widths,
@@ -54,7 +54,7 @@ class MatryoshkaBatchTopKConfig(BatchTopKConfig):
 
     def widths(self) -> list[int]:
         if self.matryoshka_widths is not None:
-            return list(self.matryoshka_widths) or [0]  # an empty list fails validation
+            return list(self.matryoshka_widths)
         return sorted({max(1, self.width // 64), max(1, self.width // 16), max(1, self.width // 4), self.width})
 
 
