@@ -147,6 +147,9 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
     normalised = tmp_path / "normalised"
     shutil.copytree(FIXTURES / "standard", normalised)
     (normalised / "cfg.json").write_text(json.dumps(cfg | {"normalize_activations": "expected_average_only_in"}))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(FIXTURES / "standard" / "cfg.json", no_weights)
     cases = [
         ([str(tmp_path / "nothing-here")], "sae_dir="),
         ([str(normalised)], "normalize_activations='expected_average_only_in' is not allowed"),
@@ -154,10 +157,13 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
         ([str(FIXTURES / "standard"), "model.hook=blocks.0.hook_outt"], "model.hook='blocks.0.hook_outt' is not"),
         ([str(narrow)], "model.hook='blocks.0.mlp.hook_post' is not allowed: expected a hook d_model (32) wide"),
         ([str(FIXTURES / "standard"), "model.target_hook=blocks.0.mlp.hook_out"], "model.target_hook="),
+        ([str(FIXTURES / "standard"), "data.path=${oops}"], "oops"),  # an interpolation that does not resolve
+        ([str(FIXTURES / "standard"), "--out", "/proc/saelab-eval"], "--out='/proc/saelab-eval' is not allowed"),
+        ([str(no_weights)], "sae_dir="),
     ]
     for args, message in cases:  # in this process: saelab-eval's main(), as the console script calls it
         out = tmp_path / "eval"
-        code = main([*args[:1], *overrides, *args[1:], "--out", str(out)])
+        code = main([*args[:1], *overrides, *args[1:], *(["--out", str(out)] if "--out" not in args else [])])
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert code == 2 and len(errors) == 1 and message in errors[0], errors
         assert not out.exists()

@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from benchmarks.sweep_economy import COUNTS_TAG  # the line its child mode prints the forward counts on
 from saelab.checkpoint_io import merge_checkpoints, split_checkpoint
 from saelab.fanout import group_key, make_groups, split_by_limits
 from saelab.job import Job
@@ -29,8 +30,6 @@ from saelab.module import SAEMember, SAEModule
 from saelab.report import collect
 from saelab.saes.base import build_sae
 from tests.conftest import REPO, run_until_then_kill, tiny_overrides
-
-COUNTS_TAG = "SWEEP_ECONOMY_COUNTS "
 
 
 def _base(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, data_cache: str) -> list[str]:

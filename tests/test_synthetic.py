@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -52,12 +53,16 @@ def test_children_fire_only_with_their_parent(world, sample):
 
 def test_samples_are_the_sum_of_firing_features_plus_noise(world, sample):
     x, firing = sample
-    residual = x - (firing.float() @ world.dictionary)  # magnitudes ~1: the residual is magnitudes - 1 and noise
+    # magnitude_mean 1: the residual is sum_i a_i (m_i - 1) d_i + noise, whose energy has no cross terms (m_i - 1
+    # has mean 0, independently per feature): E||r||^2 = mean_l0 Var(m) + noise_std^2, Var(m) = mean^2 (e^(s^2) - 1).
+    assert SPEC.magnitude_mean == 1.0
+    residual = x - (firing.float() @ world.dictionary)
     assert x.shape == (60_000, SPEC.d_in) and torch.allclose(world.dictionary.norm(dim=1), torch.ones(SPEC.n_features))
     clean = SyntheticWorld(dataclasses.replace(SPEC, magnitude_std=0.0, noise_std=0.0)).sample(
         100, torch.Generator().manual_seed(1))
     assert torch.allclose(clean[0], clean[1].float() @ world.dictionary, atol=1e-5)  # same world seed, same d_i
-    assert residual.pow(2).sum(1).mean() < x.pow(2).sum(1).mean()
+    expected = SPEC.mean_l0 * (math.exp(SPEC.magnitude_std**2) - 1) + SPEC.noise_std**2
+    assert residual.pow(2).sum(1).mean().item() == pytest.approx(expected, rel=0.05)
 
 
 def test_deterministic_by_seed():
@@ -105,6 +110,11 @@ def test_matching_scores_a_planted_copy_near_one_and_a_random_dictionary_near_ch
     assert m["mcc"] > 0.95 and m["recovered_fraction"] > 0.95 and m["uniqueness"] > 0.95
     assert m["firing_precision"] == pytest.approx(1.0) and m["firing_recall"] == pytest.approx(1.0)
     assert m["absorption_rate"] == 0.0
+
+    # Two latents per feature (the planted copy twice): half the live latents are unique.
+    doubled = ground_truth_metrics(torch.cat([planted, planted]), torch.cat([planted_firing, planted_firing], 1),
+                                   world.dictionary, firing, world.parent)
+    assert doubled["uniqueness"] == pytest.approx(0.5)
 
     random = torch.randn(SPEC.n_features, SPEC.d_in, generator=g)
     chance = ground_truth_metrics(random, planted_firing, world.dictionary, firing, world.parent)

@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from saelab.cli_checks import CONF_DIR, check_group_overrides
 from saelab.data.cache import MANIFEST, is_off, read_manifest, summary, verify
-from saelab.errors import ConfigError
+from saelab.errors import cli_error_line
 
 _COLUMNS = ("name", "model", "hook", "source", "train_tokens", "eval_tokens", "mbytes", "train_pass_complete")
 
@@ -111,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
             code = list_caches(args.cache_dir)
         else:
             code = inspect(args.dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except (HydraException, OmegaConfBaseException) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+    except Exception as err:
+        line = cli_error_line(err)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         code = 2
     sys.exit(code)
 

@@ -58,7 +58,7 @@ def check_group_overrides(argv: list[str]) -> str | None:
     return check_output_dir(argv)
 
 
-def _writable_problem(directory: Path) -> str | None:
+def writable_problem(directory: Path) -> str | None:
     """Why `directory` could not be created and written to, or None. Creates nothing that stays behind."""
     ancestor = directory
     while not ancestor.exists():
@@ -104,7 +104,7 @@ def check_output_dir(argv: list[str]) -> str | None:
         output_dir = OmegaConf.select(cfg, "paths.output_dir")
     except Exception:  # Hydra reports its own composition errors, with context
         return None
-    problem = _writable_problem(directory)
+    problem = writable_problem(directory)
     if problem is None:
         return None
     given = {o.key_or_group: o.value() for o in parsed if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir")}

@@ -34,3 +34,16 @@ def check_positive(field: str, value: Any, *, allow_zero: bool = False, integer:
 def check_bool(field: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(field, value, "true or false")
+
+
+def cli_error_line(err: BaseException) -> str | None:
+    """The one line a command prints for bad input (then exits 2): a ConfigError's message, or the first line of
+    a Hydra or OmegaConf error (a composition or interpolation failure, which names the key); None otherwise."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, ConfigError):
+        return f"error: {err}"
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return f"error: {str(err).splitlines()[0]}"
+    return None

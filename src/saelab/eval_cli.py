@@ -22,9 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from saelab.cli_checks import CONF_DIR
-from saelab.errors import ConfigError
-from saelab.export import CONFIG_FILE, WEIGHTS_FILE, ExportedSAE, load_exported, read_config
+from saelab.cli_checks import CONF_DIR, writable_problem
+from saelab.errors import ConfigError, cli_error_line
+from saelab.export import ExportedSAE, load_exported, read_sae_dir
 from saelab.io import write_json
 from saelab.saes.base import SAELENS_ARCHITECTURES, encoder_architecture
 from saelab.saes.gated import UNTIED_ARCHITECTURE
@@ -69,14 +69,11 @@ class NormalisedView(nn.Module):
 def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
     """Check the SAE directory and compose the config; loads no model, writes nothing."""
     directory = Path(sae_dir).expanduser()
-    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
-        raise ConfigError("sae_dir", str(sae_dir), f"a directory holding {CONFIG_FILE} and {WEIGHTS_FILE} (SAELens's "
-                          "format; a saelab run's is <run dir>/sae)")
-    sae_cfg = read_config(directory)
-    architecture = str(sae_cfg.get("architecture", "standard"))
+    sae_cfg = read_sae_dir(directory)
+    architecture = str(sae_cfg["architecture"])
     if encoder_architecture(architecture) not in ENCODERS:
-        raise ConfigError("architecture", architecture, "a SAELens layout saelab can evaluate: standard, gated, "
-                          "jumprelu, topk, transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder")
+        raise ConfigError("architecture", architecture, "a layout whose encoder is one of " + ", ".join(ENCODERS)
+                          + " (an SAE, or a transcoder: transcoder, skip_transcoder, jumprelu_transcoder, ...)")
     for field, plain in (("normalize_activations", "none"), ("reshape_activations", "none"),
                          ("rescale_acts_by_decoder_norm", False)):  # run-time transforms saelab does not apply
         if sae_cfg.get(field, plain) not in (plain, None):
@@ -97,23 +94,21 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
     out_dir = out or Path(str(cfg.paths.output_dir)) / "eval" / time.strftime("%Y-%m-%d/%H-%M-%S")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError("--out", str(out_dir), "a new or empty directory")
+    problem = writable_problem(out_dir.absolute())
+    if problem:
+        raise ConfigError("--out", str(out_dir), f"a directory saelab can create and write to ({problem})")
     return Plan(directory, sae_cfg, cfg, out_dir)
 
 
 def _compose(overrides: list[str]) -> DictConfig:
     """conf/train.yaml with the overrides, as saelab-train composes it, resolved and checked."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
 
     import saelab.data.model  # noqa: F401  registers the package_model_path resolver
     from saelab.config_checks import check_run_config
 
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
-    except HydraException as err:
-        reason = str(err).splitlines()[0]
-        raise ConfigError("overrides", " ".join(overrides), f"overrides saelab-train accepts ({reason})") from None
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
     check_run_config(cfg)
     # The sections evaluation reads, resolved (the rest may name Hydra's run directory, which has no run here).
     return OmegaConf.create({"seed": cfg.seed, **{k: OmegaConf.to_container(cfg[k], resolve=True)
@@ -151,7 +146,7 @@ def evaluate(plan: Plan) -> dict[str, Any]:
         windows = datamodule.eval_windows[: int(cfg.eval.spliced_windows)]
         metrics |= spliced_metrics_many(model, {0: splice}, windows, datamodule.special,
                                         int(cfg.data.model_batch_size), target or plan.hook)[0]
-    architecture = str(plan.sae_cfg.get("architecture", "standard"))
+    architecture = str(plan.sae_cfg["architecture"])
     metadata = plan.sae_cfg.get("metadata") or {}
     result = {
         **metrics,
@@ -182,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = make_plan(args.sae_dir, args.overrides, args.out)
         result = evaluate(plan)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        line = cli_error_line(err)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     print(f"{plan.out_dir / 'metrics.json'}: L0 {result['l0']:.2f}, FVU {result['fvu']:.4f}")
     return 0

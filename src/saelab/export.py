@@ -88,16 +88,26 @@ class ExportedSAE(nn.Module):
         return self.output(x, self.encode(x))
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """An export's cfg.json (ConfigError, naming the file, if it is not a JSON object with d_in and d_sae)."""
+def read_config(path: Path, field: str = "sae_dir") -> dict[str, Any]:
+    """An export's cfg.json (ConfigError on `field`, naming the file, unless it is a JSON object with d_in, d_sae
+    and architecture)."""
     file = Path(path) / CONFIG_FILE
     try:
         cfg = json.loads(file.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError("sae_dir", str(file), f"a readable SAELens cfg.json ({type(err).__name__})") from None
-    if not isinstance(cfg, dict) or "d_in" not in cfg or "d_sae" not in cfg:
-        raise ConfigError("sae_dir", str(file), "a SAELens cfg.json with d_in and d_sae")
+        raise ConfigError(field, str(file), f"a readable SAELens cfg.json ({type(err).__name__})") from None
+    if not isinstance(cfg, dict) or any(key not in cfg for key in ("d_in", "d_sae", "architecture")):
+        raise ConfigError(field, str(file), "a SAELens cfg.json with d_in, d_sae and architecture")
     return cfg
+
+
+def read_sae_dir(path: Path, field: str = "sae_dir") -> dict[str, Any]:
+    """The cfg.json of a directory holding an SAE in SAELens's format (both files checked before anything loads)."""
+    directory = Path(path).expanduser()
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ConfigError(field, str(path), f"a directory holding {CONFIG_FILE} and {WEIGHTS_FILE} (SAELens's "
+                          "format; a saelab run's is <run dir>/sae)")
+    return read_config(directory, field)
 
 
 def load_exported(path: Path) -> ExportedSAE:

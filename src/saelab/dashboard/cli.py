@@ -34,11 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         sys.exit(0 if args else 2)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from saelab.dashboard.options import make_plan
-    from saelab.errors import ConfigError
+    from saelab.errors import cli_error_line
 
     started = time.time()
     try:
@@ -48,12 +46,11 @@ def main(argv: list[str] | None = None) -> None:
 
         data = collect(plan)
         out = render(data, plan.out_dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (HydraException, OmegaConfBaseException) as err:  # a resolver or composition failure: its first line
-        # names the field
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+    except Exception as err:
+        line = cli_error_line(err)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         sys.exit(2)
     print(f"dashboard: {len(data.latents)} latents on {data.summary['held_out']['tokens']} held-out tokens in "
           f"{time.time() - started:.1f} s -> {out / 'index.html'}")

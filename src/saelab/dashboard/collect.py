@@ -217,7 +217,7 @@ def logit_effects(model, w_dec: Tensor, ids: Sequence[int], k: int) -> tuple[lis
 
 def collect(plan: Plan) -> DashboardData:
     """Load the model and the SAE, encode the held-out text and gather everything the pages show."""
-    from saelab.data.model import load_model
+    from saelab.data.model import check_sae_hooks, hook_widths, load_model
     from saelab.export import load_exported
 
     opts: Options = plan.options
@@ -225,10 +225,7 @@ def collect(plan: Plan) -> DashboardData:
     sae = load_exported(plan.sae_dir).float().cpu().eval()
     d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
     model = load_model(plan.model, hooks=[plan.hook])
-    if model.d_model != d_in:
-        raise ConfigError("model", str(plan.model.get("name")),
-                          f"a model whose activations at {plan.hook} are {d_in} wide (the SAE's d_in), "
-                          f"not {model.d_model}")
+    check_sae_hooks(model, hook_widths(model, [plan.hook]), plan.hook, None, d_in)
     loaded = time.time()
     data, special = held_out(model, plan.data, opts.tokens)
     n_tokens = len(data.acts)

@@ -20,10 +20,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from saelab.cli_checks import CONF_DIR
+from saelab.cli_checks import CONF_DIR, writable_problem
 from saelab.errors import ConfigError
+from saelab.export import CONFIG_FILE, read_sae_dir
 
-SAE_CONFIG = "cfg.json"
+SAE_CONFIG = CONFIG_FILE
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 GROUPS = ("model", "data")  # the config groups a dashboard reads; everything else of a run is irrelevant here
 BARE_DEFAULTS = {"model": "minilm", "data": "pydocs"}  # the offline default, for an SAE without its run
@@ -101,14 +102,7 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def read_sae_config(sae_dir: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((sae_dir / SAE_CONFIG).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError("path", str(sae_dir / SAE_CONFIG), f"a readable JSON SAE config ({err})") from None
-    for key in ("d_in", "d_sae", "architecture"):
-        if key not in cfg:
-            raise ConfigError("path", str(sae_dir / SAE_CONFIG), f"a SAELens cfg.json with {key}")
-    return cfg
+    return read_sae_dir(sae_dir, field="path")
 
 
 def sae_field(cfg: Mapping[str, Any], key: str) -> Any:
@@ -258,11 +252,9 @@ def _apply_fields(sections: dict[str, DictConfig], fields: Sequence[str]) -> set
 
 
 def _writable(out_dir: Path) -> None:
-    ancestor = out_dir.absolute()
-    while not ancestor.exists() and ancestor.parent != ancestor:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError("out", str(out_dir), f"a directory saelab can create and write to ({ancestor})")
+    problem = writable_problem(out_dir.absolute())
+    if problem:
+        raise ConfigError("out", str(out_dir), f"a directory saelab can create and write to ({problem})")
 
 
 def make_plan(path: str | os.PathLike, overrides: Sequence[str]) -> Plan:

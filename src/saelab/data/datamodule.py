@@ -21,7 +21,7 @@ from saelab.data.activations import activation_chunks, collect
 from saelab.data.buffer import ShuffleBuffer
 from saelab.data.cache import ActivationCache, CacheReader, ModelSpec, Request, cache_root, key_inputs, take_rows
 from saelab.data.model import LoadedModel
-from saelab.data.normalize import estimate_scale
+from saelab.data.normalize import estimate_scale, normalised_rms
 from saelab.data.text_sources import load_documents
 from saelab.data.tokens import SpecialTokens, pack, split_documents, tokenize
 from saelab.errors import ConfigError
@@ -130,7 +130,8 @@ class ActivationDataModule(L.LightningDataModule):
             reader = self.caches[hook] = cache.open(request, windows, functools.partial(self._generate, hook=hook))
             self.scales[hook], self.eval_windows = reader.scale, reader.eval_windows
             self.eval_acts[hook] = reader.eval_activations(self.eval_tokens) / reader.scale
-            self.input_rms[hook] = self._rms(take_rows(reader.train, int(cfg["normalize_tokens"])), reader.scale)
+            head = functools.partial(take_rows, reader.train, int(cfg["normalize_tokens"]))  # read only if needed
+            self.input_rms[hook] = normalised_rms(str(cfg["normalize"]), reader.scale, head)
             log.info("normalisation %s at %s: scale C = %.4g (from the cache's first %d activations); %d held-out "
                      "activations; %d cached train activations per epoch", cfg["normalize"], hook, reader.scale,
                      int(cfg["normalize_tokens"]), len(self.eval_acts[hook]), reader.train_tokens)
@@ -146,17 +147,10 @@ class ActivationDataModule(L.LightningDataModule):
         self._head = collect(self._train_iter, int(cfg["normalize_tokens"]))
         for hook, head in self._split(self._head).items():
             self.scales[hook] = estimate_scale(head, str(cfg["normalize"]))
-            self.input_rms[hook] = self._rms(head, self.scales[hook])
+            self.input_rms[hook] = normalised_rms(str(cfg["normalize"]), self.scales[hook], head)
             self.eval_acts[hook] = raw_eval[hook] / self.scales[hook]
             log.info("normalisation %s at %s: scale C = %.4g (from %d activations); %d held-out activations",
                      cfg["normalize"], hook, self.scales[hook], len(head), len(self.eval_acts[hook]))
-
-    def _rms(self, raw_head: Tensor, scale: float) -> float:
-        """sqrt(E||x||^2) of the activations that set the scale, once normalised: exactly 1 under the default
-        unit_mean_squared_norm; the factor the SAEs' scale-dependent knobs convert by otherwise."""
-        if self.cfg["normalize"] == "unit_mean_squared_norm":
-            return 1.0
-        return float(raw_head.double().pow(2).sum(-1).mean().sqrt()) / scale
 
     def _split(self, rows: Tensor) -> dict[str, Tensor]:
         """Columns of side-by-side activations (activation_chunks with several hooks) -> {hook: rows}."""

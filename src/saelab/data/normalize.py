@@ -6,6 +6,7 @@ The SAE trains on x / C; export folds C back so the saved SAE takes raw activati
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -23,3 +24,13 @@ def estimate_scale(raw: Tensor, method: str) -> float:
     if method == "unit_mean_squared_norm":
         return float(raw.pow(2).sum(-1).mean().sqrt())
     return float(raw.norm(dim=-1).mean() / math.sqrt(raw.shape[-1]))
+
+
+def normalised_rms(method: str, scale: float, raw_head: Tensor | Callable[[], Tensor]) -> float:
+    """sqrt(E||x||^2) of the activations that set the scale (or of what a function returns), once normalised by
+    it: the factor the SAEs' scale-dependent knobs convert by. Exactly 1 under unit_mean_squared_norm, where the
+    activations are not read (a cached run reads no rows for it)."""
+    if method == "unit_mean_squared_norm":
+        return 1.0
+    raw = raw_head if isinstance(raw_head, Tensor) else raw_head()
+    return float(raw.double().pow(2).sum(-1).mean().sqrt()) / scale

@@ -102,6 +102,7 @@ class SyntheticWorld:
         for p in range(n_par):
             self.parent[n_par + p * n_child : n_par + (p + 1) * n_child] = p
         is_child = self.parent >= 0
+        self._children, self._parent_of_children = is_child.nonzero().squeeze(1), self.parent[is_child]
         # Zipf marginals for the features that are not children, scaled to the target mean L0 (capped).
         ranks = torch.arange(n, dtype=torch.float64)
         weight = (ranks + 1) ** -spec.zipf_exponent
@@ -130,10 +131,6 @@ class SyntheticWorld:
         parent_p = p[self.parent.clamp(min=0)]
         return torch.where(is_child, parent_p * conditional, p)
 
-    @property
-    def d_in(self) -> int:
-        return self.spec.d_in
-
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(x [n, d] float32, firing [n, N] bool) drawn with `generator`."""
         spec = self.spec
@@ -144,9 +141,8 @@ class SyntheticWorld:
         else:
             z = e
         firing = z > self.quantile
-        has_parent = self.parent >= 0
-        if has_parent.any():  # a child fires only with its parent (parents are never children here)
-            firing[:, has_parent] &= firing[:, self.parent[has_parent]]
+        # A child fires only with its parent (parents are never children here).
+        firing[:, self._children] &= firing[:, self._parent_of_children]
         log_m = spec.magnitude_std * torch.randn(n, spec.n_features, generator=generator)
         magnitude = spec.magnitude_mean * torch.exp(log_m - spec.magnitude_std**2 / 2)
         x = (firing * magnitude) @ self.dictionary

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from saelab.data.datamodule import Batches
-from saelab.data.normalize import estimate_scale
+from saelab.data.normalize import estimate_scale, normalised_rms
 from saelab.data.synthetic import SyntheticSpec, SyntheticWorld
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class SyntheticDataModule(L.LightningDataModule):
         head, _ = self.world.sample(int(self.cfg["normalize_tokens"]),
                                     torch.Generator().manual_seed(self.spec.world_seed + 2))
         scale = estimate_scale(head, method)
-        rms = 1.0 if method == "unit_mean_squared_norm" else float(head.double().pow(2).sum(-1).mean().sqrt()) / scale
+        rms = normalised_rms(method, scale, head)
         eval_x, self.eval_firing = self.world.held_out(self.eval_tokens)
         for hook in self.hooks:
             self.scales[hook], self.input_rms[hook], self.eval_acts[hook] = scale, rms, eval_x / scale

@@ -22,14 +22,14 @@ MATCHED = 0.5  # |cos| above which a matched latent counts as describing its fea
 RECOVERED = 0.9
 
 
-def match(decoder: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(latent ids, feature ids, |cos|) of the optimal one-to-one matching of decoder rows [M, d] to true
-    features [N, d]; min(M, N) pairs."""
+def match(decoder: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(latent ids, feature ids, their |cos|) of the optimal one-to-one matching of decoder rows [M, d] to true
+    features [N, d] (min(M, N) pairs), and the whole [M, N] |cos| matrix."""
     rows = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos = (rows.double() @ truth.double().T).abs()
     latent, feature = linear_sum_assignment(cos.numpy(), maximize=True)
     latent, feature = torch.from_numpy(latent), torch.from_numpy(feature)
-    return latent, feature, cos[latent, feature].float()
+    return latent, feature, cos[latent, feature].float(), cos
 
 
 @torch.no_grad()
@@ -37,12 +37,12 @@ def ground_truth_metrics(decoder: Tensor, latents_fired: Tensor, truth: Tensor, 
                          parent: Tensor) -> dict[str, float]:
     """`decoder` [M, d]; `latents_fired` [n, M] and `truth_fired` [n, N] bool on the same held-out samples;
     `parent` [N] (-1 for features without a parent)."""
-    latent, feature, cos = match(decoder.detach().float().cpu(), truth.float().cpu())
+    latent, feature, cos, all_cos = match(decoder.detach().float().cpu(), truth.float().cpu())
     latents_fired, truth_fired = latents_fired.cpu(), truth_fired.cpu()
     metrics = {"mcc": float(cos.mean()), "recovered_fraction": float((cos > RECOVERED).float().mean())}
 
     alive = latents_fired.any(0)
-    nearest = (decoder.float().cpu() @ truth.float().cpu().T).abs().argmax(1)
+    nearest = all_cos.argmax(1)  # each latent's closest true feature
     metrics["uniqueness"] = float(nearest[alive].unique().numel() / max(int(alive.sum()), 1))
 
     good = (cos > MATCHED) & truth_fired[:, feature].any(0)
