@@ -114,7 +114,7 @@ def saelens_metrics(name: str, overrides: list[str]) -> tuple[float, float]:
                                                                             "blocks.0.mlp.hook_out")
     model = load_model(model_cfg, hooks=[hook] + ([target] if target else []))
     dm = ActivationDataModule(data, model, int(cfg.eval.tokens), int(cfg.seed))
-    windows = dm.windows()["eval"]
+    windows = dm.windows(train=False)["eval"]
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(windows, names_filter=model.hooks)
     keep = keep_mask(windows, dm.special)

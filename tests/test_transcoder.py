@@ -182,7 +182,7 @@ def test_spliced_evaluation_replaces_only_the_target_hook(pair_model, tiny_corpu
     from saelab.metrics.spliced import Transcode, spliced_metrics
 
     dm = ActivationDataModule(_data_cfg(tiny_corpus_dir, "off"), pair_model, 1024, seed=3, hooks=[IN, OUT])
-    windows = dm.windows()["eval"][:8]
+    windows = dm.windows(train=False)["eval"][:8]
     mlp = pair_model.bridge.original_model.transformer.h[0].mlp._original_component  # the HF GPT2MLP itself
     exact = spliced_metrics(pair_model, Transcode(lambda a: mlp(a), reads=IN), windows, dm.special, 4, hook=OUT)
     assert exact["ce_sae"] == pytest.approx(exact["ce_clean"], abs=1e-5) and exact["kl_sae"] < 1e-6

@@ -68,7 +68,7 @@ def held_out(model, data_cfg, tokens: int) -> tuple[HeldOut, Any]:
     # data.cache is off (options.make_plan): cache_dir is never used, given only so the detached data section
     # is not searched for paths.cache_dir.
     datamodule = ActivationDataModule(data_cfg, model, eval_tokens=tokens, seed=0, cache_dir="unused")
-    windows = datamodule.windows()["eval"]
+    windows = datamodule.windows(train=False)["eval"]
     keep = keep_mask(windows, datamodule.special)
     n = select_windows(windows, keep, tokens)
     windows, keep = windows[:n], keep[:n]

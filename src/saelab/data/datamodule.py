@@ -102,13 +102,16 @@ class ActivationDataModule(L.LightningDataModule):
             self._setup_streaming()
         self._ready = True
 
-    def windows(self) -> dict[str, Tensor]:
-        """The corpus as packed token windows: {"train": ..., "eval": ...} (disjoint by document)."""
+    def windows(self, train: bool = True) -> dict[str, Tensor]:
+        """The corpus as packed token windows: {"train": ..., "eval": ...} (disjoint by document); with
+        train=False only the held-out ones (the training text, ~90% of it, is then not tokenized)."""
         cfg, ctx, tok = self.cfg, int(self.cfg["context_size"]), self.model.tokenizer
         docs = load_documents(cfg)
         train_docs, held_out_docs = split_documents(docs, float(cfg["eval_fraction"]))
-        train_windows = pack(tokenize(train_docs, tok), ctx, self.special, bool(cfg["prepend_bos"]))
         eval_windows = pack(tokenize(held_out_docs, tok), ctx, self.special, bool(cfg["prepend_bos"]))
+        if not train:
+            return {"eval": eval_windows}
+        train_windows = pack(tokenize(train_docs, tok), ctx, self.special, bool(cfg["prepend_bos"]))
         if len(train_windows) == 0:
             raise ConfigError("data.path", cfg.get("path"), f"text with at least {ctx} training tokens")
         if len(eval_windows) == 0:
