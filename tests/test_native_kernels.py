@@ -1,4 +1,4 @@
-"""saes/native.py's C++ kernels against plain torch references, in both builds: the default (-march=native,
+"""kernels/native.py's C++ kernels against plain torch references, in both builds: the default (-march=native,
 AVX-512 on this machine) and a portable one (-march=x86-64-v2: no AVX at all, so the scalar code paths run).
 
 Selection must be exact, including ties (the lower index wins) and NaN (ranked above +inf, as torch.topk
@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from saelab.saes import native
+from saelab.kernels import native
 
 PORTABLE_FLAGS = tuple(f for f in native.FLAGS if f not in ("-march=native", "-mprefer-vector-width=512")) + (
     "-march=x86-64-v2",
@@ -202,7 +202,7 @@ def test_without_a_compiler_training_falls_back_with_one_warning(monkeypatch):
     that path's values and gradients)."""
     script = textwrap.dedent("""
         import warnings, torch
-        from saelab.saes import native
+        from saelab.kernels import native
         from saelab.saes.topk import per_token_topk
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -76,7 +76,7 @@ def test_batchtopk_keeps_batch_times_k_in_training_and_thresholds_per_token_in_e
 def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut(kernels, monkeypatch):
     """The native kernel ignores theta (it samples its own cutoff); the torch fallback's theta shortcut is exact
     whether theta lets many, just enough or too few entries through."""
-    from saelab.saes import native
+    from saelab.kernels import native
 
     if kernels == "torch":
         monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
@@ -101,7 +101,7 @@ def test_batchtopk_selection_is_exact_with_and_without_the_threshold_shortcut(ke
 def test_per_token_topk_equals_torch_topk(width, k, prefiltered, kernels, monkeypatch):
     """The native kernel, and without it the grouped prefilter (used when width is a multiple of 8 with at
     least 2k groups), are exact, also when one group holds several of a row's top entries."""
-    from saelab.saes import native
+    from saelab.kernels import native
     from saelab.saes import topk as topk_module
 
     if kernels == "torch":
@@ -277,7 +277,7 @@ def test_learns_planted_sparse_structure_through_the_module(variant):
 def test_bf16_screen_selects_what_the_float32_matmul_does_and_steps_aside_when_it_declines(variant, monkeypatch):
     """Training through the bf16 screen keeps the same latents as the float32 path (values within float32
     rounding); when the screen declines (a batch-wide cutoff that failed, say), the float32 matmul decides."""
-    from saelab.saes import native
+    from saelab.kernels import native
 
     monkeypatch.setattr(native, "fast_bf16", lambda: True)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_bool, check_choice, check_positive
-from saelab.saes.fused import SquaredError
+from saelab.kernels.fused import SquaredError
 
 
 @dataclass
@@ -242,7 +242,7 @@ class SAE(nn.Module):
         return b_enc - self.b_dec @ W_enc if self.centres_input else b_enc
 
     def fused_ok(self, x: Tensor) -> bool:
-        """Whether the fused float kernels (saes/fused.py) may run: a 2-D batch, no autocast."""
+        """Whether the fused float kernels (kernels/fused.py) may run: a 2-D batch, no autocast."""
         return x.dim() == 2 and not torch.is_autocast_enabled(x.device.type)
 
     def workspace(self, name: str, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from saelab.errors import ConfigError
-from saelab.saes import native
+from saelab.kernels import native
 from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE
 
 # The torch fallback searches entries above 0.8 theta first, then above lower cutoffs, then all (exact either way).

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import check_bool, check_choice, check_positive
+from saelab.kernels.fused import GatedFunction
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
-from saelab.saes.fused import GatedFunction
 
 # An untied Gated SAE (gate and magnitude read different directions) is neither SAELens "gated" (which
 # ties W_mag = exp(r_mag) W_enc) nor a JumpReLU. It is exported under this name, with an extra W_mag

@@ -26,9 +26,9 @@ from typing import Any
 from torch import Tensor
 
 from saelab.errors import ConfigError
+from saelab.kernels.fused import SparseDecode, SparsePattern
 from saelab.saes.base import squared_error
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
-from saelab.saes.fused import SparseDecode, SparsePattern
 from saelab.saes.topk import ActiveLatents, Residual, Selection
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import check_choice
+from saelab.kernels.fused import ReluL1Function
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
-from saelab.saes.fused import ReluL1Function
 
 
 @dataclass

@@ -4,7 +4,7 @@ Sparsity is set by k, so there is no sparsity coefficient to schedule. Training 
 matmul: x_hat is a weighted sum of each token's k selected decoder rows, and the backward pass
 (fused.SparseReconstructionError, fused.SparseGather) computes dW_dec, dW_enc and the latents' gradients from
 the B k selected entries alone, so only one dense [B, d_in] x [d_in, d_sae] matmul runs per step (dense SAEs
-run five). On the CPU in float32 the selection and the sparse products are saes/native.py's C++ kernels;
+run five). On the CPU in float32 the selection and the sparse products are kernels/native.py's C++ kernels;
 elsewhere, torch operators (topk, embedding_bag, CSR products) compute the same. On CPUs with bf16 dot
 products even the encoder matmul runs in bf16, as a screen that the exact float32 selection then settles
 (TopKSAE.screened_select).
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_bool, check_positive
-from saelab.saes import native
+from saelab.kernels import native
+from saelab.kernels.fused import SparseDecode, SparseGather, SparsePattern, SparseReconstructionError, csr_offsets
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
-from saelab.saes.fused import SparseDecode, SparseGather, SparsePattern, SparseReconstructionError, csr_offsets
 
 
 @dataclass

@@ -3,7 +3,7 @@
 //
 // Why hand-written: after the encoder matmul, a TopK step is selection, gathers and scatters, and the torch
 // operators for them (topk, embedding_bag, CSR products) spend 3-5x the memory traffic the work needs on CPU.
-// Loaded through ctypes by saes/native.py, which compiles this file once per machine and falls back to the
+// Loaded through ctypes by kernels/native.py, which compiles this file once per machine and falls back to the
 // torch path when no compiler is present. Every function here has a torch twin there, and
 // tests/test_native_kernels.py checks each against it.
 //

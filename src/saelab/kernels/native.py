@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saelab.kernels import dispatch
+
 SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
 # -march=native: AVX-512 where the CPU has it (the kernels' fast paths); 512-bit vectors are GCC's choice to
 # make only when asked on x86. -fopenmp: the kernels share torch's OpenMP threads (see sparse_kernels.cpp).
@@ -104,8 +106,11 @@ def bind(path: Path) -> ctypes.CDLL:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None when switched off (SAELAB_NATIVE_KERNELS=0) or they cannot be built here."""
-    return None if os.environ.get(DISABLE_VARIABLE, "1") == "0" else _load()
+    """The loaded kernels, or None when switched off (SAELAB_NATIVE_KERNELS=0, or SAELAB_KERNELS other than auto:
+    kernels/dispatch.py) or they cannot be built here."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or dispatch.requested() != "auto":
+        return None
+    return _load()
 
 
 @functools.cache

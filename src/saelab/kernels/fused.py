@@ -10,8 +10,9 @@ checks loss terms and gradients against a straightforward reference), but with f
 * the backward pass writes the latent gradient into one reused buffer (SAE.workspace), adds the sparsity
   term's constant gradient inside the GEMM (addmm's bias), and masks it in place.
 
-The sparse TopK/BatchTopK step (SparsePattern and the three Functions after it) calls saes/native.py's C++
-kernels on the CPU and torch operators elsewhere.
+The elementwise passes between the matmuls and the sparse TopK/BatchTopK products (SparsePattern and the three
+Functions after it) run where kernels/dispatch.py says: kernels/native.py's C++ on the CPU, kernels/triton_gpu.py's
+Triton on CUDA (without a host synchronisation), torch operators otherwise. The matmuls are torch's everywhere.
 
 Used in float (no autocast) training on 2-D batches; the variants fall back to autograd otherwise.
 """
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.saes import native
+from saelab.kernels import dispatch, native
 
 # Built per step by SparsePattern; the CSR products used here are stable, so the one-time notice is noise.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
@@ -122,10 +123,21 @@ class JumpReLUL0Function(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         # The kernel window: K = 1[|u| < 1/2] (rectangle) or max(0, 1 - |u|) (triangle), u = (pi - theta) / eps.
         width = 0.5 * bandwidth if kernel == "rectangle" else bandwidth
+        backend = dispatch.backend_for(x, W_enc, b, theta)
+        ctx.bandwidth, ctx.kernel, ctx.backend = bandwidth, kernel, backend
+        ctx.set_materialize_grads(False)
+        if backend == "triton":  # pre keeps p = x W_enc + b for the backward, which recomputes the window from it
+            pre = torch.mm(x, W_enc, out=workspace[0])
+            n_active, fired = dispatch.triton_kernels().jumprelu_forward(pre, b, theta, out=workspace[1])
+            f = workspace[1]
+            x_hat = torch.addmm(b_dec, f, W_dec)
+            ctx.save_for_backward(x, W_enc, theta, W_dec, f, pre)
+            ctx.mark_non_differentiable(f)
+            return x_hat, f, n_active.to(x.dtype) / x.shape[0], fired
         # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0]: backward masks with f, and the native
         # pass applies; otherwise backward needs the (slower) bool mask.
         theta_positive, found = bool(theta.min() > 0), None
-        if native.usable(x, W_enc, b, theta) and theta_positive:
+        if backend == "native" and theta_positive:
             pre = torch.mm(x, W_enc, out=workspace[0])
             found = native.jumprelu_forward(pre, b, theta, width, bandwidth, out=workspace[1])
             if found is None:
@@ -153,13 +165,14 @@ class JumpReLUL0Function(torch.autograd.Function):
             fired, grad_buffer = None, workspace[1]
         x_hat = torch.addmm(b_dec, f, W_dec)
         ctx.save_for_backward(x, W_enc, theta, W_dec, f, active)
-        ctx.bandwidth, ctx.band, ctx.workspace = bandwidth, band, grad_buffer
+        ctx.band, ctx.workspace = band, grad_buffer
         ctx.mark_non_differentiable(f)
-        ctx.set_materialize_grads(False)
         return x_hat, f, l0, fired
 
     @staticmethod
     def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_l0: Tensor | None, _g_fired: Tensor | None):
+        if ctx.backend == "triton":
+            return JumpReLUL0Function.triton_backward(ctx, g_xhat, g_l0)
         x, W_enc, theta, W_dec, f, active = ctx.saved_tensors
         batch, eps = f.shape[0], ctx.bandwidth
         need = ctx.needs_input_grad
@@ -187,22 +200,50 @@ class JumpReLUL0Function(torch.autograd.Function):
         _encoder_grads(grads, need, g_pre, x, W_enc)
         return tuple(grads)
 
+    @staticmethod
+    def triton_backward(ctx: Any, g_xhat: Tensor | None, g_l0: Tensor | None) -> tuple:
+        """The same gradients from p (saved in place of the window): one Triton pass masks dL/df into dL/dp and
+        reduces the threshold's STE gradient over the batch."""
+        x, W_enc, theta, W_dec, f, pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 9
+        g_f = g_xhat @ W_dec.t() if g_xhat is not None else None
+        if need[4] and g_xhat is not None:  # before the kernel: f and g_xhat are read, not written, by it
+            grads[4] = f.t() @ g_xhat
+        grad_theta = dispatch.triton_kernels().jumprelu_backward(g_f, pre, theta, g_l0, ctx.bandwidth, ctx.kernel,
+                                                                 need[3])
+        if grad_theta is not None:
+            grads[3] = grad_theta.to(theta.dtype)
+        if g_f is None:
+            return tuple(grads)
+        if need[5]:
+            grads[5] = g_xhat.sum(0)
+        _encoder_grads(grads, need, g_f, x, W_enc)
+        return tuple(grads)
+
 
 class SparsePattern:
     """Where a sparse [B, d_sae] latent matrix Z has entries: (rows, latents), grouped by token (rows ascending),
     and the products the sparse step needs with it.
 
-    On CPU in float32 these are saes/native.py's kernels (sparse_kernels.cpp); otherwise torch operators: the
-    backward products then use the transpose Z^T as a CSR [d_sae, B] matrix, made canonical (rows ascending
-    and distinct within each latent) by one stable sort of the entries by latent, shared by the encoder's and
-    the decoder's backward. Both need the same grouping by latent, a counting sort natively.
+    On CPU in float32 these are kernels/native.py's kernels (sparse_kernels.cpp); on CUDA kernels/triton_gpu.py's;
+    otherwise torch operators: the backward products then use the transpose Z^T as a CSR [d_sae, B] matrix, made
+    canonical (rows ascending and distinct within each latent) by one stable sort of the entries by latent, shared
+    by the encoder's and the decoder's backward. All three need the same grouping by latent (a counting sort
+    natively, a stable sort and a binary search on the GPU, with no host synchronisation).
     """
 
     check_invariants = False  # tests turn this on to have torch verify the CSR structure
 
     def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int):
         self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
-        grouped = native.group_by(latents, d_sae)
+        self.backend = dispatch.backend_for(latents)
+        if self.backend == "triton":
+            tk = dispatch.triton_kernels()
+            self.order, self._latent_offsets = tk.group_by(latents, d_sae)
+            self._row_offsets = tk.sorted_offsets(rows, batch_size)  # rows are ascending
+            return
+        grouped = native.group_by(latents, d_sae) if self.backend == "native" else None
         if grouped is None:
             grouped = latents.argsort(stable=True), csr_offsets(latents, d_sae)  # rows stay ascending per latent
         self.order, self._latent_offsets = grouped
@@ -218,7 +259,12 @@ class SparsePattern:
                row_sq: bool = False) -> tuple[Tensor, Tensor | None]:
         """(Z table + bias - minus, a [B, n] tensor; and its rows' squared norms if row_sq): each token's entries'
         values times their rows of table ([d_sae, n]), summed; bias [n] and minus [B, n] are optional."""
-        found = native.sparse_decode(values, self.latents, self._row_offsets, table, bias, minus, row_sq)
+        found = None
+        if self.backend == "triton":
+            found = dispatch.triton_kernels().sparse_decode(values, self.latents, self._row_offsets, table, bias,
+                                                            minus, row_sq)
+        elif self.backend == "native":
+            found = native.sparse_decode(values, self.latents, self._row_offsets, table, bias, minus, row_sq)
         if found is not None:
             return found
         out = torch.nn.functional.embedding_bag(self.latents, table, self._row_offsets[:-1], mode="sum",
@@ -231,7 +277,10 @@ class SparsePattern:
 
     def entry_dots(self, table: Tensor, dense: Tensor) -> Tensor:
         """(dense @ table^T)[row_j, latent_j] for every entry j, in entry order: table [d_sae, n], dense [B, n]."""
-        out = native.sampled_dot(self.latents, self._row_offsets, table, dense.contiguous())
+        if self.backend == "triton":
+            return dispatch.triton_kernels().sampled_dot(self.rows, self.latents, table, dense)
+        out = (native.sampled_dot(self.latents, self._row_offsets, table, dense.contiguous())
+               if self.backend == "native" else None)
         if out is None:
             sampled = torch.sparse.sampled_addmm(self.transposed(table.new_zeros(self.rows.shape)), table,
                                                  dense.t(), beta=0)
@@ -242,8 +291,13 @@ class SparsePattern:
                         shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(Z^T (dense - shift), as [d_sae, n] or, if transposed, [n, d_sae]; and Z's column sums if with_sums).
         shift ([n], optional) is subtracted from every row of dense without forming dense - shift."""
-        found = native.sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense.contiguous(),
-                                      transposed, with_sums, shift)
+        found = None
+        if self.backend == "triton":
+            found = dispatch.triton_kernels().sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense,
+                                                             transposed, with_sums, shift)
+        elif self.backend == "native":
+            found = native.sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense.contiguous(),
+                                          transposed, with_sums, shift)
         if found is not None:
             return found
         product = self.transposed(values) @ dense
@@ -385,11 +439,17 @@ class GatedFunction(torch.autograd.Function):
         z = torch.mm(x, W_enc, out=ws_z)
         gain = r_mag.exp()
         mag_shift = shift_mag * gain + b_mag
-        found = native.gated_forward(z, bias_gate, gain, mag_shift, gate=ws_gate, pi_mag=ws_mag, f=ws_f)
+        ctx.backend = backend = dispatch.backend_for(x, W_enc, bias_gate, W_dec)
+        found = None
+        if backend == "triton":
+            found = dispatch.triton_kernels().gated_forward(z, bias_gate, gain, mag_shift, gate=ws_gate, pi_mag=ws_mag,
+                                                            f=ws_f)
+        elif backend == "native":
+            found = native.gated_forward(z, bias_gate, gain, mag_shift, gate=ws_gate, pi_mag=ws_mag, f=ws_f)
         if found is not None:  # z is spent: backward's dL/df goes to its buffer
             total, fired = found
             gate, pi_mag, f, grad_mag_buffer = ws_gate, ws_mag, ws_f, ws_z
-            penalty = x.new_tensor(total / x.shape[0])
+            penalty = (total.to(x.dtype) if isinstance(total, Tensor) else x.new_tensor(total)) / x.shape[0]
         else:
             gate = torch.add(z, bias_gate, out=ws_gate).relu_()  # ReLU(pi_gate); pi_gate > 0 <=> gate > 0
             pi_mag = torch.addcmul(mag_shift, z, gain, out=z)  # (z + shift) exp(r) + b_mag, one pass
@@ -419,7 +479,7 @@ class GatedFunction(torch.autograd.Function):
                 grads[6] = f.t() @ g_xhat
             if need[7]:
                 grads[7] = g_xhat.sum(0)
-            sums = native.gated_backward_mag(g_mag, f, pi_mag, gain)  # g_mag becomes dL/dz of this path
+            sums = _gated_backward_mag(ctx.backend, g_mag, f, pi_mag, gain)  # g_mag becomes dL/dz
             if sums is not None:
                 grads_mag_sum, pi_mag_grad_sum = sums
                 g_z = g_mag
@@ -441,7 +501,7 @@ class GatedFunction(torch.autograd.Function):
                 g_gate = torch.addmm(pen, g_aux, W_dec.t(), out=ws_gate)
             else:
                 g_gate = ws_gate.copy_(pen.expand_as(ws_gate))
-            sums = native.gated_backward_gate(g_gate, gate, g_z) if g_z is not None else None  # g_z += masked
+            sums = _gated_backward_gate(ctx.backend, g_gate, gate, g_z) if g_z is not None else None  # g_z += masked
             if sums is None:
                 _keep_where_positive(g_gate, gate, out=g_gate)
                 sums = g_gate.sum(0) if need[2] else None
@@ -454,3 +514,17 @@ class GatedFunction(torch.autograd.Function):
             if need[1]:
                 grads[1] = x.t() @ g_z
         return tuple(grads)
+
+
+def _gated_backward_mag(backend: str, *args: Tensor) -> tuple[Tensor, Tensor] | None:
+    """gated_backward_mag of this backend's kernels; None on the torch backend (or where native declines)."""
+    if backend == "triton":
+        return dispatch.triton_kernels().gated_backward_mag(*args)
+    return native.gated_backward_mag(*args) if backend == "native" else None
+
+
+def _gated_backward_gate(backend: str, *args: Tensor) -> Tensor | None:
+    """gated_backward_gate of this backend's kernels; None on the torch backend (or where native declines)."""
+    if backend == "triton":
+        return dispatch.triton_kernels().gated_backward_gate(*args)
+    return native.gated_backward_gate(*args) if backend == "native" else None
