@@ -22,10 +22,13 @@ from tests.conftest import run_cli, tiny_overrides
 OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
 
 
-def _module(nan_policy: str) -> SAEModule:
+def _module(nan_policy: str, deferred: bool = False) -> SAEModule:
+    """deferred: the finite check a GPU step makes (noted on the device, read later; nonfinite.py), forced here."""
     torch.manual_seed(0)
     sae = build_sae({"_target_": "saelab.saes.relu.ReluSAE", "d_in": 8, "d_sae": 32, "sparsity_coefficient": 0.01})
-    return SAEModule.single(sae, OPTIM, max_steps=6, dead_window_tokens=1000, nan_policy=nan_policy)
+    module = SAEModule.single(sae, OPTIM, max_steps=6, dead_window_tokens=1000, nan_policy=nan_policy)
+    module.member.deferred_checks = deferred
+    return module
 
 
 def _batches(bad_index: int | None) -> DataLoader:
@@ -52,15 +55,19 @@ def _all_checkpoints_finite(directory: Path) -> list[int]:
     return steps
 
 
-def test_nan_loss_stops_naming_the_step_and_term(tmp_path):
-    module = _module("stop")
+@pytest.mark.parametrize("deferred", [False, True])
+def test_nan_loss_stops_naming_the_step_and_term(tmp_path, deferred):
+    """Deferred, the record is read before every checkpoint (one per step here), so the run stops at once too."""
+    module = _module("stop", deferred)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: term\(s\) rec, sparsity"):
         _trainer(tmp_path).fit(module, train_dataloaders=_batches(bad_index=2))
     assert _all_checkpoints_finite(tmp_path / "ckpt") == [1, 2]  # the steps before the bad batch
 
 
-def test_nan_loss_skips_the_batch_when_configured(tmp_path):
-    module = _module("skip")
+@pytest.mark.parametrize("deferred", [False, True])
+def test_nan_loss_skips_the_batch_when_configured(tmp_path, deferred):
+    """Deferred, fused Adam skips the update on the device (found_inf) and the record counts the batch."""
+    module = _module("skip", deferred)
     before = {k: v.clone() for k, v in module.sae.state_dict().items()}
     trainer = _trainer(tmp_path)
     trainer.fit(module, train_dataloaders=_batches(bad_index=2))
@@ -70,6 +77,28 @@ def test_nan_loss_skips_the_batch_when_configured(tmp_path):
     assert not torch.equal(module.sae.W_dec, before["W_dec"])  # the other batches did train
     assert all(torch.isfinite(p).all() for p in module.sae.parameters())
     assert _all_checkpoints_finite(tmp_path / "ckpt") == [1, 2, 3, 4, 5, 6]
+
+
+class _BatchCounter(L.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, *args) -> None:
+        self.batches += 1
+
+
+def test_deferred_nan_check_reports_at_the_next_logging_step_with_the_bad_step(tmp_path):
+    """No checkpoints: a NaN at step 1 is reported at the logging step 4 (log_every_n_steps=5), naming step 1;
+    the bad batch's update was skipped on the device, so the weights stayed finite in between."""
+    module = _module("stop", deferred=True)
+    counter = _BatchCounter()
+    trainer = L.Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[counter], log_every_n_steps=5, accelerator="cpu")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1: term\(s\) rec, sparsity"):
+        trainer.fit(module, train_dataloaders=_batches(bad_index=1))
+    assert counter.batches == 4  # batches 0-3 completed; the logging step (4) read the record and stopped
+    assert int(trainer.optimizers[0].state[module.sae.W_dec]["step"]) == 3  # 0, 2 and 3 updated; 1 skipped
+    assert all(torch.isfinite(p).all() for p in module.sae.parameters())
 
 
 class _CorruptWeights(L.Callback):

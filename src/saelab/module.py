@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from saelab.allocator import keep_freed_memory
 from saelab.errors import check_choice
+from saelab.nonfinite import NonFiniteWatch
 from saelab.saes.base import SAE, TrainStep
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ class SAEMember(nn.Module):
         self.target_l0 = getattr(sae.cfg, "target_l0", None) if "sparsity" in sae.scheduled_coefficients else None
         self.loggers: list = []  # this member's experiment loggers (one W&B run / CSV file per job)
         self.failure: BaseException | None = None  # set when the member stops (its job then fails alone)
+        # Non-finite losses on an accelerator are noted on the device and read on logging steps (nonfinite.py);
+        # None: decided per batch (deferred off the CPU), the module turns it off where Adam is not fused.
+        self.deferred_checks: bool | None = None
+        self.watch = NonFiniteWatch()
         self._step_times: deque[tuple[float, int]] = deque(maxlen=21)
 
     @property
@@ -136,7 +141,11 @@ class SAEMember(nn.Module):
         out = (self._training_loss(batch, coefficients) if target is None
                else self._training_loss(batch, coefficients, target))
         loss = sum(out.terms.values())
-        if not torch.isfinite(loss):
+        if self.defers_checks(batch):
+            self.watch.record(out.terms, step)
+            if with_l0:  # a logging step: the one read of the record
+                self.read_watch()
+        elif not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
             raise FloatingPointError(f"non-finite loss at step {step}: term(s) {', '.join(bad)}")
         with torch.no_grad():
@@ -155,6 +164,22 @@ class SAEMember(nn.Module):
             if self.target_l0 is not None:
                 self.control_l0(out.extras["l0"], step)
         return loss, out
+
+    def defers_checks(self, batch: Tensor) -> bool:
+        """Whether this step's finite check is deferred to the next logging step (off the CPU, by default)."""
+        return self.deferred_checks if self.deferred_checks is not None else batch.device.type != "cpu"
+
+    def read_watch(self) -> None:
+        """Report the non-finite steps recorded since the last read. Their updates were skipped on the device
+        (SAEModule passes the flag to fused Adam), so under nan_policy=skip they count as skipped batches;
+        under stop, FloatingPointError names the first bad step and the terms, as the immediate check does."""
+        report = self.watch.read()
+        if report is None:
+            return
+        if self.nan_policy == "stop":
+            raise FloatingPointError(report.message())
+        log.warning("%s: %d batch(es) skipped (nan_policy=skip)", report.message(), report.steps)
+        self.skipped_batches.add_(report.steps)
 
     def step_metrics(self, batch: Tensor, loss: Tensor, out: TrainStep, coefficients: dict[str, float], lr: float
                      ) -> dict[str, Any]:
@@ -268,12 +293,41 @@ class SAEModule(L.LightningModule):
             total = loss if total is None else total + loss
         if not any(m.alive for m in self.members):  # nothing left to train: end the run with the first failure
             raise next(m.failure for m in self.members)
+        self._skip_update_if_non_finite()
         if logging_step and total is not None:  # the progress bar: the group's summed loss and its tokens/s
             self.log("loss", total.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
             rates = [r for m in self.members if m.alive and (r := m.tokens_per_s()) is not None]
             if rates:
                 self.log("tok/s", min(rates), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         return total  # None: every member skipped this batch (Lightning then runs no backward)
+
+    def _skip_update_if_non_finite(self) -> None:
+        """Hand this step's deferred non-finite flag to fused Adam (`found_inf`): it then skips the update on the
+        device, for the whole group (one member's bad batch costs the others that batch's update)."""
+        if self._trainer is None:
+            return
+        optimizer = self.optimizers().optimizer
+        if not all(group.get("fused") for group in optimizer.param_groups):  # found_inf is fused Adam's alone
+            for member in self.members:
+                member.deferred_checks = False
+            return
+        flags = [m.watch.last_bad for m in self._stepping if m.alive and m.watch.last_bad is not None]
+        optimizer.found_inf = torch.stack(flags).any().float() if flags else None
+        for member in self.members:
+            member.watch.last_bad = None
+
+    def read_deferred_checks(self) -> None:
+        """Read every member's record now (before a checkpoint, at the end of training): a bad step after the
+        last logging step is reported too."""
+        for member in self.members:
+            if member.alive:
+                try:
+                    member.read_watch()
+                except FloatingPointError as err:
+                    self._non_finite(member, err)
+
+    def on_train_end(self) -> None:
+        self.read_deferred_checks()
 
     def _non_finite(self, member: SAEMember, err: FloatingPointError) -> None:
         if member.nan_policy == "stop" or self._distributed():  # a rank that skipped would hang the others
@@ -299,6 +353,7 @@ class SAEModule(L.LightningModule):
 
         A member whose weights went non-finite stops (its job fails, its earlier checkpoints stay); the
         checkpoint I/O (saelab.checkpoint_io) writes only the members still alive."""
+        self.read_deferred_checks()
         for member in self.members:
             bad = member.non_finite_weights() if member.alive else []
             if bad:

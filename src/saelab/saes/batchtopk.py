@@ -18,6 +18,7 @@ from torch import Tensor
 
 from saelab.errors import ConfigError
 from saelab.kernels import native
+from saelab.kernels.dispatch import host_sync_free
 from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE
 
 # The torch fallback searches entries above 0.8 theta first, then above lower cutoffs, then all (exact either way).
@@ -82,7 +83,7 @@ class BatchTopKSAE(TopKSAE):
             return ids, (pre.flatten()[ids] if pre.requires_grad else values)  # the kernel's carry no gradient
         flat = (pre if bias is None else pre + bias).flatten()
         ids = None
-        if self.threshold_batches > 0:
+        if not host_sync_free(flat) and self.threshold_batches > 0:  # a data-dependent search: CPU only
             for fraction in CANDIDATE_FRACTIONS:
                 candidates = (flat > fraction * self.threshold).nonzero().squeeze(1)
                 if candidates.numel() >= n_keep:
@@ -95,13 +96,16 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def update_from_batch(self, active: ActiveLatents) -> dict[str, Tensor]:
-        """Move theta towards this batch's smallest kept (positive) activation."""
-        kept = active.values[active.values > 0]
-        if self.training and kept.numel() > 0:  # an eval-mode selection is thresholded by theta already
-            smallest = kept.min().float()
-            decay = self.cfg.threshold_ema_decay if self.threshold_batches > 0 else 0.0
-            self.threshold.mul_(decay).add_((1 - decay) * smallest)
-            self.threshold_batches.add_(1)
+        """Move theta towards this batch's smallest kept (positive) activation (the first such batch sets it).
+        Written with device tensors only, so it never waits for the GPU."""
+        if self.training:  # an eval-mode selection is thresholded by theta already
+            positive = active.values > 0
+            any_kept = positive.any()
+            smallest = torch.where(positive, active.values, float("inf")).min().float()
+            decay = torch.where(self.threshold_batches > 0, self.cfg.threshold_ema_decay, 0.0)
+            moved = self.threshold * decay + (1 - decay) * smallest
+            self.threshold.copy_(torch.where(any_kept, moved, self.threshold))
+            self.threshold_batches.add_(any_kept.long())
         return {"threshold": self.threshold.clone()}
 
     @torch.no_grad()

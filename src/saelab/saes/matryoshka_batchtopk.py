@@ -23,9 +23,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from saelab.errors import ConfigError
+from saelab.kernels.dispatch import host_sync_free
 from saelab.kernels.fused import SparseDecode, SparsePattern
 from saelab.saes.base import squared_error
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
@@ -83,6 +85,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         """sum of f_i d_i over the active entries with start <= i < stop, per token (only those rows of W_dec are
         read). The entries stay grouped by token, so the band is a sparse matrix of the same kind."""
         keep = (active.latents >= start) & (active.latents < stop)
+        if pattern is not None and host_sync_free(active.values):  # fixed shapes: zero the entries off the band
+            return SparseDecode.apply(torch.where(keep, active.values, 0.0), self.W_dec, pattern)
         band = ActiveLatents(active.rows[keep], active.latents[keep], active.values[keep], active.batch_size,
                              active.d_sae)
         if pattern is None:

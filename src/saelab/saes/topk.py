@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_bool, check_positive
 from saelab.kernels import native
+from saelab.kernels.dispatch import host_sync_free
 from saelab.kernels.fused import SparseDecode, SparseGather, SparsePattern, SparseReconstructionError, csr_offsets
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 
@@ -89,7 +90,8 @@ class ActiveLatents:
 
     def fired(self) -> Tensor:
         """[d_sae] bool: latents with a positive value on some token (no dense tensor is built)."""
-        return torch.bincount(self.latents, weights=self.values.clamp_min(0), minlength=self.d_sae) > 0  # no mask
+        positive = self.values.detach().clamp_min(0).float()
+        return positive.new_zeros(self.d_sae).index_add_(0, self.latents, positive) > 0
 
     def active_count(self) -> Tensor:
         return (self.values > 0).sum()
@@ -291,6 +293,11 @@ class TopKSAE(SAE):
         latent ids) reconstruct it. Zero while nothing in range is dead."""
         total = t.new_zeros(())
         variance = None
+        if host_sync_free(t):  # the same loss with fixed shapes: no count of the dead latents reaches the host
+            variance = input_variance(t)
+            for residual in residuals:
+                total = total + self.masked_auxk_loss(selection, dead, residual, t, variance)
+            return total
         for residual in residuals:
             dead_ids = dead[residual.start:residual.stop].nonzero().squeeze(1) + residual.start
             if dead_ids.numel() == 0:
@@ -355,11 +362,45 @@ class TopKSAE(SAE):
             if cfg.auxk_relu:
                 aux.values = aux.values.relu()
             e_hat = aux.decode(self.W_dec)
+        return self.auxk_fit(residual, e_hat, input_variance, dead_ids.numel())
+
+    def auxk_fit(self, residual: Tensor, e_hat: Tensor, input_variance: Tensor, n_dead: int | Tensor) -> Tensor:
+        """||e - e_hat||^2 / ||e - mean(e)||^2 * input_variance, times min(n_dead / k_aux, 1) (auxk_dead_scaling)."""
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         loss = (residual - e_hat).pow(2).sum() / variance * input_variance
-        if cfg.auxk_dead_scaling:  # fewer dead latents than k_aux: a proportionally smaller term
-            loss = loss * min(dead_ids.numel() / self.k_aux, 1.0)
+        if self.cfg.auxk_dead_scaling:  # fewer dead latents than k_aux: a proportionally smaller term
+            loss = loss * (n_dead / self.k_aux if isinstance(n_dead, Tensor) else min(n_dead / self.k_aux, 1.0))
         return loss
+
+    def masked_auxk_loss(self, selection: Selection, dead: Tensor, residual: Residual, t: Tensor,
+                         input_variance: Tensor) -> Tensor:
+        """auxk_loss for one residual, in shapes that do not depend on the data (what a GPU step needs): the top
+        min(k_aux, band width) pre-activations with every latent that is alive or outside the residual's band at
+        -inf, then the entries beyond the dead count zeroed. The kept entries are auxk_loss's top
+        min(k_aux, n_dead) dead ones, so the loss and its gradients are the same; zero while nothing is dead."""
+        in_band = torch.zeros_like(dead)
+        in_band[residual.start:residual.stop] = dead[residual.start:residual.stop]
+        n_dead = in_band.sum()
+        k = min(self.k_aux, residual.stop - residual.start)
+        x = selection.x
+        if selection.pattern is not None:
+            with torch.no_grad():
+                pre = selection.pre if selection.pre is not None else torch.mm(x, self.W_enc)
+                if selection.pre is None or selection.pre_bias is not None:
+                    pre = pre + (selection.bias if selection.pre is None else selection.pre_bias)
+        else:
+            pre = selection.pre
+        rows, latents, values = per_token_topk(pre.masked_fill(~in_band, float("-inf")), k)
+        aux = ActiveLatents(rows, latents, values, pre.shape[0], self.d_sae)
+        kept = in_band[latents]  # False only where fewer than k latents are dead
+        if selection.pattern is not None:
+            pattern = self.attach_gradient(aux, x, relu=self.cfg.auxk_relu)
+            e_hat = SparseDecode.apply(torch.where(kept, aux.values, 0.0), self.W_dec, pattern)
+        else:
+            aux.values = torch.where(kept, aux.values.relu() if self.cfg.auxk_relu else aux.values, 0.0)
+            e_hat = aux.decode(self.W_dec)
+        n = n_dead.clamp(max=self.k_aux).to(t.dtype)
+        return self.auxk_fit(residual.of(t), e_hat, input_variance, n) * (n_dead > 0)
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         return self.standard_tensors(scale)

@@ -1,0 +1,116 @@
+"""A GPU step never waits for the host: no operation whose result size or value must reach the CPU runs in a
+non-logging training step, for any variant, on the kernels a GPU runs (Triton's, here in its interpreter).
+
+On the CPU nothing synchronises, so the check watches for the operations that do on a GPU: reading a value
+(.item(), bool(), int(), float(), .tolist()) and data-dependent shapes (nonzero, boolean indexing, bincount,
+unique, masked_select). tests/test_cuda.py checks the same on a GPU with torch.cuda.set_sync_debug_mode.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from saelab.module import SAEMember
+from saelab.saes import build_sae
+
+READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "equal", "allclose"}
+DATA_SHAPED = {"nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select"}
+D_IN, D_SAE, BATCH = 16, 64, 16
+OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+VARIANTS = {
+    "relu": {"_target_": "saelab.saes.relu.ReluSAE", "sparsity_coefficient": 0.1},
+    "gated": {"_target_": "saelab.saes.gated.GatedSAE", "sparsity_coefficient": 0.1},
+    "jumprelu": {"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "sparsity_coefficient": 0.1, "bandwidth": 0.1},
+    "topk": {"_target_": "saelab.saes.topk.TopKSAE", "k": 4, "k_aux": 8, "dead_window_tokens": 50},
+    "batchtopk": {"_target_": "saelab.saes.batchtopk.BatchTopKSAE", "k": 4, "k_aux": 8, "dead_window_tokens": 50},
+    "matryoshka_batchtopk": {"_target_": "saelab.saes.matryoshka_batchtopk.MatryoshkaBatchTopKSAE", "k": 4,
+                             "k_aux": 8, "dead_window_tokens": 50, "matryoshka_widths": [16, 64]},
+    "topk_skip_transcoder": {"_target_": "saelab.saes.topk.TopKSAE", "k": 4, "k_aux": 8, "dead_window_tokens": 50,
+                             "d_out": D_IN, "skip": True},
+}
+
+
+class HostReads(TorchFunctionMode):
+    """Records the syncing operations called from outside Triton's interpreter (which converts to numpy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if self.syncs(name, args, kwargs) and not self.inside_triton():
+            where = next((f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}"
+                          for frame in reversed(traceback.extract_stack()[:-1]) if "/saelab/" in frame.filename), "?")
+            self.seen.append(f"{name} at {where}")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def syncs(name: str, args: tuple, kwargs: dict) -> bool:
+        if name in READS or name in DATA_SHAPED:
+            return True
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:  # a boolean-mask index
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        if name == "repeat_interleave":  # tensor repeats without output_size
+            repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+            return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+        return False
+
+    @staticmethod
+    def inside_triton() -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if "/triton/" in frame.f_code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
+
+
+def test_the_detector_sees_what_would_synchronise():
+    x = torch.randn(8)
+    with HostReads() as reads:
+        _ = x[x > 0], x.sum().item(), bool(x.max() > 0), x.nonzero(), x.topk(2), torch.where(x > 0, x, 0.0)
+    assert [s.split(" ")[0] for s in reads.seen] == ["__getitem__", "item", "__bool__", "nonzero"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_non_logging_steps_read_nothing_back(variant, monkeypatch):
+    """Steps 2 and 3 of a member on the GPU's kernels (Triton, deferred finite checks): the loss, its backward, the
+    decoder projection, fused Adam and the renormalisation never read a device value, with dead latents so that
+    AuxK runs. The first steps may (warm-up: the first logging step reads the finite-check record)."""
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    torch.manual_seed(0)
+    sae = build_sae({"d_in": D_IN, "d_sae": D_SAE, **VARIANTS[variant]})
+    member = SAEMember(sae, OPTIM, max_steps=10, dead_window_tokens=50)
+    member.deferred_checks = True
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
+    structured = torch.randn(D_IN, D_IN) / D_IN**0.5
+    with torch.no_grad():
+        sae.tokens_since_fired[::3] = 100  # a third dead: AuxK runs
+        sae.tokens_seen.fill_(100)
+
+    def step(index: int) -> None:
+        x = torch.randn(BATCH, D_IN) @ structured
+        target = x.roll(1, dims=1) if sae.transcoder else None
+        loss, _ = member.step_loss(x, member.coefficients(index), index, with_l0=index == 0, target=target)
+        loss.backward()
+        sae.before_optimizer_step()
+        optimizer.found_inf = member.watch.last_bad.float()
+        optimizer.step()
+        sae.after_optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0)
+    step(1)
+    with HostReads() as reads:
+        for index in (2, 3):
+            step(index)
+    assert reads.seen == []
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
