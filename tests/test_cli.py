@@ -144,8 +144,8 @@ BAD_INPUTS = [
     (["ckpt_path=/nonexistent/x.ckpt"],
      """ckpt_path='/nonexistent/x.ckpt' is not allowed: expected null, "last", or an existing checkpoint file"""),
     (["trainer.precision=8-mixed"],
-     "trainer.precision='8-mixed' is not allowed: expected one of 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, "
-     "64-true"),
+     "trainer.precision='8-mixed' is not allowed: expected one of auto, tf32, 32-true, bf16-mixed, 16-mixed, "
+     "bf16-true, 16-true, 64-true"),
     (["sae=matryoshka_batchtopk", "sae.matryoshka_widths=[32,8,128]"],
      "sae.matryoshka_widths=[32, 8, 128] is not allowed: expected strictly increasing widths ending at d_sae (128)"),
     (["sae.skip=true"], "sae.skip=True is not allowed: expected false for an SAE (a skip connection needs a "

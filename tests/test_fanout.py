@@ -248,7 +248,8 @@ def test_group_key_separates_what_decides_the_stream(tmp_path):
         assert group_key(_job(tmp_path, num, **changes)) == base, changes
     # What decides the batches or the loop does.
     for num, changes in enumerate([{"data.seed": 1}, {"data.batch_size": 128}, {"data.train_tokens": 5120},
-                                   {"trainer.deterministic": True}, {"eval.tokens": 128}], start=10):
+                                   {"trainer.deterministic": True}, {"eval.tokens": 128},
+                                   {"trainer.precision": "tf32"}], start=10):  # TF32 is torch-global
         assert group_key(_job(tmp_path, num, **changes)) != base, changes
 
 

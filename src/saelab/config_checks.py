@@ -14,6 +14,7 @@ from saelab.data.normalize import METHODS
 from saelab.data.synthetic import SyntheticSpec
 from saelab.errors import ConfigError, check_bool, check_choice, check_positive
 from saelab.module import NAN_POLICIES
+from saelab.precision import SAELAB_PRECISIONS
 
 SOURCES = ("pydocs", "text_files", "hf", "synthetic")
 # What lightning.pytorch.Trainer(precision=...) accepts (its _PRECISION_INPUT), read from Lightning when possible.
@@ -43,11 +44,11 @@ def lightning_precisions() -> tuple:
 
 
 def check_precision(value) -> None:
-    allowed = lightning_precisions()
+    allowed = SAELAB_PRECISIONS + lightning_precisions()
     if value is None:  # Lightning's default
         return
     if isinstance(value, bool) or value not in allowed:
-        full = ", ".join(str(v) for v in allowed if isinstance(v, str) and "-" in v)
+        full = ", ".join(str(v) for v in allowed if isinstance(v, str) and ("-" in v or v in SAELAB_PRECISIONS))
         aliases = ", ".join(dict.fromkeys(str(v) for v in allowed if not (isinstance(v, str) and "-" in v)))
         raise ConfigError("trainer.precision", value, f"one of {full} (or the aliases {aliases})")
 

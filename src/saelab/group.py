@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from saelab import precision
 from saelab.callbacks import PeriodicEval
 from saelab.checkpoint_io import GroupCheckpointIO
 from saelab.data.datamodule import ActivationDataModule
@@ -92,6 +93,7 @@ def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) 
     checkpoint_io = GroupCheckpointIO([jobs[i].run_dir / "checkpoints" for i in live],
                                       alive=lambda: [m.alive for m in module.members],
                                       resume_from=_resume_paths([jobs[i] for i in live]))
+    precision.apply(first.trainer.get("precision"))  # TF32 matmuls or not: the whole group's
     trainer = instantiate(_trainer_config(first, max_steps), logger=False, callbacks=callbacks,
                           default_root_dir=str(jobs[live[0]].run_dir), plugins=[checkpoint_io])
     world = int(trainer.world_size)
@@ -175,6 +177,7 @@ def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
     trainer_cfg["max_steps"] = int(max_steps)
     if trainer_cfg.get("precision", "32-true") in MEMBER_PRECISIONS:
         trainer_cfg["precision"] = "32-true"
+    trainer_cfg["precision"] = precision.lightning_precision(trainer_cfg.get("precision", "32-true"))
     trainer_cfg["gradient_clip_val"] = None
     return trainer_cfg
 

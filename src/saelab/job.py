@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from saelab import precision
 from saelab.config_checks import check_run_config
 from saelab.data.model import configured_hooks
 from saelab.errors import ConfigError
@@ -70,6 +71,9 @@ def prepare_job(cfg: DictConfig) -> Job:
     check_run_config(cfg)
     resolved = copy.deepcopy(cfg)
     OmegaConf.resolve(resolved)
+    if "precision" in resolved.trainer:  # auto: what this machine runs (saelab.precision)
+        resolved.trainer.precision = precision.resolve(resolved.trainer.precision,
+                                                       resolved.trainer.get("accelerator", "auto"))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
     shown = [o for o in overrides if not o.startswith(("paths.", "hydra", "logger"))]
