@@ -1,0 +1,169 @@
+"""kernels/triton_gpu.py without a GPU: each kernel against a torch transcription of its contract (in Triton's
+interpreter, on shapes with tails), and each kernel compiled for Hopper (sm_90: Triton's own compiler and ptxas
+build the cubin on the CPU), so a kernel the interpreter accepts but the compiler rejects fails here, not on the
+first GPU. tests/test_step_equivalence.py checks the whole steps on these kernels against the SPEC."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from saelab.kernels import dispatch
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not installed")
+B, M = 37, 300  # rows and columns that fill no block exactly
+
+
+@pytest.fixture
+def tk(monkeypatch):
+    if not torch.cuda.is_available():
+        assert dispatch.interpreting(), "conftest sets TRITON_INTERPRET=1 without a GPU"
+    return dispatch.triton_kernels()
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kernel", ["rectangle", "triangle"])
+def test_jumprelu_forward_and_backward(tk, kernel):
+    pre, bias, theta = _rand(B, M), 0.1 * _rand(M, seed=1), 0.3 * _rand(M, seed=2)  # some thresholds <= 0
+    p = pre + bias
+    kept = pre.clone()
+    f = torch.empty_like(pre)
+    n_active, fired = tk.jumprelu_forward(kept, bias, theta, out=f)
+    torch.testing.assert_close(kept, p)
+    torch.testing.assert_close(f, torch.where(p > theta, p, 0.0))
+    assert int(n_active) == int((p > theta).sum())
+    assert torch.equal(fired, (torch.where(p > theta, p, 0.0) > 0).any(0))
+
+    g_f, g_l0, eps = _rand(B, M, seed=3), torch.tensor(0.7), 0.4
+    u = (p - theta) / eps
+    window = (u.abs() < 0.5).float() if kernel == "rectangle" else (1 - u.abs()).clamp_min(0)
+    # SPEC 3: d f/d theta = -(theta/eps) K(u), d H/d theta = -(1/eps) K(u); L0 = sum_i H / B.
+    expected_theta = -(window * (theta * g_f + g_l0 / B)).sum(0) / eps
+    g = g_f.clone()
+    grad_theta = tk.jumprelu_backward(g, kept, theta, g_l0, eps, kernel, need_theta=True)
+    torch.testing.assert_close(grad_theta, expected_theta, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g, g_f * (p > theta))
+    only_l0 = tk.jumprelu_backward(None, kept, theta, g_l0, eps, kernel, need_theta=True)
+    torch.testing.assert_close(only_l0, -(window * g_l0 / B).sum(0) / eps, atol=1e-6, rtol=1e-5)
+
+
+def test_gated_passes(tk):
+    z, bias_gate, gain, shift = _rand(B, M), 0.2 * _rand(M, seed=1), _rand(M, seed=2).exp(), _rand(M, seed=3)
+    gate, pi_mag, f = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+    total, fired = tk.gated_forward(z, bias_gate, gain, shift, gate=gate, pi_mag=pi_mag, f=f)
+    ref_gate = (z + bias_gate).relu()
+    ref_mag = z * gain + shift
+    ref_f = (ref_gate > 0) * ref_mag.relu()
+    torch.testing.assert_close(gate, ref_gate)
+    torch.testing.assert_close(pi_mag, ref_mag)
+    torch.testing.assert_close(f, ref_f)
+    torch.testing.assert_close(total, ref_gate.sum(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(fired, (ref_f > 0).any(0))
+
+    g = _rand(B, M, seed=4)
+    masked = g * (ref_f > 0)
+    sum_g, sum_pg = tk.gated_backward_mag(g, f, pi_mag, gain)
+    torch.testing.assert_close(g, masked * gain)
+    torch.testing.assert_close(sum_g, masked.sum(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sum_pg, (masked * ref_mag).sum(0), atol=1e-5, rtol=1e-5)
+
+    g_gate, g_z = _rand(B, M, seed=5), _rand(B, M, seed=6)
+    expected = g_z + g_gate * (ref_gate > 0)
+    sums = tk.gated_backward_gate(g_gate, gate, g_z)
+    torch.testing.assert_close(g_z, expected)
+    torch.testing.assert_close(sums, (g_gate * (ref_gate > 0)).sum(0), atol=1e-5, rtol=1e-5)
+
+
+def _sparse(batch=B, d_sae=M, k=5):
+    """A sparse [batch, d_sae] matrix with k entries per row (row 3 empty), grouped by row, and it densely."""
+    g = torch.Generator().manual_seed(7)
+    counts = torch.full((batch,), k)
+    counts[3] = 0
+    rows = torch.arange(batch).repeat_interleave(counts)
+    cols = torch.cat([torch.randperm(d_sae, generator=g)[:c] for c in counts.tolist()])
+    values = torch.randn(rows.shape[0], generator=g)
+    dense = torch.zeros(batch, d_sae).index_put_((rows, cols), values)
+    return rows, cols, values, dense
+
+
+def test_sparse_products(tk):
+    rows, cols, values, Z = _sparse()
+    width = 150  # past one BLOCK_D
+    table, dense, bias, shift = _rand(M, width, seed=1), _rand(B, width, seed=2), _rand(width, seed=3), _rand(width)
+    row_offsets = tk.sorted_offsets(rows, B)
+    assert torch.equal(row_offsets, torch.nn.functional.pad(torch.bincount(rows, minlength=B).cumsum(0), (1, 0)))
+    out, sq = tk.sparse_decode(values, cols, row_offsets, table, bias, dense, row_sq=True)
+    torch.testing.assert_close(out, Z @ table + bias - dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sq, (Z @ table + bias - dense).pow(2).sum(-1), atol=1e-4, rtol=1e-5)
+    plain, none = tk.sparse_decode(values, cols, row_offsets, table)
+    torch.testing.assert_close(plain, Z @ table, atol=1e-5, rtol=1e-5)
+    assert none is None
+
+    dots = tk.sampled_dot(rows, cols, table, dense)
+    torch.testing.assert_close(dots, (dense @ table.t())[rows, cols], atol=1e-5, rtol=1e-5)
+
+    order, col_offsets = tk.group_by(cols, M)
+    assert torch.equal(cols[order], cols.sort(stable=True).values)
+    for transposed in (False, True):
+        product, sums = tk.sparse_t_dense(order, col_offsets, rows, values, dense, transposed, True, shift)
+        expected = Z.t() @ (dense - shift)
+        torch.testing.assert_close(product, expected.t() if transposed else expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sums, Z.sum(0), atol=1e-6, rtol=1e-5)
+
+
+COMPILE = textwrap.dedent('''
+    import itertools, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from saelab.kernels import triton_gpu as tg
+
+    def sig(names, types):
+        return dict(zip(names, types))
+
+    tile = {"BR": tg.BLOCK_ROWS, "BC": tg.BLOCK_COLS}
+    jobs = []
+    for t in ("fp32", "bf16"):
+        p = "*" + t
+        jobs.append((tg._jumprelu_forward, [p, "*fp32", "*fp32", p, "*i32", "*i32", "i32", "i32"], tile))
+        for kernel, has_g, has_l0 in itertools.product((0, 1), (True, False), (True, False)):
+            jobs.append((tg._jumprelu_backward, [p, p, "*fp32", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
+                         {"KERNEL": kernel, "HAS_G": has_g, "HAS_L0": has_l0, **tile}))
+        jobs.append((tg._gated_forward, [p, "*fp32", "*fp32", "*fp32", p, p, p, "*fp32", "*i32", "i32", "i32"], tile))
+        jobs.append((tg._gated_backward_mag, [p, p, p, "*fp32", "*fp32", "*fp32", "i32", "i32"], tile))
+        jobs.append((tg._gated_backward_gate, [p, p, p, "*fp32", "i32", "i32"], tile))
+        for has_bias, has_minus, row_sq in itertools.product((True, False), repeat=3):
+            jobs.append((tg._sparse_decode, [p, "*i64", "*i64", p, p, p, p, "*fp32", "i32"],
+                         {"HAS_BIAS": has_bias, "HAS_MINUS": has_minus, "ROW_SQ": row_sq, "BD": tg.BLOCK_D}))
+        jobs.append((tg._sampled_dot, ["*i64", "*i64", p, p, p, "i32", "i32"], {"BE": tg.BLOCK_ENTRIES,
+                                                                              "BD": tg.BLOCK_D}))
+        for has_shift, sums in itertools.product((True, False), repeat=2):
+            jobs.append((tg._sparse_t_dense, ["*i64", "*i64", "*i64", p, p, p, p, p, "i32", "i32", "i32"],
+                         {"HAS_SHIFT": has_shift, "SUMS": sums, "BD": tg.BLOCK_D}))
+    target = GPUTarget("cuda", 90, 32)
+    for fn, types, constexprs in jobs:
+        names = fn.arg_names
+        signature = {n: ("constexpr" if n in constexprs else types[i]) for i, n in enumerate(names)}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+        assert compiled.asm["cubin"], fn.__name__
+    print(len(jobs), "kernels compiled for sm_90")
+''')
+
+
+def test_every_kernel_compiles_for_hopper():
+    """Not in the interpreter: Triton's compiler lowers each kernel (fp32 and bf16 tensors, every constexpr
+    combination) to PTX and ptxas assembles it for sm_90, the H100/H200."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-c", COMPILE], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kernels compiled for sm_90" in result.stdout
