@@ -245,7 +245,8 @@ class SparsePattern:
             return
         grouped = native.group_by(latents, d_sae) if self.backend == "native" else None
         if grouped is None:
-            grouped = latents.argsort(stable=True), csr_offsets(latents, d_sae)  # rows stay ascending per latent
+            order = latents.argsort(stable=True)  # rows stay ascending per latent
+            grouped = order, csr_offsets(latents.index_select(0, order), d_sae)
         self.order, self._latent_offsets = grouped
         self._row_offsets = csr_offsets(rows, batch_size)
 
@@ -308,8 +309,9 @@ class SparsePattern:
 
 
 def csr_offsets(ids: Tensor, n: int) -> Tensor:
-    """CSR offsets [n + 1] of entries grouped by id."""
-    return torch.nn.functional.pad(torch.bincount(ids, minlength=n).cumsum(0), (1, 0))
+    """CSR offsets [n + 1] of entries grouped by id, ascending: offsets[i] = #(ids < i). A binary search, where
+    bincount would size its output from the data (a host synchronisation on a GPU)."""
+    return torch.searchsorted(ids, torch.arange(n + 1, device=ids.device, dtype=ids.dtype))
 
 
 class SparseGather(torch.autograd.Function):
