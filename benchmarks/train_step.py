@@ -1,7 +1,8 @@
 """Training-step throughput of each SAE variant against the matmul roofline measured in the same run.
 
-    python benchmarks/train_step.py --variant relu --d-sae 3072 --batch 4096 [--d-in 384] [--acts PATH]
-        [--steps 30] [--warmup 5] [--json OUT] [SAE overrides, e.g. k=64]
+    python -m benchmarks.train_step --variant relu --d-sae 3072 --batch 4096 [--d-in 384] [--acts PATH]
+        [--steps 30] [--warmup 5] [--device cpu|cuda] [--precision fp32|tf32|bf16] [--reference] [--json OUT]
+        [SAE overrides, e.g. k=64]
 
 Each step runs exactly what SAEModule runs per step (SAEMember.step_loss: the SAE's training loss and the
 dead-latent bookkeeping; backward; before_optimizer_step, i.e. the decoder-gradient projection; Adam's step;
@@ -35,27 +36,69 @@ computed per token, and `bf16_roofline_gflops` is the bf16 matmul's rate on the 
 pass the override bf16_screen=false for the float32-only step. The JSON also gives
 dense_equivalent_fraction = (time a dense 5-pass step would take at the 5-pass roofline) / (measured step
 time): above 1 means the sparse step is faster than any dense implementation could be on this machine.
+
+--precision: fp32 = float32 matmuls with TF32 off; tf32 = float32 parameters, TF32 matmuls; bf16 = the SAE
+member's bf16 autocast (SAEMember(precision="bf16-mixed"), as trainer.precision=bf16-mixed trains). The roofline
+runs in the dtype the step's matmuls run in (float32, TF32 or bfloat16). --device cuda (issue #14): the data
+sits on the GPU, every mark is a CUDA event read after the timed region (nothing synchronises inside a step),
+and the run also measures, on the same GPU and in the same process,
+  - a plain hand-written autograd step of the same variant (benchmarks/reference_step.py), same dtype and
+    autocast, with fused Adam and the unit-norm decoder: reference_tokens_per_s, reference_ratio (saelab's
+    tokens/s over the reference's);
+  - host synchronisations per non-logging step (with_l0=False, as SAEMember.step_loss runs between logging
+    steps), counted with torch.profiler: syncs_per_step, sync_events; and by torch.cuda's sync debug mode:
+    sync_warnings_per_step (cuda_timing.count_host_syncs);
+  - which kernels ran: `kernels` = saelab.kernels.dispatch.backend_for(x) where that exists ("unknown" where it
+    does not), with SAELAB_KERNELS (auto | torch | triton) recorded as `saelab_kernels`.
+--reference asks for the reference and the sync count on the CPU too (off by default there, so the CPU figures
+are timed as before). The CPU keeps its line and JSON keys; every run adds device, gpu, precision,
+matmul_dtype, kernels, tflops, roofline_tflops and `summary`, the line CUDA (and --reference) runs print:
+  relu 768x24576 b4096 cuda bf16: 1,234k tok/s  roofline 612 TFLOP/s  fraction 0.54  reference 812k tok/s (1.52x)
+  syncs/step 0.0
 """
+
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import time
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch import Tensor
 
-from saelab.module import SAEModule
-from saelab.saes import build_sae, native
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.cuda_timing import (
+    PRECISIONS,
+    Clock,
+    Roofline,
+    count_host_syncs,
+    device_name,
+    matmul_dtype,
+    matmul_precision,
+)
+from benchmarks.reference_step import ReferenceSAE, time_reference, unsupported
+from saelab.module import SAEMember, SAEModule
+from saelab.saes import build_sae
+
+try:
+    from saelab.kernels import native
+except ImportError:  # before the kernels moved from saelab.saes to saelab.kernels
+    from saelab.saes import native
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 LOG_EVERY_N_STEPS = 10  # conf/trainer/default.yaml: L0 is computed on logging steps only, as in training
 DENSE_PASSES = {"relu": 5, "jumprelu": 5, "gated": 7, "topk": 1, "batchtopk": 1, "matryoshka_batchtopk": 1}
 SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")  # one dense pass; the decoder side is sparse
+MEMBER_PRECISION = {"fp32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed"}  # TF32 is a global switch
 
 
 def build(variant: str, d_in: int, d_sae: int, overrides: list[str]):
@@ -73,39 +116,20 @@ def step_flops(variant: str, sae, batch: int) -> float:
     return dense
 
 
-class Roofline:
-    """The step's dense matmul shapes (forward and backward), run back to back with preallocated outputs; in
-    float32, or in another dtype (bfloat16: the rate of the bf16 screen's encoder matmul)."""
-
-    def __init__(self, variant: str, batch: int, d_in: int, d_sae: int, dtype: torch.dtype = torch.float32):
-        x, f = torch.randn(batch, d_in, dtype=dtype), torch.randn(batch, d_sae, dtype=dtype)
-        w_enc, w_dec = torch.randn(d_in, d_sae, dtype=dtype), torch.randn(d_sae, d_in, dtype=dtype)
-        out_f, out_x = torch.empty(batch, d_sae, dtype=dtype), torch.empty(batch, d_in, dtype=dtype)
-        out_we, out_wd = torch.empty(d_in, d_sae, dtype=dtype), torch.empty(d_sae, d_in, dtype=dtype)
-        self.shapes = [
-            lambda: torch.mm(x, w_enc, out=out_f),  # encoder forward
-            lambda: torch.mm(x.t(), f, out=out_we),  # dW_enc
-            lambda: torch.mm(f, w_dec, out=out_x),  # decoder forward
-            lambda: torch.mm(f.t(), x, out=out_wd),  # dW_dec
-            lambda: torch.mm(x, w_dec.t(), out=out_f),  # df
-            lambda: torch.mm(f, w_dec, out=out_x),  # aux decoder forward (gated)
-            lambda: torch.mm(x, w_dec.t(), out=out_f),  # aux input gradient (gated)
-        ][: DENSE_PASSES[variant]]
-        self.flops = len(self.shapes) * 2.0 * batch * d_in * d_sae
-        self.run()  # warm-up
-
-    def run(self) -> float:
-        """Seconds for one pass over the shapes."""
-        start = time.perf_counter()
-        for fn in self.shapes:
-            fn()
-        return time.perf_counter() - start
-
-    def gflops(self, repeats: int) -> float:
-        return self.flops / statistics.median(self.run() for _ in range(repeats)) / 1e9
+def kernels_backend(x: Tensor) -> str:
+    """What saelab.kernels.dispatch.backend_for says runs the step's kernels for x ("native", "triton",
+    "torch"), or "unknown" where this saelab has no dispatch module."""
+    try:
+        from saelab.kernels.dispatch import backend_for
+    except ImportError:
+        return "unknown"
+    try:
+        return str(backend_for(x))
+    except Exception as err:  # a report, not a reason to lose the run's figures
+        return f"error: {type(err).__name__}: {err}"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=sorted(DENSE_PASSES), default="relu")
     parser.add_argument("--d-sae", type=int, default=3072)
@@ -114,10 +138,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--acts", type=Path, help="float32 tensor [N, d_in] saved with torch.save")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32: float32, TF32 off; tf32: TF32 matmuls; bf16: the member's bf16 autocast")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the hand-written reference step and count host syncs (always on CUDA)")
+    parser.add_argument("--sync-steps", type=int, default=3, help="non-logging steps the sync count profiles")
     parser.add_argument("--json", type=Path)
     parser.add_argument("overrides", nargs="*", help="SAE config overrides, e.g. k=64 aux_loss=none")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device")
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        with matmul_precision(args.precision):
+            return run(args)
+    finally:
+        if args.device == "cuda":  # in-process callers (benchmarks/gpu_check.py) run the next shape on a clean pool
+            torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
     torch.manual_seed(0)
     if args.acts:
         acts = torch.load(args.acts, weights_only=True).float()
@@ -125,77 +171,147 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # synthetic, roughly the scale of normalised activations (E||x||^2 = 1)
         d_in = args.d_in
         acts = torch.randn(max(4 * args.batch, 16384), d_in) / d_in**0.5
-    sae = build(args.variant, d_in, args.d_sae, args.overrides)
+    acts = acts.to(device)  # the data is on the device before anything is timed
+    with torch.device(device):
+        sae = build(args.variant, d_in, args.d_sae, args.overrides)
     optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "optim" / "adam.yaml")) | {"lr": 1e-4}
-    module = SAEModule.single(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000)
+    member = SAEMember(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000,
+                       precision=MEMBER_PRECISION[args.precision])
+    module = SAEModule([member]).to(device)
     optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
     module.on_fit_start()  # what the Trainer calls first: the allocator setting training runs with
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
+    with_reference = args.reference or device.type == "cuda"
+    reference, reference_note = None, unsupported(args.variant, sae.cfg) if with_reference else "not asked for"
+    if reference_note is None:  # built now: it starts from the weights saelab starts from
+        reference = ReferenceSAE(args.variant, sae, float(optim_cfg["lr"]), member.param_group()["betas"],
+                                 member.autocast_dtype)
 
-    # This VM's speed drifts (by 10-30% within a minute at times), so every measured step is paired with a
-    # roofline pass timed just before it, and the fraction is the median of the per-pair fractions.
-    roofline = Roofline(args.variant, args.batch, d_in, args.d_sae)
-    flops = step_flops(args.variant, sae, args.batch)
-    times, roofline_times, phases = [], [], {"forward": [], "backward": [], "optimizer": []}
-    for step in range(args.warmup + args.steps):
+    def batch(step: int) -> Tensor:
         start_row = (step * args.batch) % (len(acts) - args.batch + 1)
-        x = acts[start_row : start_row + args.batch]
-        roofline_s = roofline.run()
-        start = time.perf_counter()
-        loss, _ = module.member.step_loss(x, coefficients, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
+        return acts[start_row : start_row + args.batch]
+
+    clock = Clock(device)
+
+    def saelab_step(x: Tensor, with_l0: bool) -> tuple[Any, Any, Any, Any]:
+        """One step as SAEModule.training_step and the Trainer run it; clock marks at its phase boundaries."""
+        start = clock.mark()
+        with member.autocast(device.type):
+            loss, _ = member.step_loss(x, coefficients, with_l0=with_l0)
         optimizer.zero_grad(set_to_none=True)
-        forward_end = time.perf_counter()
+        forward_end = clock.mark()
         loss.backward()
-        backward_end = time.perf_counter()
+        backward_end = clock.mark()
         module.on_before_optimizer_step(optimizer)
         optimizer.step()
         sae.after_optimizer_step()
-        end = time.perf_counter()
+        return start, forward_end, backward_end, clock.mark()
+
+    # This VM's speed drifts (by 10-30% within a minute at times), so every measured step is paired with a
+    # roofline pass timed just before it, and the fraction is the median of the per-pair fractions.
+    dtype = matmul_dtype(args.precision)
+    roofline = Roofline(DENSE_PASSES[args.variant], args.batch, d_in, args.d_sae, dtype=dtype, device=device)
+    flops = step_flops(args.variant, sae, args.batch)
+    marks, roofline_marks = [], []
+    for step in range(args.warmup + args.steps):
+        x = batch(step)
+        roofline_pass = roofline.run()
+        step_marks = saelab_step(x, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
         if step >= args.warmup:
-            times.append(end - start)
-            roofline_times.append(roofline_s)
-            for phase, seconds in zip(phases, (forward_end - start, backward_end - forward_end, end - backward_end),
-                                      strict=True):
-                phases[phase].append(seconds)
+            marks.append(step_marks)
+            roofline_marks.append(roofline_pass)
+    clock.sync()
+    roofline_flops = roofline.flops
+    del roofline  # its buffers: GiBs at the GPU shapes
+    times = [clock.seconds(m[0], m[3]) for m in marks]
+    roofline_times = [clock.seconds(*m) for m in roofline_marks]
+    phases = {name: [clock.seconds(m[i], m[i + 1]) for m in marks]
+              for i, name in enumerate(("forward", "backward", "optimizer"))}
 
     step_s = statistics.median(times)
     gflops = flops / step_s / 1e9
-    fractions = [(flops / t) / (roofline.flops / r) for t, r in zip(times, roofline_times, strict=True)]
+    fractions = [(flops / t) / (roofline_flops / r) for t, r in zip(times, roofline_times, strict=True)]
+    roofline_gflops = roofline_flops / statistics.median(roofline_times) / 1e9
+    with member.autocast(device.type):
+        kernels = kernels_backend(batch(0))
     result = {
         "variant": args.variant, "d_in": d_in, "d_sae": args.d_sae, "batch": args.batch,
         "threads": torch.get_num_threads(), "native_kernels": native.library() is not None,  # TopK's C++ kernels
         "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
-        "gflops": gflops, "roofline_gflops": roofline.flops / statistics.median(roofline_times) / 1e9,
+        "gflops": gflops, "roofline_gflops": roofline_gflops,
         "roofline_fraction": statistics.median(fractions),
         "roofline_fraction_range": [min(fractions), max(fractions)],  # over the step/roofline pairs
         # Medians of the step's phases: the loss (forward, with bookkeeping), backward, and the optimiser phase
         # (decoder-gradient projection, Adam, renormalisation), which any implementation of the step pays.
         **{f"{phase}_ms": 1e3 * statistics.median(seconds) for phase, seconds in phases.items()},
+        "device": device.type, "gpu": device_name(device), "torch": torch.__version__, "precision": args.precision,
+        "matmul_dtype": str(dtype).removeprefix("torch."), "tflops": gflops / 1e3,
+        "roofline_tflops": roofline_gflops / 1e3, "kernels": kernels,
+        "saelab_kernels": os.environ.get("SAELAB_KERNELS", "auto"), "steps": args.steps, "warmup": args.warmup,
     }
     if args.variant in SPARSE:
         candidates = getattr(sae, "screen_candidates_per_token", None)
         result["bf16_screen"] = candidates is not None
         result["screen_candidates_per_token"] = candidates
-        bf16 = Roofline(args.variant, args.batch, d_in, args.d_sae, dtype=torch.bfloat16)  # the encoder shape
-        result["bf16_roofline_gflops"] = bf16.gflops(max(5, args.steps // 2))
-        dense = Roofline("relu", args.batch, d_in, args.d_sae)
+        bf16 = Roofline(DENSE_PASSES[args.variant], args.batch, d_in, args.d_sae, dtype=torch.bfloat16, device=device)
+        result["bf16_roofline_gflops"] = bf16.gflops(max(5, args.steps // 2))  # the encoder shape
+        del bf16
+        dense = Roofline(DENSE_PASSES["relu"], args.batch, d_in, args.d_sae, dtype=dtype, device=device)
         dense_step_s = dense.flops / (dense.gflops(max(5, args.steps // 2)) * 1e9)
+        del dense
         result["dense_equivalent_fraction"] = dense_step_s / step_s
-    print(f"{args.variant:>9} d_in {d_in} d_sae {args.d_sae} batch {args.batch}: {result['ms_per_step']:.1f} ms/step, "
-          f"{result['tokens_per_s']:,.0f} tok/s, {gflops:.1f} GFLOP/s of {result['roofline_gflops']:.1f} roofline; "
-          f"fraction {100 * result['roofline_fraction']:.0f}% (median of {len(fractions)} step/roofline pairs, "
-          f"range {100 * min(fractions):.0f}-{100 * max(fractions):.0f}%)"
-          + (f"; {result['dense_equivalent_fraction']:.2f}x a dense step at the roofline"
-             if "dense_equivalent_fraction" in result else "")
-          + f"; phases (ms) forward {result['forward_ms']:.1f}, backward {result['backward_ms']:.1f}, "
-            f"optimiser {result['optimizer_ms']:.1f}"
-          + ("" if result["native_kernels"] or args.variant not in SPARSE
-             else "; native kernels OFF")
-          + (f"; bf16 screen ON ({result['screen_candidates_per_token']:.1f} exact values per token; bf16 matmul "
-             f"{result['bf16_roofline_gflops']:.1f} GFLOP/s)" if result.get("bf16_screen") else ""))
+    if with_reference:
+        result |= time_reference(reference, reference_note, batch, args.warmup, args.steps, args.sync_steps, clock)
+        if result["reference_tokens_per_s"] is not None:
+            result["reference_ratio"] = result["tokens_per_s"] / result["reference_tokens_per_s"]
+        result |= count_host_syncs(lambda: saelab_step(batch(0), with_l0=False), args.sync_steps, device)
+    result["summary"] = summary(result)
+    if device.type == "cpu":
+        print(cpu_line(result, len(fractions), fractions))
+    if with_reference:
+        print(result["summary"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The one line per run that benchmarks/gpu_check.sh collects (figures also in the JSON)."""
+    line = (f"{result['variant']} {result['d_in']}x{result['d_sae']} b{result['batch']} {result['device']} "
+            f"{result['precision']}: {tokens(result['tokens_per_s'])} tok/s  roofline "
+            f"{rate(result['roofline_tflops'])}  fraction {result['roofline_fraction']:.2f}")
+    if result.get("reference_ratio") is not None:
+        line += f"  reference {tokens(result['reference_tokens_per_s'])} tok/s ({result['reference_ratio']:.2f}x)"
+    elif "reference_note" in result:
+        line += f"  reference n/a ({result['reference_note']})"
+    if result.get("syncs_per_step") is not None:
+        line += f"  syncs/step {result['syncs_per_step']:.1f}"
+    return line
+
+
+def tokens(per_s: float) -> str:
+    """1,234k above 10k tokens/s (GPU figures), plain below (tiny CPU smoke runs)."""
+    return f"{per_s / 1e3:,.0f}k" if per_s >= 1e4 else f"{per_s:,.0f}"
+
+
+def rate(tflops: float) -> str:
+    """612 TFLOP/s on a GPU; GFLOP/s below 1 TFLOP/s."""
+    return f"{tflops:,.0f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.3g} GFLOP/s"
+
+
+def cpu_line(result: dict[str, Any], pairs: int, fractions: list[float]) -> str:
+    """The CPU benchmark's line, as it has always read."""
+    return (f"{result['variant']:>9} d_in {result['d_in']} d_sae {result['d_sae']} batch {result['batch']}: "
+            f"{result['ms_per_step']:.1f} ms/step, {result['tokens_per_s']:,.0f} tok/s, {result['gflops']:.1f} GFLOP/s "
+            f"of {result['roofline_gflops']:.1f} roofline; fraction {100 * result['roofline_fraction']:.0f}% (median "
+            f"of {pairs} step/roofline pairs, range {100 * min(fractions):.0f}-{100 * max(fractions):.0f}%)"
+            + (f"; {result['dense_equivalent_fraction']:.2f}x a dense step at the roofline"
+               if "dense_equivalent_fraction" in result else "")
+            + f"; phases (ms) forward {result['forward_ms']:.1f}, backward {result['backward_ms']:.1f}, "
+              f"optimiser {result['optimizer_ms']:.1f}"
+            + ("" if result["native_kernels"] or result["variant"] not in SPARSE else "; native kernels OFF")
+            + (f"; bf16 screen ON ({result['screen_candidates_per_token']:.1f} exact values per token; bf16 matmul "
+               f"{result['bf16_roofline_gflops']:.1f} GFLOP/s)" if result.get("bf16_screen") else ""))
 
 
 if __name__ == "__main__":
