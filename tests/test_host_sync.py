@@ -8,6 +8,7 @@ unique, masked_select). tests/test_cuda.py checks the same on a GPU with torch.c
 
 from __future__ import annotations
 
+import copy
 import sys
 import traceback
 
@@ -114,3 +115,40 @@ def test_non_logging_steps_read_nothing_back(variant, monkeypatch):
             step(index)
     assert reads.seen == []
     assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def test_auxk_is_skipped_exactly_while_no_latent_can_be_dead(monkeypatch):
+    """The GPU path proves on the host that nothing is dead (the counters' maximum read on a logging step plus the
+    tokens since), and skips AuxK's fixed-shape work only then; unproven (before the first read, after a load), it
+    runs, and gives zero where nothing is dead; once latents are dead it equals the CPU path's term."""
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    torch.manual_seed(0)
+    sae = build_sae({"d_in": D_IN, "d_sae": D_SAE, **VARIANTS["topk"], "dead_window_tokens": 4 * BATCH})
+    member = SAEMember(sae, OPTIM, max_steps=10, dead_window_tokens=4 * BATCH)
+    member.deferred_checks = True
+    calls = []
+    original = type(sae).masked_auxk_loss
+    monkeypatch.setattr(type(sae), "masked_auxk_loss", lambda self, *a: calls.append(1) or original(self, *a))
+    x = torch.randn(BATCH, D_IN)
+
+    def auxk(step: int, logging: bool) -> float:
+        _, out = member.step_loss(x, {}, step, with_l0=logging)
+        return float(out.terms["auxk"])
+
+    assert auxk(0, logging=False) == 0 and calls == [1]  # unknown bound: computed (nothing dead: zero)
+    assert auxk(1, logging=True) == 0 and calls == [1, 1]  # the logging step reads the bound (after its AuxK)
+    assert sae.none_dead(4 * BATCH)
+    with torch.no_grad():  # the same input every step: the latents that never fire go dead after the window
+        never_fired = int((sae.tokens_since_fired >= 2 * BATCH).sum())
+    assert never_fired > 0
+    assert auxk(2, logging=False) == 0 and calls == [1, 1]  # proven: skipped (the max is 2 batches < 4)
+    assert auxk(3, logging=False) == 0 and calls == [1, 1]  # 3 batches < 4
+    assert not sae.none_dead(4 * BATCH)  # 4 batches: the latents that never fired are dead
+    cpu_sae = copy.deepcopy(sae)
+    value = auxk(4, logging=False)
+    assert value > 0 and calls == [1, 1, 1]
+    monkeypatch.setenv("SAELAB_KERNELS", "auto")  # the CPU path: the dead latents' ids, then their top k_aux
+    expected = cpu_sae.training_loss(x, {}).terms["auxk"]
+    torch.testing.assert_close(torch.tensor(value), expected.detach(), rtol=1e-5, atol=1e-6)
+    sae.load_state_dict(sae.state_dict())
+    assert not sae.none_dead(4 * BATCH)  # a load forgets the bound

@@ -143,8 +143,9 @@ class SAEMember(nn.Module):
         loss = sum(out.terms.values())
         if self.defers_checks(batch):
             self.watch.record(out.terms, step)
-            if with_l0:  # a logging step: the one read of the record
+            if with_l0:  # a logging step: the reads a GPU step defers
                 self.read_watch()
+                self.sae.refresh_dead_bound()
         elif not torch.isfinite(loss):
             bad = [name for name, term in out.terms.items() if not torch.isfinite(term)]
             raise FloatingPointError(f"non-finite loss at step {step}: term(s) {', '.join(bad)}")

@@ -189,6 +189,9 @@ class SAE(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(self.d_out, self.d_in)) if cfg.skip else None
         # Tokens seen since each latent last fired: dead-latent bookkeeping, saved in checkpoints.
         self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.long))
+        # A host-side bound on its maximum (none_dead): unknown until a logging step reads it (refresh_dead_bound),
+        # so counters written in place before then (a broadcast, a test) are never missed.
+        self._since_fired_bound: int | None = None
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
     # -- initialisation -------------------------------------------------------------------------
@@ -342,6 +345,23 @@ class SAE(nn.Module):
         """Dead-latent bookkeeping from a [d_sae] mask of the latents that fired in the last `n_tokens` tokens."""
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
         self.tokens_seen.add_(n_tokens)
+        if self._since_fired_bound is not None:
+            self._since_fired_bound += n_tokens
+
+    def refresh_dead_bound(self) -> None:
+        """Read max(tokens_since_fired) (one host synchronisation: logging steps call this)."""
+        self._since_fired_bound = int(self.tokens_since_fired.max()) if self.d_sae else 0
+
+    def none_dead(self, window_tokens: int) -> bool:
+        """True when no latent can be dead (dead_mask all false), proven on the host without reading the device:
+        the counters only grow by each batch's tokens (or reset), so their maximum is at most the last read one
+        plus the tokens since. False when unproven (the bound is unknown until refresh_dead_bound, and a loaded
+        state forgets it); a GPU step then computes what depends on the dead latents in fixed shapes."""
+        return self._since_fired_bound is not None and self._since_fired_bound < int(window_tokens)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._since_fired_bound = None  # new counters: the bound is unknown until read again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def dead_mask(self, window_tokens: int) -> Tensor:
         """Latents that have not fired in the last `window_tokens` tokens. Before a window has passed nothing is

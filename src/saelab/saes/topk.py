@@ -294,6 +294,8 @@ class TopKSAE(SAE):
         total = t.new_zeros(())
         variance = None
         if host_sync_free(t):  # the same loss with fixed shapes: no count of the dead latents reaches the host
+            if self.none_dead(self.cfg.dead_window_tokens):  # proven on the host: zero, as below
+                return total
             variance = input_variance(t)
             for residual in residuals:
                 total = total + self.masked_auxk_loss(selection, dead, residual, t, variance)
