@@ -31,6 +31,15 @@ def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def test_relu_forward(tk):
+    pre, bias = _rand(B, M), 0.1 * _rand(M, seed=1)
+    f = pre.clone()
+    total, fired = tk.relu_forward(f, bias)
+    torch.testing.assert_close(f, (pre + bias).relu())
+    torch.testing.assert_close(total, (pre + bias).relu().sum(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(fired, ((pre + bias) > 0).any(0))
+
+
 @pytest.mark.parametrize("kernel", ["rectangle", "triangle"])
 def test_jumprelu_forward_and_backward(tk, kernel):
     pre, bias, theta = _rand(B, M), 0.1 * _rand(M, seed=1), 0.3 * _rand(M, seed=2)  # some thresholds <= 0
@@ -134,6 +143,7 @@ COMPILE = textwrap.dedent('''
     jobs = []
     for t in ("fp32", "bf16"):
         p = "*" + t
+        jobs.append((tg._relu_forward, [p, "*fp32", "*fp32", "*i32", "i32", "i32"], tile))
         jobs.append((tg._jumprelu_forward, [p, "*fp32", "*fp32", p, "*i32", "*i32", "i32", "i32"], tile))
         for kernel, has_g, has_l0 in itertools.product((0, 1), (True, False), (True, False)):
             jobs.append((tg._jumprelu_backward, [p, p, "*fp32", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],

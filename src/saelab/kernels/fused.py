@@ -67,22 +67,28 @@ class SquaredError(torch.autograd.Function):
 
 
 class ReluL1Function(torch.autograd.Function):
-    """(x_hat, f, ||f||_1 / B) for f = ReLU(x W_enc + b), x_hat = f W_dec + b_dec."""
+    """(x_hat, f, ||f||_1 / B, fired) for f = ReLU(x W_enc + b), x_hat = f W_dec + b_dec; fired ([d_sae] bool) is
+    None unless the Triton kernel found it on the way (with the bias, the ReLU and the penalty's sum)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, W_dec: Tensor, b_dec: Tensor,
-                workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        f = torch.addmm(b, x, W_enc, out=workspace[0]).relu_()
+                workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        if dispatch.backend_for(x, W_enc, b, W_dec) == "triton":
+            f = torch.mm(x, W_enc, out=workspace[0])
+            total, fired = dispatch.triton_kernels().relu_forward(f, b)
+            penalty = total.to(x.dtype) / x.shape[0]
+        else:
+            f = torch.addmm(b, x, W_enc, out=workspace[0]).relu_()
+            penalty, fired = f.sum(-1).mean(), None
         x_hat = torch.addmm(b_dec, f, W_dec)
-        penalty = f.sum(-1).mean()
         ctx.save_for_backward(x, W_enc, W_dec, f)
         ctx.workspace = workspace[1]
         ctx.mark_non_differentiable(f)
         ctx.set_materialize_grads(False)
-        return x_hat, f, penalty
+        return x_hat, f, penalty, fired
 
     @staticmethod
-    def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_pen: Tensor | None):
+    def backward(ctx: Any, g_xhat: Tensor | None, _g_f: Tensor | None, g_pen: Tensor | None, _g_fired: Tensor | None):
         x, W_enc, W_dec, f = ctx.saved_tensors
         batch = f.shape[0]
         need = ctx.needs_input_grad

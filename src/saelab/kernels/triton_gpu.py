@@ -41,6 +41,27 @@ def _tile(pid_r, pid_c, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
     return rows, cols, rows[:, None] * n_cols + cols[None, :], mask, cols < n_cols
 
 
+# -- ReLU ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _relu_forward(pre_ptr, bias_ptr, total_ptr, fired_ptr, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    rows, cols, offs, mask, col_ok = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BR, BC)
+    p = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    f = tl.maximum(p + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :], 0.0)
+    f = tl.where(mask, f, 0.0)
+    tl.store(pre_ptr + offs, f.to(pre_ptr.dtype.element_ty), mask=mask)
+    tl.atomic_add(total_ptr, tl.sum(tl.sum(f, axis=1), axis=0))
+    tl.atomic_max(fired_ptr + cols, tl.max((f > 0).to(tl.int32), axis=0), mask=col_ok)
+
+
+def relu_forward(pre: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """In place: pre <- ReLU(pre + bias). Returns (the sum of all entries, a float32 scalar: the L1 penalty before
+    its 1/B; fired [m] bool). One pass where addmm's bias, relu_, the penalty's sum and the firing max take four."""
+    total = torch.zeros((), dtype=torch.float32, device=pre.device)
+    fired = torch.zeros(pre.shape[1], dtype=torch.int32, device=pre.device)
+    _relu_forward[_tile_grid(pre.shape)](pre, bias, total, fired, *pre.shape, BR=BLOCK_ROWS, BC=BLOCK_COLS)
+    return total, fired.bool()
+
+
 # -- JumpReLU ------------------------------------------------------------------------------------------------------
 @triton.jit
 def _jumprelu_forward(pre_ptr, bias_ptr, theta_ptr, f_ptr, count_ptr, fired_ptr, n_rows, n_cols,

@@ -44,9 +44,10 @@ class ReluSAE(SAE):
         t = self.reconstruction_target(x, target)
         if self.cfg.sparsity == "l1" and self.fused_ok(x):
             bias = self.folded_bias(self.W_enc, self.b_enc)
-            x_hat, f, penalty = ReluL1Function.apply(x, self.W_enc, bias, self.W_dec, self.b_dec,
-                                                     (self.workspace("f", x), self.workspace("grad_f", x)))
-            return TrainStep({"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
+            x_hat, f, penalty, fired = ReluL1Function.apply(x, self.W_enc, bias, self.W_dec, self.b_dec,
+                                                            (self.workspace("f", x), self.workspace("grad_f", x)))
+            terms = {"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}
+            return TrainStep(terms, f, fired_mask=fired)
         f = self.encode(x)
         x_hat = self.decode(f)
         if self.cfg.sparsity == "l1":
