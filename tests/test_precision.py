@@ -33,3 +33,13 @@ def test_lightning_gets_32_true_for_tf32_and_torch_gets_tf32_matmuls():
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_lightning_accepts_every_saelab_precision():
+    """A Trainer built from trainer.precision=auto or tf32 (as `saelab-cache build` and group.py build one)."""
+    import lightning as L
+
+    for given in ("auto", "tf32"):
+        trainer = L.Trainer(**precision.for_lightning({"precision": given, "accelerator": "cpu", "max_steps": 1}),
+                            logger=False, enable_checkpointing=False)
+        assert trainer.precision == "32-true"

@@ -177,7 +177,7 @@ def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
     trainer_cfg["max_steps"] = int(max_steps)
     if trainer_cfg.get("precision", "32-true") in MEMBER_PRECISIONS:
         trainer_cfg["precision"] = "32-true"
-    trainer_cfg["precision"] = precision.lightning_precision(trainer_cfg.get("precision", "32-true"))
+    trainer_cfg = precision.for_lightning(trainer_cfg)
     trainer_cfg["gradient_clip_val"] = None
     return trainer_cfg
 

@@ -30,6 +30,13 @@ def lightning_precision(precision: object) -> object:
     return "32-true" if precision == "tf32" else precision
 
 
+def for_lightning(trainer_cfg: dict) -> dict:
+    """A trainer config as Lightning's Trainer takes it: precision resolved (auto) and mapped (tf32)."""
+    given = trainer_cfg.get("precision", "32-true")
+    resolved = resolve(given, trainer_cfg.get("accelerator", "auto"))
+    return trainer_cfg | {"precision": lightning_precision(resolved)}
+
+
 def apply(precision: object) -> None:
     """Set torch's float32 matmul precision for a run: TF32 under tf32, full float32 otherwise."""
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")

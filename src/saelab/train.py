@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from saelab import precision
 from saelab.cli_checks import CONF_DIR, check_group_overrides
 from saelab.errors import ConfigError
 from saelab.group import activations_needed, run_steps, train_group
@@ -40,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def world_size(cfg: DictConfig) -> int:
     """The number of training processes the configured Trainer would run (building it starts none)."""
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) | {"max_steps": 1}
+    trainer_cfg = precision.for_lightning(OmegaConf.to_container(cfg.trainer, resolve=True) | {"max_steps": 1})
     return int(instantiate(trainer_cfg, logger=False, enable_checkpointing=False).world_size)
 
 
