@@ -30,10 +30,13 @@ SCRIPT = textwrap.dedent("""
 
     for _ in range(3):  # settle glibc's dynamic thresholds
         step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    windows = []  # the quietest of three windows: a fault from elsewhere in the process (a thread starting, the
+    for _ in range(3):  # machine under load) would otherwise be counted as the step's
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            step()
+        windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    print(min(windows))
 """)
 
 
@@ -47,5 +50,5 @@ def test_fit_start_stops_fresh_tensors_from_page_faulting():
     if not sys.platform.startswith("linux"):
         pytest.skip("mallopt is glibc's")
     plain, fit = faults_per_step("plain"), faults_per_step("fit")
-    assert plain > 200  # glibc trims the heap's freed top, and the next step faults those pages in again
+    assert plain > 100  # glibc trims the heap's freed top, and the next step faults those pages in again (170-6900)
     assert fit < plain / 4
