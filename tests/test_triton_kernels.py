@@ -141,7 +141,7 @@ COMPILE = textwrap.dedent('''
 
     tile = {"BR": tg.BLOCK_ROWS, "BC": tg.BLOCK_COLS}
     jobs = []
-    for t in ("fp32", "bf16"):
+    for t in ("fp32",):  # the fused step runs in float32 (and TF32 matmuls); bf16 runs autograd
         p = "*" + t
         jobs.append((tg._relu_forward, [p, "*fp32", "*fp32", "*i32", "i32", "i32"], tile))
         jobs.append((tg._jumprelu_forward, [p, "*fp32", "*fp32", p, "*i32", "*i32", "i32", "i32"], tile))
@@ -170,7 +170,7 @@ COMPILE = textwrap.dedent('''
 
 
 def test_every_kernel_compiles_for_hopper():
-    """Not in the interpreter: Triton's compiler lowers each kernel (fp32 and bf16 tensors, every constexpr
+    """Not in the interpreter: Triton's compiler lowers each kernel (float32 tensors, every constexpr
     combination) to PTX and ptxas assembles it for sm_90, the H100/H200."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     result = subprocess.run([sys.executable, "-c", COMPILE], cwd=REPO, env=env, capture_output=True, text=True,
