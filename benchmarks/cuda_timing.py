@@ -182,3 +182,24 @@ def sync_warnings(step: Callable[[], Any], steps: int, device: torch.device) -> 
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     return sum("synchroniz" in str(w.message).lower() for w in caught) / steps
+
+
+def synthetic_activations(batch: int, d_in: int, device: torch.device) -> torch.Tensor:
+    """What every library's step is fed here: randn / sqrt(d_in), seed 0, four batches or 16384 rows at least."""
+    torch.manual_seed(0)
+    return (torch.randn(max(4 * batch, 16384), d_in) / d_in**0.5).to(device)
+
+
+def median_step_seconds(acts: torch.Tensor, batch: int, warmup: int, steps: int,
+                        step: Callable[[torch.Tensor, int], Any]) -> float:
+    """The median seconds of step(x, index) over `steps` timed calls after `warmup`, x cycling through acts."""
+    clock = Clock(acts.device)
+    marks = []
+    for index in range(warmup + steps):
+        start_row = (index * batch) % (len(acts) - batch + 1)
+        start = clock.mark()
+        step(acts[start_row : start_row + batch], index)
+        if index >= warmup:
+            marks.append((start, clock.mark()))
+    clock.sync()
+    return statistics.median(clock.seconds(*m) for m in marks)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cuda_timing import Clock, device_name, matmul_precision
+from benchmarks.cuda_timing import device_name, matmul_precision, median_step_seconds, synthetic_activations
 
 VARIANTS = {
     "standard": (StandardTrainingSAE, StandardTrainingSAEConfig, {"l1_coefficient": 5.0}, {"l1": 5.0}),
@@ -69,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    acts = (torch.randn(max(4 * args.batch, 16384), args.d_in) / args.d_in**0.5).to(device)
+    acts = synthetic_activations(args.batch, args.d_in, device)
     cls, cfg_cls, cfg_kwargs, coefficients = VARIANTS[args.variant]
     sae = cls(cfg_cls(d_in=args.d_in, d_sae=args.d_sae, device=str(device), **cfg_kwargs)).to(device)
     sae.train()
@@ -79,30 +77,24 @@ def run(args: argparse.Namespace) -> dict:
     act_freq = torch.zeros(args.d_sae, device=device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
-    clock = Clock(device)
-    marks = []
-    for step in range(args.warmup + args.steps):
-        start_row = (step * args.batch) % (len(acts) - args.batch + 1)
-        x = acts[start_row : start_row + args.batch]
-        start = clock.mark()
+
+    def step(x: torch.Tensor, index: int) -> None:
         with autocast:
             out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients,
-                                                           dead_neuron_mask=since_fired > 1e9, n_training_steps=step,
+                                                           dead_neuron_mask=since_fired > 1e9, n_training_steps=index,
                                                            is_logging_step=False))
             with torch.no_grad():
                 firing = out.feature_acts.bool().float()
                 did_fire = firing.sum(-2).bool()
-                since_fired += 1
+                since_fired.add_(1)
                 since_fired[did_fire] = 0
-                act_freq += firing.sum(0)
+                act_freq.add_(firing.sum(0))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        if step >= args.warmup:
-            marks.append((start, clock.mark()))
-    clock.sync()
-    step_s = statistics.median(clock.seconds(*m) for m in marks)
+
+    step_s = median_step_seconds(acts, args.batch, args.warmup, args.steps, step)
     result = {"library": "sae_lens", "variant": args.variant, "d_in": args.d_in, "d_sae": args.d_sae,
               "batch": args.batch, "device": device.type, "gpu": device_name(device), "precision": args.precision,
               "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s, "steps": args.steps}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cuda_timing import Clock, device_name, matmul_precision
+from benchmarks.cuda_timing import device_name, matmul_precision, median_step_seconds, synthetic_activations
 
 AUXK_ALPHA = 1 / 32  # sparsify's TrainConfig default
 DEAD_FEATURE_THRESHOLD = 10_000_000  # sparsify's TrainConfig default, in tokens
@@ -63,19 +62,14 @@ def run(args: argparse.Namespace) -> dict:
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
 
-    torch.manual_seed(0)
-    acts = (torch.randn(max(4 * args.batch, 16384), args.d_in) / args.d_in**0.5).to(device)
+    acts = synthetic_activations(args.batch, args.d_in, device)
     sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.d_sae, k=args.k), device=device,
                       dtype=torch.float32)
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (args.d_sae / 2**14) ** 0.5)  # sparsify's default
     since_fired = torch.zeros(args.d_sae, dtype=torch.long, device=device)
     did_fire = torch.zeros(args.d_sae, dtype=torch.bool, device=device)
-    clock = Clock(device)
-    marks = []
-    for step in range(args.warmup + args.steps):
-        start_row = (step * args.batch) % (len(acts) - args.batch + 1)
-        x = acts[start_row : start_row + args.batch]
-        start = clock.mark()
+
+    def step(x: torch.Tensor, index: int) -> None:
         sae.set_decoder_norm_to_unit_norm()
         dead_mask = since_fired > DEAD_FEATURE_THRESHOLD
         total_variance = (x - x.mean(0)).pow(2).sum()
@@ -87,13 +81,11 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
-            since_fired += args.batch
+            since_fired.add_(args.batch)
             since_fired[did_fire] = 0
             did_fire.zero_()
-        if step >= args.warmup:
-            marks.append((start, clock.mark()))
-    clock.sync()
-    step_s = statistics.median(clock.seconds(*m) for m in marks)
+
+    step_s = median_step_seconds(acts, args.batch, args.warmup, args.steps, step)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     result = {"library": "sparsify", "variant": "topk", "d_in": args.d_in, "d_sae": args.d_sae, "batch": args.batch,
               "k": args.k, "device": device.type, "gpu": device_name(device), "precision": "bf16" if bf16 else "fp32",

@@ -17,14 +17,9 @@ import torch
 from saelab.kernels import dispatch
 from saelab.module import SAEMember
 from saelab.saes import build_sae
-from saelab.saes.batchtopk import BatchTopKSAE
-from saelab.saes.gated import GatedSAE
-from saelab.saes.jumprelu import JumpReLUSAE
-from saelab.saes.relu import ReluSAE
-from saelab.saes.topk import TopKSAE
 from tests.conftest import run_cli
-from tests.test_host_sync import OPTIM, VARIANTS
-from tests.test_step_equivalence import check, perturb, ref_gated, ref_jumprelu, ref_relu, ref_topk
+from tests.test_host_sync import OPTIM, VARIANTS, member_step
+from tests.test_step_equivalence import check_wide_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 D_IN, D_SAE, BATCH = 768, 24576 + 40, 1024  # d_sae with a tail past every block size
@@ -46,27 +41,9 @@ def _input() -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["relu", "jumprelu", "gated", "topk", "batchtopk"])
 def test_triton_step_matches_the_spec_at_a_realistic_width(name):
-    torch.manual_seed(0)
-    if name == "relu":
-        sae, ref, coef = ReluSAE(ReluSAE.Config(d_in=D_IN, d_sae=D_SAE)), ref_relu, 0.1
-    elif name == "jumprelu":
-        sae, ref, coef = JumpReLUSAE(JumpReLUSAE.Config(d_in=D_IN, d_sae=D_SAE, bandwidth=0.05)), ref_jumprelu, 0.05
-    elif name == "gated":
-        sae, ref, coef = GatedSAE(GatedSAE.Config(d_in=D_IN, d_sae=D_SAE)), ref_gated, 0.15
-    else:
-        cls = TopKSAE if name == "topk" else BatchTopKSAE
-        sae = cls(cls.Config(d_in=D_IN, d_sae=D_SAE, k=32, k_aux=256, dead_window_tokens=100))
-        sae.tokens_since_fired[::3] = 100  # a third dead, so AuxK runs
-    perturb(sae)
-    sae = sae.cuda()
-    if name == "jumprelu":
-        sae.after_optimizer_step()
     x = _input()
     assert dispatch.backend_for(x) == "triton"
-    if name in ("topk", "batchtopk"):
-        check(sae, lambda s, x: ref_topk(s, x, batch_topk=name == "batchtopk"), x, {}, atol=1e-4)
-    else:
-        check(sae, lambda s, x: ref(s, x, coef), x, {"sparsity": coef}, atol=1e-4)
+    check_wide_step(name, D_IN, D_SAE, x, k_aux=256, device="cuda")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -85,15 +62,7 @@ def test_non_logging_steps_do_not_synchronise(variant):
         sae.tokens_seen.fill_(100)
 
     def step(index: int) -> None:
-        x = _input()
-        target = x.roll(1, dims=1) if sae.transcoder else None
-        loss, _ = member.step_loss(x, member.coefficients(index), index, with_l0=index == 0, target=target)
-        loss.backward()
-        sae.before_optimizer_step()
-        optimizer.found_inf = member.watch.last_bad.float()
-        optimizer.step()
-        sae.after_optimizer_step()
-        optimizer.zero_grad(set_to_none=True)
+        member_step(member, optimizer, _input(), index)
 
     step(0)
     step(1)

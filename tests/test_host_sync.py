@@ -98,15 +98,7 @@ def test_non_logging_steps_read_nothing_back(variant, monkeypatch):
         sae.tokens_seen.fill_(100)
 
     def step(index: int) -> None:
-        x = torch.randn(BATCH, D_IN) @ structured
-        target = x.roll(1, dims=1) if sae.transcoder else None
-        loss, _ = member.step_loss(x, member.coefficients(index), index, with_l0=index == 0, target=target)
-        loss.backward()
-        sae.before_optimizer_step()
-        optimizer.found_inf = member.watch.last_bad.float()
-        optimizer.step()
-        sae.after_optimizer_step()
-        optimizer.zero_grad(set_to_none=True)
+        member_step(member, optimizer, torch.randn(BATCH, D_IN) @ structured, index)
 
     step(0)
     step(1)
@@ -115,6 +107,20 @@ def test_non_logging_steps_read_nothing_back(variant, monkeypatch):
             step(index)
     assert reads.seen == []
     assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def member_step(member: SAEMember, optimizer: torch.optim.Optimizer, x: torch.Tensor, index: int) -> None:
+    """One training step as SAEModule runs it (index 0 a logging step): the loss (a transcoder predicts x rolled by
+    one), backward, the decoder projection, fused Adam told of a non-finite loss, the renormalisation."""
+    sae = member.sae
+    target = x.roll(1, dims=1) if sae.transcoder else None
+    loss, _ = member.step_loss(x, member.coefficients(index), index, with_l0=index == 0, target=target)
+    loss.backward()
+    sae.before_optimizer_step()
+    optimizer.found_inf = member.watch.last_bad.float()
+    optimizer.step()
+    sae.after_optimizer_step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def test_auxk_is_skipped_exactly_while_no_latent_can_be_dead(monkeypatch):

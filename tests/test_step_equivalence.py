@@ -295,8 +295,14 @@ def test_at_the_benchmark_width(name, step_path):
     """d_in 384, d_sae 3072 (the shape the kernels were tuned at: vector tails, several threads' column ranges)."""
     if step_path == "fused-triton" and name in ("topk", "batchtopk"):
         pytest.skip("the sparse Triton kernels take minutes in the interpreter at this width (tests/test_cuda.py)")
-    d_in, d_sae = 384, 3072
+    d_in = 384
     x = torch.randn(64, d_in, generator=torch.Generator().manual_seed(0)) / d_in**0.5 + 0.01
+    check_wide_step(name, d_in, 3072, x, k_aux=64)
+
+
+def check_wide_step(name: str, d_in: int, d_sae: int, x: torch.Tensor, k_aux: int, device: str = "cpu") -> None:
+    """A perturbed SAE of this variant at a realistic width (a third of TopK's latents dead, so AuxK runs; JumpReLU's
+    thresholds positive, as training keeps them) against its SPEC reference on x (tests/test_cuda.py: on a GPU)."""
     torch.manual_seed(0)
     if name == "relu":
         sae, ref, coef = ReluSAE(ReluSAE.Config(d_in=d_in, d_sae=d_sae)), ref_relu, 0.1
@@ -306,9 +312,10 @@ def test_at_the_benchmark_width(name, step_path):
         sae, ref, coef = GatedSAE(GatedSAE.Config(d_in=d_in, d_sae=d_sae)), ref_gated, 0.15
     else:
         cls = TopKSAE if name == "topk" else BatchTopKSAE
-        sae = cls(cls.Config(d_in=d_in, d_sae=d_sae, k=32, k_aux=64, dead_window_tokens=100, bf16_screen=False))
-        sae.tokens_since_fired[::3] = 100  # a third dead, so AuxK runs
+        sae = cls(cls.Config(d_in=d_in, d_sae=d_sae, k=32, k_aux=k_aux, dead_window_tokens=100, bf16_screen=False))
+        sae.tokens_since_fired[::3] = 100
     perturb(sae)
+    sae = sae.to(device)
     if name == "jumprelu":
         sae.after_optimizer_step()  # thresholds > 0 (the native one-pass forward's case); decoder rows renormalised
     if name in ("topk", "batchtopk"):
