@@ -43,7 +43,8 @@ def _checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-@pytest.mark.parametrize(("variant", "data_cache"), [("relu", "auto"), ("topk", "auto"), ("relu", "off")])
+# topk from the cache, relu streamed: both data paths and both kinds of step (CI time: relu-auto adds nothing new)
+@pytest.mark.parametrize(("variant", "data_cache"), [("topk", "auto"), ("relu", "off")])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(variant, data_cache, tiny_model_dir, tiny_corpus_dir,
                                                         tmp_path):
     """From the activation cache, and streamed from the model (data.cache=off: the stream is regenerated)."""

@@ -126,7 +126,7 @@ def test_the_network_blocker_records_and_refuses_connections(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("logger", ["wandb", "csv"])
+@pytest.mark.parametrize("logger", ["wandb"])  # the logger that talks to a service (csv: left out for CI time)
 def test_main_job_makes_no_network_connection(logger, tiny_model_dir, tiny_corpus_dir, tmp_path):
     out = tmp_path / "outputs"
     env, attempts, loaded, unix = _blocked_env(tmp_path)
