@@ -101,6 +101,18 @@ def test_deferred_nan_check_reports_at_the_next_logging_step_with_the_bad_step(t
     assert all(torch.isfinite(p).all() for p in module.sae.parameters())
 
 
+def test_deferred_nan_skips_the_whole_accumulated_update(tmp_path):
+    """accumulate_grad_batches=2: a NaN in the first batch of a pair still skips the pair's update (the device flag
+    is or-ed until the optimiser steps), so three pairs give two updates and finite weights."""
+    module = _module("skip", deferred=True)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accumulate_grad_batches=2, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=_batches(bad_index=2))
+    assert int(trainer.optimizers[0].state[module.sae.W_dec]["step"]) == 2
+    assert int(module.member.skipped_batches) == 1
+    assert all(torch.isfinite(p).all() for p in module.sae.parameters())
+
+
 class _CorruptWeights(L.Callback):
     """Puts a NaN in the decoder at step 3, before the checkpoint callback (Lightning runs it last) saves."""
 

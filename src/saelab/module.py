@@ -313,7 +313,10 @@ class SAEModule(L.LightningModule):
                 member.deferred_checks = False
             return
         flags = [m.watch.last_bad for m in self._stepping if m.alive and m.watch.last_bad is not None]
-        optimizer.found_inf = torch.stack(flags).any().float() if flags else None
+        if flags:  # or-ed over accumulated batches until the optimiser steps (optimizer_step clears it)
+            bad = torch.stack(flags).any().float()
+            earlier = getattr(optimizer, "found_inf", None)
+            optimizer.found_inf = bad if earlier is None else torch.maximum(earlier, bad)
         for member in self.members:
             member.watch.last_bad = None
 
@@ -376,6 +379,8 @@ class SAEModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        if self._trainer is not None:
+            self.optimizers().optimizer.found_inf = None  # the flag was for the update just made (or skipped)
         for member in self._stepping:
             if member.alive:
                 member.sae.after_optimizer_step()
