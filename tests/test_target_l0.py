@@ -45,17 +45,14 @@ def test_runs_from_far_apart_coefficients_land_on_the_target(variant, tmp_path):
     """On data=synthetic (true mean L0 8), two runs starting 30x apart in lambda both end near L0 12 on held-out
     samples, while at their fixed starting coefficients their L0s are far apart."""
     start = {"relu": (0.01, 0.3), "jumprelu": (0.0005, 0.015)}[variant]
-    reached = []
-    for i, coefficient in enumerate(start):
-        out = tmp_path / str(i)
-        result = run_cli(["data=synthetic", f"sae={variant}", "sae.d_sae=512", "sae.target_l0=12",
-                          f"sae.sparsity_coefficient={coefficient}", "data.train_tokens=512000", "optim.lr=3e-3",
-                          "logger=none", f"paths.output_dir={out}", "callbacks.progress_bar.refresh_rate=0"])
-        assert result.returncode == 0, result.stderr[-3000:]
-        (path,) = out.rglob("metrics.json")
-        metrics = json.loads(path.read_text())
-        assert metrics["target_l0"] == 12
-        reached.append(metrics)
+    # One fanout multirun: both jobs train on one synthetic stream in one process (as two runs would, exactly).
+    result = run_cli(["-m", "hydra/launcher=fanout", "data=synthetic", f"sae={variant}", "sae.d_sae=512",
+                      "sae.target_l0=12", f"sae.sparsity_coefficient={start[0]},{start[1]}",
+                      "data.train_tokens=512000", "optim.lr=3e-3", "logger=none", f"paths.output_dir={tmp_path}",
+                      "callbacks.progress_bar.refresh_rate=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    reached = [json.loads(path.read_text()) for path in sorted(tmp_path.rglob("metrics.json"))]
+    assert len(reached) == 2 and all(metrics["target_l0"] == 12 for metrics in reached)
     for metrics in reached:
         assert metrics["l0"] == pytest.approx(12, rel=0.2), [m["l0"] for m in reached]
     assert reached[0]["sparsity_coefficient_reached"] == pytest.approx(reached[1]["sparsity_coefficient_reached"],
