@@ -50,5 +50,7 @@ def test_fit_start_stops_fresh_tensors_from_page_faulting():
     if not sys.platform.startswith("linux"):
         pytest.skip("mallopt is glibc's")
     plain, fit = faults_per_step("plain"), faults_per_step("fit")
-    assert plain > 100  # glibc trims the heap's freed top, and the next step faults those pages in again (170-6900)
-    assert fit < plain / 4
+    # Without the setting glibc trims the heap's freed top and the next step faults those pages in again: 38 to
+    # 6,900 faults per step seen, depending on where its dynamic thresholds settle. With it, none.
+    assert plain > 20
+    assert fit <= 2
