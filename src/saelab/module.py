@@ -305,20 +305,20 @@ class SAEModule(L.LightningModule):
     def _skip_update_if_non_finite(self) -> None:
         """Hand this step's deferred non-finite flag to fused Adam (`found_inf`): it then skips the update on the
         device, for the whole group (one member's bad batch costs the others that batch's update)."""
-        if self._trainer is None:
+        flags = [m.watch.last_bad for m in self._stepping if m.alive and m.watch.last_bad is not None]
+        for member in self.members:
+            member.watch.last_bad = None
+        if not flags or self._trainer is None:  # nothing deferred this step (the CPU's immediate check)
             return
         optimizer = self.optimizers().optimizer
         if not all(group.get("fused") for group in optimizer.param_groups):  # found_inf is fused Adam's alone
             for member in self.members:
                 member.deferred_checks = False
             return
-        flags = [m.watch.last_bad for m in self._stepping if m.alive and m.watch.last_bad is not None]
-        if flags:  # or-ed over accumulated batches until the optimiser steps (optimizer_step clears it)
-            bad = torch.stack(flags).any().float()
-            earlier = getattr(optimizer, "found_inf", None)
-            optimizer.found_inf = bad if earlier is None else torch.maximum(earlier, bad)
-        for member in self.members:
-            member.watch.last_bad = None
+        # Or-ed over accumulated batches until the optimiser steps (optimizer_step clears it).
+        bad = torch.stack(flags).any().float()
+        earlier = getattr(optimizer, "found_inf", None)
+        optimizer.found_inf = bad if earlier is None else torch.maximum(earlier, bad)
 
     def read_deferred_checks(self) -> None:
         """Read every member's record now (before a checkpoint, at the end of training): a bad step after the

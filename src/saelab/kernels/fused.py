@@ -127,8 +127,6 @@ class JumpReLUL0Function(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
                 bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        # The kernel window: K = 1[|u| < 1/2] (rectangle) or max(0, 1 - |u|) (triangle), u = (pi - theta) / eps.
-        width = 0.5 * bandwidth if kernel == "rectangle" else bandwidth
         backend = dispatch.backend_for(x, W_enc, b, theta)
         ctx.bandwidth, ctx.kernel, ctx.backend = bandwidth, kernel, backend
         ctx.set_materialize_grads(False)
@@ -140,6 +138,8 @@ class JumpReLUL0Function(torch.autograd.Function):
             ctx.save_for_backward(x, W_enc, theta, W_dec, f, pre)
             ctx.mark_non_differentiable(f)
             return x_hat, f, n_active.to(x.dtype) / x.shape[0], fired
+        # The kernel window: K = 1[|u| < 1/2] (rectangle) or max(0, 1 - |u|) (triangle), u = (pi - theta) / eps.
+        width = 0.5 * bandwidth if kernel == "rectangle" else bandwidth
         # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0]: backward masks with f, and the native
         # pass applies; otherwise backward needs the (slower) bool mask.
         theta_positive, found = bool(theta.min() > 0), None
@@ -244,11 +244,6 @@ class SparsePattern:
     def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int):
         self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
         self.backend = dispatch.backend_for(latents)
-        if self.backend == "triton":
-            tk = dispatch.triton_kernels()
-            self.order, self._latent_offsets = tk.group_by(latents, d_sae)
-            self._row_offsets = tk.sorted_offsets(rows, batch_size)  # rows are ascending
-            return
         grouped = native.group_by(latents, d_sae) if self.backend == "native" else None
         if grouped is None:
             order = latents.argsort(stable=True)  # rows stay ascending per latent

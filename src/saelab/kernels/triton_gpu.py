@@ -301,14 +301,3 @@ def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tenso
         sums if sums is not None else coef, width, *strides, HAS_SHIFT=shift is not None, SUMS=with_sums, BD=BLOCK_D)
     return out, sums
 
-
-def group_by(ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
-    """(a stable order of the entries by id, CSR offsets [n_groups + 1]) without a host synchronisation
-    (torch.bincount sizes its output from the data; searchsorted on the sorted ids does not)."""
-    order = ids.argsort(stable=True)
-    return order, sorted_offsets(ids.index_select(0, order), n_groups)
-
-
-def sorted_offsets(sorted_ids: Tensor, n: int) -> Tensor:
-    """CSR offsets [n + 1] of ids that are already sorted: offsets[i] = #(ids < i)."""
-    return torch.searchsorted(sorted_ids, torch.arange(n + 1, device=sorted_ids.device, dtype=sorted_ids.dtype))
