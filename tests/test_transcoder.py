@@ -128,6 +128,45 @@ def test_a_transcoder_learns_a_planted_sparse_map_through_the_module(skip):
         assert sae.W_skip.detach().norm() > 0.5 * W.norm()
 
 
+class _Recorder:
+    """A member's logger that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, dict(metrics)))
+
+
+def test_periodic_evaluation_measures_a_transcoder_against_its_target():
+    """eval.every_n_steps: a transcoder's eval/* metrics are its target's, as at the end of the run (lr 0 keeps the
+    weights fixed, so the step-2 evaluation must equal the target-based one on the same SAE)."""
+    from saelab.callbacks import PeriodicEval
+
+    x, t, _, _ = planted_map(1536, d_in=24, d_out=24)  # same widths: an input-based FVU would still compute
+    sae = build_sae({"_target_": TARGETS["topk"], "d_in": 24, "d_out": 24, "d_sae": 48, "k": 4})
+
+    class Pairs(L.LightningDataModule):
+        eval_acts = {"in": x[1024:], "out": t[1024:]}
+
+        def train_dataloader(self):
+            return DataLoader([{"in": a, "out": b} for a, b in zip(x[:1024], t[:1024], strict=True)], batch_size=256)
+
+    optim = {"lr": 0.0, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    member = SAEMember(sae, optim, max_steps=4, dead_window_tokens=20_000, hook="in", target_hook="out")
+    member.loggers = [recorder := _Recorder()]
+    trainer = L.Trainer(max_steps=4, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[PeriodicEval(2, 128)])
+    trainer.fit(SAEModule([member]), datamodule=Pairs())
+    periodic = [m for _, m in recorder.logged if "eval/fvu" in m]
+    assert len(periodic) == 1
+    on_target, _ = evaluate_sae(sae, x[1024:], 128, targets=t[1024:])
+    on_input, _ = evaluate_sae(sae, x[1024:], 128)
+    assert on_target["fvu"] != pytest.approx(on_input["fvu"], rel=1e-3)  # the two readings differ here
+    assert periodic[0]["eval/fvu"] == pytest.approx(on_target["fvu"], rel=1e-5)
+    assert periodic[0]["eval/cosine"] == pytest.approx(on_target["cosine"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def pair_model(tiny_model_dir):
     from saelab.data.model import load_model

@@ -8,8 +8,8 @@ from saelab.metrics.evaluate import evaluate_sae
 
 
 class PeriodicEval(L.Callback):
-    """Evaluate every member on its hook's held-out activations every `every_n_steps`; each job's loggers get
-    its own metrics as `eval/<name>`."""
+    """Evaluate every member on its hook's held-out activations every `every_n_steps` (a transcoder against its
+    target hook's, as the end-of-run evaluation does); each job's loggers get its own metrics as `eval/<name>`."""
 
     def __init__(self, every_n_steps: int, batch_size: int):
         self.every_n_steps, self.batch_size = int(every_n_steps), int(batch_size)
@@ -21,5 +21,6 @@ class PeriodicEval(L.Callback):
             for member in pl_module.members:
                 if member.alive:
                     acts = eval_acts[member.hook] if isinstance(eval_acts, dict) else eval_acts
-                    metrics, _ = evaluate_sae(member.sae, acts, self.batch_size)
+                    targets = eval_acts[member.target_hook] if member.target_hook is not None else None
+                    metrics, _ = evaluate_sae(member.sae, acts, self.batch_size, targets=targets)
                     member.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, pl_module._log_step())
