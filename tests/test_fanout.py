@@ -129,6 +129,23 @@ def test_a_failing_job_fails_alone(tiny_model_dir, tiny_corpus_dir, tmp_path):
     assert table.loc["0", "status"] == "ok" and table.loc["1", "status"] == "failed"
 
 
+def test_a_job_with_a_bad_sae_config_is_refused_alone_up_front(tmp_path):
+    """sae.d_sae=null with sae.expansion_factor=null is refused by the variant's own validation when the job is set
+    up, with the one-line error, before the grouping sizes the SAEs; the other job trains (before, the width
+    estimate raised a TypeError for the whole sweep)."""
+    cmd = [sys.executable, "-m", "saelab.train", "-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null",
+           "sae.expansion_factor=8,null", "trainer.max_steps=10", "logger=none", f"paths.output_dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-4000:]
+    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
+    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["l0"] > 0
+    assert not (sweep_dir / "0" / "error.txt").exists()
+    line = "error: sae.d_sae=None is not allowed: expected an integer, or set sae.expansion_factor"
+    assert line in result.stderr.splitlines() and "TypeError" not in result.stderr
+    assert "ConfigError" in (sweep_dir / "1" / "error.txt").read_text()
+    assert not (sweep_dir / "1" / "metrics.json").exists()
+
+
 @pytest.mark.slow
 def test_killed_group_resumes_exactly(tiny_model_dir, tiny_corpus_dir, tmp_path):
     """SIGKILL a fanned-out group after its first checkpoints, resume every job with ckpt_path=last in the

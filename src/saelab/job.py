@@ -78,7 +78,7 @@ def prepare_job(cfg: DictConfig) -> Job:
     overrides = list(hydra_cfg.overrides.task)
     shown = [o for o in overrides if not o.startswith(("paths.", "hydra", "logger"))]
     root = logging.getLogger()
-    return Job(
+    job = Job(
         cfg=resolved, run_dir=run_dir, overrides=overrides, multirun=multirun,
         num=int(hydra_cfg.job.get("num") or 0) if multirun else 0,
         run_name=",".join(shown)[:120] or None,
@@ -86,6 +86,25 @@ def prepare_job(cfg: DictConfig) -> Job:
         resume_from=resume_path(cfg.get("ckpt_path"), run_dir),
         log_files=[Path(h.baseFilename) for h in root.handlers if isinstance(h, logging.FileHandler)],
     )
+    check_sae_config(job)
+    return job
+
+
+def check_sae_config(job: Job) -> None:
+    """Run the variant's own validation (SAEConfig.validate) while the job is set up, so a sweep refuses a bad
+    job up front and alone, before grouping sizes its SAE or anything heavy starts. The SAE is built on the meta
+    device (no weights allocated); an error other than a ConfigError is left to the real build, which reports it."""
+    import torch
+
+    from saelab.saes.base import build_sae
+
+    try:
+        with torch.device("meta"):
+            build_sae(job.sae_config())
+    except ConfigError:
+        raise
+    except Exception:  # e.g. an initialisation the meta device cannot run: not a config error
+        pass
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
