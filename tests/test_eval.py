@@ -150,6 +150,10 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(FIXTURES / "standard" / "cfg.json", no_weights)
+    truncated = tmp_path / "truncated"  # a copy cut short (an interrupted download): found before the model loads
+    shutil.copytree(FIXTURES / "standard", truncated)
+    weights = truncated / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     cases = [
         ([str(tmp_path / "nothing-here")], "sae_dir="),
         ([str(normalised)], "normalize_activations='expected_average_only_in' is not allowed"),
@@ -160,6 +164,7 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
         ([str(FIXTURES / "standard"), "data.path=${oops}"], "oops"),  # an interpolation that does not resolve
         ([str(FIXTURES / "standard"), "--out", "/proc/saelab-eval"], "--out='/proc/saelab-eval' is not allowed"),
         ([str(no_weights)], "sae_dir="),
+        ([str(truncated)], f"sae_dir='{weights}' is not allowed: expected a readable safetensors file"),
     ]
     for args, message in cases:  # in this process: saelab-eval's main(), as the console script calls it
         out = tmp_path / "eval"

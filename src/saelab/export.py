@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -107,7 +108,20 @@ def read_sae_dir(path: Path, field: str = "sae_dir") -> dict[str, Any]:
     if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
         raise ConfigError(field, str(path), f"a directory holding {CONFIG_FILE} and {WEIGHTS_FILE} (SAELens's "
                           "format; a saelab run's is <run dir>/sae)")
-    return read_config(directory, field)
+    cfg = read_config(directory, field)
+    check_weights_file(directory, field)
+    return cfg
+
+
+def check_weights_file(path: Path, field: str = "sae_dir") -> None:
+    """An export's weights file must be whole: its header is parsed (it says how long the file must be, so a
+    truncated or damaged file fails here, in one line naming it, before any model loads) without loading tensors."""
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(field, str(file), f"a readable safetensors file ({err})") from None
 
 
 def load_exported(path: Path) -> ExportedSAE:
@@ -125,6 +139,7 @@ def import_sae(sae: SAE, path: Path, scale: float, target_scale: float | None = 
 def check_importable(sae: SAE, path: Path) -> None:
     """init_from's export must have this SAE's layout and sizes (checked from cfg.json, before any heavy work)."""
     cfg = read_config(path)
+    check_weights_file(path, "init_from")
     expected = sae.exported_config()["architecture"]
     sizes = {"d_in": sae.d_in, "d_sae": sae.d_sae, **({"d_out": sae.d_out} if sae.transcoder else {})}
     found = {"architecture": cfg.get("architecture", "standard"), **{k: cfg.get(k) for k in sizes}}
