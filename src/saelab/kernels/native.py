@@ -66,7 +66,9 @@ BF16_UNIT = 2.0**-8  # bfloat16's unit roundoff (8 significant bits, rounded to 
 F32_UNIT = 2.0**-24
 
 
+@functools.cache
 def _cpu_flags() -> str:
+    """This CPU's instruction-set flags line (read once: the CPU does not change under a running process)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):

@@ -215,7 +215,7 @@ class TopKSAE(SAE):
         are the float32 top-k (tests/test_native_kernels.py checks equality).
         """
         self.screen_candidates_per_token = None  # this step's, for diagnostics (benchmarks/train_step.py)
-        if not (self.cfg.bf16_screen and native.fast_bf16()):
+        if not self.screen_applies(x, bias):
             return None
         screen = native.bf16_screen(x, self.W_enc, bias, out=self.workspace("screen", x, torch.bfloat16))
         selected = self.select_screened(screen) if screen is not None else None
@@ -224,6 +224,12 @@ class TopKSAE(SAE):
         active, candidates = selected
         self.screen_candidates_per_token = candidates / x.shape[0]
         return active
+
+    def screen_applies(self, x: Tensor, bias: Tensor) -> bool:
+        """Whether to try the bf16 screen: asked before its [B, d_sae] bf16 buffer exists, so a GPU step (or any
+        tensor the CPU kernels cannot take) never allocates one. The CPU's flags are checked last."""
+        float32 = x.dtype == self.W_enc.dtype == bias.dtype == torch.float32
+        return self.cfg.bf16_screen and float32 and native.usable(x, self.W_enc, bias) and native.fast_bf16()
 
     def select_screened(self, screen: native.Screen) -> tuple[ActiveLatents, int] | None:
         """(the selection, how many exact values the kernel computed), or None if the kernel declined."""
