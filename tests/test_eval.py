@@ -174,6 +174,22 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
         assert not out.exists()
 
 
+def test_eval_writes_where_hydra_run_dir_says(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
+    """hydra.run.dir among the overrides is where metrics.json goes (as for saelab-train), and an unwritable one is
+    refused by that name; without it (or --out) the default stays outputs/eval/<date>/<time>."""
+    from saelab.eval_cli import main
+
+    overrides = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path / "outputs"), "eval.spliced_windows=0"]
+    run_dir = tmp_path / "runs" / "my-eval"
+    assert main([str(FIXTURES / "standard"), *overrides, f"hydra.run.dir={run_dir}"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["architecture"] == "standard"
+    assert not (tmp_path / "outputs" / "eval").exists()
+    capsys.readouterr()
+    assert main([str(FIXTURES / "standard"), *overrides, "hydra.run.dir=/proc/saelab-eval"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "hydra.run.dir='/proc/saelab-eval' is not allowed" in errors[0], errors
+
+
 def random_sae(variant: str, transcoder: bool, seed: int):
     from saelab.saes import build_sae
     from tests.test_transcoder import SPARSITY, TARGETS

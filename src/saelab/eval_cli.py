@@ -85,34 +85,41 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
         value = sae_cfg.get(field, metadata.get(field))
         if value is not None and key not in given:
             implied.append(f"{key}={value}")
-    cfg = _compose([*implied, *overrides])
+    cfg, run_dir = _compose([*implied, *overrides])
     if cfg.data.source == "synthetic":
         raise ConfigError("data", "synthetic", "a text source: saelab-eval reads a model's activations")
     if ("transcoder" in architecture) != (cfg.model.get("target_hook") is not None):
         raise ConfigError("model.target_hook", cfg.model.get("target_hook"),
                           "a hook for a transcoder (hook_name_out in its cfg.json) and null for an SAE")
-    out_dir = out or Path(str(cfg.paths.output_dir)) / "eval" / time.strftime("%Y-%m-%d/%H-%M-%S")
+    field = "--out" if out is not None or run_dir is None else "hydra.run.dir"
+    out_dir = out or run_dir or Path(str(cfg.paths.output_dir)) / "eval" / time.strftime("%Y-%m-%d/%H-%M-%S")
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError("--out", str(out_dir), "a new or empty directory")
+        raise ConfigError(field, str(out_dir), "a new or empty directory")
     problem = writable_problem(out_dir.absolute())
     if problem:
-        raise ConfigError("--out", str(out_dir), f"a directory saelab can create and write to ({problem})")
+        raise ConfigError(field, str(out_dir), f"a directory saelab can create and write to ({problem})")
     return Plan(directory, sae_cfg, cfg, out_dir)
 
 
-def _compose(overrides: list[str]) -> DictConfig:
-    """conf/train.yaml with the overrides, as saelab-train composes it, resolved and checked."""
+def _compose(overrides: list[str]) -> tuple[DictConfig, Path | None]:
+    """conf/train.yaml with the overrides, as saelab-train composes it, resolved and checked; and hydra.run.dir,
+    resolved, where the overrides set it (saelab-eval then writes there, as saelab-train does; its default
+    directory is its own, outputs/eval/<date>/<time>)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.utils import setup_globals
 
     import saelab.data.model  # noqa: F401  registers the package_model_path resolver
     from saelab.config_checks import check_run_config
 
+    setup_globals()  # the ${now:...} resolver a run directory may use
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
     check_run_config(cfg)
+    given = any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in overrides)
+    run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser() if given else None
     # The sections evaluation reads, resolved (the rest may name Hydra's run directory, which has no run here).
     return OmegaConf.create({"seed": cfg.seed, **{k: OmegaConf.to_container(cfg[k], resolve=True)
-                                                 for k in ("model", "data", "eval", "paths")}})
+                                                 for k in ("model", "data", "eval", "paths")}}), run_dir
 
 
 def evaluate(plan: Plan) -> dict[str, Any]:
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saelab-eval", description=__doc__.splitlines()[0])
     parser.add_argument("sae_dir", help="a directory with cfg.json + sae_weights.safetensors (SAELens's format)")
     parser.add_argument("overrides", nargs="*", help="saelab-train overrides: model=..., data=..., eval.tokens=...")
-    parser.add_argument("--out", type=Path, help="where metrics.json goes (default: outputs/eval/<date>/<time>)")
+    parser.add_argument("--out", type=Path, help="where metrics.json goes (default: hydra.run.dir if given, else "
+                        "outputs/eval/<date>/<time>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
