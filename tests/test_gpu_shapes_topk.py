@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 
 from saelab.kernels import native
 from saelab.saes import build_sae
+from saelab.saes import topk as topk_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
@@ -81,3 +83,98 @@ def test_cpu_flags_are_read_once(monkeypatch):
     monkeypatch.setattr(Path, "read_text", counting)
     flags = [native._cpu_flags() for _ in range(5)]
     assert len(set(flags)) == 1 and len(reads) <= 1
+
+
+# -- item 8: no topk over more than TOPK_MAX_ELEMENTS entries ---------------------------------------------------
+
+LIMIT = 1000
+
+
+def limit_topk(patch: pytest.MonkeyPatch) -> list[int]:
+    """Lower the limit to LIMIT entries (raising=False: before the fix there was none, and the sizes show it);
+    returns the number of entries each torch.topk call sees from then on."""
+    patch.setattr(topk_module, "TOPK_MAX_ELEMENTS", LIMIT, raising=False)
+    sizes: list[int] = []
+    topk = torch.Tensor.topk
+
+    def spy(self, *args, **kwargs):
+        sizes.append(self.numel())
+        return topk(self, *args, **kwargs)
+
+    patch.setattr(torch.Tensor, "topk", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_batchtopk_selects_in_chunks_what_one_topk_selects(kernels, with_bias, monkeypatch):
+    """BatchTopK's B*k largest of B x d_sae = 3,072 entries with a limit of 1,000: every topk call within it, the
+    same ids and values as one topk over everything (torch: also through the theta shortcut's candidates)."""
+    monkeypatch.setenv("SAELAB_KERNELS", kernels)
+    sae = make_sae("batchtopk")
+    pre, bias = torch.randn(48, 64), torch.randn(64) if with_bias else None
+    flat = pre.flatten() if bias is None else (pre + bias).flatten()
+    exact = flat.topk(48 * 4).indices.sort().values
+    for batches, threshold in ((0, 0.0), (1, 0.5), (1, -10.0)):  # no shortcut; 1,900 candidates; all 3,072
+        sae.threshold_batches.fill_(batches)
+        sae.threshold.fill_(threshold)
+        with pytest.MonkeyPatch.context() as patch:
+            sizes = limit_topk(patch)
+            ids, values = sae.batch_topk(pre, bias)
+        assert sizes and max(sizes) <= LIMIT, sizes
+        assert torch.equal(ids, exact) and torch.equal(values, flat[exact])
+
+
+@pytest.mark.parametrize(("n", "k"), [(1000, 7), (1001, 7), (3500, 200), (9000, 400), (2500, 501), (2500, 1200)])
+def test_chunked_topk_is_exact(n, k, monkeypatch):
+    """Any n and k: chunks of the limit, candidates in chunks again while too many (k 400 of 9,000: 3,600, then
+    1,600, then 800 candidates), and a k above half the limit in one call (chunks would barely shrink)."""
+    scores = torch.randperm(n).float()  # distinct: the set is unique
+    exact = scores.topk(k).indices.sort().values
+    sizes = limit_topk(monkeypatch)
+    ids = topk_module.chunked_topk(scores, k)
+    assert torch.equal(ids.sort().values, exact)
+    assert max(sizes) <= (LIMIT if k <= LIMIT // 2 else n)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_per_token_topk_runs_in_blocks_of_rows(kernels, monkeypatch):
+    """[50, 64] (3,200 entries) in blocks of 15 rows: the same rows, ids and values as one topk per row, through
+    both of the fallback's paths (the grouped prefilter at k 4, a plain topk at k 5)."""
+    monkeypatch.setenv("SAELAB_KERNELS", kernels)
+    scores = torch.randn(50, 64)
+    for k in (4, 5):
+        reference = scores.topk(k, dim=-1)
+        with pytest.MonkeyPatch.context() as patch:
+            sizes = limit_topk(patch)
+            rows, ids, values = topk_module.per_token_topk(scores, k)
+        assert sizes and max(sizes) <= LIMIT, sizes
+        assert torch.equal(rows, torch.arange(50).repeat_interleave(k))
+        assert torch.equal(ids.view(50, k).sort(-1).values, reference.indices.sort(-1).values)
+        assert torch.equal(scores.gather(1, ids.view(50, k)), values.view(50, k))
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka"])
+def test_a_gpu_step_keeps_every_topk_within_the_limit(variant, monkeypatch):
+    """A whole training step on the GPU's kernels with a third of the latents dead (so AuxK runs): no topk call
+    over more than the limit (48 x 64 = 3,072 entries), and the same loss terms and gradients as without it."""
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    widths = {"matryoshka_widths": [16, 40, 64]} if variant == "matryoshka" else {}
+    sae = make_sae(variant, k_aux=6, dead_window_tokens=100, **widths)
+    with torch.no_grad():
+        sae.tokens_since_fired[::3] = 100
+    x = torch.randn(48, 16)
+    reference = copy.deepcopy(sae)
+    expected = reference.training_loss(x, {}).terms
+    sum(expected.values()).backward()
+    with pytest.MonkeyPatch.context() as patch:
+        sizes = limit_topk(patch)
+        terms = sae.training_loss(x, {}).terms
+    assert sizes and max(sizes) <= LIMIT, sizes
+    assert terms.keys() == expected.keys() and float(terms["auxk"]) > 0
+    for name, term in terms.items():
+        torch.testing.assert_close(term, expected[name], rtol=1e-6, atol=1e-7)
+    sum(terms.values()).backward()
+    grads = dict(reference.named_parameters())
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)

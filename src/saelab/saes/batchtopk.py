@@ -19,7 +19,7 @@ from torch import Tensor
 from saelab.errors import ConfigError
 from saelab.kernels import native
 from saelab.kernels.dispatch import host_sync_free
-from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE
+from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE, chunked_topk
 
 # The torch fallback searches entries above 0.8 theta first, then above lower cutoffs, then all (exact either way).
 CANDIDATE_FRACTIONS = (0.8, 0.4, 0.1)
@@ -87,10 +87,10 @@ class BatchTopKSAE(TopKSAE):
             for fraction in CANDIDATE_FRACTIONS:
                 candidates = (flat > fraction * self.threshold).nonzero().squeeze(1)
                 if candidates.numel() >= n_keep:
-                    ids = candidates[flat[candidates].topk(n_keep, sorted=False).indices]
+                    ids = candidates[chunked_topk(flat[candidates], n_keep)]
                     break
         if ids is None:
-            ids = flat.topk(n_keep, sorted=False).indices
+            ids = chunked_topk(flat, n_keep)
         ids = ids.sort().values
         return ids, flat[ids]
 

@@ -140,9 +140,39 @@ def input_variance(x: Tensor) -> Tensor:
 
 
 CANDIDATE_GROUP = 8  # per_token_topk's prefilter: groups of 8 latents (a speed knob; exact either way)
+# The most entries one torch.topk call sees. PyTorch's CUDA topk runs its multi-block kernel only with 32-bit index
+# math; above that one block scans the whole input (~1 s at 16,384 x 262,144), so larger inputs go in pieces.
+TOPK_MAX_ELEMENTS = 2**31 - 1
+
+
+@torch.no_grad()
+def chunked_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices (unordered) of the k largest entries of the 1-D scores, with no topk call over more than
+    TOPK_MAX_ELEMENTS entries: each chunk's top k, then the top k of those candidates (again in chunks while they
+    are too many; a full chunk halves at least). Exact: an entry outside its chunk's top k has k entries at
+    least as large, so it cannot beat the k-th largest overall (only tie it). A k above half the limit (chunks
+    would barely shrink) takes one topk; B k is far below that at any real shape."""
+    limit, n = TOPK_MAX_ELEMENTS, scores.numel()
+    if n <= limit or k > limit // 2:
+        return scores.topk(k, sorted=False).indices
+    ids = torch.cat([scores[start:start + limit].topk(min(k, n - start), sorted=False).indices + start
+                     for start in range(0, n, limit)])
+    return ids[chunked_topk(scores[ids], k)]
 
 
 def per_token_topk(scores: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """per_token_topk_rows over blocks of rows of at most TOPK_MAX_ELEMENTS entries each (rows are independent, so
+    the result is the same; see chunked_topk for why)."""
+    batch, width = scores.shape
+    block = max(1, TOPK_MAX_ELEMENTS // max(width, 1))
+    if batch <= block:
+        return per_token_topk_rows(scores, k, bias)
+    parts = [per_token_topk_rows(scores[start:start + block], k, bias) for start in range(0, batch, block)]
+    rows = torch.cat([part[0] + start for part, start in zip(parts, range(0, batch, block), strict=True)])
+    return rows, torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
+
+
+def per_token_topk_rows(scores: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, latent ids, scores) of each token's k largest scores (+ bias [d_sae], if given), grouped by token.
 
     On CPU in float32 this is native.row_topk (sparse_kernels.cpp, several times faster than the fallback).
