@@ -15,17 +15,23 @@ import torch
 
 from saelab.kernels import dispatch
 from saelab.kernels.fused import csr_offsets
+from saelab.saes import build_sae
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not installed")
 B, M = 37, 300  # rows and columns that fill no block exactly
 
 
-@pytest.fixture
-def tk(monkeypatch):
+@pytest.fixture(params=[False, True], ids=["atomic", "deterministic"])
+def tk(request):
+    """The kernels, once with float atomics and once as trainer.deterministic=true runs them (per-program
+    partial sums reduced by torch)."""
     if not torch.cuda.is_available():
         assert dispatch.interpreting(), "conftest sets TRITON_INTERPRET=1 without a GPU"
-    return dispatch.triton_kernels()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield dispatch.triton_kernels()
+    torch.use_deterministic_algorithms(before)
 
 
 def _rand(*shape, seed=0):
@@ -130,51 +136,128 @@ def test_sparse_products(tk):
         torch.testing.assert_close(sums, Z.sum(0), atol=1e-6, rtol=1e-5)
 
 
-COMPILE = textwrap.dedent('''
-    import itertools, sys
+COMPILE = textwrap.dedent(r'''
+    import itertools, re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from saelab.kernels import triton_gpu as tg
 
-    def sig(names, types):
-        return dict(zip(names, types))
-
     tile = {"BR": tg.BLOCK_ROWS, "BC": tg.BLOCK_COLS}
-    jobs = []
-    for t in ("fp32",):  # the fused step runs in float32 (and TF32 matmuls); bf16 runs autograd
-        p = "*" + t
-        jobs.append((tg._relu_forward, [p, "*fp32", "*fp32", "*i32", "i32", "i32"], tile))
+    sparse = {"BE": tg.BLOCK_ENTRIES, "BD": tg.BLOCK_D}
+    jobs = []  # (kernel, argument types, constexprs): sizes as i32, what Triton passes for values below 2^31
+    for t, exact in itertools.product(("fp32",), (True, False)):  # the fused step runs in float32 (TF32 matmuls)
+        p, x = "*" + t, {"EXACT": exact}
+        jobs.append((tg._relu_forward, [p, "*fp32", "*fp32", "*i32", "i32", "i32"], {**x, **tile}))
         jobs.append((tg._jumprelu_forward, [p, "*fp32", "*fp32", p, "*i32", "*i32", "i32", "i32"], tile))
         for kernel, has_g, has_l0 in itertools.product((0, 1), (True, False), (True, False)):
             jobs.append((tg._jumprelu_backward, [p, p, "*fp32", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
-                         {"KERNEL": kernel, "HAS_G": has_g, "HAS_L0": has_l0, **tile}))
-        jobs.append((tg._gated_forward, [p, "*fp32", "*fp32", "*fp32", p, p, p, "*fp32", "*i32", "i32", "i32"], tile))
-        jobs.append((tg._gated_backward_mag, [p, p, p, "*fp32", "*fp32", "*fp32", "i32", "i32"], tile))
-        jobs.append((tg._gated_backward_gate, [p, p, p, "*fp32", "i32", "i32"], tile))
+                         {"KERNEL": kernel, "HAS_G": has_g, "HAS_L0": has_l0, **x, **tile}))
+        jobs.append((tg._gated_forward, [p, "*fp32", "*fp32", "*fp32", p, p, p, "*fp32", "*i32", "i32", "i32"],
+                     {**x, **tile}))
+        jobs.append((tg._gated_backward_mag, [p, p, p, "*fp32", "*fp32", "*fp32", "i32", "i32"], {**x, **tile}))
+        jobs.append((tg._gated_backward_gate, [p, p, p, "*fp32", "i32", "i32"], {**x, **tile}))
         for has_bias, has_minus, row_sq in itertools.product((True, False), repeat=3):
             jobs.append((tg._sparse_decode, [p, "*i64", "*i64", p, p, p, p, "*fp32", "i32"],
-                         {"HAS_BIAS": has_bias, "HAS_MINUS": has_minus, "ROW_SQ": row_sq, "BD": tg.BLOCK_D}))
-        jobs.append((tg._sampled_dot, ["*i64", "*i64", p, p, p, "i32", "i32"], {"BE": tg.BLOCK_ENTRIES,
-                                                                              "BD": tg.BLOCK_D}))
+                         {"HAS_BIAS": has_bias, "HAS_MINUS": has_minus, "ROW_SQ": row_sq, **x, **sparse}))
+        jobs.append((tg._sampled_dot, ["*i64", "*i64", p, p, p, "i32", "i32"], sparse))
         for has_shift, sums in itertools.product((True, False), repeat=2):
             jobs.append((tg._sparse_t_dense, ["*i64", "*i64", "*i64", p, p, p, p, p, "i32", "i32", "i32"],
-                         {"HAS_SHIFT": has_shift, "SUMS": sums, "BD": tg.BLOCK_D}))
+                         {"HAS_SHIFT": has_shift, "SUMS": sums, **sparse}))
+
+    def broken_rules(ttir: str, exact: bool) -> list[str]:
+        """What the kernel's Triton IR does that is unsafe at some shape the step accepts."""
+        found = []
+        for line in ttir.splitlines():
+            if "tt.addptr" in line and not re.search(r"(tensor<[0-9x]+xi64>|, i64)\s+loc", line):
+                found.append("a 32-bit offset (overflows past 2^31 elements): " + line.strip()[:120])
+            if re.search(r"arith\.(maxnumf|minnumf)", line):
+                found.append("a max/min that drops NaN (use one that keeps it): " + line.strip()[:120])
+            if exact and re.search(r"tt\.atomic_rmw (fadd|add).*f(32|16)", line):
+                found.append("a float atomic under EXACT (order-dependent sum): " + line.strip()[:120])
+        return found
+
     target = GPUTarget("cuda", 90, 32)
+    problems = []
     for fn, types, constexprs in jobs:
         names = fn.arg_names
         signature = {n: ("constexpr" if n in constexprs else types[i]) for i, n in enumerate(names)}
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
         assert compiled.asm["cubin"], fn.__name__
-    print(len(jobs), "kernels compiled for sm_90")
+        problems += [f"{fn.__name__} {constexprs}: {p}" for p in broken_rules(compiled.asm["ttir"],
+                                                                               constexprs.get("EXACT", True))]
+    print("\n".join(problems[:20]), file=sys.stderr)
+    print(len(jobs), "kernels compiled for sm_90;", len(problems), "unsafe operations")
 ''')
 
 
-def test_every_kernel_compiles_for_hopper():
+def test_every_kernel_compiles_for_hopper_and_is_safe_at_every_shape():
     """Not in the interpreter: Triton's compiler lowers each kernel (float32 tensors, every constexpr
-    combination) to PTX and ptxas assembles it for sm_90, the H100/H200."""
+    combination) to PTX and ptxas assembles it for sm_90, the H100/H200. In the Triton IR of each, with sizes
+    typed i32 as Triton passes them below 2^31: every pointer offset is 64-bit (an i32 product such as
+    row * n_cols wraps once B x d_sae > 2^31 and writes outside the buffer), no max/min drops NaN, and the
+    deterministic variants (EXACT) add no float atomically. Any kernel added later is held to the same rules."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     result = subprocess.run([sys.executable, "-c", COMPILE], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "kernels compiled for sm_90" in result.stdout
+    assert "kernels compiled for sm_90; 0 unsafe operations" in result.stdout, result.stderr[-3000:]
+
+
+NAN_VARIANTS = {
+    "relu": {"_target_": "saelab.saes.relu.ReluSAE"},
+    "gated": {"_target_": "saelab.saes.gated.GatedSAE"},
+    "jumprelu": {"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "bandwidth": 0.1},
+    "jumprelu_triangle": {"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "bandwidth": 0.1, "kernel": "triangle"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(NAN_VARIANTS))
+def test_a_nan_in_the_encoder_reaches_the_loss(variant, monkeypatch):
+    """A NaN in one column of W_enc makes that latent's pre-activation NaN on every row; torch's relu and
+    p * H(p - theta) keep it, so the loss is NaN and the deferred finite check stops or skips the step. Kernels
+    that turn NaN into 0 (fmax, `p > theta` alone) would leave the loss finite and the NaN unseen."""
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    torch.manual_seed(0)
+    sae = build_sae({"d_in": 16, "d_sae": 64, "sparsity_coefficient": 0.1, **NAN_VARIANTS[variant]})
+    with torch.no_grad():
+        sae.W_enc[:, 5] = float("nan")
+    terms = sae.training_loss(torch.randn(32, 16), {"sparsity": 0.1}).terms
+    assert not torch.isfinite(sum(terms.values())), {k: float(v) for k, v in terms.items()}
+
+
+def test_launch_grids_fit_cuda_at_the_widest_shapes(monkeypatch):
+    """Every launcher's grid at 16,384 tokens x 2^24 latents and at 2^20 latents x d_in 2,304 (recorded, not run:
+    meta tensors): CUDA caps grid axes 1 and 2 at 65,535, so the wide dimension must be on axis 0."""
+    from saelab.kernels import triton_gpu as tg
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, launch_grid):
+            launches.append((self.name, tuple(launch_grid)))
+            return lambda *args, **kwargs: None
+
+    for name in ("_relu_forward", "_jumprelu_forward", "_jumprelu_backward", "_gated_forward", "_gated_backward_mag",
+                 "_gated_backward_gate", "_sparse_decode", "_sampled_dot", "_sparse_t_dense"):
+        monkeypatch.setattr(tg, name, Recorder(name))
+    meta = {"device": "meta"}
+    batch, d_sae, d_in, k = 16_384, 2**24, 2_304, 32
+    wide, row, entries = torch.empty(batch, d_sae, **meta), torch.empty(d_sae, **meta), batch * k
+    tg.relu_forward(wide, row)
+    tg.jumprelu_forward(wide, row, row, out=wide)
+    tg.jumprelu_backward(wide, wide, row, torch.empty((), **meta), 0.1, "rectangle", need_theta=True)
+    tg.gated_forward(wide, row, row, row, wide, wide, wide)
+    tg.gated_backward_mag(wide, wide, wide, row)
+    tg.gated_backward_gate(wide, wide, wide)
+    ids, values = torch.empty(entries, dtype=torch.int64, **meta), torch.empty(entries, **meta)
+    table, dense = torch.empty(2**20, d_in, **meta), torch.empty(batch, d_in, **meta)
+    tg.sparse_decode(values, ids, torch.empty(batch + 1, dtype=torch.int64, **meta), table, row_sq=True)
+    tg.sampled_dot(ids, ids, table, dense)
+    tg.sparse_t_dense(ids, torch.empty(2**20 + 1, dtype=torch.int64, **meta), ids, values, dense, transposed=True)
+    assert len(launches) == 9
+    too_wide = [(name, g) for name, g in launches if any(axis > 65_535 for axis in g[1:])]
+    assert too_wide == []
