@@ -158,3 +158,37 @@ def test_auxk_is_skipped_exactly_while_no_latent_can_be_dead(monkeypatch):
     torch.testing.assert_close(torch.tensor(value), expected.detach(), rtol=1e-5, atol=1e-6)
     sae.load_state_dict(sae.state_dict())
     assert not sae.none_dead(4 * BATCH)  # a load forgets the bound
+
+
+def test_training_through_lightning_reads_nothing_back_between_logging_steps(monkeypatch, tmp_path):
+    """The same promise through Trainer.fit, as saelab-train runs it (progress bar on, logging every 4 steps):
+    Lightning's loop, its progress bar and the module's hooks read no device value on a non-logging step. The
+    bar shows floats read on logging steps; `self.log(..., prog_bar=True)` would have Lightning `.item()` the
+    cached tensor at every batch end."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from saelab.module import SAEModule
+
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    torch.manual_seed(0)
+    module = SAEModule.single(build_sae({"d_in": D_IN, "d_sae": D_SAE, **VARIANTS["topk"]}), OPTIM, max_steps=12,
+                              dead_window_tokens=50)
+    module.member.deferred_checks = True
+    reads, starts = HostReads(), []
+
+    class BatchStarts(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            starts.append(len(reads.seen))
+
+    trainer = L.Trainer(max_steps=12, log_every_n_steps=4, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[BatchStarts()], default_root_dir=tmp_path,
+                        accelerator="cpu")
+    batches = DataLoader([torch.randn(BATCH, D_IN) for _ in range(12)], batch_size=None)
+    with reads:
+        trainer.fit(module, batches)
+    per_batch = [reads.seen[a:b] for a, b in zip(starts, [*starts[1:], len(reads.seen)], strict=True)]
+    assert len(per_batch) == 12
+    logging = {3, 7, 11}  # (global_step + 1) % 4 == 0
+    assert {i: seen for i, seen in enumerate(per_batch) if i >= 2 and i not in logging and seen} == {}
+    assert set(module.progress) == {"loss", "tok/s"}

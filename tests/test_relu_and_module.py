@@ -161,11 +161,16 @@ def test_training_logs_only_on_logging_steps(monkeypatch, tmp_path):
     def spy_member(metrics, step):
         logged_at.setdefault(step, set()).update(metrics)
 
-    def spy_log(name, *args, **kwargs):
-        bar_at.setdefault(module.global_step, set()).add(name)
+    def spy_step(*args, **kwargs):
+        before = dict(module.progress)
+        result = step(*args, **kwargs)
+        if module.progress != before:
+            bar_at.setdefault(module.global_step, set()).update(module.progress)
+        return result
 
+    step = module.training_step
     monkeypatch.setattr(module.member, "log_metrics", spy_member)
-    monkeypatch.setattr(module, "log", spy_log)
+    monkeypatch.setattr(module, "training_step", spy_step)
     trainer = L.Trainer(max_steps=20, log_every_n_steps=10, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, DataLoader(torch.randn(20 * 8, 16), batch_size=8))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from saelab.allocator import keep_freed_memory
 from saelab.errors import check_choice
 from saelab.nonfinite import NonFiniteWatch
+from saelab.progress import replacing_default_bar
 from saelab.saes.base import SAE, TrainStep
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ class SAEModule(L.LightningModule):
             raise ValueError("SAEModule needs at least one member")
         self.members = nn.ModuleList(members)
         self._stepping: list[SAEMember] = list(members)  # members that take part in the current optimiser step
+        self.progress: dict[str, float] = {}  # what the progress bar shows, read on logging steps only
 
     @classmethod
     def single(cls, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
@@ -295,11 +297,11 @@ class SAEModule(L.LightningModule):
         if not any(m.alive for m in self.members):  # nothing left to train: end the run with the first failure
             raise next(m.failure for m in self.members)
         self._skip_update_if_non_finite()
-        if logging_step and total is not None:  # the progress bar: the group's summed loss and its tokens/s
-            self.log("loss", total.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if logging_step and total is not None:  # the progress bar (saelab.progress): summed loss, tokens/s
+            self.progress["loss"] = float(total.detach())
             rates = [r for m in self.members if m.alive and (r := m.tokens_per_s()) is not None]
             if rates:
-                self.log("tok/s", min(rates), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+                self.progress["tok/s"] = min(rates)
         return total  # None: every member skipped this batch (Lightning then runs no backward)
 
     def _skip_update_if_non_finite(self) -> None:
@@ -348,6 +350,10 @@ class SAEModule(L.LightningModule):
         if self._trainer is None:
             return self.global_step
         return int(self.trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The progress bar that shows floats read on logging steps (no host read per step through Lightning)."""
+        return replacing_default_bar(self._trainer)
 
     def on_fit_start(self) -> None:
         keep_freed_memory()  # a step's fresh tensors then reuse freed memory instead of page-faulting anew
