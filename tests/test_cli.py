@@ -164,6 +164,11 @@ BAD_INPUTS = [
      "model.target_hook='blocks.0.mlp.hook_in' is not allowed: expected a hook reached after model.hook"),
     (["trainer.devices=0"],
      "trainer.devices=0 is not allowed: expected a positive integer, -1 (all), 'auto', or a non-empty list of device"),
+    # A word where conf/ has a number or a flag (config_checks.check_types), before any model loads.
+    (["data.seed=abc"], "data.seed='abc' is not allowed: expected an integer"),
+    (["eval.spliced_windows=abc"], "eval.spliced_windows='abc' is not allowed: expected a number"),
+    (["trainer.log_every_n_steps=often"], "trainer.log_every_n_steps='often' is not allowed: expected a number"),
+    (["sae.apply_b_dec_to_input=maybe"], "sae.apply_b_dec_to_input='maybe' is not allowed: expected true or false"),
 ]
 
 

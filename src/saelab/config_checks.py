@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from saelab.cli_checks import CONF_DIR
 from saelab.data.cache import cache_root
 from saelab.data.model import check_model_config
 from saelab.data.normalize import METHODS
@@ -91,7 +95,79 @@ def check_transcoder(cfg: DictConfig) -> None:
         raise ConfigError("model.target_hook", target, "a hook other than model.hook (and model.hooks null)")
 
 
+# Fields whose own check accepts more than their default's type (trainer.devices: 1, or "auto", "0,1", [0, 1]).
+_OWN_TYPE_CHECKS = ("trainer.devices",)
+# Passed through to Lightning and W&B, whose flags also take words (deterministic="warn", save_last="link",
+# log_model="all"): their numbers are checked, their flags are left to them.
+_PASSTHROUGH = ("trainer.", "callbacks.", "logger.")
+_INTERPOLATION = re.compile(r"\$\{(\.?[\w.]+)\}")  # ${seed}, ${.synthetic.d_in}: a plain reference, no resolver
+
+
+def _leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key != "defaults" and not (prefix == "" and key == "hydra"):
+                yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+@functools.cache
+def default_types() -> dict[str, str]:
+    """conf/'s YAML files as the type schema of the run config: "number" for a field whose values in every file
+    are numbers (8 in one, 0.5 in another), "bool" for one that is always true or false. A plain reference
+    (data.seed: ${seed}) takes the type of what it names; fields that are null, strings, lists or of mixed types
+    in the files are left to their own checks."""
+    found: dict[str, set[str]] = {}
+    refs: dict[str, str] = {}
+    for file in sorted(CONF_DIR.rglob("*.yaml")):
+        parts = file.relative_to(CONF_DIR).parts
+        if parts[0] == "hydra":
+            continue
+        global_package = len(parts) == 1 or "@package _global_" in file.read_text()
+        package = "" if global_package else ".".join(parts[:-1])
+        for path, value in _leaves(OmegaConf.to_container(OmegaConf.load(file), resolve=False), package):
+            match = _INTERPOLATION.fullmatch(value) if isinstance(value, str) else None
+            if match:
+                ref = match.group(1)
+                refs[path] = path.rsplit(".", 1)[0] + ref if ref.startswith(".") else ref
+            elif value is not None:
+                kind = "bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else "other"
+                found.setdefault(path, set()).add(kind)
+    for path, ref in refs.items():
+        found.setdefault(path, set()).update(found.get(ref, {"other"}))
+    return {path: next(iter(kinds)) for path, kinds in found.items() if kinds in ({"number"}, {"bool"})}
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Every field of the config that conf/ declares a number or a bool (default_types) holds one, or null: a
+    string where a number belongs (data.seed=abc) fails here in one line, not as a traceback deep in a run."""
+    for path, kind in default_types().items():
+        if path in _OWN_TYPE_CHECKS:
+            continue
+        try:
+            value = OmegaConf.select(cfg, path)
+        except Exception:  # noqa: BLE001 - not resolvable here (e.g. ${hydra:...} outside a run): not a type
+            continue
+        if value is None:
+            continue
+        if kind == "bool":
+            if not path.startswith(_PASSTHROUGH):
+                check_bool(path, value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "a number")
+
+
+def _integer(field: str, value: Any) -> None:
+    """An integer of any sign (a seed); 2e6-style integral floats are integers."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ConfigError(field, value, "an integer")
+
+
 def check_run_config(cfg: DictConfig) -> None:
+    _integer("seed", cfg.seed)
+    _integer("data.seed", cfg.data.seed)
+    check_types(cfg)
     check_model_config(cfg.model)
     data = cfg.data
     check_choice("data.source", data.source, SOURCES)
