@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from saelab.allocator import keep_freed_memory
 from saelab.errors import check_choice
+from saelab.kernels.dispatch import check_launch
 from saelab.nonfinite import NonFiniteWatch
 from saelab.progress import replacing_default_bar
 from saelab.saes.base import SAE, TrainStep
@@ -356,6 +357,8 @@ class SAEModule(L.LightningModule):
         return replacing_default_bar(self._trainer)
 
     def on_fit_start(self) -> None:
+        for member in self.members:  # SAELAB_KERNELS and Triton's launch, checked before the first step
+            check_launch(self.device, next(member.sae.parameters()).dtype)
         keep_freed_memory()  # a step's fresh tensors then reuse freed memory instead of page-faulting anew
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from saelab.cli_checks import CONF_DIR, check_group_overrides
 from saelab.errors import ConfigError
 from saelab.group import activations_needed, run_steps, train_group
 from saelab.job import prepare_job, record_failure, report_failure
+from saelab.kernels import dispatch
 from saelab.loggers import finish_wandb
 
 log = logging.getLogger("saelab")
@@ -106,6 +107,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     problem = check_group_overrides(sys.argv[1:])
+    try:
+        dispatch.requested()  # SAELAB_KERNELS, before any set-up (Triton's launch is checked at fit start)
+    except ConfigError as err:
+        problem = problem or str(err)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

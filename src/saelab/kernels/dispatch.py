@@ -1,13 +1,16 @@
 """Which kernels run a fused training step: one decision, made from the tensors' device and dtype.
 
     native  CPU, float32: sparse_kernels.cpp through kernels/native.py (when a C++ compiler is there)
-    triton  CUDA, when triton imports: kernels/triton_gpu.py (no host synchronisation on any step)
-    torch   anything else: torch operators, in kernels/fused.py beside the calls above
+    triton  CUDA, float32, when triton imports: kernels/triton_gpu.py (no host synchronisation on any step)
+    torch   anything else (float64 included: the Triton kernels compute in float32): torch operators, in
+            kernels/fused.py beside the calls above
 
 SAELAB_KERNELS overrides the choice for every step: `auto` (the default, as above), `torch` (the fallback
-everywhere: what a new kernel is checked against), or `triton` (Triton's kernels on any device; on the CPU they
-run only under Triton's interpreter, TRITON_INTERPRET=1, which is how CI tests them). The variant files never
-see this module: they call kernels/fused.py's autograd Functions, which ask `backend_for` what to run.
+everywhere: what a new kernel is checked against), or `triton` (Triton's kernels on any device, float32 only; on
+the CPU they run only under Triton's interpreter, TRITON_INTERPRET=1, which is how CI tests them). Before training,
+`check_launch` runs one tiny Triton kernel where Triton was chosen, so a GPU or machine Triton cannot launch on
+(no C compiler for its launcher, an unsupported GPU) is named at start, not at the first step. The variant files
+never see this module: they call kernels/fused.py's autograd Functions, which ask `backend_for` what to run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from saelab.errors import ConfigError
+
 VARIABLE = "SAELAB_KERNELS"
 CHOICES = ("auto", "torch", "triton")
 BACKENDS = ("native", "triton", "torch")
@@ -29,7 +34,7 @@ def requested() -> str:
     """The SAELAB_KERNELS choice (auto if unset); anything else is refused by name."""
     value = os.environ.get(VARIABLE, "auto").strip().lower() or "auto"
     if value not in CHOICES:
-        raise ValueError(f"{VARIABLE}={value!r}: expected one of {', '.join(CHOICES)}")
+        raise ConfigError(VARIABLE, value, CHOICES)
     return value
 
 
@@ -48,22 +53,52 @@ def backend_for(*tensors: Tensor) -> str:
     """native, triton or torch for a step on these tensors (see the module docstring)."""
     choice = requested()
     first = tensors[0]
+    float32 = all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
     if choice == "torch":
         return "torch"
     if choice == "triton":
         if not triton_importable():
-            raise ValueError(f"{VARIABLE}=triton: triton is not installed")
+            raise ConfigError(VARIABLE, choice, "'auto' or 'torch': triton is not installed")
         if first.device.type == "cpu" and not interpreting():
-            raise ValueError(f"{VARIABLE}=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+            raise ConfigError(VARIABLE, choice, "'auto' or 'torch' on the CPU (or TRITON_INTERPRET=1, Triton's "
+                                                "interpreter)")
+        if not float32:
+            raise ConfigError(VARIABLE, choice, "'auto' or 'torch' for this run's dtype (the Triton kernels "
+                                                "compute in float32)")
         return "triton"
-    if first.device.type == "cuda" and triton_importable():
+    if first.device.type == "cuda" and float32 and triton_importable():
         return "triton"
-    if first.device.type == "cpu" and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
+    if first.device.type == "cpu" and float32:
         from saelab.kernels import native
 
         if native.library() is not None:
             return "native"
     return "torch"
+
+
+def check_launch(device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+    """Before training on `device` in `dtype`: where its steps would run Triton, launch one tiny kernel now, so a
+    machine Triton cannot launch on fails at start with one line saying what to do (and not mid-run)."""
+    device = torch.device(device)
+    if backend_for(torch.empty(0, device=device, dtype=dtype)) != "triton":
+        return
+    reason = _launch_failure(str(device))
+    if reason is not None:
+        raise ConfigError(VARIABLE, requested(), f"'torch' on {device}: Triton could not launch a kernel here "
+                                                 f"({reason})")
+
+
+@functools.cache
+def _launch_failure(device: str) -> str | None:
+    """None if a Triton kernel launches and completes on `device`, else the error's first line (cached: once)."""
+    try:
+        pre = torch.zeros(1, 1, device=device)
+        triton_kernels().relu_forward(pre, torch.zeros(1, device=device))
+        if pre.device.type == "cuda":
+            torch.cuda.synchronize(pre.device)
+    except Exception as err:  # noqa: BLE001 - any failure to launch is the answer, named in the message
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    return None
 
 
 def host_sync_free(t: Tensor) -> bool:

@@ -142,7 +142,10 @@ class JumpReLUL0Function(torch.autograd.Function):
         width = 0.5 * bandwidth if kernel == "rectangle" else bandwidth
         # With theta > 0 (the SAE keeps it so), H(pi - theta) = 1[f > 0]: backward masks with f, and the native
         # pass applies; otherwise backward needs the (slower) bool mask.
-        theta_positive, found = bool(theta.min() > 0), None
+        # On an accelerator (host_sync_free) nothing is read back: theta's sign is not checked (backward keeps
+        # the bool mask) and the window stays dense instead of a list of its entries (nonzero).
+        sync_free, found = dispatch.host_sync_free(x), None
+        theta_positive = not sync_free and bool(theta.min() > 0)
         if backend == "native" and theta_positive:
             pre = torch.mm(x, W_enc, out=workspace[0])
             found = native.jumprelu_forward(pre, b, theta, width, bandwidth, out=workspace[1])
@@ -166,8 +169,12 @@ class JumpReLUL0Function(torch.autograd.Function):
             band = None
             if ctx.needs_input_grad[3]:
                 distance = shifted.abs_()  # |pi - theta|
-                rows, cols = (distance < width).nonzero(as_tuple=True)
-                band = (rows, cols, 1.0 - distance[rows, cols] / bandwidth if kernel == "triangle" else None)
+                if sync_free:  # K(u) over the whole batch
+                    band = ((distance < width).to(x.dtype) if kernel == "rectangle"
+                            else (1.0 - distance / bandwidth).clamp_min_(0.0))
+                else:
+                    rows, cols = (distance < width).nonzero(as_tuple=True)
+                    band = (rows, cols, 1.0 - distance[rows, cols] / bandwidth if kernel == "triangle" else None)
             fired, grad_buffer = None, workspace[1]
         x_hat = torch.addmm(b_dec, f, W_dec)
         ctx.save_for_backward(x, W_enc, theta, W_dec, f, active)
@@ -184,7 +191,12 @@ class JumpReLUL0Function(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 9
         g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace) if g_xhat is not None else None
-        if need[3]:
+        if need[3] and isinstance(ctx.band, Tensor):  # the dense window K(u) [B, m]
+            per_entry = theta * g_f if g_f is not None else theta.new_zeros(())
+            if g_l0 is not None:
+                per_entry = per_entry + g_l0 / batch
+            grads[3] = (ctx.band * per_entry).sum(0).to(theta.dtype) / -eps
+        elif need[3]:
             rows, cols, weights = ctx.band
             per_entry = theta[cols] * g_f[rows, cols] if g_f is not None else theta.new_zeros(cols.shape)
             if g_l0 is not None:
