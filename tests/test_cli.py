@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,25 @@ def test_wandb_offline_run_is_written_for_wandb_sync(tiny_model_dir, tiny_corpus
                 b"final/log10_feature_density"):
         assert key in logged, key
     assert "wandb sync" in result.stdout + result.stderr
+
+
+def test_the_console_shows_saelabs_lines_and_nothing_else(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    """A short run with W&B (offline, and not silenced by WANDB_SILENT as the other tests are) prints saelab's log
+    lines only: no Lightning tip or GPU/TPU lines, no third-party deprecation warning, no W&B banner or summary,
+    no weight-loading bar."""
+    out = tmp_path / "outputs"
+    args = [a for a in tiny_overrides(tiny_model_dir, tiny_corpus_dir, out) if not a.startswith("logger=")]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"} | {"WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "saelab.train", *args, "logger=wandb", "trainer.max_steps=10",
+                             "eval.spliced_windows=0"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = (result.stdout + result.stderr).replace("\r", "\n")
+    for noise in ("litlogger", "Tip:", "GPU available", "TPU available", "deprecated", "Warning", "wandb:",
+                  "Loading weights", "`Trainer.fit` stopped"):
+        assert noise not in printed, (noise, printed[-3000:])
+    lines = [line for line in printed.splitlines() if line.strip()]
+    assert any("held-out: L0" in line for line in lines) and any("wandb sync" in line for line in lines), printed
+    assert all(re.match(r"\[[^]]+\]\[saelab[\w.]*\]\[\w+\] - ", line) for line in lines), printed[-3000:]
 
 
 def test_multirun_writes_one_directory_per_job(tiny_model_dir, tiny_corpus_dir, tmp_path):

@@ -21,6 +21,7 @@ from saelab import precision
 from saelab.config_checks import check_run_config
 from saelab.data.model import configured_hooks
 from saelab.errors import ConfigError
+from saelab.loggers import quiet_third_party
 
 log = logging.getLogger("saelab")
 
@@ -66,6 +67,7 @@ class Job:
 
 def prepare_job(cfg: DictConfig) -> Job:
     """Check the config (ConfigError before any heavy work) and capture the job's Hydra context."""
+    quiet_third_party()  # every job starts here (a run, a multirun job, a fanout job): before any Trainer exists
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     check_run_config(cfg)

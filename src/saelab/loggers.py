@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,18 @@ from typing import Any
 from hydra.utils import instantiate
 
 log = logging.getLogger(__name__)
+
+
+def quiet_third_party() -> None:
+    """The console says what saelab does, and third-party chatter is silenced here, at its source, in one place:
+    Lightning's info lines (its litlogger tip, "GPU available", "`Trainer.fit` stopped") go below its loggers'
+    level while its warnings and errors still show; the one deprecation torch raises from inside Lightning's own
+    code (nothing a user can act on) is filtered by its message and category. W&B's banner and run summary are off
+    through its `silent` setting (_wandb_run); saelab logs the offline `wandb sync` hint and an online run's URL."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 def wandb_api_key_configured() -> bool:
@@ -56,7 +69,11 @@ def _wandb_run(cfg: Mapping[str, Any]):
             "entity": cfg.get("entity"), "tags": list(cfg.get("tags") or []) or None, "reinit": "create_new"}
     if cfg.get("offline"):
         init["mode"] = "offline"
-    return wandb.init(**{k: v for k, v in init.items() if v is not None})
+    # silent: no banner or run summary on the console (W&B's warnings still show); saelab says where the run is.
+    run = wandb.init(**{k: v for k, v in init.items() if v is not None}, settings=wandb.Settings(silent=True))
+    if not run.offline and not run.disabled:
+        log.info("W&B run: %s", run.url)
+    return run
 
 
 def close_loggers(loggers: list, status: str) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,28 @@ def load_model(model_cfg: Mapping[str, Any], hooks: list[str] | None = None, che
     check_model_config(model_cfg)
     source = str(Path(model_cfg["path"]).expanduser()) if model_cfg.get("path") else str(model_cfg["name"])
     device = resolve_device(str(model_cfg["device"]))
-    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=DTYPES[model_cfg["dtype"]])
+    with _no_loading_bar() if model_cfg.get("path") else contextlib.nullcontext():
+        bridge = TransformerBridge.boot_transformers(source, device=device, dtype=DTYPES[model_cfg["dtype"]])
     bridge.eval()
     hooks = list(hooks) if hooks is not None else configured_hooks(model_cfg)
     for hook in hooks if check_hooks else ():
         check_hook(hook, bridge.hook_dict)
     return LoadedModel(bridge, bridge.tokenizer, hooks, device, str(model_cfg["name"]))
+
+
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Transformers' "Loading weights" bar off while a local model loads (nothing is downloaded, and the log says
+    what saelab does); a hub model keeps its download bars."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def check_hook(hook: str, hook_names: Mapping[str, Any], field: str = "model.hook") -> None:
