@@ -1,6 +1,7 @@
 """The Python half of benchmarks/gpu_check.sh: run its step grid, read its training sweep, print its report.
 
     python -m benchmarks.gpu_check steps  --jsonl F --device cuda --shapes 768x24576,2304x65536 [--budget-s S] ...
+    python -m benchmarks.gpu_check steps  --jsonl F --device cuda --large jumprelu:2304x262144:16384,...
     python -m benchmarks.gpu_check libraries --jsonl F --device cuda --shapes ... [--budget-s S]
     python -m benchmarks.gpu_check report --steps-jsonl F [--libraries-jsonl F] [--sweep DIR] [--parts TSV]
         [--out FILE] [--quality-json FILE]
@@ -13,6 +14,11 @@ that would start past --budget-s are recorded as skipped. `libraries` does the s
 (benchmarks/saelens_step.py) and sparsify's (benchmarks/sparsify_step.py), each where it imports. `report`
 needs no torch: it reads those lines, the parts' status and the training sweep's metrics.json files, and
 prints the tables.
+
+`steps --large` runs the shapes at which 32-bit offsets and grid limits would break (issue #24), each
+`variant:d_inxd_sae:batch`, as lean runs (saelab's step alone: no roofline or reference, which would need its
+memory again) with a slice of one step checked against plain torch (benchmarks/slice_check.py); the report
+gives them their own table. A run that does not fit the GPU is recorded as failed (out of memory).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ TRAIN_PRECISIONS = ("32-true", "tf32", "bf16-mixed")
 SAELENS_VARIANTS = ("standard", "gated", "jumprelu", "topk")
 SAELENS_PRECISIONS = ("fp32", "bf16")
 QUALITY_TOLERANCE = 0.02  # FVU and L0 of tf32 / bf16-mixed within 2% of 32-true
+# B x d_sae = 2^32 at d_in 2,304 (JumpReLU ~66 GiB: an H100 holds it); 2^20 latents at d_in 2,304 (d_sae x d_in
+# > 2^31: the sparse backward's store offsets; ~95 GiB with Adam: an H200)
+LARGE = "jumprelu:2304x262144:16384,relu:2304x262144:16384,topk:2304x1048576:4096"
 
 
 # -- the step grid -------------------------------------------------------------------------------------------
@@ -103,6 +112,21 @@ def step_runs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], list[
                         "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device,
                         "--precision", precision, "--reference", "--sync-steps", str(args.sync_steps)]
                 runs.append((f"{variant} {d_in}x{d_sae} {precision}", labels, argv))
+    return runs
+
+
+def large_runs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """One lean tf32 run per `variant:d_inxd_sae:batch` of --large, with the slice check."""
+    runs = []
+    for spec in args.large.split(","):
+        variant, dims, batch = spec.split(":")
+        d_in, d_sae = shape(dims)
+        labels = {"shape": f"{d_in}x{d_sae}", "variant": variant, "precision": "tf32", "batch": int(batch),
+                  "large": True}
+        argv = ["--variant", variant, "--d-in", str(d_in), "--d-sae", str(d_sae), "--batch", batch, "--warmup",
+                str(args.warmup), "--steps", str(args.steps), "--device", args.device, "--precision", "tf32",
+                "--lean", "--check-slice"]
+        runs.append((f"large {variant} {d_in}x{d_sae} b{batch}", labels, argv))
     return runs
 
 
@@ -232,6 +256,8 @@ def step_table(records: list[dict[str, Any]]) -> list[str]:
     lines = ["| shape | variant | precision | tok/s | TFLOP/s roofline | fraction | reference ratio | syncs/step "
              "| kernels |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for record in latest(records).values():
+        if record.get("large"):
+            continue
         head = f"| {record.get('shape', '')} | {record.get('variant', '')} | {record.get('precision', '')} |"
         if record["status"] != "ok":
             status = "crashed or timed out" if record["status"] == "started" else record["status"]
@@ -246,6 +272,25 @@ def step_table(records: list[dict[str, Any]]) -> list[str]:
         lines.append(f"{head} {number(r, 'tokens_per_s', ',.0f')} | {number(r, 'roofline_tflops', '.3g')} | "
                      f"{number(r, 'roofline_fraction', '.2f')} | {ratio} | {number(r, 'syncs_per_step', '.1f')} | "
                      f"{r.get('kernels', 'unknown')} |")
+    return lines
+
+
+def large_table(records: list[dict[str, Any]]) -> list[str]:
+    """The --large runs: throughput, and the slice of one step against plain torch."""
+    lines = ["| shape | variant | batch | tok/s | slice errors (relative) | slice |", "|---|---|---:|---:|---|---|"]
+    for record in latest(records).values():
+        if not record.get("large"):
+            continue
+        head = f"| {record['shape']} | {record['variant']} | {record['batch']} |"
+        if record["status"] != "ok":
+            status = "crashed or timed out" if record["status"] == "started" else record["status"]
+            lines.append(f"{head} {status}: {cell_error(record.get('error', ''))} | | |")
+            continue
+        r = record["result"]
+        errors = ", ".join(f"{k.removeprefix('slice_').removesuffix('_error')} {v:.1e}" for k, v in r.items()
+                           if k.startswith("slice_") and k.endswith("_error"))
+        verdict = "ok" if r.get("slice_ok") else "WRONG"
+        lines.append(f"{head} {number(r, 'tokens_per_s', ',.0f')} | {errors} | {verdict} |")
     return lines
 
 
@@ -291,6 +336,8 @@ def report(args: argparse.Namespace) -> str:
             f"### Training step (benchmarks/train_step.py; {run_counts(records)}; reference ratio = saelab's tok/s "
             "over the hand-written step's)", "",
             *step_table(records), "",
+            "### Large shapes (tf32, lean: saelab's step alone; a slice of one step against plain torch)", "",
+            *(large_table(steps) if any(r.get("large") for r in steps) else ["(no large-shape run)"]), "",
             f"### Quality (saelab.train, held-out FVU and L0; change relative to {precisions[0]})", "",
             *(quality_table(rows, precisions) if rows else ["(no training sweep ran)"]), ""]
     return "\n".join(text)
@@ -311,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, default=10)
         p.add_argument("--sync-steps", type=int, default=3)
         p.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this many seconds")
+        p.add_argument("--large", help=f"lean runs variant:d_inxd_sae:batch,... (e.g. {LARGE}) instead of the grid")
     p = sub.add_parser("report")
     p.add_argument("--steps-jsonl", type=Path, required=True)
     p.add_argument("--libraries-jsonl", type=Path)
@@ -330,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "steps":
         from benchmarks import train_step
 
-        return 1 if run_grid(args.jsonl, step_runs(args), train_step.main, args.budget_s) else 0
+        runs = large_runs(args) if args.large else step_runs(args)
+        return 1 if run_grid(args.jsonl, runs, train_step.main, args.budget_s) else 0
     runs, call = library_runs(args, args.jsonl)  # sae_lens, sparsify: on the path from .gpu/saelens (gpu_check.sh)
     return 1 if run_grid(args.jsonl, runs, call, args.budget_s) else 0
 

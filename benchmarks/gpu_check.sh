@@ -13,6 +13,10 @@
 # (c) python3 -m saelab.train of each variant in trainer.precision 32-true, tf32 and bf16-mixed: one fanout
 #     multirun (the jobs that can share an activation stream train together) on the offline default model and
 #     corpus, data.train_tokens 204800 (400 steps of 512), ~40-60 s; held-out FVU and L0 against 32-true;
+# (e) the large shapes (issue #24): python -m benchmarks.gpu_check steps --large $LARGE (JumpReLU and ReLU at
+#     2304x262144 with 16,384 tokens, TopK at 2304x1048576 with 4,096), tf32, 1+3 steps each, lean (saelab's step
+#     alone), with a slice of one step checked against plain torch; expected ~10-20 s a run on an H100/H200 (the
+#     TopK run needs ~95 GiB: out of memory on an H100, recorded as such); appended to steps.jsonl and steps.log;
 # (d) SAELens's step (benchmarks/saelens_step.py: 4 variants, fp32 and bf16) and sparsify's TopK step
 #     (benchmarks/sparsify_step.py), each where it imports from .gpu/saelens/ (a pip --target directory with
 #     sae-lens and/or eai-sparsify and their dependencies); skipped with a note when the directory is absent.
@@ -27,7 +31,8 @@
 # the training runs' directories), SAELAB_KERNELS (passed through; recorded in the JSON), and to narrow the
 # check: GPU_CHECK_VARIANTS, GPU_CHECK_STEP_PRECISIONS, GPU_CHECK_TRAIN_PRECISIONS (comma lists);
 # GPU_CHECK_SAELENS_DIR (default .gpu/saelens) is where part (d) finds sae-lens and eai-sparsify;
-# GPU_CHECK_PARTS (default abcd) runs only the parts named (e.g. bc), the others reported as skipped.
+# GPU_CHECK_PARTS (default abecd) runs only the parts named (e.g. bc), the others reported as skipped;
+# GPU_CHECK_LARGE (default: benchmarks/gpu_check.py's LARGE) the large-shape runs of part (e).
 set -uo pipefail
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
@@ -37,7 +42,7 @@ VARIANTS=${GPU_CHECK_VARIANTS:-relu,gated,jumprelu,topk,batchtopk}
 STEP_PRECISIONS=${GPU_CHECK_STEP_PRECISIONS:-bf16,tf32,fp32}  # fp32 last: the slowest, first skipped if time runs out
 TRAIN_PRECISIONS=${GPU_CHECK_TRAIN_PRECISIONS:-32-true,tf32,bf16-mixed}
 SAELENS_DIR=${GPU_CHECK_SAELENS_DIR:-.gpu/saelens}
-WANTED=${GPU_CHECK_PARTS:-abcd}
+WANTED=${GPU_CHECK_PARTS:-abecd}
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
 elif python3 -c 'import torch' 2>/dev/null; then
@@ -58,10 +63,10 @@ rm -f "$LOG/steps.jsonl" "$LOG/libraries.jsonl"
 
 if [ "$SMOKE" = 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny tensors: a second thread only contends (2x slower under load)
-  SHAPES=64x512 BATCH=256 WARMUP=1 STEPS=2 SYNC_STEPS=2
+  SHAPES=64x512 BATCH=256 WARMUP=1 STEPS=2 SYNC_STEPS=2 LARGE=${GPU_CHECK_LARGE:-relu:64x512:256,topk:64x512:256}
   TRAIN_ARGS=(data=synthetic sae.d_sae=512 data.train_tokens=512 data.batch_size=256 eval.tokens=512)
 else
-  SHAPES=768x24576,2304x65536 BATCH=4096 WARMUP=3 STEPS=10 SYNC_STEPS=3
+  SHAPES=768x24576,2304x65536 BATCH=4096 WARMUP=3 STEPS=10 SYNC_STEPS=3 LARGE=${GPU_CHECK_LARGE:-}
   TRAIN_ARGS=(data.cache=off data.train_tokens=204800)
 fi
 [ "$DEVICE" = cpu ] && TRAIN_ARGS+=(trainer.accelerator=cpu model.device=cpu)
@@ -133,6 +138,25 @@ part_b() {
   part "b. benchmarks/train_step.py grid" $rc "$start" "$note"
 }
 
+# (e) the large shapes, lean, with the slice check -------------------------------------------------------------
+part_e() {
+  local start limit rc
+  start=$(date +%s)
+  limit=$(left "$C_RESERVE")
+  [ "$limit" -gt 90 ] && limit=90
+  if [ "$limit" -lt 15 ]; then
+    part "e. large shapes (slice check)" skip "$start" "time budget spent"
+    return
+  fi
+  say "(e) large shapes: ${LARGE:-the default set}"
+  run_for "$limit" "$PY" -m benchmarks.gpu_check steps --jsonl "$LOG/steps.jsonl" --device "$DEVICE" \
+    --large "${LARGE:-$("$PY" -c 'from benchmarks.gpu_check import LARGE; print(LARGE)')}" --warmup 1 --steps 3 \
+    --budget-s $(( limit - 10 )) >> "$LOG/steps.log" 2>&1
+  rc=$?
+  [ $rc = 1 ] && rc=0  # a run failed (e.g. out of memory): the large-shape table says which
+  part "e. large shapes (slice check)" $rc "$start" "$(grep -c '"large": true, "status": "ok"' "$LOG/steps.jsonl")/$(tr ',' '\n' <<< "${LARGE:-x,x,x}" | wc -l) runs ok"
+}
+
 # (c) training in each precision, one fanout multirun ---------------------------------------------------------
 part_c() {
   local start rc jobs
@@ -169,8 +193,9 @@ part_d() {
 }
 
 declare -A PART_NAMES=([a]="a. pytest tests/test_cuda.py" [b]="b. benchmarks/train_step.py grid"
-                        [c]="c. saelab.train ($TRAIN_PRECISIONS)" [d]="d. SAELens and sparsify steps")
-for p in a b c d; do
+                        [c]="c. saelab.train ($TRAIN_PRECISIONS)" [d]="d. SAELens and sparsify steps"
+                        [e]="e. large shapes (slice check)")
+for p in a b e c d; do
   if [[ $WANTED == *$p* ]]; then
     "part_$p"
   else

@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --variant relu --d-sae 3072 --batch 4096 [--d-in 384] [--acts PATH]
         [--steps 30] [--warmup 5] [--device cpu|cuda] [--precision fp32|tf32|bf16] [--reference] [--json OUT]
-        [SAE overrides, e.g. k=64]
+        [--lean] [--check-slice] [SAE overrides, e.g. k=64]
 
 Each step runs exactly what SAEModule runs per step (SAEMember.step_loss: the SAE's training loss and the
 dead-latent bookkeeping; backward; before_optimizer_step, i.e. the decoder-gradient projection; Adam's step;
@@ -50,6 +50,11 @@ and the run also measures, on the same GPU and in the same process,
     sync_warnings_per_step (cuda_timing.count_host_syncs);
   - which kernels ran: `kernels` = saelab.kernels.dispatch.backend_for(x) where that exists ("unknown" where it
     does not), with SAELAB_KERNELS (auto | torch | triton) recorded as `saelab_kernels`.
+--lean (the large shapes of issue #24: 16,384 tokens x 262,144 latents at d_in 2,304, ~66 GiB for JumpReLU; 2^20
+latents at d_in 2,304) times saelab's step alone: no roofline pass, reference step or sync count (each would
+need the step's memory again); the roofline fields are then null. --check-slice then recomputes a slice of one
+step with plain torch where the offsets are largest (benchmarks/slice_check.py: the last tokens' latents; for
+TopK/BatchTopK the highest selected latents' gradients) and reports slice_ok and its errors.
 --reference asks for the reference and the sync count on the CPU too (off by default there, so the CPU figures
 are timed as before). The CPU keeps its line and JSON keys; every run adds device, gpu, precision,
 matmul_dtype, kernels, tflops, roofline_tflops and `summary`, the line CUDA (and --reference) runs print:
@@ -86,6 +91,7 @@ from benchmarks.cuda_timing import (
     matmul_precision,
 )
 from benchmarks.reference_step import ReferenceSAE, time_reference, unsupported
+from benchmarks.slice_check import check_slice
 from saelab.module import SAEMember, SAEModule
 from saelab.saes import build_sae
 
@@ -145,6 +151,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time the hand-written reference step and count host syncs (always on CUDA)")
     parser.add_argument("--sync-steps", type=int, default=3, help="non-logging steps the sync count profiles")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--lean", action="store_true",
+                        help="saelab's step alone (no roofline, reference or sync count): the largest shapes")
+    parser.add_argument("--check-slice", action="store_true",
+                        help="check a slice of one step against plain torch (benchmarks/slice_check.py)")
     parser.add_argument("overrides", nargs="*", help="SAE config overrides, e.g. k=64 aux_loss=none")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -175,13 +185,13 @@ def run(args: argparse.Namespace) -> dict:
     with torch.device(device):
         sae = build(args.variant, d_in, args.d_sae, args.overrides)
     optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "optim" / "adam.yaml")) | {"lr": 1e-4}
-    member = SAEMember(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000,
+    member = SAEMember(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000,  # none dead: AuxK 0
                        precision=MEMBER_PRECISION[args.precision])
     module = SAEModule([member]).to(device)
     optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
     module.on_fit_start()  # what the Trainer calls first: the allocator setting training runs with
     coefficients = {name: value for name, (value, _) in sae.scheduled_coefficients.items()}
-    with_reference = args.reference or device.type == "cuda"
+    with_reference = (args.reference or device.type == "cuda") and not args.lean
     reference, reference_note = None, unsupported(args.variant, sae.cfg) if with_reference else "not asked for"
     if reference_note is None:  # built now: it starts from the weights saelab starts from
         reference = ReferenceSAE(args.variant, sae, float(optim_cfg["lr"]), member.param_group()["betas"],
@@ -210,28 +220,30 @@ def run(args: argparse.Namespace) -> dict:
     # This VM's speed drifts (by 10-30% within a minute at times), so every measured step is paired with a
     # roofline pass timed just before it, and the fraction is the median of the per-pair fractions.
     dtype = matmul_dtype(args.precision)
-    roofline = Roofline(DENSE_PASSES[args.variant], args.batch, d_in, args.d_sae, dtype=dtype, device=device)
+    roofline = None if args.lean else Roofline(DENSE_PASSES[args.variant], args.batch, d_in, args.d_sae, dtype=dtype,
+                                               device=device)
     flops = step_flops(args.variant, sae, args.batch)
     marks, roofline_marks = [], []
     for step in range(args.warmup + args.steps):
         x = batch(step)
-        roofline_pass = roofline.run()
+        roofline_pass = roofline.run() if roofline is not None else None
         step_marks = saelab_step(x, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
         if step >= args.warmup:
             marks.append(step_marks)
             roofline_marks.append(roofline_pass)
     clock.sync()
-    roofline_flops = roofline.flops
+    roofline_flops = roofline.flops if roofline is not None else None
     del roofline  # its buffers: GiBs at the GPU shapes
     times = [clock.seconds(m[0], m[3]) for m in marks]
-    roofline_times = [clock.seconds(*m) for m in roofline_marks]
+    roofline_times = [clock.seconds(*m) for m in roofline_marks if m is not None]
     phases = {name: [clock.seconds(m[i], m[i + 1]) for m in marks]
               for i, name in enumerate(("forward", "backward", "optimizer"))}
 
     step_s = statistics.median(times)
     gflops = flops / step_s / 1e9
-    fractions = [(flops / t) / (roofline_flops / r) for t, r in zip(times, roofline_times, strict=True)]
-    roofline_gflops = roofline_flops / statistics.median(roofline_times) / 1e9
+    fractions = [(flops / t) / (roofline_flops / r) for t, r in zip(times, roofline_times, strict=True)] if (
+        roofline_flops) else []
+    roofline_gflops = roofline_flops / statistics.median(roofline_times) / 1e9 if roofline_flops else None
     with member.autocast(device.type):
         kernels = kernels_backend(batch(0))
     result = {
@@ -239,17 +251,17 @@ def run(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(), "native_kernels": native.library() is not None,  # TopK's C++ kernels
         "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
         "gflops": gflops, "roofline_gflops": roofline_gflops,
-        "roofline_fraction": statistics.median(fractions),
-        "roofline_fraction_range": [min(fractions), max(fractions)],  # over the step/roofline pairs
+        "roofline_fraction": statistics.median(fractions) if fractions else None,
+        "roofline_fraction_range": [min(fractions), max(fractions)] if fractions else None,  # over the pairs
         # Medians of the step's phases: the loss (forward, with bookkeeping), backward, and the optimiser phase
         # (decoder-gradient projection, Adam, renormalisation), which any implementation of the step pays.
         **{f"{phase}_ms": 1e3 * statistics.median(seconds) for phase, seconds in phases.items()},
         "device": device.type, "gpu": device_name(device), "torch": torch.__version__, "precision": args.precision,
         "matmul_dtype": str(dtype).removeprefix("torch."), "tflops": gflops / 1e3,
-        "roofline_tflops": roofline_gflops / 1e3, "kernels": kernels,
+        "roofline_tflops": roofline_gflops / 1e3 if roofline_gflops else None, "kernels": kernels,
         "saelab_kernels": os.environ.get("SAELAB_KERNELS", "auto"), "steps": args.steps, "warmup": args.warmup,
     }
-    if args.variant in SPARSE:
+    if args.variant in SPARSE and not args.lean:
         candidates = getattr(sae, "screen_candidates_per_token", None)
         result["bf16_screen"] = candidates is not None
         result["screen_candidates_per_token"] = candidates
@@ -265,10 +277,13 @@ def run(args: argparse.Namespace) -> dict:
         if result["reference_tokens_per_s"] is not None:
             result["reference_ratio"] = result["tokens_per_s"] / result["reference_tokens_per_s"]
         result |= count_host_syncs(lambda: saelab_step(batch(0), with_l0=False), args.sync_steps, device)
+    if args.check_slice:
+        result |= check_slice(args.variant, sae, batch(0), coefficients)
+        sae.zero_grad(set_to_none=True)
     result["summary"] = summary(result)
-    if device.type == "cpu":
+    if device.type == "cpu" and fractions:
         print(cpu_line(result, len(fractions), fractions))
-    if with_reference:
+    if with_reference or args.lean or args.check_slice or device.type == "cuda":
         print(result["summary"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -278,14 +293,19 @@ def run(args: argparse.Namespace) -> dict:
 def summary(result: dict[str, Any]) -> str:
     """The one line per run that benchmarks/gpu_check.sh collects (figures also in the JSON)."""
     line = (f"{result['variant']} {result['d_in']}x{result['d_sae']} b{result['batch']} {result['device']} "
-            f"{result['precision']}: {tokens(result['tokens_per_s'])} tok/s  roofline "
-            f"{rate(result['roofline_tflops'])}  fraction {result['roofline_fraction']:.2f}")
+            f"{result['precision']}: {tokens(result['tokens_per_s'])} tok/s")
+    if result.get("roofline_tflops") is not None:
+        line += f"  roofline {rate(result['roofline_tflops'])}  fraction {result['roofline_fraction']:.2f}"
     if result.get("reference_ratio") is not None:
         line += f"  reference {tokens(result['reference_tokens_per_s'])} tok/s ({result['reference_ratio']:.2f}x)"
     elif "reference_note" in result:
         line += f"  reference n/a ({result['reference_note']})"
     if result.get("syncs_per_step") is not None:
         line += f"  syncs/step {result['syncs_per_step']:.1f}"
+    if "slice_ok" in result:
+        errors = ", ".join(f"{k.removeprefix('slice_').removesuffix('_error')} {v:.1e}" for k, v in result.items()
+                           if k.startswith("slice_") and k.endswith("_error"))
+        line += f"  slice {'ok' if result['slice_ok'] else 'WRONG'} ({errors})"
     return line
 
 

@@ -191,7 +191,7 @@ def test_gpu_check_smoke_on_cpu_prints_the_step_and_quality_tables(tmp_path):
     out = tmp_path / "out"
     env = _bench_env(GPU_CHECK_DEVICE="cpu", GPU_CHECK_SMOKE="1", GPU_CHECK_STEP_PRECISIONS="fp32",
                      GPU_CHECK_VARIANTS=",".join(SMOKE_VARIANTS),
-                     GPU_CHECK_PARTS="bcd", GPU_CHECK_SAELENS_DIR=str(tmp_path / "absent"), PYTHON=sys.executable,
+                     GPU_CHECK_PARTS="becd", GPU_CHECK_SAELENS_DIR=str(tmp_path / "absent"), PYTHON=sys.executable,
                      OUT=str(out), TMPDIR=str(tmp_path))
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True, text=True,
                             timeout=600, env=env)
@@ -200,7 +200,8 @@ def test_gpu_check_smoke_on_cpu_prints_the_step_and_quality_tables(tmp_path):
     assert report.strip() == (out / "report.md").read_text().strip()
     assert "| shape | variant | precision | tok/s | TFLOP/s roofline | fraction | reference ratio | syncs/step |" \
         in report
-    step_rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 64x512 |")]
+    step_rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 64x512 |")
+                 and line.split(" | ")[2] == "fp32"]
     assert sorted(row[1] for row in step_rows) == sorted(SMOKE_VARIANTS)
     for row in step_rows:  # tok/s, roofline, fraction, reference ratio, syncs: measured, not failure notes
         assert row[2] == "fp32" and float(row[3].replace(",", "")) > 0 and float(row[4]) > 0 and float(row[5]) >= 0
@@ -212,10 +213,55 @@ def test_gpu_check_smoke_on_cpu_prints_the_step_and_quality_tables(tmp_path):
     assert sorted(quality) == sorted(SMOKE_VARIANTS)
     for row in quality.values():  # 32-true trained, and bf16-mixed is compared with it
         assert float(row[1]) > 0 and float(row[2]) > 0 and "%" in row[5]
-    for part in ("a. pytest tests/test_cuda.py | skipped", "b. benchmarks/train_step.py grid | ok", "c. saelab.train",
+    large_rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 64x512 | ")
+                  and line.split(" | ")[2] == "256"]  # shape, variant, batch, tok/s, slice errors, verdict
+    assert sorted(row[1] for row in large_rows) == ["relu", "topk"]
+    assert all(float(row[3].replace(",", "")) > 0 and row[5] == "ok |" for row in large_rows), large_rows
+    assert "w_dec_grad" in next(row[4] for row in large_rows if row[1] == "topk")
+    for part in ("a. pytest tests/test_cuda.py | skipped", "b. benchmarks/train_step.py grid | ok",
+                 "e. large shapes (slice check) | ok", "c. saelab.train",
                  "d. SAELens and sparsify steps | skipped"):
         assert f"| {part}" in report
     files = sorted(p.name for p in out.iterdir())
     assert {"report.md", "steps.jsonl", "quality.json", "steps.log", "train.log"} <= set(files) and len(files) <= 8
     assert len(json.loads((out / "quality.json").read_text())["rows"]) == len(SMOKE_VARIANTS)
 
+
+
+@pytest.mark.parametrize("variant", ["relu", "topk"])
+def test_the_slice_check_passes_a_right_step_and_catches_a_wrong_slice(variant, monkeypatch):
+    """benchmarks/slice_check.py at a small shape on the Triton kernels (interpreter): errors at rounding level on
+    the kernels as they are; O(1) when the kernel's output is wrong where the slice looks (the last token's
+    latents; the highest latents' rows of the sparse backward), as a wrapped 32-bit offset would make it."""
+    from benchmarks.slice_check import check_slice
+    from benchmarks.train_step import build
+    from saelab.kernels import dispatch
+
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    tk = dispatch.triton_kernels()
+    x = torch.randn(70, 32, generator=torch.Generator().manual_seed(0)) / 32**0.5
+
+    def slice_of_a_step() -> dict:
+        torch.manual_seed(0)
+        sae = build(variant, 32, 300, ["dead_window_tokens=10000000"] if variant == "topk" else [])
+        return check_slice(variant, sae, x, {n: v for n, (v, _) in sae.scheduled_coefficients.items()}, rows=8,
+                           latents=16)
+
+    right = slice_of_a_step()
+    assert right["slice_ok"] and max(v for k, v in right.items() if k.endswith("_error")) < 1e-5, right
+    if variant == "relu":
+        forward = tk.relu_forward
+        monkeypatch.setattr(tk, "relu_forward", lambda pre, bias: (forward(pre, bias), pre[-1].add_(1.0))[0])
+        key = "slice_latents_error"
+    else:
+        product = tk.sparse_t_dense
+
+        def misplaced(*args, **kwargs):  # the highest latents' rows of Z^T dense never written
+            out, sums = product(*args, **kwargs)
+            (out[:, -32:] if kwargs.get("transposed", args[5] if len(args) > 5 else False) else out[-32:]).zero_()
+            return out, sums
+
+        monkeypatch.setattr(tk, "sparse_t_dense", misplaced)
+        key = "slice_w_dec_grad_error"
+    wrong = slice_of_a_step()
+    assert not wrong["slice_ok"] and wrong[key] > 0.05, wrong
