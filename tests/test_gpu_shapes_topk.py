@@ -178,3 +178,170 @@ def test_a_gpu_step_keeps_every_topk_within_the_limit(variant, monkeypatch):
     grads = dict(reference.named_parameters())
     for name, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# -- item 7: AuxK's fixed-shape selection no wider than the dead latents can be --------------------------------
+
+DEAD = [3, 17, 40]  # one per band of widths [16, 40, 64]
+DYING = [5, 6, 7, 50]  # alive at the read; dead 40 tokens later if they never fire
+
+
+def auxk_selections(patch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(columns, k) of every per-token top-k that AuxK's fixed-shape path (masked_auxk_loss) runs from now on."""
+    calls: list[tuple[int, int]] = []
+    inside: list[int] = []
+    masked, per_token_topk = topk_module.TopKSAE.masked_auxk_loss, topk_module.per_token_topk
+
+    def watched(self, *args):
+        inside.append(1)
+        try:
+            return masked(self, *args)
+        finally:
+            inside.pop()
+
+    def spy(scores, k, bias=None):
+        if inside:
+            calls.append((scores.shape[1], k))
+        return per_token_topk(scores, k, bias)
+
+    patch.setattr(topk_module.TopKSAE, "masked_auxk_loss", watched)
+    patch.setattr(topk_module, "per_token_topk", spy)
+    return calls
+
+
+def dying_sae(variant: str, **overrides):
+    """An SAE whose counters a logging step has just read (refresh_dead_bound): DEAD at the window (100 tokens),
+    DYING 40 tokens short of it, the rest fired on the last batch."""
+    sae = make_sae(variant, k_aux=8, dead_window_tokens=100, **overrides)
+    with torch.no_grad():
+        sae.tokens_since_fired[DEAD] = 100
+        sae.tokens_since_fired[DYING] = 60
+    sae.refresh_dead_bound()
+    return sae
+
+
+def unbounded(sae):
+    """A copy that has forgotten the host's bound (a load does), so its AuxK takes min(k_aux, band width)."""
+    copied = copy.deepcopy(sae)
+    copied.load_state_dict(copied.state_dict())
+    return copied
+
+
+def assert_same_step(sae, reference, x: torch.Tensor) -> None:
+    """The same loss terms and parameter gradients from both SAEs on x."""
+    terms, expected = sae.training_loss(x, {}).terms, reference.training_loss(x, {}).terms
+    assert terms.keys() == expected.keys() and float(terms["auxk"]) > 0
+    for name, term in terms.items():
+        torch.testing.assert_close(term, expected[name], rtol=1e-6, atol=0, msg=name)
+    sum(terms.values()).backward()
+    sum(expected.values()).backward()
+    grads = dict(reference.named_parameters())
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_auxk_takes_no_more_entries_per_token_than_latents_can_be_dead(variant, path, monkeypatch):
+    """On the GPU's kernels, right after the read at most 3 latents can be dead, so AuxK's top-k takes 3 entries per
+    token, not k_aux = 8; 48 tokens later the 4 dying ones may be dead too (7). Either way the loss terms and
+    gradients are those of the uncapped selection. Before, every step took k_aux."""
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    sae = dying_sae(variant)
+    if path == "autograd":
+        monkeypatch.setattr(type(sae), "fused_ok", lambda self, x: False)
+    x = torch.randn(48, 16)
+    reference = unbounded(sae)
+    with pytest.MonkeyPatch.context() as patch:
+        calls = auxk_selections(patch)
+        assert_same_step(sae, reference, x)
+    assert calls == [(64, 3), (64, 8)]  # this SAE's, then the reference's
+
+    nothing_fired = torch.zeros(64, dtype=torch.bool)
+    for model in (sae, reference):
+        model.zero_grad()
+        model.record_fired(nothing_fired, 48)  # counters 60 -> 108: the dying latents are dead now
+    assert int(sae.dead_mask(100).sum()) == 7
+    with pytest.MonkeyPatch.context() as patch:
+        calls = auxk_selections(patch)
+        assert_same_step(sae, reference, x)
+    assert calls == [(64, 7), (64, 8)]
+
+
+def test_the_dead_bound_follows_the_counters_and_is_forgotten_on_load():
+    """Read on a logging step: each latent's counter may grow by the tokens since (none can grow more), so the bound
+    counts the latents that were within that many tokens of the window; a load forgets it."""
+    sae = dying_sae("topk")
+    assert sae.dead_bound(100) == 3 and sae.dead_bound(50) is None  # another window: unknown
+    assert unbounded(sae).dead_bound(100) is None
+    for tokens, bound in ((39, 3), (1, 7), (40, 7), (60, 64)):  # cumulative: 39, 40, 80, 140 tokens since the read
+        sae.record_fired(torch.ones(64, dtype=torch.bool), tokens)  # all fired: the bound cannot know that
+        assert sae.dead_bound(100) == bound
+    sae.refresh_dead_bound()  # everything fired: nothing can be dead for another 99 tokens
+    assert sae.dead_bound(100) == 0 and sae.none_dead(100)
+    sae.load_state_dict(sae.state_dict())
+    assert sae.dead_bound(100) is None and not sae.none_dead(100)
+
+
+def dense_matryoshka_terms(sae, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The paper's Matryoshka BatchTopK loss from dense tensors (test_matryoshka's formulas): every prefix
+    reconstructs x, and each band's dead latents (their top min(k_aux, n_dead) raw pre-activations) fit that level's
+    residual, with Gao et al.'s normalisation and min(n_dead / k_aux, 1)."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    keep = pre.flatten().topk(x.shape[0] * sae.k).indices
+    f = torch.zeros_like(pre).flatten().index_put((keep,), pre.flatten()[keep].relu()).view_as(pre)
+    dead, variance = sae.dead_mask(sae.cfg.dead_window_tokens), (x - x.mean(0)).pow(2).sum(-1).mean()
+    terms, auxk, start = {}, 0.0, 0
+    for width in sae.widths:
+        x_hat = f[:, :width] @ sae.W_dec[:width] + sae.b_dec
+        terms["rec" if width == sae.d_sae else f"rec_{width}"] = (x - x_hat).pow(2).sum(-1).mean()
+        band = dead.nonzero().squeeze(1)
+        band = band[(band >= start) & (band < width)]
+        if len(band):
+            e = (x - x_hat).detach()
+            top = pre[:, band].topk(min(sae.k_aux, len(band)), dim=1)
+            z = torch.zeros_like(pre).scatter(1, band[top.indices], top.values)
+            auxk = auxk + ((e - z @ sae.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * variance
+                           * min(len(band) / sae.k_aux, 1.0))
+        start = width
+    return terms | {"auxk": sae.cfg.auxk_alpha * auxk}
+
+
+def test_matryoshka_decodes_its_entries_once_and_caps_each_levels_auxk(monkeypatch):
+    """On the GPU's kernels: the B k selected entries go through one sparse decode for all three levels (before:
+    one decode of all B k entries per level, zeros off the band), and each level's AuxK selects over its own band
+    (16, 24, 24 latents, not 64) with k capped at the 3 latents that can be dead (before: k_aux = 8). Loss terms and
+    gradients are the dense formulas'."""
+    from saelab.saes import matryoshka_batchtopk as matryoshka_module
+
+    monkeypatch.setenv("SAELAB_KERNELS", "triton")
+    sae = dying_sae("matryoshka", matryoshka_widths=[16, 40, 64], decoder_constraint="none")
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, 64).unsqueeze(1))
+    reference = copy.deepcopy(sae)
+    decoded: list[int] = []
+    sparse_decode = matryoshka_module.SparseDecode
+
+    class CountingDecode:
+        @staticmethod
+        def apply(values, *args):
+            decoded.append(values.numel())
+            return sparse_decode.apply(values, *args)
+
+    x = torch.randn(48, 16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matryoshka_module, "SparseDecode", CountingDecode)
+        calls = auxk_selections(patch)
+        terms = sae.training_loss(x, {}).terms
+    assert decoded == [48 * 4]
+    assert calls == [(16, 3), (24, 3), (24, 3)]
+    expected = dense_matryoshka_terms(reference, x)
+    assert terms.keys() == expected.keys() and float(terms["auxk"]) > 0
+    for name, term in terms.items():
+        torch.testing.assert_close(term, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    sum(terms.values()).backward()
+    sum(expected.values()).backward()
+    grads = dict(reference.named_parameters())
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from saelab.errors import ConfigError
-from saelab.kernels.dispatch import host_sync_free
 from saelab.kernels.fused import SparseDecode, SparsePattern
 from saelab.saes.base import squared_error
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
@@ -71,28 +70,33 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     def reconstruction_terms(self, selection: Selection, t: Tensor) -> tuple[dict[str, Tensor], list[Residual]]:
         """c_m E_b ||t - x_hat_m||^2 per level ("rec" for the whole dictionary, "rec_<w_m>" for the prefixes), and
         each level's residual for the band of latents it adds."""
-        active, terms, residuals = selection.active, {}, []
+        terms, residuals = {}, []
         x_hat, start = self.b_dec.expand_as(t), 0
-        for width, weight in zip(self.widths, self.level_weights, strict=True):
-            x_hat = x_hat + self.band_decode(active, selection.pattern, start, width)
+        bands = self.band_decodes(selection.active, selection.pattern)
+        for width, weight, band in zip(self.widths, self.level_weights, bands, strict=True):
+            x_hat = x_hat + band
             name = "rec" if width == self.d_sae else f"rec_{width}"
             terms[name] = weight * squared_error(t, x_hat)
             residuals.append(Residual(start, width, prediction=x_hat.detach()))
             start = width
         return terms, residuals
 
-    def band_decode(self, active: ActiveLatents, pattern: SparsePattern | None, start: int, stop: int) -> Tensor:
-        """sum of f_i d_i over the active entries with start <= i < stop, per token (only those rows of W_dec are
-        read). The entries stay grouped by token, so the band is a sparse matrix of the same kind."""
-        keep = (active.latents >= start) & (active.latents < stop)
-        if pattern is not None and host_sync_free(active.values):  # fixed shapes: zero the entries off the band
-            return SparseDecode.apply(torch.where(keep, active.values, 0.0), self.W_dec, pattern)
-        band = ActiveLatents(active.rows[keep], active.latents[keep], active.values[keep], active.batch_size,
-                             active.d_sae)
+    def band_decodes(self, active: ActiveLatents, pattern: SparsePattern | None) -> list[Tensor]:
+        """Per level m, sum of f_i d_i over the active entries with w_{m-1} <= i < w_m, per token: one sparse
+        decode of the B*k entries into B*M rows, entry (b, i) into row b M + level(i), in fixed shapes (no host
+        synchronisation). A BatchTopK selection lists each token's latents in ascending order, so these rows are
+        ascending too, as a sparse matrix's grouping needs, with no sort; each row sums its entries in the
+        order a band's own decode would, so every prefix equals the decode of its entries alone."""
+        levels = len(self.widths)
+        bounds = torch.tensor(self.widths[:-1], device=active.latents.device, dtype=active.latents.dtype)
+        rows = active.rows * levels + torch.bucketize(active.latents, bounds, right=True)
+        by_level = ActiveLatents(rows, active.latents, active.values, active.batch_size * levels, active.d_sae)
         if pattern is None:
-            return band.decode(self.W_dec)
-        return SparseDecode.apply(band.values, self.W_dec, SparsePattern(band.rows, band.latents, band.batch_size,
-                                                                          band.d_sae))
+            decoded = by_level.decode(self.W_dec)
+        else:
+            decoded = SparseDecode.apply(by_level.values, self.W_dec, SparsePattern(
+                by_level.rows, by_level.latents, by_level.batch_size, by_level.d_sae))
+        return list(decoded.view(active.batch_size, levels, -1).unbind(1))
 
     def export_config(self) -> dict[str, Any]:
         return {**super().export_config(), "matryoshka_widths": list(self.widths)}

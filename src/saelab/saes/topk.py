@@ -412,33 +412,52 @@ class TopKSAE(SAE):
 
     def masked_auxk_loss(self, selection: Selection, dead: Tensor, residual: Residual, t: Tensor,
                          input_variance: Tensor) -> Tensor:
-        """auxk_loss for one residual, in shapes that do not depend on the data (what a GPU step needs): the top
-        min(k_aux, band width) pre-activations with every latent that is alive or outside the residual's band at
-        -inf, then the entries beyond the dead count zeroed. The kept entries are auxk_loss's top
-        min(k_aux, n_dead) dead ones, so the loss and its gradients are the same; zero while nothing is dead."""
-        in_band = torch.zeros_like(dead)
-        in_band[residual.start:residual.stop] = dead[residual.start:residual.stop]
-        n_dead = in_band.sum()
-        k = min(self.k_aux, residual.stop - residual.start)
-        x = selection.x
+        """auxk_loss for one residual, in shapes that do not depend on the data (what a GPU step needs): the top k
+        of its band's pre-activations with the band's live latents at -inf (auxk_width's k), then the entries beyond
+        the dead count zeroed. k is at least min(k_aux, n_dead), so the kept entries are auxk_loss's top
+        min(k_aux, n_dead) dead ones and the loss and its gradients are the same; zero while nothing is dead."""
+        start, stop = residual.start, residual.stop
+        band_dead = dead[start:stop]
+        n_dead = band_dead.sum()
+        k = self.auxk_width(stop - start)
+        if k == 0:  # the host's bound says nothing is dead
+            return t.new_zeros(())
+        pre = self.band_preacts(selection, start, stop)
+        rows, local, values = per_token_topk(pre.masked_fill(~band_dead, float("-inf")), k)
+        aux = ActiveLatents(rows, local + start, values, pre.shape[0], self.d_sae)
+        kept = band_dead[local]  # False only where fewer than k latents are dead
         if selection.pattern is not None:
-            with torch.no_grad():
-                pre = selection.pre if selection.pre is not None else torch.mm(x, self.W_enc)
-                if selection.pre is None or selection.pre_bias is not None:
-                    pre = pre + (selection.bias if selection.pre is None else selection.pre_bias)
-        else:
-            pre = selection.pre
-        rows, latents, values = per_token_topk(pre.masked_fill(~in_band, float("-inf")), k)
-        aux = ActiveLatents(rows, latents, values, pre.shape[0], self.d_sae)
-        kept = in_band[latents]  # False only where fewer than k latents are dead
-        if selection.pattern is not None:
-            pattern = self.attach_gradient(aux, x, relu=self.cfg.auxk_relu)
+            pattern = self.attach_gradient(aux, selection.x, relu=self.cfg.auxk_relu)
             e_hat = SparseDecode.apply(torch.where(kept, aux.values, 0.0), self.W_dec, pattern)
         else:
             aux.values = torch.where(kept, aux.values.relu() if self.cfg.auxk_relu else aux.values, 0.0)
             e_hat = aux.decode(self.W_dec)
         n = n_dead.clamp(max=self.k_aux).to(t.dtype)
         return self.auxk_fit(residual.of(t), e_hat, input_variance, n) * (n_dead > 0)
+
+    def auxk_width(self, band: int) -> int:
+        """Entries per token of the fixed-shape AuxK selection over a band of latents: min(k_aux, band width, the
+        host's bound on the dead latents (dead_bound; unknown: no cap)). Without the bound every token takes
+        k_aux entries (d_in / 2 by default) however few latents are dead, nearly all of them zeroed -inf ties."""
+        k = min(self.k_aux, band)
+        bound = self.dead_bound(self.cfg.dead_window_tokens)
+        return k if bound is None else min(k, bound)
+
+    def band_preacts(self, selection: Selection, start: int, stop: int) -> Tensor:
+        """The pre-activations of latents [start, stop), bias included, for AuxK: columns of the selection's pi (a
+        matmul over those columns after the bf16 screen, which keeps no pi); with their gradient on the autograd
+        path, without it on the fused one (attach_gradient gives the selected entries theirs)."""
+        if selection.pattern is None:
+            return selection.pre[:, start:stop]
+        with torch.no_grad():
+            if selection.pre is None:
+                return torch.mm(selection.x, self.W_enc[:, start:stop]) + selection.bias[start:stop]
+            pre = selection.pre[:, start:stop]
+            return pre if selection.pre_bias is None else pre + selection.pre_bias[start:stop]
+
+    def dead_count_window(self) -> int | None:
+        """AuxK's window: the host's bound on its dead latents caps auxk_width (logging steps read it)."""
+        return int(self.cfg.dead_window_tokens) if self.cfg.auxk_alpha > 0 else None
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         return self.standard_tensors(scale)
