@@ -70,7 +70,9 @@ else
   TRAIN_ARGS=(data.cache=off data.train_tokens=204800)
 fi
 [ "$DEVICE" = cpu ] && TRAIN_ARGS+=(trainer.accelerator=cpu model.device=cpu)
-C_RESERVE=$([ "$SMOKE" = 1 ] && echo 40 || echo 75)  # what (c) needs, kept back from (a) and (b)
+C_RESERVE=$([ "$SMOKE" = 1 ] && echo 40 || echo 75)  # what (c) needs, kept back from (a), (b) and (e)
+E_RESERVE=0  # what (e) needs, kept back from (a) and (b) when it runs
+[[ $WANTED == *e* ]] && E_RESERVE=$([ "$SMOKE" = 1 ] && echo 20 || echo 60)
 
 count_ok() { local n; n=$(grep -c '"status": "ok"' "$1" 2>/dev/null); echo "${n:-0}"; }
 say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*" >&2; }
@@ -106,7 +108,7 @@ part_a() {
     part "a. pytest tests/test_cuda.py" skip "$start" "pytest not installed (its wheels go in .gpu/whl: README)"
   else
     say "(a) pytest tests/test_cuda.py"
-    limit=$(left $(( C_RESERVE + 60 )))
+    limit=$(left $(( C_RESERVE + E_RESERVE + 60 )))
     [ "$limit" -gt 60 ] && limit=60
     run_for "$limit" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$LOG/pytest.log" 2>&1
     rc=$?
@@ -123,7 +125,7 @@ part_b() {
   start=$(date +%s)
   rc=124
   for attempt in 1 2 3 4 5; do
-    limit=$(left "$C_RESERVE")
+    limit=$(left $(( C_RESERVE + E_RESERVE )))
     [ "$limit" -ge 5 ] || { rc=124; break; }
     run_for "$limit" "$PY" -m benchmarks.gpu_check steps --jsonl "$LOG/steps.jsonl" --device "$DEVICE" \
       --shapes "$SHAPES" --variants "$VARIANTS" --precisions "$STEP_PRECISIONS" --batch "$BATCH" \
