@@ -338,7 +338,7 @@ def report(args: argparse.Namespace) -> str:
             *step_table(records), "",
             "### Large shapes (tf32, lean: saelab's step alone; a slice of one step against plain torch)", "",
             *(large_table(steps) if any(r.get("large") for r in steps) else ["(no large-shape run)"]), "",
-            f"### Quality (saelab.train, held-out FVU and L0; change relative to {precisions[0]})", "",
+            f"### Quality (saelab.cli.train, held-out FVU and L0; change relative to {precisions[0]})", "",
             *(quality_table(rows, precisions) if rows else ["(no training sweep ran)"]), ""]
     return "\n".join(text)
 

@@ -10,7 +10,7 @@
 #     expected on an H100/H200 (estimated, not yet measured): ~1-2 s per run at 768x24576, 2-11 s at 2304x65536
 #     (fp32 gated the slowest: 7 passes of 1.2 TFLOP at ~50 TFLOP/s, three times over with the roofline and the
 #     reference), ~100 s in all; runs that would start past the budget are recorded as skipped;
-# (c) python3 -m saelab.train of each variant in trainer.precision 32-true, tf32 and bf16-mixed: one fanout
+# (c) python3 -m saelab.cli.train of each variant in trainer.precision 32-true, tf32 and bf16-mixed: one fanout
 #     multirun (the jobs that can share an activation stream train together) on the offline default model and
 #     corpus, data.train_tokens 204800 (400 steps of 512), ~40-60 s; held-out FVU and L0 against 32-true;
 # (e) the large shapes (issue #24): python -m benchmarks.gpu_check steps --large $LARGE (JumpReLU and ReLU at
@@ -162,15 +162,15 @@ part_e() {
 # (c) training in each precision, one fanout multirun ---------------------------------------------------------
 part_c() {
   local start rc jobs
-  say "(c) saelab.train: sae=$VARIANTS x trainer.precision=$TRAIN_PRECISIONS (fanout)"
+  say "(c) saelab.cli.train: sae=$VARIANTS x trainer.precision=$TRAIN_PRECISIONS (fanout)"
   start=$(date +%s)
-  run_for "$(left 5)" "$PY" -m saelab.train -m hydra/launcher=fanout "sae=$VARIANTS" \
+  run_for "$(left 5)" "$PY" -m saelab.cli.train -m hydra/launcher=fanout "sae=$VARIANTS" \
     "trainer.precision=$TRAIN_PRECISIONS" logger=none "hydra.sweep.dir=$TMP/train" "paths.output_dir=$TMP/outputs" \
     callbacks.progress_bar.refresh_rate=0 callbacks.model_checkpoint.every_n_train_steps=100000 "${TRAIN_ARGS[@]}" \
     > "$LOG/train.log" 2>&1
   rc=$?
   jobs=$(( $(tr ',' '\n' <<< "$VARIANTS" | wc -l) * $(tr ',' '\n' <<< "$TRAIN_PRECISIONS" | wc -l) ))
-  part "c. saelab.train ($TRAIN_PRECISIONS)" $rc "$start" \
+  part "c. saelab.cli.train ($TRAIN_PRECISIONS)" $rc "$start" \
     "$(find "$TMP/train" -name metrics.json 2>/dev/null | wc -l) of $jobs jobs wrote metrics.json"
 }
 
@@ -195,7 +195,7 @@ part_d() {
 }
 
 declare -A PART_NAMES=([a]="a. pytest tests/test_cuda.py" [b]="b. benchmarks/train_step.py grid"
-                        [c]="c. saelab.train ($TRAIN_PRECISIONS)" [d]="d. SAELens and sparsify steps"
+                        [c]="c. saelab.cli.train ($TRAIN_PRECISIONS)" [d]="d. SAELens and sparsify steps"
                         [e]="e. large shapes (slice check)")
 for p in a b e c d; do
   if [[ $WANTED == *$p* ]]; then

@@ -115,7 +115,7 @@ def run_main_job(variant: str, steps: int, batch: int, d_sae: int, out: Path, ex
             "+callbacks.step_timer._target_=benchmarks.loop_overhead.StepTimer",
             f"+callbacks.step_timer.path={out / 'step_timer.json'}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, "-m", "saelab.train", *args], cwd=REPO, env=env, text=True,
+    result = subprocess.run([sys.executable, "-m", "saelab.cli.train", *args], cwd=REPO, env=env, text=True,
                             capture_output=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])

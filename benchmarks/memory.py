@@ -1,7 +1,7 @@
 """Peak memory of a training run at 1x and 10x the token budget with the same shuffle buffer.
 
 With data.cache=off activations stream from the model through the bounded shuffle buffer
-(data.buffer_tokens), so a run's memory should not depend on its token budget: this runs `saelab.train`
+(data.buffer_tokens), so a run's memory should not depend on its token budget: this runs `saelab.cli.train`
 (the real CLI) in a subprocess at --budget and at --factor x --budget, everything else equal, and prints each
 child's peak RSS (ru_maxrss from os.wait4 on that child alone) and their ratio. Target: within 10%.
 
@@ -45,7 +45,7 @@ def measure(args: list[str], label: str) -> dict:
     import psutil
 
     out = Path(tempfile.mkdtemp(prefix="saelab-memory-"))
-    cmd = [sys.executable, "-m", "saelab.train", f"paths.output_dir={out}", *args]
+    cmd = [sys.executable, "-m", "saelab.cli.train", f"paths.output_dir={out}", *args]
     print(f"[{label}] {load()}  running: {' '.join(cmd)}", file=sys.stderr, flush=True)
     log_path = Path(tempfile.gettempdir()) / f"saelab-memory-{label}.log"
     samples: list[tuple[float, int, int]] = []  # (seconds, rss, rss - shared: anonymous memory)

@@ -14,9 +14,9 @@ Two comparisons, each measured within one run of this script:
 
 Every sweep runs in a subprocess with a fresh temporary paths.output_dir. Forwards and times are counted in
 the child: it runs the CLI through this module, which wraps saelab.data.activations.window_activations (the
-one function every activation forward goes through), lightning's Trainer.fit, saelab.group._evaluate and
-saelab.group.train_group (one entry per group: per job under the basic launcher), then calls
-saelab.train.main(). The child prints its counts to stderr as one JSON line; the cache's "building" /
+one function every activation forward goes through), lightning's Trainer.fit, saelab.run.training._evaluate and
+saelab.run.training.train_group (one entry per group: per job under the basic launcher), then calls
+saelab.cli.train.main(). The child prints its counts to stderr as one JSON line; the cache's "building" /
 "reusing" / "extending" log lines are counted too.
 
     .venv/bin/python -m benchmarks.sweep_economy [--launcher basic|fanout]  # MiniLM (offline default)
@@ -102,9 +102,9 @@ def child(cli_args: list[str]) -> None:
 
     import lightning
 
+    import saelab.cli.train as train_mod
     import saelab.data.activations as activations
-    import saelab.group as group_mod
-    import saelab.train as train_mod
+    import saelab.run.training as group_mod
 
     started = time.perf_counter()
     counts = {"calls": 0, "windows": 0, "jobs": [], "seconds": {"activations": 0.0, "fit": 0.0, "fit_activations": 0.0,
@@ -157,7 +157,7 @@ def child(cli_args: list[str]) -> None:
                                    "windows": counts["windows"] - before[1],
                                    "seconds": round(time.perf_counter() - t0, 1)})
 
-    # saelab.train holds its own reference; the fan-out launcher imports it from saelab.group when it runs.
+    # saelab.cli.train holds its own reference; the fan-out launcher imports it from saelab.run.training when it runs.
     group_mod.train_group = train_mod.train_group = train_group_counted
 
     def report() -> None:
@@ -249,7 +249,7 @@ def launcher_comparison(base: list[str], points: str, keep: bool, spliced: int =
             results.append(run_sweep(f"off/{launcher}".replace("/", "-"), [*sweep, "data.cache=off",
                                      f"hydra/launcher={launcher}"], [*base, *cache], keep))
         # Warm the cache once (not timed), then both launchers read it.
-        build = subprocess.run([sys.executable, "-m", "saelab.cache_cli", "build", *base, *cache,
+        build = subprocess.run([sys.executable, "-m", "saelab.cli.cache", "build", *base, *cache,
                                 "data.cache=auto"], cwd=REPO, env=child_env(), capture_output=True, text=True)
         if build.returncode != 0:
             raise SystemExit(build.stderr[-3000:])

@@ -1,4 +1,4 @@
-"""Run several saelab-train command lines in one Python process, through saelab.train.main().
+"""Run several saelab-train command lines in one Python process, through saelab.cli.train.main().
 
     python -m tests.cli_batch CASES.json RESULTS.json
 
@@ -17,7 +17,7 @@ import traceback
 
 from hydra.core.global_hydra import GlobalHydra
 
-from saelab.train import main
+from saelab.cli.train import main
 
 
 def run(argv: list[str]) -> dict:

@@ -83,17 +83,17 @@ def tiny_overrides(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[str
 
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "saelab.train", *args], cwd=cwd or REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "saelab.cli.train", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ})
 
 
 def run_until_then_kill(args: list[str], ready, timeout: float = 300) -> subprocess.Popen:
-    """Start `python -m saelab.train args` and SIGKILL it (its whole process group) as soon as `ready()` is
+    """Start `python -m saelab.cli.train args` and SIGKILL it (its whole process group) as soon as `ready()` is
     true; the caller asserts it really was killed (returncode == -SIGKILL), not finished first."""
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "saelab.train", *args], cwd=REPO, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "saelab.cli.train", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     deadline = time.time() + timeout
     try:

@@ -1,4 +1,4 @@
-"""saelab.allocator: after SAEModule.on_fit_start, a step's freed tensors are reused instead of page-faulting.
+"""saelab.run.allocator: after SAEModule.on_fit_start, a step's freed tensors are reused instead of page-faulting.
 
 Runs in subprocesses: the glibc setting is process-wide and cannot be undone, so each case gets a fresh process.
 """
@@ -13,7 +13,7 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from saelab.module import SAEModule
+    from saelab.run.module import SAEModule
     from saelab.saes.relu import ReluSAE
     if sys.argv[1] == "fit":
         SAEModule.single(ReluSAE(ReluSAE.Config(d_in=8, d_sae=16)), {"lr": 1e-3}, max_steps=1,

@@ -119,7 +119,7 @@ def test_reference_step_is_saelabs_loss_and_gradient_and_learns(variant, one_thr
     lower the loss on structured data."""
     from benchmarks.reference_step import ReferenceSAE
     from benchmarks.train_step import build
-    from saelab.module import SAEMember
+    from saelab.run.module import SAEMember
 
     torch.manual_seed(0)
     sae = build(variant, 16, 128, ["k=4"] if "topk" in variant else [])
@@ -219,7 +219,7 @@ def test_gpu_check_smoke_on_cpu_prints_the_step_and_quality_tables(tmp_path):
     assert all(float(row[3].replace(",", "")) > 0 and row[5] == "ok |" for row in large_rows), large_rows
     assert "w_dec_grad" in next(row[4] for row in large_rows if row[1] == "topk")
     for part in ("a. pytest tests/test_cuda.py | skipped", "b. benchmarks/train_step.py grid | ok",
-                 "e. large shapes (slice check) | ok", "c. saelab.train",
+                 "e. large shapes (slice check) | ok", "c. saelab.cli.train",
                  "d. SAELens and sparsify steps | skipped"):
         assert f"| {part}" in report
     files = sorted(p.name for p in out.iterdir())

@@ -270,7 +270,7 @@ def test_datamodule_reuses_its_cache_without_text_or_forward(tiny_model, tiny_co
 
 # -- through the command line (subprocesses) -----------------------------------------------------------------
 def _cache_build(overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "saelab.cache_cli", "build", *overrides], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "saelab.cli.cache", "build", *overrides], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -285,10 +285,10 @@ def test_concurrent_jobs_build_the_cache_once_and_both_read_it(tiny_model_dir, t
     assert sum(log.count("activation cache: reusing") for log in logs) == 1, logs
     (cache_dir,) = [p for p in root.iterdir() if p.is_dir()]
     assert all(log.strip().splitlines()[-1] == str(cache_dir) for log in logs)
-    listing = subprocess.run([sys.executable, "-m", "saelab.cache_cli", "list", "--cache-dir", str(root)],
+    listing = subprocess.run([sys.executable, "-m", "saelab.cli.cache", "list", "--cache-dir", str(root)],
                              capture_output=True, text=True, cwd=REPO)
     assert listing.returncode == 0 and cache_dir.name in listing.stdout and "tiny" in listing.stdout
-    inspected = subprocess.run([sys.executable, "-m", "saelab.cache_cli", "inspect", str(cache_dir)],
+    inspected = subprocess.run([sys.executable, "-m", "saelab.cli.cache", "inspect", str(cache_dir)],
                                capture_output=True, text=True, cwd=REPO)
     assert inspected.returncode == 0 and "files match" in inspected.stdout
 

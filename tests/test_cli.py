@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.export import load_exported
+from saelab.saes.saelens_format import load_exported
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_the_console_shows_saelabs_lines_and_nothing_else(tiny_model_dir, tiny_c
     out = tmp_path / "outputs"
     args = [a for a in tiny_overrides(tiny_model_dir, tiny_corpus_dir, out) if not a.startswith("logger=")]
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"} | {"WANDB_MODE": "offline"}
-    result = subprocess.run([sys.executable, "-m", "saelab.train", *args, "logger=wandb", "trainer.max_steps=10",
+    result = subprocess.run([sys.executable, "-m", "saelab.cli.train", *args, "logger=wandb", "trainer.max_steps=10",
                              "eval.spliced_windows=0"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = (result.stdout + result.stderr).replace("\r", "\n")
@@ -115,7 +115,7 @@ def test_runs_launched_at_the_same_moment_get_their_own_directories(tiny_model_d
     out = tmp_path / "outputs"
     args = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "data.train_tokens=2560",
             "eval.spliced_windows=0"]
-    procs = [subprocess.Popen([sys.executable, "-m", "saelab.train", *args], cwd=REPO, env={**os.environ},
+    procs = [subprocess.Popen([sys.executable, "-m", "saelab.cli.train", *args], cwd=REPO, env={**os.environ},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
@@ -211,7 +211,7 @@ def _bad_input_case_dirs(root: Path, index: int) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="module")
 def bad_input_results(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
-    """Every BAD_INPUTS case run through saelab.train.main() in one subprocess (tests/cli_batch.py)."""
+    """Every BAD_INPUTS case run through saelab.cli.train.main() in one subprocess (tests/cli_batch.py)."""
     root = tmp_path_factory.mktemp("bad_inputs")
     cases = []
     for index, (override, _) in enumerate(BAD_INPUTS):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.export import load_exported
+from saelab.saes.saelens_format import load_exported
 from tests.conftest import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow

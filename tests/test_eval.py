@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.export import load_exported
+from saelab.saes.saelens_format import load_exported
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ COMPARED = ("l0", "fvu", "explained_variance", "shrinkage", "cosine", "dead_frac
 
 
 def run_eval(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "saelab.eval_cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "saelab.cli.evaluate", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -60,7 +60,7 @@ def test_eval_of_saelabs_own_export_gives_the_runs_metrics(transcoder, relu_run,
 
     # saelab-report tables it beside the run (both directories under one root).
     shutil.copytree(tmp_path / "eval", run_dir.parent / "eval-of-sae")
-    report = subprocess.run([sys.executable, "-m", "saelab.report", str(run_dir.parent), "--wandb", "off"],
+    report = subprocess.run([sys.executable, "-m", "saelab.reports.report", str(run_dir.parent), "--wandb", "off"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     table = (run_dir.parent / "report.csv").read_text()
@@ -102,7 +102,7 @@ def saelens_metrics(name: str, overrides: list[str]) -> tuple[float, float]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saelab.cli_checks import CONF_DIR
+    from saelab.run.compose import CONF_DIR
     from saelab.data.datamodule import ActivationDataModule
     from saelab.data.model import load_model
     from saelab.data.tokens import keep_mask
@@ -133,7 +133,7 @@ def saelens_metrics(name: str, overrides: list[str]) -> tuple[float, float]:
 
 
 def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
-    from saelab.eval_cli import main
+    from saelab.cli.evaluate import main
 
     overrides = tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path / "outputs")
     unknown = tmp_path / "unknown"
@@ -177,7 +177,7 @@ def test_bad_input_fails_with_one_line(tiny_model_dir, tiny_corpus_dir, tmp_path
 def test_eval_writes_where_hydra_run_dir_says(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
     """hydra.run.dir among the overrides is where metrics.json goes (as for saelab-train), and an unwritable one is
     refused by that name; without it (or --out) the default stays outputs/eval/<date>/<time>."""
-    from saelab.eval_cli import main
+    from saelab.cli.evaluate import main
 
     overrides = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path / "outputs"), "eval.spliced_windows=0"]
     run_dir = tmp_path / "runs" / "my-eval"
@@ -210,7 +210,7 @@ def random_sae(variant: str, transcoder: bool, seed: int):
 @pytest.mark.parametrize("variant", ["relu", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"])
 def test_init_from_an_export_reproduces_it_at_step_zero(variant, transcoder, tmp_path):
     """Raw activations in, the export's output out, from an SAE that started elsewhere (another seed)."""
-    from saelab.export import export_sae, import_sae
+    from saelab.saes.saelens_format import export_sae, import_sae
 
     scale, target_scale = 7.5, (0.3 if transcoder else None)
     source = random_sae(variant, transcoder, seed=0).eval()

@@ -23,11 +23,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from benchmarks.sweep_economy import COUNTS_TAG  # the line its child mode prints the forward counts on
-from saelab.checkpoint_io import merge_checkpoints, split_checkpoint
-from saelab.fanout import group_key, make_groups, split_by_limits
-from saelab.job import Job
-from saelab.module import SAEMember, SAEModule
-from saelab.report import collect
+from saelab.reports.report import collect
+from saelab.run.checkpoints import merge_checkpoints, split_checkpoint
+from saelab.run.grouping import group_key, make_groups, split_by_limits
+from saelab.run.job import Job
+from saelab.run.module import SAEMember, SAEModule
 from saelab.saes.base import build_sae
 from tests.conftest import REPO, run_until_then_kill, tiny_overrides
 
@@ -133,7 +133,7 @@ def test_a_job_with_a_bad_sae_config_is_refused_alone_up_front(tmp_path):
     """sae.d_sae=null with sae.expansion_factor=null is refused by the variant's own validation when the job is set
     up, with the one-line error, before the grouping sizes the SAEs; the other job trains (before, the width
     estimate raised a TypeError for the whole sweep)."""
-    cmd = [sys.executable, "-m", "saelab.train", "-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null",
+    cmd = [sys.executable, "-m", "saelab.cli.train", "-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null",
            "sae.expansion_factor=8,null", "trainer.max_steps=10", "logger=none", f"paths.output_dir={tmp_path}"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert result.returncode == 0, result.stderr[-4000:]

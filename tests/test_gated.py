@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.export import export_sae, load_exported
 from saelab.saes.base import build_sae
 from saelab.saes.gated import UNTIED_ARCHITECTURE, GatedSAE
+from saelab.saes.saelens_format import export_sae, load_exported
 
 TARGET = "saelab.saes.gated.GatedSAE"
 D_IN, D_SAE = 8, 16

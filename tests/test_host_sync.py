@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from saelab.module import SAEMember
+from saelab.run.module import SAEMember
 from saelab.saes import build_sae
 
 READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "equal", "allclose"}
@@ -168,7 +168,7 @@ def test_training_through_lightning_reads_nothing_back_between_logging_steps(mon
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from saelab.module import SAEModule
+    from saelab.run.module import SAEModule
 
     monkeypatch.setenv("SAELAB_KERNELS", "triton")
     torch.manual_seed(0)

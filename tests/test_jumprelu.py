@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.export import export_sae, load_exported
 from saelab.saes.base import build_sae
 from saelab.saes.jumprelu import JumpReLUSAE
+from saelab.saes.saelens_format import export_sae, load_exported
 from saelab.saes.ste import jumprelu, step
 
 TARGET = "saelab.saes.jumprelu.JumpReLUSAE"

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from saelab.errors import ConfigError
 from saelab.kernels import dispatch
-from saelab.module import SAEModule
+from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 from tests.conftest import run_cli
 from tests.test_host_sync import OPTIM, HostReads, member_step
@@ -97,7 +97,7 @@ def test_the_torch_fallback_jumprelu_step_reads_nothing_back_off_the_cpu(monkeyp
     for name in listed:
         torch.testing.assert_close(dense[name], listed[name], rtol=1e-5, atol=1e-6)
 
-    from saelab.module import SAEMember
+    from saelab.run.module import SAEMember
 
     monkeypatch.setattr(dispatch, "host_sync_free", lambda t: True)
     sae = build_sae(cfg)

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from saelab.cli_checks import CONF_DIR
-from saelab.train import sweep_objective
+from saelab.run.compose import CONF_DIR
+from saelab.cli.train import sweep_objective
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 FAST = ["data.train_tokens=2560"]
@@ -92,7 +92,7 @@ def test_slurm_launcher_builds_the_sbatch_array_it_would_submit(tiny_model_dir, 
     out = tmp_path / "outputs"
     args = ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
             *tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "sae.sparsity_coefficient=0.001,0.1"]
-    result = subprocess.run([sys.executable, "-m", "saelab.train", *args], cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "saelab.cli.train", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode != 0 and "test stand-in, nothing submitted" in result.stderr, result.stderr[-3000:]
     script = record.read_text()

@@ -73,7 +73,7 @@ def test_a_variant_from_a_temp_module_trains_through_the_cli(transcoder, tiny_mo
     args = [a for a in tiny_overrides(tiny_model_dir, tiny_corpus_dir, out) if not a.startswith("sae.")]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(
-        [sys.executable, "-m", "saelab.train", *args, "sae=toy", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        [sys.executable, "-m", "saelab.cli.train", *args, "sae=toy", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
          "trainer.max_steps=1", "trainer.log_every_n_steps=1",
          *(["model.hook=blocks.0.mlp.hook_in", "model.target_hook=blocks.0.mlp.hook_out"] if transcoder else [])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,

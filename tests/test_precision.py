@@ -1,11 +1,11 @@
-"""trainer.precision=auto|tf32 (saelab.precision): what each resolves to, what Lightning gets, the matmul setting."""
+"""trainer.precision=auto|tf32 (saelab.run.precision): what each resolves to, what Lightning gets, matmuls."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saelab import precision
+from saelab.run import precision
 
 
 @pytest.mark.parametrize(("cuda", "accelerator", "expected"), [

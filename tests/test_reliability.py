@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from saelab.io import atomic_write, write_json
-from saelab.module import SAEModule
+from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 from tests.conftest import run_cli, tiny_overrides
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.export import export_sae, load_exported
-from saelab.module import SAEModule, lr_factor
+from saelab.run.module import SAEModule, lr_factor
 from saelab.saes import build_sae
+from saelab.saes.saelens_format import export_sae, load_exported
 
 
 def relu_sae(**overrides):

@@ -92,7 +92,7 @@ def _blocked_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path, Pa
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "saelab.train", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "saelab.cli.train", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=env)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from saelab.kernels import native
 from saelab.kernels.fused import SparsePattern
-from saelab.module import SAEModule
+from saelab.run.module import SAEModule
 from saelab.saes.base import SAE
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.gated import GatedSAE

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.module import SAEModule
+from saelab.run.module import SAEModule
 from saelab.saes.base import build_sae
 from tests.conftest import run_cli
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from saelab.errors import ConfigError
-from saelab.export import export_sae, load_exported
 from saelab.metrics.evaluate import evaluate_sae
-from saelab.module import SAEModule
+from saelab.run.module import SAEModule
 from saelab.saes import build_sae
+from saelab.saes.saelens_format import export_sae, load_exported
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 

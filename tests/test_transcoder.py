@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from saelab.export import export_sae, load_exported
 from saelab.metrics.evaluate import evaluate_sae
-from saelab.module import SAEMember, SAEModule
+from saelab.run.module import SAEMember, SAEModule
 from saelab.saes import build_sae
+from saelab.saes.saelens_format import export_sae, load_exported
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
@@ -141,7 +141,7 @@ class _Recorder:
 def test_periodic_evaluation_measures_a_transcoder_against_its_target():
     """eval.every_n_steps: a transcoder's eval/* metrics are its target's, as at the end of the run (lr 0 keeps the
     weights fixed, so the step-2 evaluation must equal the target-based one on the same SAE)."""
-    from saelab.callbacks import PeriodicEval
+    from saelab.run.periodic_eval import PeriodicEval
 
     x, t, _, _ = planted_map(1536, d_in=24, d_out=24)  # same widths: an input-based FVU would still compute
     sae = build_sae({"_target_": TARGETS["topk"], "d_in": 24, "d_out": 24, "d_sae": 48, "k": 4})

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from saelab.export import export_sae
 from saelab.saes import build_sae
+from saelab.saes.saelens_format import export_sae
 
 VARIANTS = {
     "relu": ("saelab.saes.relu.ReluSAE", {"sparsity_coefficient": 0.1}),

@@ -1,5 +1,5 @@
 """`hydra/launcher=fanout`: a Hydra launcher that trains the jobs of a multirun in groups, one process per
-group, each group sharing one activation stream (saelab.fanout groups them, saelab.group trains them).
+group, each group sharing one activation stream (saelab.run.grouping groups them, saelab.run.training trains them).
 
 Every job is first set up as Hydra sets up any job (its directory, `.hydra/` files, log file and resolved
 config, through Hydra's own `run_job`); then each group trains in lockstep and every job gets its results,
@@ -36,11 +36,11 @@ class FanoutLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import torch
 
-        from saelab.fanout import make_groups
-        from saelab.group import train_group
-        from saelab.job import report_failure
-        from saelab.loggers import finish_wandb
-        from saelab.train import sweep_objective
+        from saelab.cli.train import sweep_objective
+        from saelab.run.grouping import make_groups
+        from saelab.run.job import report_failure
+        from saelab.run.loggers import finish_wandb
+        from saelab.run.training import train_group
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -89,9 +89,9 @@ class FanoutLauncher(Launcher):
 
 def _prepare(cfg: DictConfig):
     """The task function run inside each job's Hydra context: its Job, or None after recording its error."""
+    from saelab.cli.train import world_size
     from saelab.errors import ConfigError
-    from saelab.job import prepare_job, report_failure
-    from saelab.train import world_size
+    from saelab.run.job import prepare_job, report_failure
 
     try:
         job = prepare_job(cfg)

@@ -218,7 +218,7 @@ def logit_effects(model, w_dec: Tensor, ids: Sequence[int], k: int) -> tuple[lis
 def collect(plan: Plan) -> DashboardData:
     """Load the model and the SAE, encode the held-out text and gather everything the pages show."""
     from saelab.data.model import check_sae_hooks, hook_widths, load_model
-    from saelab.export import load_exported
+    from saelab.saes.saelens_format import load_exported
 
     opts: Options = plan.options
     started = time.time()

@@ -20,9 +20,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from saelab.cli_checks import CONF_DIR, writable_problem
+from saelab.cli.checks import writable_problem
 from saelab.errors import ConfigError
-from saelab.export import CONFIG_FILE, read_sae_dir
+from saelab.run.compose import CONF_DIR, compose_run_config
+from saelab.saes.saelens_format import CONFIG_FILE, read_sae_dir
 
 SAE_CONFIG = CONFIG_FILE
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -210,13 +211,11 @@ def _group_options(group: str) -> list[str]:
 
 def _compose_sections(choices: Mapping[str, str]) -> DictConfig:
     """The train config composed with these group choices (as saelab-train would), for its model/data."""
-    from hydra import compose, initialize_config_dir
 
     for group, choice in choices.items():
         if choice not in _group_options(group):
             raise ConfigError(group, choice, _group_options(group))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"{g}={c}" for g, c in choices.items()])
+    return compose_run_config([f"{g}={c}" for g, c in choices.items()])
 
 
 def _resolved(cfg: DictConfig, group: str) -> DictConfig:

@@ -24,18 +24,9 @@ import torch
 from torch import Tensor
 
 from saelab.errors import ConfigError
+from saelab.kernels.choice import VARIABLE, requested
 
-VARIABLE = "SAELAB_KERNELS"
-CHOICES = ("auto", "torch", "triton")
 BACKENDS = ("native", "triton", "torch")
-
-
-def requested() -> str:
-    """The SAELAB_KERNELS choice (auto if unset); anything else is refused by name."""
-    value = os.environ.get(VARIABLE, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ConfigError(VARIABLE, value, CHOICES)
-    return value
 
 
 @functools.cache

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saelab.kernels import dispatch
+from saelab.kernels.choice import requested
 
 SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
 # -march=native: AVX-512 where the CPU has it (the kernels' fast paths); 512-bit vectors are GCC's choice to
@@ -110,7 +110,7 @@ def bind(path: Path) -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when switched off (SAELAB_NATIVE_KERNELS=0, or SAELAB_KERNELS other than auto:
     kernels/dispatch.py) or they cannot be built here."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or dispatch.requested() != "auto":
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or requested() != "auto":
         return None
     return _load()
 

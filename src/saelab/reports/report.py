@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-log = logging.getLogger("saelab.report")
+log = logging.getLogger("saelab.reports.report")
 
 DOWNSTREAM = ("delta_lm_loss", "spliced_hidden_cosine")  # causal LMs, encoders (saelab.metrics.spliced)
 HIGHER_IS_BETTER = {"explained_variance", "cosine", "loss_recovered", "spliced_hidden_cosine", "mcc",
@@ -317,7 +317,7 @@ def wandb_online() -> bool:
         return False
     if wandb.run is not None:
         return True
-    from saelab.loggers import wandb_api_key_configured
+    from saelab.run.loggers import wandb_api_key_configured
 
     mode = os.environ.get("WANDB_MODE", "").lower()
     return mode not in ("offline", "disabled", "dryrun") and wandb_api_key_configured()

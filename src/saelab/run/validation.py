@@ -11,14 +11,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from saelab.cli_checks import CONF_DIR
 from saelab.data.cache import cache_root
 from saelab.data.model import check_model_config
 from saelab.data.normalize import METHODS
 from saelab.data.synthetic import SyntheticSpec
 from saelab.errors import ConfigError, check_bool, check_choice, check_positive
-from saelab.module import NAN_POLICIES
-from saelab.precision import SAELAB_PRECISIONS
+from saelab.run.compose import CONF_DIR
+from saelab.run.module import NAN_POLICIES
+from saelab.run.precision import SAELAB_PRECISIONS
 
 SOURCES = ("pydocs", "text_files", "hf", "synthetic")
 # What lightning.pytorch.Trainer(precision=...) accepts (its _PRECISION_INPUT), read from Lightning when possible.
@@ -82,7 +82,7 @@ def check_ckpt_path(value) -> None:
 
 def check_transcoder(cfg: DictConfig) -> None:
     """model.target_hook makes a transcoder: it needs a model (not data=synthetic) and a hook other than its
-    input; sae.d_out is then filled in from the model (saelab.group), and is null for an SAE."""
+    input; sae.d_out is then filled in from the model (saelab.run.training), and is null for an SAE."""
     target = cfg.model.get("target_hook")
     if target is None:
         if cfg.sae.get("d_out") is not None:

@@ -17,27 +17,26 @@ import logging
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from saelab.cli_checks import CONF_DIR, check_group_overrides
+from saelab.cli.checks import check_group_overrides
 from saelab.data.cache import MANIFEST, is_off, read_manifest, summary, verify
 from saelab.errors import cli_error_line
+from saelab.run.compose import compose_run_config
 
 _COLUMNS = ("name", "model", "hook", "source", "train_tokens", "eval_tokens", "mbytes", "train_pass_complete")
 
 
 def load_config(overrides: list[str]) -> DictConfig:
     """The same composed config `saelab-train` would run with these overrides."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_run_config(overrides)
 
 
 def build(overrides: list[str]) -> int:
-    from saelab.config_checks import check_run_config
+    from saelab.cli.train import activations_needed, world_size
     from saelab.data.datamodule import ActivationDataModule
     from saelab.data.model import load_model
-    from saelab.train import activations_needed, world_size
+    from saelab.run.validation import check_run_config
 
     problem = check_group_overrides(overrides)
     if problem:

@@ -22,12 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from saelab.cli_checks import CONF_DIR, writable_problem
+from saelab.cli.checks import writable_problem
 from saelab.errors import ConfigError, cli_error_line
-from saelab.export import ExportedSAE, load_exported, read_sae_dir
 from saelab.io import write_json
+from saelab.run.compose import compose_run_config
 from saelab.saes.base import SAELENS_ARCHITECTURES, encoder_architecture
 from saelab.saes.gated import UNTIED_ARCHITECTURE
+from saelab.saes.saelens_format import ExportedSAE, load_exported, read_sae_dir
 
 log = logging.getLogger("saelab.eval")
 ENCODERS = (*SAELENS_ARCHITECTURES, UNTIED_ARCHITECTURE)  # the encoders ExportedSAE runs
@@ -105,15 +106,13 @@ def _compose(overrides: list[str]) -> tuple[DictConfig, Path | None]:
     """conf/train.yaml with the overrides, as saelab-train composes it, resolved and checked; and hydra.run.dir,
     resolved, where the overrides set it (saelab-eval then writes there, as saelab-train does; its default
     directory is its own, outputs/eval/<date>/<time>)."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.utils import setup_globals
 
     import saelab.data.model  # noqa: F401  registers the package_model_path resolver
-    from saelab.config_checks import check_run_config
+    from saelab.run.validation import check_run_config
 
     setup_globals()  # the ${now:...} resolver a run directory may use
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg = compose_run_config(overrides, hydra_section=True)
     check_run_config(cfg)
     given = any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in overrides)
     run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser() if given else None

@@ -1,9 +1,9 @@
 """Train a group of jobs on one activation stream, in lockstep: the one training path of saelab.
 
-A plain run is a group of one; `hydra/launcher=fanout` (saelab.fanout) passes groups of jobs whose activation
+A plain run is a group of one; `hydra/launcher=fanout` (saelab.run.grouping) passes groups of jobs whose activation
 source is the same. The model is loaded once (with every member's hook), the stream runs it once per batch,
 and every member's SAE takes its step on that batch. Each job keeps its own directory and results:
-checkpoints (one file per job, saelab.checkpoint_io), logger run, metrics.json and SAELens export. A job that
+checkpoints (one file per job, saelab.run.checkpoints), logger run, metrics.json and SAELens export. A job that
 fails (a config error found here, a non-finite loss under nan_policy=stop) fails alone: the others go on.
 """
 
@@ -24,22 +24,22 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from saelab import precision
-from saelab.callbacks import PeriodicEval
-from saelab.checkpoint_io import GroupCheckpointIO
 from saelab.data.datamodule import ActivationDataModule
 from saelab.data.model import LoadedModel, check_sae_hooks, hook_widths, load_model
 from saelab.data.synthetic_datamodule import SyntheticDataModule
 from saelab.errors import ConfigError
-from saelab.export import check_importable, export_sae, import_sae
 from saelab.io import write_json
-from saelab.job import Job
-from saelab.loggers import build_loggers, close_loggers
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
 from saelab.metrics.spliced import Splice, Transcode, spliced_metrics_many
-from saelab.module import MEMBER_PRECISIONS, SAEMember, SAEModule
+from saelab.run import precision
+from saelab.run.checkpoints import GroupCheckpointIO
+from saelab.run.job import Job
+from saelab.run.loggers import build_loggers, close_loggers
+from saelab.run.module import MEMBER_PRECISIONS, SAEMember, SAEModule
+from saelab.run.periodic_eval import PeriodicEval
 from saelab.saes.base import build_sae
+from saelab.saes.saelens_format import check_importable, export_sae, import_sae
 
 log = logging.getLogger("saelab")
 Outcome = dict[str, Any] | BaseException  # a job's metrics, or why it failed
@@ -172,7 +172,7 @@ def _load_model(jobs: Sequence[Job], saes: dict[int, Any], outcomes: list[Outcom
 
 def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
     """The group's Trainer arguments: the first job's, with precision and clipping left to the members where
-    they apply them themselves (saelab.module.SAEMember)."""
+    they apply them themselves (saelab.run.module.SAEMember)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
     if trainer_cfg.get("precision", "32-true") in MEMBER_PRECISIONS:

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 
 from saelab.data.model import resolve_device
 from saelab.errors import ConfigError
-from saelab.group import run_steps
-from saelab.job import Job
-from saelab.module import MEMBER_PRECISIONS
+from saelab.run.job import Job
+from saelab.run.module import MEMBER_PRECISIONS
+from saelab.run.training import run_steps
 
 log = logging.getLogger("saelab")
 _OWN_TRAINER_FIELDS = ("gradient_clip_val",)  # applied per member

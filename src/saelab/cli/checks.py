@@ -8,8 +8,7 @@ import tempfile
 from pathlib import Path
 
 from saelab.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from saelab.run.compose import CONF_DIR, compose_run_config
 
 # Hydra flags after which no job runs (print and exit), or that compose a config other than conf/train.yaml.
 _NO_JOB_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion",
@@ -86,7 +85,6 @@ def check_output_dir(argv: list[str]) -> str | None:
     if flags & (_NO_JOB_FLAGS | _OTHER_CONFIG_FLAGS):
         return None
     try:
-        from hydra import compose, initialize_config_dir
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from hydra.core.utils import setup_globals
         from omegaconf import OmegaConf
@@ -95,8 +93,7 @@ def check_output_dir(argv: list[str]) -> str | None:
         parsed = OverridesParser.create().parse_overrides(overrides)
         overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
         setup_globals()  # the ${now:...} resolver the directory patterns use
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose_run_config(overrides, hydra_section=True)
         multirun = ({"-m", "--multirun"} & flags or str(cfg.hydra.mode) == "MULTIRUN") and not (
             {"-r", "--run"} & flags)
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

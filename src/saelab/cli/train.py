@@ -1,6 +1,6 @@
-"""The main job: `saelab-train [overrides]` (or `python -m saelab.train`).
+"""The main job: `saelab-train [overrides]` (or `python -m saelab.cli.train`).
 
-Validate the config, then train it as a group of one (saelab.group: load the model, build the activation
+Validate the config, then train it as a group of one (saelab.run.training: load the model, build the activation
 stream, train the SAE with a Lightning Trainer, evaluate on held-out activations, export in SAELens format
 and write metrics.json). `-m hydra/launcher=fanout` trains a multirun's jobs in groups through the same path.
 """
@@ -20,13 +20,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saelab import precision
-from saelab.cli_checks import CONF_DIR, check_group_overrides
+from saelab.cli.checks import check_group_overrides
 from saelab.errors import ConfigError
-from saelab.group import activations_needed, run_steps, train_group
-from saelab.job import prepare_job, record_failure, report_failure
 from saelab.kernels import dispatch
-from saelab.loggers import finish_wandb
+from saelab.run import precision
+from saelab.run.compose import CONF_DIR
+from saelab.run.job import prepare_job, record_failure, report_failure
+from saelab.run.loggers import finish_wandb
+from saelab.run.training import activations_needed, run_steps, train_group
 
 log = logging.getLogger("saelab")
 __all__ = ["activations_needed", "main", "run_steps", "sweep_objective", "train", "world_size"]

@@ -1,7 +1,7 @@
 """One training job as Hydra sets it up: the resolved config and where its results go.
 
 `prepare_job` runs inside Hydra's job context (a run, or one job of a multirun) and captures everything that
-context provides, so the job can then train with others in one process (saelab.group) with no Hydra global
+context provides, so the job can then train with others in one process (saelab.run.training) with no Hydra global
 state: the config is resolved there, `${hydra:runtime.output_dir}` included.
 """
 
@@ -17,11 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from saelab import precision
-from saelab.config_checks import check_run_config
 from saelab.data.model import configured_hooks
 from saelab.errors import ConfigError
-from saelab.loggers import quiet_third_party
+from saelab.run import precision
+from saelab.run.loggers import quiet_third_party
+from saelab.run.validation import check_run_config
 
 log = logging.getLogger("saelab")
 
@@ -73,7 +73,7 @@ def prepare_job(cfg: DictConfig) -> Job:
     check_run_config(cfg)
     resolved = copy.deepcopy(cfg)
     OmegaConf.resolve(resolved)
-    if "precision" in resolved.trainer:  # auto: what this machine runs (saelab.precision)
+    if "precision" in resolved.trainer:  # auto: what this machine runs (saelab.run.precision)
         resolved.trainer.precision = precision.resolve(resolved.trainer.precision,
                                                        resolved.trainer.get("accelerator", "auto"))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN

@@ -3,7 +3,7 @@
 A run is a group of members: `SAEMember` holds one SAE with everything it trains with (its optimiser settings,
 schedules, coefficient warm-ups, dead-latent statistics, normalisation scale, NaN policy and precision), and
 `SAEModule` steps every member on each batch. A plain run is a group of one; `hydra/launcher=fanout` makes
-groups of several jobs that share a model forward (saelab.group). Nothing here is variant-specific: a member
+groups of several jobs that share a model forward (saelab.run.training). Nothing here is variant-specific: a member
 sums the named loss terms, schedules the named coefficients, applies the decoder constraint and keeps the
 dead-latent statistics.
 
@@ -26,11 +26,11 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from saelab.allocator import keep_freed_memory
 from saelab.errors import check_choice
 from saelab.kernels.dispatch import check_launch
-from saelab.nonfinite import NonFiniteWatch
-from saelab.progress import replacing_default_bar
+from saelab.run.allocator import keep_freed_memory
+from saelab.run.nonfinite import NonFiniteWatch
+from saelab.run.progress import replacing_default_bar
 from saelab.saes.base import SAE, TrainStep
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ class SAEModule(L.LightningModule):
         if not any(m.alive for m in self.members):  # nothing left to train: end the run with the first failure
             raise next(m.failure for m in self.members)
         self._skip_update_if_non_finite()
-        if logging_step and total is not None:  # the progress bar (saelab.progress): summed loss, tokens/s
+        if logging_step and total is not None:  # the progress bar (saelab.run.progress): summed loss, tokens/s
             self.progress["loss"] = float(total.detach())
             rates = [r for m in self.members if m.alive and (r := m.tokens_per_s()) is not None]
             if rates:
@@ -365,7 +365,7 @@ class SAEModule(L.LightningModule):
         """Never write non-finite weights: a checkpoint must be something a run can safely resume from.
 
         A member whose weights went non-finite stops (its job fails, its earlier checkpoints stay); the
-        checkpoint I/O (saelab.checkpoint_io) writes only the members still alive."""
+        checkpoint I/O (saelab.run.checkpoints) writes only the members still alive."""
         self.read_deferred_checks()
         for member in self.members:
             bad = member.non_finite_weights() if member.alive else []
