@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from saelab.kernels import native
-from saelab.kernels.fused import SparsePattern
+from saelab.kernels.sparse_products import SparsePattern
 from saelab.run.module import SAEModule
 from saelab.saes.base import SAE
 from saelab.saes.batchtopk import BatchTopKSAE

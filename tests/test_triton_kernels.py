@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from saelab.kernels import dispatch
-from saelab.kernels.fused import csr_offsets
+from saelab.kernels.sparse_products import csr_offsets
 from saelab.saes import build_sae
 from tests.conftest import REPO
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_bool, check_choice, check_positive
-from saelab.kernels.fused import SquaredError
+from saelab.kernels.reconstruction import SquaredError
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import check_bool, check_choice, check_positive
-from saelab.kernels.fused import GatedFunction
+from saelab.kernels.fused_gated import GatedFunction
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 
 # An untied Gated SAE (gate and magnitude read different directions) is neither SAELens "gated" (which

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_bool, check_choice, check_positive
-from saelab.kernels.fused import JumpReLUL0Function
+from saelab.kernels.fused_relu import JumpReLUL0Function
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 from saelab.saes.ste import KERNELS, jumprelu, step
 

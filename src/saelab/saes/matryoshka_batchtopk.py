@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from saelab.errors import ConfigError
-from saelab.kernels.fused import SparseDecode, SparsePattern
+from saelab.kernels.sparse_products import SparseDecode, SparsePattern
 from saelab.saes.base import squared_error
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.saes.topk import ActiveLatents, Residual, Selection

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import check_choice
-from saelab.kernels.fused import ReluL1Function
+from saelab.kernels.fused_relu import ReluL1Function
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 
 

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from saelab.errors import ConfigError, check_bool, check_positive
 from saelab.kernels import native
 from saelab.kernels.dispatch import host_sync_free
-from saelab.kernels.fused import SparseDecode, SparseGather, SparsePattern, SparseReconstructionError, csr_offsets
+from saelab.kernels.reconstruction import SparseReconstructionError
+from saelab.kernels.sparse_products import SparseDecode, SparseGather, SparsePattern, csr_offsets
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
 
 
