@@ -141,28 +141,28 @@ COMPILE = textwrap.dedent(r'''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from saelab.kernels import triton_gpu as tg
+    from saelab.kernels import triton_dense as td, triton_sparse as ts, triton_tiles as tt
 
-    tile = {"BR": tg.BLOCK_ROWS, "BC": tg.BLOCK_COLS}
-    sparse = {"BE": tg.BLOCK_ENTRIES, "BD": tg.BLOCK_D}
+    tile = {"BR": tt.BLOCK_ROWS, "BC": tt.BLOCK_COLS}
+    sparse = {"BE": tt.BLOCK_ENTRIES, "BD": tt.BLOCK_D}
     jobs = []  # (kernel, argument types, constexprs): sizes as i32, what Triton passes for values below 2^31
     for t, exact in itertools.product(("fp32",), (True, False)):  # the fused step runs in float32 (TF32 matmuls)
         p, x = "*" + t, {"EXACT": exact}
-        jobs.append((tg._relu_forward, [p, "*fp32", "*fp32", "*i32", "i32", "i32"], {**x, **tile}))
-        jobs.append((tg._jumprelu_forward, [p, "*fp32", "*fp32", p, "*i32", "*i32", "i32", "i32"], tile))
+        jobs.append((td._relu_forward, [p, "*fp32", "*fp32", "*i32", "i32", "i32"], {**x, **tile}))
+        jobs.append((td._jumprelu_forward, [p, "*fp32", "*fp32", p, "*i32", "*i32", "i32", "i32"], tile))
         for kernel, has_g, has_l0 in itertools.product((0, 1), (True, False), (True, False)):
-            jobs.append((tg._jumprelu_backward, [p, p, "*fp32", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
+            jobs.append((td._jumprelu_backward, [p, p, "*fp32", "*fp32", "*fp32", "i32", "i32", "fp32", "fp32"],
                          {"KERNEL": kernel, "HAS_G": has_g, "HAS_L0": has_l0, **x, **tile}))
-        jobs.append((tg._gated_forward, [p, "*fp32", "*fp32", "*fp32", p, p, p, "*fp32", "*i32", "i32", "i32"],
+        jobs.append((td._gated_forward, [p, "*fp32", "*fp32", "*fp32", p, p, p, "*fp32", "*i32", "i32", "i32"],
                      {**x, **tile}))
-        jobs.append((tg._gated_backward_mag, [p, p, p, "*fp32", "*fp32", "*fp32", "i32", "i32"], {**x, **tile}))
-        jobs.append((tg._gated_backward_gate, [p, p, p, "*fp32", "i32", "i32"], {**x, **tile}))
+        jobs.append((td._gated_backward_mag, [p, p, p, "*fp32", "*fp32", "*fp32", "i32", "i32"], {**x, **tile}))
+        jobs.append((td._gated_backward_gate, [p, p, p, "*fp32", "i32", "i32"], {**x, **tile}))
         for has_bias, has_minus, row_sq in itertools.product((True, False), repeat=3):
-            jobs.append((tg._sparse_decode, [p, "*i64", "*i64", p, p, p, p, "*fp32", "i32"],
+            jobs.append((ts._sparse_decode, [p, "*i64", "*i64", p, p, p, p, "*fp32", "i32"],
                          {"HAS_BIAS": has_bias, "HAS_MINUS": has_minus, "ROW_SQ": row_sq, **x, **sparse}))
-        jobs.append((tg._sampled_dot, ["*i64", "*i64", p, p, p, "i32", "i32"], sparse))
+        jobs.append((ts._sampled_dot, ["*i64", "*i64", p, p, p, "i32", "i32"], sparse))
         for has_shift, sums in itertools.product((True, False), repeat=2):
-            jobs.append((tg._sparse_t_dense, ["*i64", "*i64", "*i64", p, p, p, p, p, "i32", "i32", "i32"],
+            jobs.append((ts._sparse_t_dense, ["*i64", "*i64", "*i64", p, p, p, p, p, "i32", "i32", "i32"],
                          {"HAS_SHIFT": has_shift, "SUMS": sums, **sparse}))
 
     def broken_rules(ttir: str, exact: bool) -> list[str]:
@@ -229,6 +229,7 @@ def test_a_nan_in_the_encoder_reaches_the_loss(variant, monkeypatch):
 def test_launch_grids_fit_cuda_at_the_widest_shapes(monkeypatch):
     """Every launcher's grid at 16,384 tokens x 2^24 latents and at 2^20 latents x d_in 2,304 (recorded, not run:
     meta tensors): CUDA caps grid axes 1 and 2 at 65,535, so the wide dimension must be on axis 0."""
+    from saelab.kernels import triton_dense, triton_sparse
     from saelab.kernels import triton_gpu as tg
 
     launches = []
@@ -243,7 +244,8 @@ def test_launch_grids_fit_cuda_at_the_widest_shapes(monkeypatch):
 
     for name in ("_relu_forward", "_jumprelu_forward", "_jumprelu_backward", "_gated_forward", "_gated_backward_mag",
                  "_gated_backward_gate", "_sparse_decode", "_sampled_dot", "_sparse_t_dense"):
-        monkeypatch.setattr(tg, name, Recorder(name))
+        monkeypatch.setattr(triton_sparse if name.startswith(("_sparse", "_sampled")) else triton_dense, name,
+                            Recorder(name))
     meta = {"device": "meta"}
     batch, d_sae, d_in, k = 16_384, 2**24, 2_304, 32
     wide, row, entries = torch.empty(batch, d_sae, **meta), torch.empty(d_sae, **meta), batch * k
