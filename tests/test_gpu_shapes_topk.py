@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.kernels import native
+from saelab.kernels import native, native_library
 from saelab.saes import build_sae
 from saelab.saes import topk as topk_module
 
@@ -70,8 +70,8 @@ def test_a_step_on_the_gpu_kernels_allocates_no_screen(variant, monkeypatch):
 
 def test_cpu_flags_are_read_once(monkeypatch):
     """fast_bf16 and the kernels' cache key ask for the CPU's flags; /proc/cpuinfo is read at most once."""
-    if hasattr(native._cpu_flags, "cache_clear"):
-        native._cpu_flags.cache_clear()
+    if hasattr(native_library.cpu_flags, "cache_clear"):
+        native_library.cpu_flags.cache_clear()
     reads = []
     read_text = Path.read_text
 
@@ -81,7 +81,7 @@ def test_cpu_flags_are_read_once(monkeypatch):
         return read_text(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", counting)
-    flags = [native._cpu_flags() for _ in range(5)]
+    flags = [native_library.cpu_flags() for _ in range(5)]
     assert len(set(flags)) == 1 and len(reads) <= 1
 
 

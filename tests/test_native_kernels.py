@@ -19,9 +19,9 @@ import textwrap
 import pytest
 import torch
 
-from saelab.kernels import native
+from saelab.kernels import native, native_library, native_screen
 
-PORTABLE_FLAGS = tuple(f for f in native.FLAGS if f not in ("-march=native", "-mprefer-vector-width=512")) + (
+PORTABLE_FLAGS = tuple(f for f in native_library.FLAGS if f not in ("-march=native", "-mprefer-vector-width=512")) + (
     "-march=x86-64-v2",
 )
 
@@ -30,7 +30,7 @@ PORTABLE_FLAGS = tuple(f for f in native.FLAGS if f not in ("-march=native", "-m
 def portable_library(tmp_path_factory):
     if platform.machine() != "x86_64" or shutil.which("g++") is None:
         pytest.skip("the portable build is an x86-64 g++ build")
-    return native.bind(native.compile_kernels(shutil.which("g++"), PORTABLE_FLAGS))
+    return native_library.bind(native_library.compile_kernels(shutil.which("g++"), PORTABLE_FLAGS))
 
 
 @pytest.fixture(params=["native", "portable"])
@@ -40,7 +40,7 @@ def build(request, monkeypatch):
         assert native.library() is not None, "g++ is on this machine, so the kernels must build"
     else:
         lib = request.getfixturevalue("portable_library")
-        monkeypatch.setattr(native, "_load", lambda: lib)
+        monkeypatch.setattr(native_library, "_load", lambda: lib)
     return request.param
 
 
@@ -220,13 +220,13 @@ def test_without_a_compiler_training_falls_back_with_one_warning(monkeypatch):
 
 def test_a_failed_build_falls_back_and_leaves_no_library(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(native, "FLAGS", ("-this-flag-does-not-exist",))
-    native._load.cache_clear()
+    monkeypatch.setattr(native_library, "FLAGS", ("-this-flag-does-not-exist",))
+    native_library._load.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="building sparse_kernels.cpp failed"):
-            assert native._load() is None
+            assert native_library._load() is None
     finally:
-        native._load.cache_clear()
+        native_library._load.cache_clear()
     assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))
 
 
@@ -264,14 +264,14 @@ def test_screen_bound_holds(scale, worst_case):
     approx = screen.approx.float()
     truth = x.double() @ W.double()
     bound = (screen.row_a[:, None] * screen.col_a + screen.row_b[:, None] * screen.col_b
-             + native.REL_APPROX * approx.abs() + native.REL_BIAS * bias.abs())
+             + native_screen.REL_APPROX * approx.abs() + native_screen.REL_BIAS * bias.abs())
     assert ((approx.double() - truth).abs() <= bound.double()).all()
     if worst_case:  # tight: the error comes within 5% of the bound
         assert ((approx.double() - truth).abs() / bound.double()).max() > 0.95
     else:
         # measured rounding errors make it much narrower than the worst case, 2u |x| |w| (u = 2^-8)
         products = screen.row_a[:, None] * screen.col_a + screen.row_b[:, None] * screen.col_b
-        assert (products / (x.norm(dim=1)[:, None] * W.norm(dim=0))).max() < 1.2 * native.BF16_UNIT
+        assert (products / (x.norm(dim=1)[:, None] * W.norm(dim=0))).max() < 1.2 * native_screen.BF16_UNIT
 
 
 @pytest.mark.parametrize(("rows", "d", "width", "k"), [(64, 384, 3072, 32), (20, 13, 37, 5), (9, 40, 17, 17),
