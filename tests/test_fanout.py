@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from benchmarks.sweep_economy import COUNTS_TAG  # the line its child mode prints the forward counts on
-from saelab.reports.report import collect
+from saelab.reports.sweep import collect
 from saelab.run.checkpoints import merge_checkpoints, split_checkpoint
 from saelab.run.grouping import group_key, make_groups, split_by_limits
 from saelab.run.job import Job

@@ -12,7 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from saelab.reports.report import collect, main, pareto_front
+from saelab.reports.pareto import pareto_front
+from saelab.reports.report import main
+from saelab.reports.sweep import collect
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COEFFICIENTS = (0.01, 0.03, 0.1)
@@ -138,7 +140,7 @@ def test_report_cli_subprocess(sweep_dir):
 
 def test_one_job_per_override_value_falls_back_to_one_series_per_variant(tmp_path):
     """experiment=variant_pareto sweeps `+point=<variant>_<level>`: series must still be the variants."""
-    from saelab.reports.report import collect
+    from saelab.reports.sweep import collect
 
     for job, (point, variant, l0, fvu) in enumerate([("relu_a", "ReluSAE", 10, 0.5), ("relu_b", "ReluSAE", 50, 0.3),
                                                       ("topk_a", "TopKSAE", 16, 0.2), ("topk_b", "TopKSAE", 32, 0.1)]):
