@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if args else 2)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
-    from saelab.dashboard.options import make_plan
+    from saelab.dashboard.plan import make_plan
     from saelab.errors import cli_error_line
 
     started = time.time()

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelab.dashboard.options import LatentSpec, Options, Plan, sae_field
+from saelab.dashboard.options import LatentSpec, Options
+from saelab.dashboard.plan import Plan, sae_field
 from saelab.errors import ConfigError
 
 log = logging.getLogger("saelab.dashboard")
