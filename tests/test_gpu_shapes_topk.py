@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.kernels import native, native_library
+from saelab.kernels import native, native_library, selection
+from saelab.saes import auxk as auxk_module
 from saelab.saes import build_sae
 from saelab.saes import topk as topk_module
 
@@ -93,7 +94,7 @@ LIMIT = 1000
 def limit_topk(patch: pytest.MonkeyPatch) -> list[int]:
     """Lower the limit to LIMIT entries (raising=False: before the fix there was none, and the sizes show it);
     returns the number of entries each torch.topk call sees from then on."""
-    patch.setattr(topk_module, "TOPK_MAX_ELEMENTS", LIMIT, raising=False)
+    patch.setattr(selection, "TOPK_MAX_ELEMENTS", LIMIT, raising=False)
     sizes: list[int] = []
     topk = torch.Tensor.topk
 
@@ -132,7 +133,7 @@ def test_chunked_topk_is_exact(n, k, monkeypatch):
     scores = torch.randperm(n).float()  # distinct: the set is unique
     exact = scores.topk(k).indices.sort().values
     sizes = limit_topk(monkeypatch)
-    ids = topk_module.chunked_topk(scores, k)
+    ids = selection.chunked_topk(scores, k)
     assert torch.equal(ids.sort().values, exact)
     assert max(sizes) <= (LIMIT if k <= LIMIT // 2 else n)
 
@@ -147,7 +148,7 @@ def test_per_token_topk_runs_in_blocks_of_rows(kernels, monkeypatch):
         reference = scores.topk(k, dim=-1)
         with pytest.MonkeyPatch.context() as patch:
             sizes = limit_topk(patch)
-            rows, ids, values = topk_module.per_token_topk(scores, k)
+            rows, ids, values = selection.per_token_topk(scores, k)
         assert sizes and max(sizes) <= LIMIT, sizes
         assert torch.equal(rows, torch.arange(50).repeat_interleave(k))
         assert torch.equal(ids.view(50, k).sort(-1).values, reference.indices.sort(-1).values)
@@ -190,7 +191,7 @@ def auxk_selections(patch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """(columns, k) of every per-token top-k that AuxK's fixed-shape path (masked_auxk_loss) runs from now on."""
     calls: list[tuple[int, int]] = []
     inside: list[int] = []
-    masked, per_token_topk = topk_module.TopKSAE.masked_auxk_loss, topk_module.per_token_topk
+    masked, per_token_topk = topk_module.TopKSAE.masked_auxk_loss, auxk_module.per_token_topk
 
     def watched(self, *args):
         inside.append(1)
@@ -205,7 +206,7 @@ def auxk_selections(patch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
         return per_token_topk(scores, k, bias)
 
     patch.setattr(topk_module.TopKSAE, "masked_auxk_loss", watched)
-    patch.setattr(topk_module, "per_token_topk", spy)
+    patch.setattr(auxk_module, "per_token_topk", spy)
     return calls
 
 

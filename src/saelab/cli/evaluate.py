@@ -26,12 +26,9 @@ from saelab.cli.checks import writable_problem
 from saelab.errors import ConfigError, cli_error_line
 from saelab.io import write_json
 from saelab.run.compose import compose_run_config
-from saelab.saes.base import SAELENS_ARCHITECTURES, encoder_architecture
-from saelab.saes.gated import UNTIED_ARCHITECTURE
-from saelab.saes.saelens_format import ExportedSAE, load_exported, read_sae_dir
+from saelab.saes.saelens_format import ExportedSAE, layout_of, load_exported, read_sae_dir
 
 log = logging.getLogger("saelab.eval")
-ENCODERS = (*SAELENS_ARCHITECTURES, UNTIED_ARCHITECTURE)  # the encoders ExportedSAE runs
 
 
 @dataclass
@@ -72,9 +69,7 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
     directory = Path(sae_dir).expanduser()
     sae_cfg = read_sae_dir(directory)
     architecture = str(sae_cfg["architecture"])
-    if encoder_architecture(architecture) not in ENCODERS:
-        raise ConfigError("architecture", architecture, "a layout whose encoder is one of " + ", ".join(ENCODERS)
-                          + " (an SAE, or a transcoder: transcoder, skip_transcoder, jumprelu_transcoder, ...)")
+    layout_of(sae_cfg)  # a layout some variant declares (saes/saelens_layout.py), so ExportedSAE has its encoder
     for field, plain in (("normalize_activations", "none"), ("reshape_activations", "none"),
                          ("rescale_acts_by_decoder_norm", False)):  # run-time transforms saelab does not apply
         if sae_cfg.get(field, plain) not in (plain, None):

@@ -3,188 +3,32 @@
 The LightningModule only talks to this interface: it sums the named loss terms of `training_loss`,
 schedules the coefficients named in `scheduled_coefficients`, applies the decoder constraint and records
 which latents fired. Adding a variant is one Python file (a subclass + its `Config`) and one YAML file.
+
+The contract's other parts have modules of their own, whose names stay importable from here: the shared knobs
+(config.SAEConfig), what a training forward returns (train_step.TrainStep, squared_error), the dead-latent
+counters (dead_latents) and the SAELens layout's tensors (saelens_tensors; the layouts: saelens_layout).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import itertools
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_bool, check_choice, check_positive
-from saelab.kernels.reconstruction import SquaredError
+from saelab.errors import ConfigError
+from saelab.saes.config import SAEConfig
+from saelab.saes.dead_latents import DeadLatentCounters, DeadRead
+from saelab.saes.saelens_tensors import SAELensTensors
+from saelab.saes.train_step import SparseLatents, TrainStep, squared_error
+
+__all__ = ["SAE", "DeadRead", "SAEConfig", "SparseLatents", "TrainStep", "build_sae", "squared_error"]
 
 
-@dataclass
-class SAEConfig:
-    """Knobs shared by every variant. Variants subclass this and add their own fields."""
-
-    d_in: int
-    d_sae: int | None = None  # number of latents; null = round(expansion_factor * d_in)
-    expansion_factor: float | None = 8.0
-    sparsity_coefficient: float = 0.0  # lambda, on the summed-over-dimensions MSE scale
-    sparsity_warmup_steps: int = 0  # linear warm-up of lambda from 0
-    target_l0: float | None = None  # adapt lambda during training until the batch L0 is this (SAEModule)
-    decoder_constraint: str = "unit_norm"  # unit_norm | none
-    decoder_init_norm: float = 1.0  # norm of each decoder row at initialisation
-    apply_b_dec_to_input: bool = True  # the encoder sees x - b_dec (SAEs; a transcoder's b_dec is the target's)
-    d_out: int | None = None  # output width: null = an SAE (reconstructs its input); set = a transcoder
-    skip: bool = False  # transcoders: add an affine skip connection W_skip x to the prediction (skip-transcoder)
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad field. Subclasses extend this and call super()."""
-        check_positive("sae.d_in", self.d_in, integer=True)
-        if self.d_sae is None:
-            if self.expansion_factor is None:
-                raise ConfigError("sae.d_sae", None, "an integer, or set sae.expansion_factor")
-            check_positive("sae.expansion_factor", self.expansion_factor)
-        else:
-            check_positive("sae.d_sae", self.d_sae, integer=True)
-        check_positive("sae.sparsity_coefficient", self.sparsity_coefficient, allow_zero=True)
-        check_positive("sae.sparsity_warmup_steps", self.sparsity_warmup_steps, allow_zero=True, integer=True)
-        if self.target_l0 is not None:
-            check_positive("sae.target_l0", self.target_l0)
-        check_choice("sae.decoder_constraint", self.decoder_constraint, ("unit_norm", "none"))
-        check_positive("sae.decoder_init_norm", self.decoder_init_norm)
-        if self.d_out is not None:
-            check_positive("sae.d_out", self.d_out, integer=True)
-        check_bool("sae.skip", self.skip)
-        if self.skip and self.d_out is None:
-            raise ConfigError("sae.skip", self.skip, "false for an SAE (a skip connection needs a transcoder: set "
-                              "model.target_hook)")
-
-    def scale_dependent(self) -> dict[str, int]:
-        """Fields given in units of inputs with E||x||^2 = 1 (data.normalize=unit_mean_squared_norm), with the
-        power of the input scale s they follow (SPEC section 0: pre-activations, thresholds and bandwidths scale
-        by s, the MSE by s^2, so an L1 coefficient by s and an L0 coefficient by s^2). Variants extend it."""
-        return {}
-
-    def require_free_decoder_norms(self, penalty: str) -> None:
-        """A penalty weighted by ||d_i|| (ri_l1, tanh) equals its unweighted form when the unit-norm constraint
-        holds every ||d_i|| at 1, so a sweep over both would report one method twice: reject the pairing."""
-        if self.decoder_constraint == "unit_norm":
-            raise ConfigError("sae.sparsity", penalty, "it with sae.decoder_constraint=none (it weights latents "
-                              "by ||d_i||, which decoder_constraint=unit_norm fixes at 1)")
-
-    @property
-    def width(self) -> int:
-        if self.d_sae is not None:
-            return int(self.d_sae)
-        return max(1, round(float(self.expansion_factor) * self.d_in))
-
-
-# SAELens's transcoder layouts: (the SAE's architecture, with a skip connection) -> the transcoder's.
-TRANSCODER_LAYOUTS = {
-    ("standard", False): "transcoder",
-    ("standard", True): "skip_transcoder",
-    ("jumprelu", False): "jumprelu_transcoder",
-    ("jumprelu", True): "jumprelu_skip_transcoder",
-}
-SAELENS_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk")  # the rest are saelab-named (saelab_...)
-
-
-def transcoder_architecture(architecture: str, skip: bool) -> str:
-    """A transcoder's cfg.json architecture: SAELens's layout where it has one, else a saelab-named one
-    (saelab_topk_transcoder, saelab_gated_skip_transcoder, ...), as the untied Gated SAE gets."""
-    base = architecture.removeprefix("saelab_")
-    return TRANSCODER_LAYOUTS.get((architecture, skip), f"saelab_{base}{'_skip' if skip else ''}_transcoder")
-
-
-def encoder_architecture(architecture: str) -> str:
-    """The inverse: the SAE architecture whose encoder a cfg.json architecture uses (an SAE's: itself)."""
-    for (base, _), name in TRANSCODER_LAYOUTS.items():
-        if name == architecture:
-            return base
-    if architecture.startswith("saelab_") and architecture.endswith("_transcoder"):
-        base = architecture.removeprefix("saelab_").removesuffix("_transcoder").removesuffix("_skip")
-        return base if base in SAELENS_ARCHITECTURES else f"saelab_{base}"
-    return architecture
-
-
-class SparseLatents(Protocol):
-    """A batch's latents stored as their active entries (TopK-style variants); see saes/topk.ActiveLatents."""
-
-    batch_size: int
-
-    def dense(self) -> Tensor: ...
-
-    def fired(self) -> Tensor: ...
-
-    def active_count(self) -> Tensor: ...
-
-
-@dataclass
-class TrainStep:
-    """What one training forward returns: the named loss terms (summed into the loss) and the latents.
-
-    The latents feed L0 and the dead-latent bookkeeping. A latent is active on a token when it is > 0.
-    """
-
-    terms: dict[str, Tensor]
-    latents: Tensor | SparseLatents  # [batch, d_sae], or only the active entries (no dense tensor built)
-    extras: dict[str, Tensor] = field(default_factory=dict)  # logged as-is, not part of the loss
-    fired_mask: Tensor | None = None  # [d_sae] bool, when the forward already found which latents fired
-
-    @property
-    def feature_acts(self) -> Tensor:
-        """The latents as a dense [batch, d_sae] tensor (built on demand for sparse latents)."""
-        return self.latents if isinstance(self.latents, Tensor) else self.latents.dense()
-
-    @property
-    def n_tokens(self) -> int:
-        return self.latents.shape[0] if isinstance(self.latents, Tensor) else self.latents.batch_size
-
-    def fired(self) -> Tensor:
-        """[d_sae] bool: latents active on at least one token. One max-reduction: (f > 0).any(0) would
-        write a [batch, d_sae] mask first (about 10x slower on CPU)."""
-        if self.fired_mask is not None:
-            return self.fired_mask
-        if isinstance(self.latents, Tensor):
-            return self.latents.detach().amax(0) > 0
-        return self.latents.fired()
-
-    def active_count(self) -> Tensor:
-        """Active (token, latent) pairs in the batch (an integer scalar)."""
-        if isinstance(self.latents, Tensor):  # count_nonzero of a bool mask: summing the mask is ~10x slower
-            return torch.count_nonzero(self.latents.detach() > 0)
-        return self.latents.active_count()
-
-
-@dataclass(frozen=True)
-class DeadRead:
-    """tokens_since_fired as a logging step read it (refresh_dead_bound): its maximum and, for one dead window,
-    the distinct values of min(counter, window), ascending, each with how many latents are at least that."""
-
-    max_since_fired: int
-    window: int | None = None
-    values: tuple[int, ...] = ()
-    at_least: tuple[int, ...] = ()
-
-    def possibly_dead(self, tokens_since: int) -> int:
-        """Latents that may have reached the window `tokens_since` tokens after the read: a counter grows by at most
-        the tokens since (or resets), so only those that were at window - tokens_since or more."""
-        i = bisect.bisect_left(self.values, self.window - tokens_since)
-        return self.at_least[i] if i < len(self.values) else 0
-
-
-def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
-    """E_b ||x - x_hat||^2, summed over dimensions (SPEC section 0).
-
-    In float training (no autocast, same dtypes) this is fused.SquaredError: the same value in a third of the
-    passes over [B, d_in]."""
-    if x.dtype == x_hat.dtype and not torch.is_autocast_enabled(x.device.type):
-        return SquaredError.apply(x_hat, x)
-    return (x_hat - x).pow(2).sum(-1).mean()
-
-
-class SAE(nn.Module):
+class SAE(DeadLatentCounters, SAELensTensors):
     """Base class. Weights follow SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_out].
 
     An SAE reconstructs its input (d_out = d_in). A transcoder (cfg.d_out set) predicts another activation, the
@@ -195,7 +39,6 @@ class SAE(nn.Module):
     """
 
     Config: ClassVar[type[SAEConfig]] = SAEConfig
-    saelens_architecture: ClassVar[str] = "standard"
     recipe_adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
 
     def __init__(self, cfg: SAEConfig):
@@ -206,13 +49,7 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.W_skip = nn.Parameter(torch.zeros(self.d_out, self.d_in)) if cfg.skip else None
-        # Tokens seen since each latent last fired: dead-latent bookkeeping, saved in checkpoints.
-        self.register_buffer("tokens_since_fired", torch.zeros(self.d_sae, dtype=torch.long))
-        # Host-side bounds on them (none_dead, dead_bound): unknown until a logging step reads the counters
-        # (refresh_dead_bound), so counters written in place before then (a broadcast, a test) are never missed.
-        self._dead_read: DeadRead | None = None
-        self._tokens_since_read = 0
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self.init_dead_latent_counters()  # tokens_since_fired, tokens_seen: saved in checkpoints
 
     # -- initialisation -------------------------------------------------------------------------
     def init_decoder_and_tied_encoder(self) -> Tensor:
@@ -265,7 +102,7 @@ class SAE(nn.Module):
         return b_enc - self.b_dec @ W_enc if self.centres_input else b_enc
 
     def fused_ok(self, x: Tensor) -> bool:
-        """Whether the fused float kernels (kernels/fused.py) may run: a 2-D batch, no autocast."""
+        """Whether the fused float kernels (kernels/fused_relu.py, fused_gated.py) may run: a 2-D batch, no autocast."""
         return x.dim() == 2 and not torch.is_autocast_enabled(x.device.type)
 
     def workspace(self, name: str, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -358,137 +195,6 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalise_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-    # -- bookkeeping ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def record_fired(self, fired: Tensor, n_tokens: int) -> None:
-        """Dead-latent bookkeeping from a [d_sae] mask of the latents that fired in the last `n_tokens` tokens."""
-        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
-        self.tokens_seen.add_(n_tokens)
-        self._tokens_since_read += n_tokens
-
-    def dead_count_window(self) -> int | None:
-        """The dead window whose count of dead latents a step wants bounded on the host (dead_bound: TopK's AuxK
-        sizes its selection by it); None: only the counters' maximum is read."""
-        return None
-
-    def refresh_dead_bound(self) -> None:
-        """Read the counters' maximum and, for dead_count_window, how many latents are how close to it (a host
-        synchronisation: logging steps call this)."""
-        counters, window = self.tokens_since_fired, self.dead_count_window()
-        if not self.d_sae:
-            read = DeadRead(0)
-        elif window is None:
-            read = DeadRead(int(counters.max()))
-        else:  # at most window / batch + 2 distinct values while every batch has the same size
-            values, counts = counters.clamp(max=window).unique(sorted=True, return_counts=True)
-            host = torch.cat([counters.max().view(1), values, counts]).tolist()
-            n = values.numel()
-            at_least = list(itertools.accumulate(reversed(host[1 + n:])))[::-1]
-            read = DeadRead(host[0], int(window), tuple(host[1:1 + n]), tuple(at_least))
-        self._dead_read, self._tokens_since_read = read, 0
-
-    @torch.compiler.disable  # host arithmetic: compiled, each step's new token count would force a recompilation
-    def none_dead(self, window_tokens: int) -> bool:
-        """True when no latent can be dead (dead_mask all false), proven on the host without reading the device:
-        the counters only grow by each batch's tokens (or reset), so their maximum is at most the last read one
-        plus the tokens since. False when unproven (the bound is unknown until refresh_dead_bound, and a loaded
-        state forgets it); a GPU step then computes what depends on the dead latents in fixed shapes."""
-        read = self._dead_read
-        return read is not None and read.max_since_fired + self._tokens_since_read < int(window_tokens)
-
-    @torch.compiler.disable  # as none_dead
-    def dead_bound(self, window_tokens: int) -> int | None:
-        """An upper bound on the number of dead latents (dead_mask(window_tokens).sum()) known on the host, as
-        none_dead's: from the last read (for dead_count_window's window) and the tokens since; None if unknown."""
-        read = self._dead_read
-        if self.none_dead(window_tokens):
-            return 0
-        if read is None or read.window != int(window_tokens):
-            return None
-        return read.possibly_dead(self._tokens_since_read)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._dead_read = None  # new counters: the bounds are unknown until read again
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def dead_mask(self, window_tokens: int) -> Tensor:
-        """Latents that have not fired in the last `window_tokens` tokens. Before a window has passed nothing is
-        dead: a latent that missed the first batches is not dead, and one that fired early and then stopped is
-        dead once a whole window has passed without it (as SAELens's and sparsify's counters)."""
-        return self.tokens_since_fired >= int(window_tokens)
-
-    # -- export ------------------------------------------------------------------------------------------
-    def export_tensors(self, scale: float) -> dict[str, Tensor]:
-        """SAELens tensors for a model that takes raw activations x_raw = scale * x.
-
-        Biases and thresholds scale by `scale`, weights do not, so latents scale by `scale` too.
-        """
-        raise NotImplementedError
-
-    def standard_tensors(self, scale: float) -> dict[str, Tensor]:
-        """W_enc, W_dec, b_enc, b_dec with the biases scaled: the layout ReLU, JumpReLU and TopK share."""
-        return {
-            "W_enc": self.W_enc.detach().clone(),
-            "W_dec": self.W_dec.detach().clone(),
-            "b_enc": self.b_enc.detach() * scale,
-            "b_dec": self.b_dec.detach() * scale,
-        }
-
-    def export_config(self) -> dict[str, Any]:
-        """Architecture-specific cfg.json fields (beyond d_in, d_sae, ...)."""
-        return {"architecture": self.saelens_architecture}
-
-    def exported_tensors(self, scale: float, target_scale: float | None = None) -> dict[str, Tensor]:
-        """export_tensors for raw inputs x_raw = scale * x; a transcoder's output side then for raw targets
-        t_raw = target_scale * t. The latents carry `scale` (see export_tensors), so with r = target_scale / scale
-        the output side becomes W_dec' = r W_dec, b_dec' = target_scale b_dec and W_skip' = r W_skip."""
-        tensors = self.export_tensors(scale)
-        if not self.transcoder:
-            return tensors
-        ratio = (target_scale if target_scale is not None else scale) / scale
-        tensors["W_dec"] = tensors["W_dec"] * ratio
-        tensors["b_dec"] = tensors["b_dec"] * ratio  # export_tensors scaled it by `scale`
-        if self.W_skip is not None:
-            tensors["W_skip"] = self.W_skip.detach() * ratio
-        return tensors
-
-    @torch.no_grad()
-    def import_tensors(self, tensors: Mapping[str, Tensor], scale: float, target_scale: float | None = None) -> None:
-        """The inverse of exported_tensors (init_from): biases and thresholds back to the normalised scale
-        (/ scale), a transcoder's output side back by r = target_scale / scale; weights as they are. Parameters are
-        matched by name; a threshold goes through import_threshold (variants keep it their own way)."""
-        expected = self.exported_tensors(scale, target_scale)
-        if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-            found = {k: tuple(v.shape) for k, v in tensors.items()}
-            raise ConfigError("init_from", found, "the tensors this SAE exports: "
-                              + str({k: tuple(v.shape) for k, v in expected.items()}))
-        ratio = (target_scale if target_scale is not None else scale) / scale if self.transcoder else 1.0
-        params = dict(self.named_parameters())
-        for name, value in tensors.items():
-            value = value.to(torch.float32)
-            if name.startswith("b_") or name == "threshold":
-                value = value / scale
-            if name in ("W_dec", "b_dec", "W_skip"):
-                value = value / ratio
-            if name == "threshold":
-                self.import_threshold(value)
-            else:
-                params[name].copy_(value)
-
-    def import_threshold(self, threshold: Tensor) -> None:
-        """Set the per-latent threshold (normalised scale) from an export; variants with one override this."""
-        raise ConfigError("init_from", "threshold", f"no threshold tensor for {type(self).__name__}")
-
-    def exported_config(self) -> dict[str, Any]:
-        """export_config, with a transcoder's SAELens architecture (transcoder, skip_transcoder,
-        jumprelu_transcoder, jumprelu_skip_transcoder) and d_out; a transcoder SAELens has no layout for gets a
-        saelab-named one (e.g. saelab_topk_transcoder), as the untied Gated SAE does."""
-        config = self.export_config()
-        if not self.transcoder:
-            return config
-        return {**config, "architecture": transcoder_architecture(config["architecture"], self.W_skip is not None),
-                "d_out": self.d_out}
 
 
 def _coerce(value: Any, hint: Any) -> Any:

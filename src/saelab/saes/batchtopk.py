@@ -5,7 +5,8 @@ so tokens share a budget of k latents on average. That makes a token's latents d
 evaluation instead uses one global threshold theta, an exponential moving average of the smallest kept
 activation per training batch: f_i = pi_i H(pi_i - theta). L0 is then an honest per-token count, and the
 model exports as a SAELens "jumprelu" SAE whose per-latent thresholds all equal theta (times the scale).
-AuxK, the sparse decoder and the dead-latent window are TopK's (see topk.py).
+AuxK, the sparse decoder and the dead-latent window are TopK's (see topk.py); the selection itself is
+kernels/selection.py's batch_topk.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import torch
 from torch import Tensor
 
 from saelab.errors import ConfigError
-from saelab.kernels import native
-from saelab.kernels.dispatch import host_sync_free
-from saelab.saes.topk import ActiveLatents, TopKConfig, TopKSAE, chunked_topk
-
-# The torch fallback searches entries above 0.8 theta first, then above lower cutoffs, then all (exact either way).
-CANDIDATE_FRACTIONS = (0.8, 0.4, 0.1)
+from saelab.kernels.selection import Screen, batch_topk, screened_batch_topk
+from saelab.saes.active_latents import ActiveLatents
+from saelab.saes.topk import TopKConfig, TopKSAE
 
 
 @dataclass
@@ -57,8 +55,8 @@ class BatchTopKSAE(TopKSAE):
         flat_ids, values = self.batch_topk(pre, bias)
         return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), batch, d_sae)
 
-    def select_screened(self, screen: native.Screen) -> tuple[ActiveLatents, int] | None:
-        found = native.screened_batch_topk(screen, screen.approx.shape[0] * self.k)
+    def select_screened(self, screen: Screen) -> tuple[ActiveLatents, int] | None:
+        found = screened_batch_topk(screen, screen.approx.shape[0] * self.k)
         if found is None:
             return None
         flat_ids, values, candidates = found
@@ -67,32 +65,9 @@ class BatchTopKSAE(TopKSAE):
 
     def batch_topk(self, pre: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(flat indices in ascending order, i.e. grouped by token; values) of the B*k largest entries of pre
-        (+ bias [d_sae], if given).
-
-        On CPU in float32 this is native.batch_topk (sparse_kernels.cpp), which estimates its own cutoff from a
-        sample. The fallback here: a topk over all B*d_sae entries costs about as much as the encoder matmul
-        (0.11 s at B 2048, d_sae 3072, one CPU core). Entries at or below a cutoff c can only be kept if fewer
-        than B*k lie above it, so with c = 0.8 theta the topk runs over the few entries above c (0.016 s). While the
-        pre-activations shift (early in training, at a high learning rate) theta can lag above this batch's
-        threshold; the lower cutoffs then still avoid the full topk, the last resort.
-        """
-        n_keep = pre.shape[0] * self.k
-        found = native.batch_topk(pre, n_keep, bias)
-        if found is not None:
-            ids, values = found
-            return ids, (pre.flatten()[ids] if pre.requires_grad else values)  # the kernel's carry no gradient
-        flat = (pre if bias is None else pre + bias).flatten()
-        ids = None
-        if not host_sync_free(flat) and self.threshold_batches > 0:  # a data-dependent search: CPU only
-            for fraction in CANDIDATE_FRACTIONS:
-                candidates = (flat > fraction * self.threshold).nonzero().squeeze(1)
-                if candidates.numel() >= n_keep:
-                    ids = candidates[chunked_topk(flat[candidates], n_keep)]
-                    break
-        if ids is None:
-            ids = chunked_topk(flat, n_keep)
-        ids = ids.sort().values
-        return ids, flat[ids]
+        (+ bias [d_sae], if given); theta, once set, lets a CPU fallback search only the entries near it."""
+        return batch_topk(pre, pre.shape[0] * self.k, bias, theta=self.threshold,
+                          theta_batches=self.threshold_batches)
 
     @torch.no_grad()
     def update_from_batch(self, active: ActiveLatents) -> dict[str, Tensor]:

@@ -12,12 +12,16 @@ weights the SAE is exactly a JumpReLU with theta_i = max(0, b_mag_i - exp(r_mag_
 Under `sparsity: ri_l1` (lambda sum_i ReLU(pi_gate_i) ||d_i||) the penalty detaches ||d_i|| whenever the
 decoder is frozen (`aux_loss` frozen_decoder, and none so that ablation only drops L_aux): the authors' rule
 is to freeze the decoder in both places or in neither.
+
+Exported, it is SAELens's "gated" layout, or saelab's untied one (UNTIED_ARCHITECTURE), both declared here with
+their encoders; export_as_jumprelu_tensors gives the tied SAE's JumpReLU equivalent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +29,7 @@ from torch import Tensor, nn
 from saelab.errors import check_bool, check_choice, check_positive
 from saelab.kernels.fused_gated import GatedFunction
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
-
-# An untied Gated SAE (gate and magnitude read different directions) is neither SAELens "gated" (which
-# ties W_mag = exp(r_mag) W_enc) nor a JumpReLU. It is exported under this name, with an extra W_mag
-# tensor: f = H((x - b_dec) W_enc + b_gate) * ReLU((x - b_dec) W_mag + b_mag). SAELens refuses to load it.
-UNTIED_ARCHITECTURE = "saelab_gated_untied"
+from saelab.saes.saelens_layout import SAELensLayout, register_layout
 
 
 @dataclass
@@ -55,6 +55,33 @@ class GatedConfig(SAEConfig):
     def scale_dependent(self) -> dict[str, int]:
         # L1 of ReLU(pi_gate) scales by s; the sigmoid gate's penalty counts (scale-free), like an L0.
         return {"sparsity_coefficient": 1 if self.gate == "heaviside" else 2, "gate_temperature": 1}
+
+
+def gated_latents(x: Tensor, W_gate: Tensor, b_gate: Tensor, W_mag: Tensor, b_mag: Tensor) -> Tensor:
+    """f = H(x W_gate + b_gate) * ReLU(x W_mag + b_mag), on x centred as the export's cfg.json says."""
+    pi_gate = x @ W_gate + b_gate
+    pi_mag = x @ W_mag + b_mag
+    return (pi_gate > 0).to(x.dtype) * torch.relu(pi_mag)
+
+
+def gated_encoder(tensors: Mapping[str, Tensor], cfg: Mapping[str, Any], x: Tensor) -> Tensor:
+    """SAELens "gated": the magnitude path reads the gate's directions, W_mag = exp(r_mag) W_enc."""
+    W_enc = tensors["W_enc"]
+    return gated_latents(x, W_enc, tensors["b_gate"], W_enc * tensors["r_mag"].exp(), tensors["b_mag"])
+
+
+def untied_gated_encoder(tensors: Mapping[str, Tensor], cfg: Mapping[str, Any], x: Tensor) -> Tensor:
+    """UNTIED_ARCHITECTURE: the magnitude path has its own W_mag."""
+    return gated_latents(x, tensors["W_enc"], tensors["b_gate"], tensors["W_mag"], tensors["b_mag"])
+
+
+# An untied Gated SAE (gate and magnitude read different directions) is neither SAELens "gated" (which
+# ties W_mag = exp(r_mag) W_enc) nor a JumpReLU. It is exported under this name, with an extra W_mag
+# tensor: f = H((x - b_dec) W_enc + b_gate) * ReLU((x - b_dec) W_mag + b_mag). SAELens refuses to load it.
+UNTIED_ARCHITECTURE = "saelab_gated_untied"
+# SAELens has no Gated transcoder: those are saelab-named (saelab_gated_transcoder, saelab_gated_skip_transcoder).
+GATED_LAYOUT = register_layout(SAELensLayout("gated", gated_encoder))
+UNTIED_GATED_LAYOUT = register_layout(SAELensLayout(UNTIED_ARCHITECTURE, untied_gated_encoder))
 
 
 class GatedSAE(SAE):
@@ -145,7 +172,7 @@ class GatedSAE(SAE):
         return TrainStep(terms, hard.detach())
 
     def fused_training_loss(self, x: Tensor, t: Tensor, coefficients: Mapping[str, float]) -> TrainStep:
-        """training_loss for the default configuration through fused.GatedFunction (same terms and grads); t is
+        """training_loss for the default configuration through fused_gated.GatedFunction (same terms and grads); t is
         what it reconstructs (reconstruction_target)."""
         if self.centres_input:
             bias_gate = self.b_gate - self.b_dec.detach() @ self.W_enc

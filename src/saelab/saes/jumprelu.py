@@ -2,6 +2,9 @@
 
 The threshold theta is a float32 parameter whatever the compute precision: it lives at the scale of the
 bandwidth (1e-3 by default), where bf16's 8-bit mantissa could not move it by an Adam step.
+
+Exported, it is SAELens's "jumprelu" layout (and "jumprelu_transcoder", "jumprelu_skip_transcoder"), declared
+here; BatchTopK and Matryoshka BatchTopK export into it too.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 from saelab.errors import ConfigError, check_bool, check_choice, check_positive
 from saelab.kernels.fused_relu import JumpReLUL0Function
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.saelens_layout import SAELensLayout, register_layout
 from saelab.saes.ste import KERNELS, jumprelu, step
 
 
@@ -48,6 +53,17 @@ class JumpReLUConfig(SAEConfig):
         # multiplies a latent value, the pre-activation loss sums (theta - pi) values.
         return {"sparsity_coefficient": 2, "bandwidth": 1, "threshold_init": 1, "tanh_scale": -1,
                 "pre_act_loss_coefficient": 1}
+
+
+def jumprelu_encoder(tensors: Mapping[str, Tensor], cfg: Mapping[str, Any], x: Tensor) -> Tensor:
+    """SAELens "jumprelu": ReLU(pre) where pre = x W_enc + b_enc exceeds the latent's threshold (x centred as cfg
+    says)."""
+    pre = x @ tensors["W_enc"] + tensors["b_enc"]
+    return torch.relu(pre) * (pre > tensors["threshold"]).to(x.dtype)
+
+
+JUMPRELU_LAYOUT = register_layout(SAELensLayout("jumprelu", jumprelu_encoder, transcoder="jumprelu_transcoder",
+                                                skip_transcoder="jumprelu_skip_transcoder"))
 
 
 class JumpReLUSAE(SAE):

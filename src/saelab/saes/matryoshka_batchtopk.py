@@ -28,9 +28,9 @@ from torch import Tensor
 
 from saelab.errors import ConfigError
 from saelab.kernels.sparse_products import SparseDecode, SparsePattern
+from saelab.saes.active_latents import ActiveLatents, Residual, Selection
 from saelab.saes.base import squared_error
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
-from saelab.saes.topk import ActiveLatents, Residual, Selection
 
 
 @dataclass

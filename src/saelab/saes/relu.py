@@ -1,9 +1,13 @@
-"""ReLU SAE, the baseline (SPEC section 1): f = ReLU(W_enc (x - b_dec) + b_enc)."""
+"""ReLU SAE, the baseline (SPEC section 1): f = ReLU(W_enc (x - b_dec) + b_enc).
+
+Exported, it is SAELens's "standard" layout (and "transcoder", "skip_transcoder"), declared here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +15,7 @@ from torch import Tensor, nn
 from saelab.errors import check_choice
 from saelab.kernels.fused_relu import ReluL1Function
 from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.saelens_layout import SAELensLayout, register_layout
 
 
 @dataclass
@@ -25,6 +30,15 @@ class ReluConfig(SAEConfig):
 
     def scale_dependent(self) -> dict[str, int]:
         return {"sparsity_coefficient": 1}  # an L1 penalty (ri_l1 too: ||d_i|| is scale-free)
+
+
+def standard_encoder(tensors: Mapping[str, Tensor], cfg: Mapping[str, Any], x: Tensor) -> Tensor:
+    """SAELens "standard": ReLU(x W_enc + b_enc) (x centred as cfg says)."""
+    return torch.relu(x @ tensors["W_enc"] + tensors["b_enc"])
+
+
+STANDARD_LAYOUT = register_layout(SAELensLayout("standard", standard_encoder, transcoder="transcoder",
+                                                skip_transcoder="skip_transcoder"))
 
 
 class ReluSAE(SAE):

@@ -3,7 +3,8 @@
 The exported SAE takes raw activations: with scale C, b_dec' = C b_dec, b_enc' = C b_enc, thresholds'
 = C theta (SPEC section 0), so export(sae)(x_raw) == C * sae(x_raw / C). A transcoder with input scale C and
 target scale C_t is exported so that export(tc)(x_raw) == C_t * tc(x_raw / C) (SAE.exported_tensors).
-`load_exported` rebuilds an inference-only module from those files with SAELens's forward semantics.
+`load_exported` rebuilds an inference-only module from those files with SAELens's forward semantics: the
+encoder is the one the variant owning the cfg.json architecture declares (saelens_layout.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError
 from saelab.io import atomic_write, write_json
-from saelab.saes.base import SAE, encoder_architecture
+from saelab.saes.base import SAE
+from saelab.saes.saelens_layout import SAELensLayout, find_layout, known_architectures
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -52,30 +53,19 @@ def export_sae(sae: SAE, scale: float, out_dir: Path, metadata: Mapping[str, Any
 
 
 class ExportedSAE(nn.Module):
-    """Inference-only SAE rebuilt from an export, following SAELens's forward for each architecture."""
+    """Inference-only SAE rebuilt from an export, following SAELens's forward for its architecture."""
 
     def __init__(self, cfg: dict[str, Any], tensors: dict[str, Tensor]):
         super().__init__()
         self.cfg = cfg
+        self.layout = layout_of(cfg)
         for name, value in tensors.items():
             self.register_buffer(name, value)
 
     def encode(self, x: Tensor) -> Tensor:
-        arch = encoder_architecture(self.cfg["architecture"])
+        """The layout's encoder on x, centred first where apply_b_dec_to_input says (as SAELens does)."""
         x_c = x - self.b_dec if self.cfg.get("apply_b_dec_to_input", True) else x
-        if arch in ("gated", "saelab_gated_untied"):  # the untied ablation carries its own W_mag
-            pi_gate = x_c @ self.W_enc + self.b_gate
-            w_mag = self.W_mag if arch == "saelab_gated_untied" else self.W_enc * self.r_mag.exp()
-            pi_mag = x_c @ w_mag + self.b_mag
-            return (pi_gate > 0).to(x.dtype) * torch.relu(pi_mag)
-        pre = x_c @ self.W_enc + self.b_enc
-        if arch == "jumprelu":  # SAELens: ReLU(pre) where pre > threshold
-            return torch.relu(pre) * (pre > self.threshold).to(x.dtype)
-        if arch == "topk":
-            acts = torch.relu(pre)
-            top = acts.topk(int(self.cfg["k"]), dim=-1)
-            return torch.zeros_like(acts).scatter_(-1, top.indices, top.values)
-        return torch.relu(pre)
+        return self.layout.encode(dict(self.named_buffers()), self.cfg, x_c)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
@@ -87,6 +77,16 @@ class ExportedSAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.output(x, self.encode(x))
+
+
+def layout_of(cfg: Mapping[str, Any], field: str = "architecture") -> SAELensLayout:
+    """The layout of an export's cfg.json architecture (ConfigError on `field` if no variant declares it)."""
+    architecture = str(cfg.get("architecture", "standard"))
+    layout = find_layout(architecture)
+    if layout is None:
+        raise ConfigError(field, architecture, "a layout whose encoder is one of " + ", ".join(known_architectures())
+                          + " (an SAE, or a transcoder: transcoder, skip_transcoder, jumprelu_transcoder, ...)")
+    return layout
 
 
 def read_config(path: Path, field: str = "sae_dir") -> dict[str, Any]:
