@@ -22,7 +22,7 @@ import torch
 from saelab.data.activations import activation_chunks
 from saelab.data.hf_reader import block_output_reader
 from saelab.data.model import load_model, package_model_path
-from saelab.data.text_sources import pydocs_documents
+from saelab.data.sources.pydocs import pydocs_documents
 from saelab.data.tokens import SpecialTokens, keep_mask, pack, tokenize
 
 HOOK, LAYERS = "blocks.3.hook_out", 4

@@ -92,7 +92,8 @@ from benchmarks.cuda_timing import (
 )
 from benchmarks.reference_step import ReferenceSAE, time_reference, unsupported
 from benchmarks.slice_check import check_slice
-from saelab.run.module import SAEMember, SAEModule
+from saelab.run.member import SAEMember
+from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 
 try:

@@ -119,7 +119,7 @@ def test_reference_step_is_saelabs_loss_and_gradient_and_learns(variant, one_thr
     lower the loss on structured data."""
     from benchmarks.reference_step import ReferenceSAE
     from benchmarks.train_step import build
-    from saelab.run.module import SAEMember
+    from saelab.run.member import SAEMember
 
     torch.manual_seed(0)
     sae = build(variant, 16, 128, ["k=4"] if "topk" in variant else [])

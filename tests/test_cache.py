@@ -22,6 +22,7 @@ from saelab.data.cache import (
     key_inputs,
     verify,
 )
+from saelab.data.sources import build_source
 from saelab.data.tokens import SpecialTokens
 from saelab.errors import ConfigError
 from tests.conftest import REPO, run_cli, tiny_overrides
@@ -31,6 +32,8 @@ INPUTS = {"model": "fake/model", "hook": "blocks.0.hook_out", "source": {"source
 # 600 train windows of distinct token ids (4800 activations), 50 windows (400 activations) a shard: 12 shards.
 WINDOWS = {"train": torch.arange(600 * CTX).view(600, CTX),
            "eval": 10**5 + torch.arange(60 * CTX).view(60, CTX)}
+TEXT_FILES = "saelab.data.sources.text_files.TextFiles"  # data._target_ of data=text_files
+PYDOCS = "saelab.data.sources.pydocs.PyDocs"
 
 
 class FakeModel:
@@ -182,18 +185,18 @@ def test_the_key_follows_what_decides_the_activations_and_nothing_else(tmp_path)
     (corpus / "a.txt").write_text("some text")
     spec = ModelSpec("org/tiny", str(model_dir), "float32", "blocks.0.hook_out")
     special = SpecialTokens(bos=0, separator=0, excluded=frozenset({0}))
-    cfg = {"source": "text_files", "path": str(corpus), "context_size": 32, "prepend_bos": True,
+    cfg = {"_target_": TEXT_FILES, "source": "text_files", "path": str(corpus), "context_size": 32, "prepend_bos": True,
            "eval_fraction": 0.1, "train_tokens": 1000, "batch_size": 64, "model_batch_size": 8}
 
     def name(cfg=cfg, spec=spec, special=special) -> str:
-        return cache_name(key_inputs(cfg, spec, special))
+        return cache_name(key_inputs(build_source(cfg), cfg, spec, special))
 
     base = name()
     assert base.startswith("tiny--blocks.0.hook_out--")
     # Neither the budget nor the batch sizes decide the activations, so sweeps over them share a cache.
     assert name({**cfg, "train_tokens": 10**6, "batch_size": 4096, "model_batch_size": 64}) == base
     changed = [name({**cfg, "context_size": 64}), name({**cfg, "prepend_bos": False}),
-               name({**cfg, "eval_fraction": 0.2}), name({**cfg, "source": "pydocs"}),
+               name({**cfg, "eval_fraction": 0.2}), name({**cfg, "_target_": PYDOCS, "source": "pydocs"}),
                name(spec=ModelSpec("org/tiny", str(model_dir), "bfloat16", "blocks.0.hook_out")),
                name(spec=ModelSpec("org/tiny", str(model_dir), "float32", "blocks.1.hook_out")),
                name(special=SpecialTokens(bos=0, separator=0, excluded=frozenset({0, 5})))]
@@ -230,7 +233,8 @@ def tiny_model(tiny_model_dir):
 
 
 def _data_cfg(corpus_dir: Path, cache) -> dict:
-    return {"source": "text_files", "path": str(corpus_dir), "context_size": 32, "prepend_bos": True,
+    return {"_target_": TEXT_FILES, "source": "text_files",
+            "path": str(corpus_dir), "context_size": 32, "prepend_bos": True,
             "eval_fraction": 0.1, "train_tokens": 4096, "batch_size": 256, "buffer_tokens": 2048,
             "model_batch_size": 16, "normalize": "unit_mean_squared_norm", "normalize_tokens": 1024,
             "cache": cache}
@@ -244,7 +248,8 @@ def test_datamodule_reuses_its_cache_without_text_or_forward(tiny_model, tiny_co
     monkeypatch.setattr(cache_module, "SHARD_TOKENS", 64 * 32)  # 64 windows a shard: several shards
 
     def make(cache):
-        dm = datamodule.ActivationDataModule(_data_cfg(tiny_corpus_dir, cache), tiny_model, 1024, seed=3)
+        data_cfg = _data_cfg(tiny_corpus_dir, cache)
+        dm = datamodule.ActivationDataModule(data_cfg, tiny_model, 1024, seed=3, source=build_source(data_cfg))
         dm.setup()
         return dm
 
@@ -259,7 +264,9 @@ def test_datamodule_reuses_its_cache_without_text_or_forward(tiny_model, tiny_co
         raise AssertionError("a reused cache must not run the model or read text")
 
     monkeypatch.setattr(activations, "window_activations", forbidden)
-    monkeypatch.setattr(datamodule, "load_documents", forbidden)
+    from saelab.data.sources.text_files import TextFiles
+
+    monkeypatch.setattr(TextFiles, "documents", forbidden)
     reused = make(str(tmp_path))
     assert reused.scale == built.scale and torch.equal(reused.eval_acts[hook], built.eval_acts[hook])
     assert torch.equal(reused.eval_windows, streamed.eval_windows)  # for spliced metrics

@@ -155,7 +155,10 @@ BAD_INPUTS = [
      "paths.output_dir='/proc/saelab-out' is not allowed: expected a directory saelab can create and write to"),
     (["hydra.run.dir=/proc/saelab-run"],
      "hydra.run.dir='/proc/saelab-run' is not allowed: expected a directory saelab can create and write to"),
-    (["data.source=s3"], "data.source='s3' is not allowed: expected one of 'pydocs', 'text_files', 'hf'"),
+    (["data.source=s3"], "data.source='s3' is not allowed: expected 'pydocs', the name of the source data._target_ "
+                         "names (choose another source with data=<source>)"),
+    (["data._target_=saelab.nowhere.Source"], "data._target_='saelab.nowhere.Source' is not allowed: expected an "
+     "importable saelab.data.sources.DataSource subclass, e.g. saelab.data.sources.pydocs.PyDocs"),
     (["optim.lr=-0.001"], "optim.lr=-0.001 is not allowed: expected a positive number"),
     (["data.eval_fraction=1.5"], "data.eval_fraction=1.5 is not allowed: expected a fraction strictly between 0 and 1"),
     (["model=gpt3"], "model='gpt3' is not allowed: expected one of gemma-2-2b, gpt2, minilm, pythia-70m, tiny"),

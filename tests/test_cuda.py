@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from saelab.kernels import dispatch
-from saelab.run.module import SAEMember
+from saelab.run.member import SAEMember
 from saelab.saes import build_sae
 from tests.conftest import run_cli
 from tests.test_host_sync import OPTIM, VARIANTS, member_step

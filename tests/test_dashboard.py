@@ -126,13 +126,13 @@ def _expected_activations(model_dir: Path, corpus_dir: Path, u: torch.Tensor):
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from saelab.data.text_sources import load_documents
+    from saelab.data.sources.text_files import text_file_documents
     from saelab.data.tokens import SpecialTokens, keep_mask, pack, split_documents, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
     eval_fraction = float(OmegaConf.load(REPO / "conf" / "data" / "pydocs.yaml").eval_fraction)
-    _, held_out = split_documents(load_documents({"source": "text_files", "path": str(corpus_dir)}), eval_fraction)
+    _, held_out = split_documents(text_file_documents(str(corpus_dir)), eval_fraction)
     windows = pack(tokenize(held_out, tokenizer), 32, special, True)
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     with torch.no_grad():

@@ -9,7 +9,8 @@ import torch
 
 from saelab.data.buffer import ShuffleBuffer
 from saelab.data.normalize import estimate_scale
-from saelab.data.text_sources import pydocs_documents, text_file_documents
+from saelab.data.sources.pydocs import pydocs_documents
+from saelab.data.sources.text_files import text_file_documents
 from saelab.data.tokens import SpecialTokens, keep_mask, pack, split_documents
 from saelab.errors import ConfigError
 
@@ -86,16 +87,16 @@ def test_normalisation_scales():
 def test_hf_source_reads_text_or_pretokenised_columns_from_a_local_dataset(tmp_path):
     import json
 
-    from saelab.data.text_sources import load_documents
+    from saelab.data.sources.hf import HFDataset
 
     rows = [{"text": f"document {i}", "ids": [i, i + 1, i + 2]} for i in range(5)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = {"source": "hf", "path": str(tmp_path), "split": "train", "text_column": "text", "token_column": None,
            "max_documents": 3, "streaming": True}
-    assert load_documents(cfg) == ["document 0", "document 1", "document 2"]
-    assert load_documents(cfg | {"token_column": "ids"}) == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    assert HFDataset(cfg).documents() == ["document 0", "document 1", "document 2"]
+    assert HFDataset(cfg | {"token_column": "ids"}).documents() == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
     with pytest.raises(ConfigError, match="data.text_column='body'.*text, ids"):
-        load_documents(cfg | {"text_column": "body"})
+        HFDataset(cfg | {"text_column": "body"}).documents()
 
 
 def test_pretokenised_documents_are_packed_as_they_are():

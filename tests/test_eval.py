@@ -102,10 +102,11 @@ def saelens_metrics(name: str, overrides: list[str]) -> tuple[float, float]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saelab.run.compose import CONF_DIR
     from saelab.data.datamodule import ActivationDataModule
     from saelab.data.model import load_model
+    from saelab.data.sources import build_source
     from saelab.data.tokens import keep_mask
+    from saelab.run.compose import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -113,7 +114,7 @@ def saelens_metrics(name: str, overrides: list[str]) -> tuple[float, float]:
     hook, target = ("blocks.0.hook_out", None) if name == "standard" else ("blocks.0.mlp.hook_in",
                                                                             "blocks.0.mlp.hook_out")
     model = load_model(model_cfg, hooks=[hook] + ([target] if target else []))
-    dm = ActivationDataModule(data, model, int(cfg.eval.tokens), int(cfg.seed))
+    dm = ActivationDataModule(data, model, int(cfg.eval.tokens), int(cfg.seed), source=build_source(data))
     windows = dm.windows(train=False)["eval"]
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(windows, names_filter=model.hooks)

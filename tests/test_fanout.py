@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 from benchmarks.sweep_economy import COUNTS_TAG  # the line its child mode prints the forward counts on
 from saelab.reports.sweep import collect
 from saelab.run.checkpoints import merge_checkpoints, split_checkpoint
-from saelab.run.grouping import group_key, make_groups, split_by_limits
+from saelab.run.grouping import group_key, make_groups, shared_config, split_by_limits
 from saelab.run.job import Job
-from saelab.run.module import SAEMember, SAEModule
+from saelab.run.member import SAEMember
+from saelab.run.module import SAEModule
 from saelab.saes.base import build_sae
 from tests.conftest import REPO, run_until_then_kill, tiny_overrides
 
@@ -268,6 +269,25 @@ def test_group_key_separates_what_decides_the_stream(tmp_path):
                                    {"trainer.deterministic": True}, {"eval.tokens": 128},
                                    {"trainer.precision": "tf32"}], start=10):  # TF32 is torch-global
         assert group_key(_job(tmp_path, num, **changes)) != base, changes
+
+
+def test_without_a_data_seed_the_runs_seed_orders_the_data_and_splits_groups(tmp_path):
+    """data.seed=null: each job's own seed orders its activations, so seed=0,1 must not share a stream (the
+    group would have trained both on the first job's order)."""
+    unseeded = [_job(tmp_path, num, **{"data.seed": None, "seed": num}) for num in range(2)]
+    assert group_key(unseeded[0]) != group_key(unseeded[1])
+    assert [len(g) for g in make_groups(unseeded, max_saes=8, memory_fraction=0.8)] == [1, 1]
+
+
+def test_a_group_reads_only_what_its_jobs_share(tmp_path):
+    """The training loop's settings come from shared_config: the sections group_key compares (the data order's
+    seed among them), never a job's own (its sae, optim or init seed); jobs that differ there are refused."""
+    jobs = [_job(tmp_path, 0), _job(tmp_path, 1, **{"seed": 7, "sae.d_sae": 256})]
+    shared = shared_config(jobs)
+    assert set(shared) == {"model", "data", "trainer", "callbacks", "eval", "paths", "seed"}
+    assert shared.seed == 0 and shared.data.batch_size == 256  # data.seed 0 orders both jobs' data
+    with pytest.raises(ValueError, match="differs in what its jobs must share"):
+        shared_config([_job(tmp_path, 0), _job(tmp_path, 2, **{"data.batch_size": 128})])
 
 
 def test_groups_split_by_count_and_by_memory(tmp_path, caplog):

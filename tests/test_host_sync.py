@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from saelab.run.module import SAEMember
+from saelab.run.member import SAEMember
 from saelab.saes import build_sae
 
 READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "equal", "allclose"}

@@ -97,7 +97,7 @@ def test_the_torch_fallback_jumprelu_step_reads_nothing_back_off_the_cpu(monkeyp
     for name in listed:
         torch.testing.assert_close(dense[name], listed[name], rtol=1e-5, atol=1e-6)
 
-    from saelab.run.module import SAEMember
+    from saelab.run.member import SAEMember
 
     monkeypatch.setattr(dispatch, "host_sync_free", lambda t: True)
     sae = build_sae(cfg)

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from saelab.run.compose import CONF_DIR
 from saelab.cli.train import sweep_objective
+from saelab.run.compose import CONF_DIR
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 FAST = ["data.train_tokens=2560"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.run.module import SAEModule, lr_factor
+from saelab.run.member import lr_factor
+from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 from saelab.saes.saelens_format import export_sae, load_exported
 

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from saelab.data.sources import build_source
 from saelab.metrics.evaluate import evaluate_sae
-from saelab.run.module import SAEMember, SAEModule
+from saelab.run.member import SAEMember
+from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 from saelab.saes.saelens_format import export_sae, load_exported
 
@@ -36,6 +38,8 @@ LAYOUTS = {  # (variant, skip) -> the cfg.json architecture; SAELens's names whe
     ("topk", False): "saelab_topk_transcoder", ("topk", True): "saelab_topk_skip_transcoder",
     ("gated", False): "saelab_gated_transcoder", ("gated", True): "saelab_gated_skip_transcoder",
 }
+TEXT_FILES = "saelab.data.sources.text_files.TextFiles"  # data._target_ of data=text_files
+PYDOCS = "saelab.data.sources.pydocs.PyDocs"
 
 
 def make_transcoder(variant: str, skip: bool, d_in: int = 16, d_out: int = 12, **overrides):
@@ -176,7 +180,8 @@ def pair_model(tiny_model_dir):
 
 
 def _data_cfg(corpus_dir, cache) -> dict:
-    return {"source": "text_files", "path": str(corpus_dir), "context_size": 32, "prepend_bos": True,
+    return {"_target_": TEXT_FILES, "source": "text_files",
+            "path": str(corpus_dir), "context_size": 32, "prepend_bos": True,
             "eval_fraction": 0.1, "train_tokens": 4096, "batch_size": 256, "buffer_tokens": 2048,
             "model_batch_size": 16, "normalize": "unit_mean_squared_norm", "normalize_tokens": 1024,
             "cache": cache}
@@ -189,7 +194,8 @@ def test_the_stream_pairs_each_tokens_input_with_its_target(cached, pair_model, 
     from saelab.data.datamodule import ActivationDataModule
     from saelab.data.tokens import keep_mask
 
-    dm = ActivationDataModule(_data_cfg(tiny_corpus_dir, str(tmp_path) if cached else "off"), pair_model, 1024,
+    data_cfg = _data_cfg(tiny_corpus_dir, str(tmp_path) if cached else "off")
+    dm = ActivationDataModule(data_cfg, pair_model, 1024, source=build_source(data_cfg),
                               seed=3, hooks=[IN, OUT])
     dm.setup()
     assert set(dm.scales) == {IN, OUT} and dm.scales[IN] != dm.scales[OUT]
@@ -220,7 +226,8 @@ def test_spliced_evaluation_replaces_only_the_target_hook(pair_model, tiny_corpu
     from saelab.data.datamodule import ActivationDataModule
     from saelab.metrics.spliced import Transcode, spliced_metrics
 
-    dm = ActivationDataModule(_data_cfg(tiny_corpus_dir, "off"), pair_model, 1024, seed=3, hooks=[IN, OUT])
+    data_cfg = _data_cfg(tiny_corpus_dir, "off")
+    dm = ActivationDataModule(data_cfg, pair_model, 1024, seed=3, hooks=[IN, OUT], source=build_source(data_cfg))
     windows = dm.windows(train=False)["eval"][:8]
     mlp = pair_model.bridge.original_model.transformer.h[0].mlp._original_component  # the HF GPT2MLP itself
     exact = spliced_metrics(pair_model, Transcode(lambda a: mlp(a), reads=IN), windows, dm.special, 4, hook=OUT)

@@ -47,3 +47,17 @@ def cli_error_line(err: BaseException) -> str | None:
     if isinstance(err, (HydraException, OmegaConfBaseException)):
         return f"error: {str(err).splitlines()[0]}"
     return None
+
+
+def check_count(field: str, value: Any) -> int:
+    """A positive integer; 2e6 from the command line counts (an integral float)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    check_positive(field, value, integer=True)
+    return value
+
+
+def check_integer(field: str, value: Any) -> None:
+    """An integer of any sign (a seed); 2e6-style integral floats are integers."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ConfigError(field, value, "an integer")

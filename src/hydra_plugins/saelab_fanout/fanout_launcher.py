@@ -89,9 +89,9 @@ class FanoutLauncher(Launcher):
 
 def _prepare(cfg: DictConfig):
     """The task function run inside each job's Hydra context: its Job, or None after recording its error."""
-    from saelab.cli.train import world_size
     from saelab.errors import ConfigError
     from saelab.run.job import prepare_job, report_failure
+    from saelab.run.training import world_size
 
     try:
         job = prepare_job(cfg)

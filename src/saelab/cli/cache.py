@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from saelab.cli.checks import check_group_overrides
 from saelab.data.cache import MANIFEST, is_off, read_manifest, summary, verify
-from saelab.errors import cli_error_line
+from saelab.errors import ConfigError, cli_error_line
 from saelab.run.compose import compose_run_config
 
 _COLUMNS = ("name", "model", "hook", "source", "train_tokens", "eval_tokens", "mbytes", "train_pass_complete")
@@ -33,9 +33,10 @@ def load_config(overrides: list[str]) -> DictConfig:
 
 
 def build(overrides: list[str]) -> int:
-    from saelab.cli.train import activations_needed, world_size
-    from saelab.data.datamodule import ActivationDataModule
-    from saelab.data.model import load_model
+    from saelab.data.sources import build_source
+    from saelab.run.job import activations_needed
+    from saelab.run.stream import load_stream_model, open_stream
+    from saelab.run.training import world_size
     from saelab.run.validation import check_run_config
 
     problem = check_group_overrides(overrides)
@@ -47,11 +48,12 @@ def build(overrides: list[str]) -> int:
         cfg.data.cache = "auto"
     check_run_config(cfg)  # a bad data.cache fails here, before the model loads
     train_tokens = activations_needed(cfg, world_size(cfg))  # what `saelab-train` with this config will read
-    model = load_model(cfg.model)
-    datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed,
-                                      cache_dir=cfg.paths.cache_dir, train_tokens=train_tokens)
-    datamodule.setup()
-    print(datamodule.cache.path)
+    source = build_source(cfg.data)
+    if not source.needs_model:
+        raise ConfigError("data", source.name, "a source read through a model (its activations are what is cached)")
+    hooks = source.hooks(cfg.model)[:1]
+    stream = open_stream(cfg, load_stream_model(cfg, source, hooks), hooks, train_tokens=train_tokens, source=source)
+    print(stream.datamodule.cache.path)
     return 0
 
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from saelab.cli.checks import writable_problem
+from saelab.data.sources import build_source
 from saelab.errors import ConfigError, cli_error_line
 from saelab.io import write_json
 from saelab.run.compose import compose_run_config
@@ -82,8 +83,9 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
         if value is not None and key not in given:
             implied.append(f"{key}={value}")
     cfg, run_dir = _compose([*implied, *overrides])
-    if cfg.data.source == "synthetic":
-        raise ConfigError("data", "synthetic", "a text source: saelab-eval reads a model's activations")
+    source = build_source(cfg.data)
+    if not source.needs_model:
+        raise ConfigError("data", source.name, "a text source: saelab-eval reads a model's activations")
     if ("transcoder" in architecture) != (cfg.model.get("target_hook") is not None):
         raise ConfigError("model.target_hook", cfg.model.get("target_hook"),
                           "a hook for a transcoder (hook_name_out in its cfg.json) and null for an SAE")
@@ -117,36 +119,30 @@ def _compose(overrides: list[str]) -> tuple[DictConfig, Path | None]:
 
 
 def evaluate(plan: Plan) -> dict[str, Any]:
-    """The SAE's metrics on the run's held-out activations, written to <out>/metrics.json."""
-    from saelab.data.datamodule import ActivationDataModule
-    from saelab.data.model import check_sae_hooks, hook_widths, load_model
-    from saelab.metrics.evaluate import evaluate_sae
-    from saelab.metrics.spliced import Transcode, spliced_metrics_many
+    """The SAE's metrics on the run's held-out activations (the run pipeline's stream and evaluation: run/stream.py,
+    run/evaluation.py), written to <out>/metrics.json."""
+    from saelab.run.evaluation import held_out_metrics, raw_splice, spliced
+    from saelab.run.stream import check_job_fits, load_stream_model, open_stream, stream_widths
 
     started, cfg, target = time.time(), plan.cfg, plan.target_hook
     hooks = [plan.hook] + ([target] if target else [])
-    model = load_model(cfg.model, hooks=hooks, check_hooks=False)
+    source = build_source(cfg.data)
+    model = load_stream_model(cfg, source, hooks)
     d_in = int(plan.sae_cfg["d_in"])
-    check_sae_hooks(model, hook_widths(model, [h for h in hooks if h in model.bridge.hook_dict]), plan.hook, target,
-                    d_in)
+    check_job_fits(source, model, stream_widths(model, hooks), plan.hook, target, d_in)
     exported = load_exported(plan.sae_dir)
-    datamodule = ActivationDataModule(cfg.data, model, cfg.eval.tokens, cfg.seed, cache_dir=cfg.paths.cache_dir,
-                                      train_tokens=int(cfg.data.normalize_tokens), hooks=hooks)
-    datamodule.setup()
-    scale = datamodule.scales[plan.hook]
-    target_scale = datamodule.scales[target] if target else scale
-    targets = datamodule.eval_acts[target] if target else None
-    view = NormalisedView(exported, scale, target_scale)
-    metrics, _ = evaluate_sae(view, datamodule.eval_acts[plan.hook], int(cfg.eval.batch_size), targets=targets)
-    if cfg.eval.spliced_windows:
-        def predict(x: Tensor) -> Tensor:
-            with torch.no_grad():
-                return exported(x.float())
+    stream = open_stream(cfg, model, hooks, train_tokens=int(cfg.data.normalize_tokens), source=source)
+    scales = stream.datamodule.scales
+    scale = scales[plan.hook]
+    view = NormalisedView(exported, scale, scales[target] if target else scale)
+    metrics, _ = held_out_metrics(view, stream, plan.hook, target, int(cfg.eval.batch_size))
 
-        splice = Transcode(predict, reads=plan.hook) if target else predict
-        windows = datamodule.eval_windows[: int(cfg.eval.spliced_windows)]
-        metrics |= spliced_metrics_many(model, {0: splice}, windows, datamodule.special,
-                                        int(cfg.data.model_batch_size), target or plan.hook)[0]
+    def predict(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return exported(x.float())
+
+    splice = {0: (target or plan.hook, raw_splice(predict, plan.hook, target))}
+    metrics |= spliced(stream, splice, int(cfg.eval.spliced_windows or 0), int(cfg.data.model_batch_size)).get(0, {})
     architecture = str(plan.sae_cfg["architecture"])
     metadata = plan.sae_cfg.get("metadata") or {}
     result = {

@@ -17,17 +17,15 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from saelab.cli.checks import check_group_overrides
 from saelab.errors import ConfigError
 from saelab.kernels import dispatch
-from saelab.run import precision
 from saelab.run.compose import CONF_DIR
-from saelab.run.job import prepare_job, record_failure, report_failure
+from saelab.run.job import activations_needed, prepare_job, record_failure, report_failure, run_steps
 from saelab.run.loggers import finish_wandb
-from saelab.run.training import activations_needed, run_steps, train_group
+from saelab.run.training import train_group, world_size
 
 log = logging.getLogger("saelab")
 __all__ = ["activations_needed", "main", "run_steps", "sweep_objective", "train", "world_size"]
@@ -39,12 +37,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
-
-
-def world_size(cfg: DictConfig) -> int:
-    """The number of training processes the configured Trainer would run (building it starts none)."""
-    trainer_cfg = precision.for_lightning(OmegaConf.to_container(cfg.trainer, resolve=True) | {"max_steps": 1})
-    return int(instantiate(trainer_cfg, logger=False, enable_checkpointing=False).world_size)
 
 
 def sweep_objective(result: dict[str, Any], cfg: DictConfig) -> float | None:

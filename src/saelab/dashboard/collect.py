@@ -64,11 +64,13 @@ def held_out(model, data_cfg, tokens: int) -> tuple[HeldOut, Any]:
     """The first held-out windows holding `tokens` real-text tokens and their activations at the model's hook."""
     from saelab.data.activations import activation_chunks
     from saelab.data.datamodule import ActivationDataModule
+    from saelab.data.sources import build_source
     from saelab.data.tokens import keep_mask
 
     # data.cache is off (options.make_plan): cache_dir is never used, given only so the detached data section
     # is not searched for paths.cache_dir.
-    datamodule = ActivationDataModule(data_cfg, model, eval_tokens=tokens, seed=0, cache_dir="unused")
+    datamodule = ActivationDataModule(data_cfg, model, eval_tokens=tokens, seed=0, cache_dir="unused",
+                                      source=build_source(data_cfg))
     windows = datamodule.windows(train=False)["eval"]
     keep = keep_mask(windows, datamodule.special)
     n = select_windows(windows, keep, tokens)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saelab.cli.checks import writable_problem
 from saelab.dashboard.options import GROUPS, Options, check_latents, parse_options, split_overrides
+from saelab.data.sources import TextSource, build_source
 from saelab.errors import ConfigError
 from saelab.run.compose import CONF_DIR, compose_run_config
 from saelab.saes.saelens_format import CONFIG_FILE, read_sae_dir
@@ -28,7 +29,6 @@ from saelab.saes.saelens_format import CONFIG_FILE, read_sae_dir
 SAE_CONFIG = CONFIG_FILE
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 BARE_DEFAULTS = {"model": "minilm", "data": "pydocs"}  # the offline default, for an SAE without its run
-TEXT_SOURCES = ("pydocs", "text_files", "hf")
 
 
 @dataclass
@@ -158,9 +158,11 @@ def make_plan(path: str | os.PathLike, overrides: Sequence[str]) -> Plan:
             value = sae_field(sae_cfg, key)
             if value is not None and f"data.{key}" not in touched:
                 data[key] = value
-    if str(data.get("source")) not in TEXT_SOURCES or sae_field(sae_cfg, "model_name") == "synthetic":
-        raise ConfigError("data", str(data.get("source")),
-                          f"a text source ({', '.join(TEXT_SOURCES)}): a dashboard shows contexts of real text")
+    source = build_source(data)
+    trained_without_model = sae_field(sae_cfg, "model_name") == sae_field(sae_cfg, "dataset_path")  # see results
+    if not isinstance(source, TextSource) or trained_without_model:
+        raise ConfigError("data", source.name, "a text source (one read through a model): a dashboard shows "
+                          "contexts of real text")
     data.cache = "off"  # held-out text is read and encoded here; no activation cache is made or read
 
     out = option_values.get("out")

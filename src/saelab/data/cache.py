@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
 import re
 import shutil
-import sys
-import sysconfig
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +56,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -85,7 +84,7 @@ _ALLOWED = "off, auto or a writable directory"
 _SMALL_FILE = 2**20
 _KEYS = {"inputs", "streams", "eval_windows", "scales", "shard_windows", "d_model"}  # of a usable manifest
 # The code that turns text into activations: editing it changes the key (caches are cheap to rebuild).
-_CODE = ("text_sources.py", "tokens.py", "activations.py", "hf_reader.py", "model.py", "normalize.py")
+_CODE = ("sources/base.py", "tokens.py", "activations.py", "hf_reader.py", "model.py", "normalize.py")
 
 Windows = dict[str, Tensor]  # {"train": [n, ctx], "eval": [m, ctx]} token windows
 ActivationsFn = Callable[[Tensor], Iterator[Tensor]]  # windows -> float32 [rows, d] chunks
@@ -161,22 +160,21 @@ def model_directory(source: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def source_inputs(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    source = str(data_cfg["source"])
-    if source == "pydocs":  # built deterministically from the running Python's standard library
-        return {"source": source, "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
-    if source == "text_files":
-        path = Path(str(data_cfg["path"])).expanduser().resolve()
-        return {"source": source, "path": str(path), "files": fingerprint(path)}
-    spec = {k: data_cfg.get(k) for k in ("path", "split", "text_column", "token_column", "max_documents")}
-    local = Path(str(spec["path"])).expanduser()
-    return {"source": source, **spec, "files": fingerprint(local) if local.exists() else None}
+class KeyedSource(Protocol):
+    """What the key needs of a data source (saelab.data.sources.DataSource is one)."""
+
+    name: str
+
+    def key_inputs(self) -> dict[str, Any]: ...
 
 
-def key_inputs(data_cfg: Mapping[str, Any], model: ModelSpec, special: SpecialTokens) -> dict[str, Any]:
-    """Everything that decides the cached activations (see the module docstring), JSON-serialisable."""
+def key_inputs(source: KeyedSource, data_cfg: Mapping[str, Any], model: ModelSpec, special: SpecialTokens
+               ) -> dict[str, Any]:
+    """Everything that decides the cached activations (see the module docstring), JSON-serialisable: the source's
+    own inputs (DataSource.key_inputs, its class and code included) and the model's."""
     model_dir = model_directory(model.source)
     code_dir = Path(__file__).parent
+    source_code = Path(inspect.getsourcefile(type(source)) or code_dir / "sources" / "base.py")
     return {
         "format": FORMAT,
         "model": model.name,
@@ -184,14 +182,15 @@ def key_inputs(data_cfg: Mapping[str, Any], model: ModelSpec, special: SpecialTo
         "model_dtype": model.dtype,
         "transformer_lens": version("transformer-lens"),
         "hook": model.hook,
-        "source": source_inputs(data_cfg),
+        "source": {"name": source.name, **source.key_inputs()},
         "context_size": int(data_cfg["context_size"]),
         "prepend_bos": bool(data_cfg["prepend_bos"]),
         "eval_fraction": float(data_cfg["eval_fraction"]),
         "special_tokens": {"bos": special.bos, "separator": special.separator,
                            "excluded": sorted(special.excluded)},
         "train_order_seed": TRAIN_ORDER_SEED,
-        "code": hashlib.sha256(b"".join((code_dir / f).read_bytes() for f in _CODE)).hexdigest(),
+        "code": hashlib.sha256(b"".join([*((code_dir / f).read_bytes() for f in _CODE), source_code.read_bytes()])
+                               ).hexdigest(),
     }
 
 
@@ -519,7 +518,7 @@ def summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
     inputs = manifest["inputs"]
     return {
         "model": inputs["model"], "hook": inputs["hook"],
-        "source": inputs["source"].get("path") or inputs["source"]["source"],
+        "source": inputs["source"].get("path") or inputs["source"]["name"],
         "context_size": manifest["context_size"], "d_model": manifest["d_model"],
         "train_tokens": tokens(manifest, "train"), "eval_tokens": tokens(manifest, "eval"),
         "train_pass_complete": manifest["streams"]["train"]["complete"],

@@ -9,7 +9,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -19,14 +19,28 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from saelab.data.activations import activation_chunks, collect
 from saelab.data.buffer import ShuffleBuffer
-from saelab.data.cache import ActivationCache, CacheReader, ModelSpec, Request, cache_root, key_inputs, take_rows
+from saelab.data.cache import (
+    ActivationCache,
+    CacheReader,
+    KeyedSource,
+    ModelSpec,
+    Request,
+    cache_root,
+    key_inputs,
+    take_rows,
+)
 from saelab.data.model import LoadedModel
-from saelab.data.normalize import estimate_scale, normalised_rms
-from saelab.data.text_sources import load_documents
-from saelab.data.tokens import SpecialTokens, pack, split_documents, tokenize
-from saelab.errors import ConfigError
+from saelab.data.normalize import METHODS, estimate_scale, normalised_rms
+from saelab.data.tokens import Document, SpecialTokens, pack, split_documents, tokenize
+from saelab.errors import ConfigError, check_choice, check_count
 
 log = logging.getLogger(__name__)
+
+
+class DocumentSource(KeyedSource, Protocol):
+    """What the datamodule needs of its source (saelab.data.sources.TextSource is one): documents and a key."""
+
+    def documents(self) -> list[Document]: ...
 
 
 class Batches(IterableDataset):
@@ -55,13 +69,16 @@ class ActivationDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data_cfg: Mapping[str, Any], model: LoadedModel, eval_tokens: int, seed: int,
-                 cache_dir: str | None = None, train_tokens: int | None = None, hooks: list[str] | None = None):
+                 cache_dir: str | None = None, train_tokens: int | None = None, hooks: list[str] | None = None,
+                 *, source: DocumentSource):
         """`cache_dir` is where `data.cache=auto` keeps caches (default: the config's paths.cache_dir);
         `train_tokens` is the number of activations training will draw (default: data.train_tokens); `hooks`
-        the hooks to serve (default: the model's first hook). The data order comes from `data.seed`, else
+        the hooks to serve (default: the model's first hook); `source` the documents' source (what data_cfg's
+        `_target_` names: its TextSource.datamodule builds this). The data order comes from `data.seed`, else
         `seed`."""
         super().__init__()
         self.cfg, self.model, self.eval_tokens = data_cfg, model, int(eval_tokens)
+        self.source = source
         data_seed = data_cfg.get("seed")
         self.seed = int(data_seed if data_seed is not None else seed)
         self.hooks = list(dict.fromkeys(hooks or model.hooks[:1]))
@@ -106,7 +123,9 @@ class ActivationDataModule(L.LightningDataModule):
         """The corpus as packed token windows: {"train": ..., "eval": ...} (disjoint by document); with
         train=False only the held-out ones (the training text, ~90% of it, is then not tokenized)."""
         cfg, ctx, tok = self.cfg, int(self.cfg["context_size"]), self.model.tokenizer
-        docs = load_documents(cfg)
+        docs = self.source.documents()
+        if not docs:
+            raise ConfigError("data.source", self.source.name, "a source with at least one document")
         train_docs, held_out_docs = split_documents(docs, float(cfg["eval_fraction"]))
         eval_windows = pack(tokenize(held_out_docs, tok), ctx, self.special, bool(cfg["prepend_bos"]))
         if not train:
@@ -128,7 +147,7 @@ class ActivationDataModule(L.LightningDataModule):
         request = Request(train_tokens, self.eval_tokens, str(cfg["normalize"]), int(cfg["normalize_tokens"]))
         windows = functools.cache(self.windows)  # read the text at most once for all hooks
         for hook in self.hooks:
-            inputs = key_inputs(cfg, ModelSpec.of(self.model, hook), self.special)
+            inputs = key_inputs(self.source, cfg, ModelSpec.of(self.model, hook), self.special)
             cache = ActivationCache(self.cache_root, inputs, self.model.d_model)
             reader = self.caches[hook] = cache.open(request, windows, functools.partial(self._generate, hook=hook))
             self.scales[hook], self.eval_windows = reader.scale, reader.eval_windows
@@ -225,3 +244,17 @@ class ActivationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(Batches(self.train_batches), batch_size=None, num_workers=0)
+
+
+def check_data_config(data: Mapping[str, Any], cache_dir: str) -> None:
+    """The data section's fields every source shares (its own are DataSource.check's), before anything is read."""
+    for name in ("context_size", "batch_size", "buffer_tokens", "train_tokens", "normalize_tokens",
+                 "model_batch_size"):
+        check_count(f"data.{name}", data[name])
+    if check_count("data.buffer_tokens", data["buffer_tokens"]) < 2 * check_count("data.batch_size",
+                                                                                   data["batch_size"]):
+        raise ConfigError("data.buffer_tokens", data["buffer_tokens"], "at least 2 x data.batch_size")
+    if not 0 < float(data["eval_fraction"]) < 1:
+        raise ConfigError("data.eval_fraction", data["eval_fraction"], "a fraction strictly between 0 and 1")
+    check_choice("data.normalize", data["normalize"], METHODS)
+    cache_root(data.get("cache"), cache_dir, create=False)

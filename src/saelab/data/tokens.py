@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.data.text_sources import Document
+Document = str | list[int]  # a text, or token ids used as they are
+
 
 
 @dataclass(frozen=True)

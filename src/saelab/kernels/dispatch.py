@@ -3,14 +3,15 @@
     native  CPU, float32: sparse_kernels.cpp through kernels/native.py (when a C++ compiler is there)
     triton  CUDA, float32, when triton imports: kernels/triton_gpu.py (no host synchronisation on any step)
     torch   anything else (float64 included: the Triton kernels compute in float32): torch operators, in
-            kernels/fused.py beside the calls above
+            the fused Functions' modules beside the calls above
 
 SAELAB_KERNELS overrides the choice for every step: `auto` (the default, as above), `torch` (the fallback
 everywhere: what a new kernel is checked against), or `triton` (Triton's kernels on any device, float32 only; on
 the CPU they run only under Triton's interpreter, TRITON_INTERPRET=1, which is how CI tests them). Before training,
 `check_launch` runs one tiny Triton kernel where Triton was chosen, so a GPU or machine Triton cannot launch on
 (no C compiler for its launcher, an unsupported GPU) is named at start, not at the first step. The variant files
-never see this module: they call kernels/fused.py's autograd Functions, which ask `backend_for` what to run.
+never see this module: they call the fused autograd Functions (kernels/fused_*.py, reconstruction.py,
+sparse_products.py) and selections (selection.py), which ask `backend_for` what to run.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from saelab.errors import ConfigError
+
 log = logging.getLogger(__name__)
 _PREFIX = "members.{}."
 
@@ -140,3 +142,11 @@ class GroupCheckpointIO(TorchCheckpointIO):
         members = [super(GroupCheckpointIO, self).load_checkpoint(p, weights_only=weights_only) for p in sources]
         rewrites = [_prefix_rewrite(Path(p).resolve().parent, self.dirs[0]) for p in sources]
         return merge_checkpoints(members, rewrites)
+
+
+def check_ckpt_path(value) -> None:
+    """ckpt_path: null, "last" (this run directory's last checkpoint) or an existing checkpoint file."""
+    if value is None or value == "last":
+        return
+    if not isinstance(value, str) or not Path(value).expanduser().is_file():
+        raise ConfigError("ckpt_path", value, 'null, "last", or an existing checkpoint file')

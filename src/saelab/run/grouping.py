@@ -1,7 +1,8 @@
 """Grouping the jobs of a multirun for `hydra/launcher=fanout`: which jobs can share one activation stream.
 
 Jobs share a stream when everything that decides the batches, their order and the training loop is equal:
-the model (not its hook), the data config (data.seed included: it orders the activations), the step count,
+the model (not its hook), the data config (and the seed that orders the activations: data.seed, else the
+run's seed), the step count,
 the Trainer's loop settings, the checkpoint and evaluation settings, and the checkpoint step a job resumes
 from. Everything else (variant, coefficients, width, optimiser, initialisation seed, hook, precision among
 32-true/bf16-mixed, logger) is the job's own. A group is split when it exceeds `max_saes_per_group`, or when
@@ -17,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from saelab.data.model import resolve_device
 from saelab.errors import ConfigError
-from saelab.run.job import Job
-from saelab.run.module import MEMBER_PRECISIONS
-from saelab.run.training import run_steps
+from saelab.run.job import Job, run_steps
+from saelab.run.member import MEMBER_PRECISIONS
 
 log = logging.getLogger("saelab")
 _OWN_TRAINER_FIELDS = ("gradient_clip_val",)  # applied per member
+SHARED_SECTIONS = ("model", "data", "trainer", "callbacks", "eval", "paths")  # shared_config: what a group reads
 
 
 def group_key(job: Job) -> str:
@@ -49,6 +50,7 @@ def group_key(job: Job) -> str:
     key = {
         "model": {k: v for k, v in cfg["model"].items() if k not in ("hook", "hooks", "target_hook", "d_model")},
         "data": cfg["data"],
+        "data_order_seed": cfg["data"].get("seed") if cfg["data"].get("seed") is not None else cfg["seed"],
         "steps": run_steps(job.cfg),
         "trainer": trainer,
         "callbacks": own_paths(cfg.get("callbacks")),
@@ -57,6 +59,20 @@ def group_key(job: Job) -> str:
         "resume_step": resume_step(job.resume_from),
     }
     return json.dumps(key, sort_keys=True, default=str)
+
+
+def shared_config(jobs: Sequence[Job]) -> DictConfig:
+    """What a group's jobs share, and only that: the sections group_key compares (model, data, trainer,
+    callbacks, eval, paths, and the seed that orders the data), from the first job, after checking that every job
+    of the group agrees on them. The training loop reads the group's settings here, so the grouping rule
+    (group_key) alone decides what is shared."""
+    keys = {group_key(job) for job in jobs}
+    if len(keys) != 1:
+        raise ValueError(f"a group of {len(jobs)} jobs differs in what its jobs must share (see group_key)")
+    cfg = jobs[0].cfg
+    data = cfg.data
+    order_seed = data.get("seed") if data.get("seed") is not None else cfg.seed  # part of the key
+    return OmegaConf.create({**{name: cfg[name] for name in SHARED_SECTIONS if name in cfg}, "seed": order_seed})
 
 
 def resume_step(path: Path | None) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from saelab.data.model import configured_hooks
+from saelab.data.sources import build_source
 from saelab.errors import ConfigError
 from saelab.run import precision
 from saelab.run.loggers import quiet_third_party
 from saelab.run.validation import check_run_config
 
 log = logging.getLogger("saelab")
+
+
+def run_steps(cfg: DictConfig) -> int:
+    """Optimiser steps of a run: trainer.max_steps, else data.train_tokens / data.batch_size (rounded up)."""
+    return int(cfg.trainer.get("max_steps") or math.ceil(float(cfg.data.train_tokens) / int(cfg.data.batch_size)))
+
+
+def activations_needed(cfg: DictConfig, world_size: int) -> int:
+    """Training activations a run reads. Under DDP, data.batch_size and data.train_tokens are per device: each
+    rank trains run_steps batches of its own, disjoint from the other ranks'."""
+    return run_steps(cfg) * int(cfg.data.batch_size) * world_size
 
 
 @dataclass
@@ -40,15 +52,14 @@ class Job:
 
     @property
     def hook(self) -> str:
-        """The hook point this job's SAE trains on ("synthetic" for data=synthetic, which has no model)."""
-        if self.cfg.data.source == "synthetic":
-            return "synthetic"
-        return configured_hooks(self.cfg.model)[0]
+        """The hook point this job's SAE trains on (its source says: a model's hook, or a source's own name for the
+        activations it makes)."""
+        return build_source(self.cfg.data).hooks(self.cfg.model)[0]
 
     @property
     def target_hook(self) -> str | None:
         """A transcoder's target (model.target_hook): the activation it predicts from `hook`'s. None: an SAE
-        (config_checks refuses a target with data=synthetic)."""
+        (validation refuses a target on a source without a model)."""
         target = self.cfg.model.get("target_hook")
         return str(target) if target is not None else None
 

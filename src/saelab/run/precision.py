@@ -2,7 +2,7 @@
 
 auto is tf32 where training runs on CUDA and 32-true elsewhere. tf32 keeps float32 weights, activations and
 Adam state, and lets the matmuls run on the tensor cores in TF32 (10-bit mantissa inputs, float32
-accumulation): the fused kernels (kernels/fused.py, Triton's on CUDA) keep running, where bf16-mixed's
+accumulation): the fused kernels (kernels/fused_*.py, Triton's on CUDA) keep running, where bf16-mixed's
 autocast sends the step down the autograd path. On the CPU the setting changes nothing.
 """
 
