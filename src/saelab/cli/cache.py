@@ -52,7 +52,8 @@ def build(overrides: list[str]) -> int:
     if not source.needs_model:
         raise ConfigError("data", source.name, "a source read through a model (its activations are what is cached)")
     hooks = source.hooks(cfg.model)[:1]
-    stream = open_stream(cfg, load_stream_model(cfg, source, hooks), hooks, train_tokens=train_tokens, source=source)
+    model = load_stream_model(cfg.model, source, hooks)
+    stream = open_stream(cfg, model, hooks, train_tokens=train_tokens, source=source)
     print(stream.datamodule.cache.path)
     return 0
 

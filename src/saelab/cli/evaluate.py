@@ -127,7 +127,7 @@ def evaluate(plan: Plan) -> dict[str, Any]:
     started, cfg, target = time.time(), plan.cfg, plan.target_hook
     hooks = [plan.hook] + ([target] if target else [])
     source = build_source(cfg.data)
-    model = load_stream_model(cfg, source, hooks)
+    model = load_stream_model(cfg.model, source, hooks)
     d_in = int(plan.sae_cfg["d_in"])
     check_job_fits(source, model, stream_widths(model, hooks), plan.hook, target, d_in)
     exported = load_exported(plan.sae_dir)

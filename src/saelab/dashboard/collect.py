@@ -63,14 +63,13 @@ def select_windows(windows: Tensor, keep: Tensor, tokens: int) -> int:
 def held_out(model, data_cfg, tokens: int) -> tuple[HeldOut, Any]:
     """The first held-out windows holding `tokens` real-text tokens and their activations at the model's hook."""
     from saelab.data.activations import activation_chunks
-    from saelab.data.datamodule import ActivationDataModule
     from saelab.data.sources import build_source
     from saelab.data.tokens import keep_mask
 
-    # data.cache is off (options.make_plan): cache_dir is never used, given only so the detached data section
-    # is not searched for paths.cache_dir.
-    datamodule = ActivationDataModule(data_cfg, model, eval_tokens=tokens, seed=0, cache_dir="unused",
-                                      source=build_source(data_cfg))
+    # data.cache is off (plan.make_plan): cache_dir is never used, given only so the detached data section is not
+    # searched for paths.cache_dir. Only the held-out windows are read (no set-up, no training text tokenised).
+    datamodule = build_source(data_cfg).datamodule(data_cfg, model, tokens, 0, cache_dir="unused", train_tokens=None,
+                                                   hooks=model.hooks[:1])
     windows = datamodule.windows(train=False)["eval"]
     keep = keep_mask(windows, datamodule.special)
     n = select_windows(windows, keep, tokens)
@@ -220,15 +219,17 @@ def logit_effects(model, w_dec: Tensor, ids: Sequence[int], k: int) -> tuple[lis
 
 def collect(plan: Plan) -> DashboardData:
     """Load the model and the SAE, encode the held-out text and gather everything the pages show."""
-    from saelab.data.model import check_sae_hooks, hook_widths, load_model
+    from saelab.data.sources import build_source
+    from saelab.run.stream import check_job_fits, load_stream_model, stream_widths
     from saelab.saes.saelens_format import load_exported
 
     opts: Options = plan.options
     started = time.time()
     sae = load_exported(plan.sae_dir).float().cpu().eval()
     d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
-    model = load_model(plan.model, hooks=[plan.hook])
-    check_sae_hooks(model, hook_widths(model, [plan.hook]), plan.hook, None, d_in)
+    source = build_source(plan.data)  # a text source (plan.make_plan refuses others): the run pipeline's model
+    model = load_stream_model(plan.model, source, [plan.hook])
+    check_job_fits(source, model, stream_widths(model, [plan.hook]), plan.hook, None, d_in)
     loaded = time.time()
     data, special = held_out(model, plan.data, opts.tokens)
     n_tokens = len(data.acts)

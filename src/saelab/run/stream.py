@@ -30,12 +30,12 @@ class Stream:
         return self.source.ground_truth(self.datamodule) if self.source is not None else None
 
 
-def load_stream_model(cfg: DictConfig, source: DataSource, hooks: Sequence[str]) -> LoadedModel | None:
+def load_stream_model(model_cfg: Mapping[str, Any], source: DataSource, hooks: Sequence[str]) -> LoadedModel | None:
     """The model the source reads through, with every hook a job of the group reads (None: no model needed).
     Hooks are checked per job afterwards (check_job_fits), so one job's bad hook fails that job alone."""
     if not source.needs_model:
         return None
-    return load_model(cfg.model, hooks=list(dict.fromkeys(hooks)), check_hooks=False)
+    return load_model(model_cfg, hooks=list(dict.fromkeys(hooks)), check_hooks=False)
 
 
 def stream_widths(model: LoadedModel | None, hooks: Sequence[str]) -> dict[str, int]:

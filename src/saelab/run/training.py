@@ -77,7 +77,7 @@ def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) 
     if not live:
         return
     hooks = [h for i in live for h in jobs[i].hooks_read]
-    model = load_stream_model(first, source, hooks)
+    model = load_stream_model(first.model, source, hooks)
     widths = stream_widths(model, hooks)
     for i in live:  # a job whose hook or width does not fit the stream fails alone
         try:
