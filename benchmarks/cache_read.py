@@ -25,7 +25,8 @@ import torch
 from benchmarks.generation import HOOK, load_minilm, windows_for
 from saelab.data.activations import activation_chunks
 from saelab.data.buffer import ShuffleBuffer
-from saelab.data.cache import ActivationCache, Request
+from saelab.data.cache import ActivationCache
+from saelab.data.cache_manifest import Request
 from saelab.data.tokens import SpecialTokens
 
 

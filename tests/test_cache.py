@@ -12,16 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.data.cache import (
-    MANIFEST,
-    ActivationCache,
-    ModelSpec,
-    Request,
-    cache_name,
-    cache_root,
-    key_inputs,
-    verify,
-)
+from saelab.data.cache import ActivationCache
+from saelab.data.cache_key import ModelSpec, cache_name, cache_root, key_inputs
+from saelab.data.cache_manifest import MANIFEST, Request, verify
 from saelab.data.sources import build_source
 from saelab.data.tokens import SpecialTokens
 from saelab.errors import ConfigError

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from saelab.data.cache import ModelSpec, cache_name, key_inputs
+from saelab.data.cache_key import ModelSpec, cache_name, key_inputs
 from saelab.data.tokens import SpecialTokens
 from saelab.errors import ConfigError
 from tests.conftest import REPO, tiny_overrides

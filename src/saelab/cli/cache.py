@@ -20,7 +20,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from saelab.cli.checks import check_group_overrides
-from saelab.data.cache import MANIFEST, is_off, read_manifest, summary, verify
+from saelab.data.cache_key import is_off
+from saelab.data.cache_manifest import MANIFEST, read_manifest, summary, verify
 from saelab.errors import ConfigError, cli_error_line
 from saelab.run.compose import compose_run_config
 

@@ -43,237 +43,44 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch import Tensor
 
-from saelab.data.model import LoadedModel
+from saelab.data.cache_key import FORMAT, TRAIN_ORDER_SEED, cache_name, file_sha256
+from saelab.data.cache_manifest import (
+    MANIFEST,
+    STREAMS,
+    Request,
+    file_problem,
+    manifest_bytes,
+    read_manifest,
+    select,
+    tokens,
+)
 from saelab.data.normalize import estimate_scale
-from saelab.data.tokens import SpecialTokens
-from saelab.errors import ConfigError
 from saelab.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the layout or the meaning of a cache changes
-MANIFEST = "manifest.json"
 # A shard holds W windows: at most SHARD_BYTES (sequential reads, bounded memory while permuting it) and at
 # most SHARD_TOKENS activations (budgets round up to whole shards; more shards = better shuffled epochs).
 SHARD_BYTES = 64 * 2**20
 SHARD_TOKENS = 2**15
-TRAIN_ORDER_SEED = 0
-STREAMS = ("train", "eval")
-_OFF = ("off", "false", "none", "")
-_ALLOWED = "off, auto or a writable directory"
-_SMALL_FILE = 2**20
-_KEYS = {"inputs", "streams", "eval_windows", "scales", "shard_windows", "d_model"}  # of a usable manifest
-# The code that turns text into activations: editing it changes the key (caches are cheap to rebuild).
-_CODE = ("sources/base.py", "tokens.py", "activations.py", "hf_reader.py", "model.py", "normalize.py")
 
 Windows = dict[str, Tensor]  # {"train": [n, ctx], "eval": [m, ctx]} token windows
 ActivationsFn = Callable[[Tensor], Iterator[Tensor]]  # windows -> float32 [rows, d] chunks
-
-
-# -- the data.cache setting ----------------------------------------------------------------------------------
-def is_off(value: Any) -> bool:
-    """`data.cache` values that mean no cache (YAML and the command line spell off as off, false or null)."""
-    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in _OFF)
-
-
-def cache_root(value: Any, auto_root: str | Path, create: bool = True) -> Path | None:
-    """Where caches live for `data.cache` (None when off). Fails with one line if it cannot be written.
-
-    With `create=False` (a check before the run starts) the directories made to prove it writable are
-    removed again, so a run rejected later leaves no empty cache directory behind.
-    """
-    if is_off(value):
-        return None
-    if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError("data.cache", value, _ALLOWED)
-    root = Path(auto_root if value == "auto" else value).expanduser()
-    made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError("data.cache", str(value),
-                          f"{_ALLOWED} ({root} is not writable: {err.strerror or err})") from None
-    finally:
-        for path in made if not create else ():
-            with contextlib.suppress(OSError):
-                path.rmdir()
-    return root
-
-
-# -- the key -------------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(8 * 2**20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fingerprint(path: Path) -> str:
-    """Digest of a file or directory: contents of small files, size + mtime of large ones (weights)."""
-    path = Path(path)
-    if path.is_file():
-        files = [(path.name, path)]
-    else:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
-        files = [(rel, p) for rel, p in files if not any(part.startswith(".") for part in rel.split("/"))]
-    digest = hashlib.sha256()
-    for rel, file in files:
-        stat = file.stat()
-        content = file_sha256(file) if stat.st_size <= _SMALL_FILE else f"{stat.st_size}:{stat.st_mtime_ns}"
-        digest.update(f"{rel}\0{content}\n".encode())
-    return digest.hexdigest()
-
-
-def model_directory(source: str) -> Path | None:
-    """The local directory a model was loaded from: the path itself, or its snapshot in the HF hub cache."""
-    if Path(source).expanduser().is_dir():
-        return Path(source).expanduser()
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(source, "config.json")
-    except Exception:  # an unusual hub cache must not stop training: fall back to the name
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
-class KeyedSource(Protocol):
-    """What the key needs of a data source (saelab.data.sources.DataSource is one)."""
-
-    name: str
-
-    def key_inputs(self) -> dict[str, Any]: ...
-
-
-def key_inputs(source: KeyedSource, data_cfg: Mapping[str, Any], model: ModelSpec, special: SpecialTokens
-               ) -> dict[str, Any]:
-    """Everything that decides the cached activations (see the module docstring), JSON-serialisable: the source's
-    own inputs (DataSource.key_inputs, its class and code included) and the model's."""
-    model_dir = model_directory(model.source)
-    code_dir = Path(__file__).parent
-    source_code = Path(inspect.getsourcefile(type(source)) or code_dir / "sources" / "base.py")
-    return {
-        "format": FORMAT,
-        "model": model.name,
-        "model_files": fingerprint(model_dir) if model_dir else f"unresolved:{model.source}",
-        "model_dtype": model.dtype,
-        "transformer_lens": version("transformer-lens"),
-        "hook": model.hook,
-        "source": {"name": source.name, **source.key_inputs()},
-        "context_size": int(data_cfg["context_size"]),
-        "prepend_bos": bool(data_cfg["prepend_bos"]),
-        "eval_fraction": float(data_cfg["eval_fraction"]),
-        "special_tokens": {"bos": special.bos, "separator": special.separator,
-                           "excluded": sorted(special.excluded)},
-        "train_order_seed": TRAIN_ORDER_SEED,
-        "code": hashlib.sha256(b"".join([*((code_dir / f).read_bytes() for f in _CODE), source_code.read_bytes()])
-                               ).hexdigest(),
-    }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The model facts the key needs; none of them needs the weights loaded."""
-
-    name: str  # model.name, e.g. sentence-transformers/all-MiniLM-L6-v2
-    source: str  # the local directory or hub name it is loaded from
-    dtype: str  # model.dtype
-    hook: str  # the hook whose activations are cached
-
-    @classmethod
-    def of(cls, model: LoadedModel, hook: str | None = None) -> ModelSpec:
-        """The spec of `model` for `hook` (default: its first hook)."""
-        cfg = model.bridge.cfg
-        return cls(model.name, str(getattr(cfg, "model_name", None) or model.name),
-                   str(getattr(cfg, "dtype", "")).removeprefix("torch."), hook or model.hooks[0])
-
-
-def cache_name(inputs: Mapping[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    slug = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s).rstrip("/").split("/")[-1])  # noqa: E731
-    return f"{slug(inputs['model'])}--{slug(inputs['hook'])}--{digest}"
-
-
-# -- the manifest --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Request:
-    """What one run reads: activations of each stream, and the normalisation it wants."""
-
-    train_tokens: int
-    eval_tokens: int
-    normalize: str
-    normalize_tokens: int
-
-    def needs(self, stream: str) -> int:
-        return max(self.train_tokens, self.normalize_tokens) if stream == "train" else self.eval_tokens
-
-    @property
-    def scale_key(self) -> str:
-        return f"{self.normalize}/{self.normalize_tokens}"
-
-
-def select(stream: Mapping[str, Any], tokens: int) -> list[dict[str, Any]] | None:
-    """The shortest prefix of shards holding `tokens` activations (all if the pass is shorter), else None."""
-    have = 0
-    for i, shard in enumerate(stream["shards"]):
-        have += shard["rows"]
-        if have >= tokens:
-            return stream["shards"][: i + 1]
-    return list(stream["shards"]) if stream["complete"] else None
-
-
-def file_problem(directory: Path, entry: Mapping[str, Any]) -> str | None:
-    """Why a file listed in the manifest cannot be read as written (None if it can)."""
-    path = directory / entry["file"]
-    if not path.is_file():
-        return f"{entry['file']} is missing"
-    if path.stat().st_size != entry["bytes"]:
-        return f"{entry['file']} has {path.stat().st_size} bytes, expected {entry['bytes']}"
-    if file_sha256(path) != entry["sha256"]:
-        return f"{entry['file']} fails its sha256 checksum"
-    return None
-
-
-def read_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest, None), or (None, why it is unusable); (None, None) when there is no cache at all."""
-    if not directory.exists():
-        return None, None
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None, "no manifest.json (an interrupted build)"
-    except (OSError, ValueError) as err:
-        return None, f"unreadable manifest.json ({err})"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not set(manifest) >= _KEYS:
-        return None, f"manifest.json is not a saelab cache manifest of format {FORMAT}"
-    return manifest, None
-
-
-def tokens(manifest: Mapping[str, Any], stream: str) -> int:
-    return sum(s["rows"] for s in manifest["streams"][stream]["shards"])
 
 
 # -- the cache -----------------------------------------------------------------------------------------------
@@ -374,7 +181,7 @@ class ActivationCache:
         if fresh:
             os.replace(work, self.path)
         log.info("activation cache: %s holds %d train + %d held-out activations (%.1f MB)", self.path,
-                 tokens(manifest, "train"), tokens(manifest, "eval"), _bytes(manifest) / 2**20)
+                 tokens(manifest, "train"), tokens(manifest, "eval"), manifest_bytes(manifest) / 2**20)
         return manifest
 
     def _new_manifest(self, ordered: Windows, digests: dict[str, str]) -> dict[str, Any]:
@@ -504,33 +311,9 @@ def _read_rows(directory: Path, shards: list[dict[str, Any]], n_tokens: int) -> 
     return take_rows([np.load(directory / s["file"], mmap_mode="r") for s in shards], n_tokens)
 
 
-def _bytes(manifest: Mapping[str, Any]) -> int:
-    return sum(s["bytes"] for spec in manifest["streams"].values() for s in spec["shards"])
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# -- inspection (the saelab-cache command) -------------------------------------------------------------------
-def summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The facts a person scanning caches wants: model, hook, source, tokens, size, completeness."""
-    inputs = manifest["inputs"]
-    return {
-        "model": inputs["model"], "hook": inputs["hook"],
-        "source": inputs["source"].get("path") or inputs["source"]["name"],
-        "context_size": manifest["context_size"], "d_model": manifest["d_model"],
-        "train_tokens": tokens(manifest, "train"), "eval_tokens": tokens(manifest, "eval"),
-        "train_pass_complete": manifest["streams"]["train"]["complete"],
-        "shards": sum(len(spec["shards"]) for spec in manifest["streams"].values()),
-        "mbytes": round(_bytes(manifest) / 2**20, 1), "updated": manifest.get("updated"),
-    }
-
-
-def verify(directory: Path) -> list[str]:
-    """Every problem with a cache directory (empty when it is intact), checking every shard."""
-    manifest, problem = read_manifest(Path(directory))
-    if manifest is None:
-        return [problem or f"{directory} does not exist"]
-    files = [manifest["eval_windows"], *(s for spec in manifest["streams"].values() for s in spec["shards"])]
-    return [p for s in files if (p := file_problem(Path(directory), s)) is not None]

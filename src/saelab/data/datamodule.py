@@ -19,16 +19,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from saelab.data.activations import activation_chunks, collect
 from saelab.data.buffer import ShuffleBuffer
-from saelab.data.cache import (
-    ActivationCache,
-    CacheReader,
-    KeyedSource,
-    ModelSpec,
-    Request,
-    cache_root,
-    key_inputs,
-    take_rows,
-)
+from saelab.data.cache import ActivationCache, CacheReader, take_rows
+from saelab.data.cache_key import KeyedSource, ModelSpec, cache_root, key_inputs
+from saelab.data.cache_manifest import Request
 from saelab.data.model import LoadedModel
 from saelab.data.normalize import METHODS, estimate_scale, normalised_rms
 from saelab.data.tokens import Document, SpecialTokens, pack, split_documents, tokenize

@@ -36,7 +36,7 @@ class HFDataset(TextSource):
                             self.streaming)
 
     def own_key_inputs(self) -> dict[str, Any]:
-        from saelab.data.cache import fingerprint
+        from saelab.data.cache_key import fingerprint
 
         spec = {field: getattr(self, field) for field in FIELDS}
         local = Path(str(self.path)).expanduser()

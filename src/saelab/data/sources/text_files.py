@@ -27,7 +27,7 @@ class TextFiles(TextSource):
         return text_file_documents(str(self.path))
 
     def own_key_inputs(self) -> dict[str, Any]:
-        from saelab.data.cache import fingerprint
+        from saelab.data.cache_key import fingerprint
 
         path = Path(str(self.path)).expanduser().resolve()
         return {"path": str(path), "files": fingerprint(path)}
