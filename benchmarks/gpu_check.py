@@ -260,8 +260,7 @@ def step_table(records: list[dict[str, Any]]) -> list[str]:
             continue
         head = f"| {record.get('shape', '')} | {record.get('variant', '')} | {record.get('precision', '')} |"
         if record["status"] != "ok":
-            status = "crashed or timed out" if record["status"] == "started" else record["status"]
-            lines.append(f"{head} {status}: {cell_error(record.get('error', ''))} | | | | | |")
+            lines.append(failure_row(head, record, 5))
             continue
         r = record["result"]
         if "library" in r:  # SAELens's or sparsify's step: tokens/s only
@@ -275,6 +274,18 @@ def step_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def slice_errors(result: dict[str, Any]) -> str:
+    """The slice's errors as one short text, e.g. "latents 0.0e+00, w_dec_grad 1.5e-07"."""
+    return ", ".join(f"{k.removeprefix('slice_').removesuffix('_error')} {v:.1e}" for k, v in result.items()
+                     if k.startswith("slice_") and k.endswith("_error"))
+
+
+def failure_row(head: str, record: dict[str, Any], empty_cells: int) -> str:
+    """A table row for a run that did not finish: its status and error, then the empty cells."""
+    status = "crashed or timed out" if record["status"] == "started" else record["status"]
+    return f"{head} {status}: {cell_error(record.get('error', ''))} |" + " |" * empty_cells
+
+
 def large_table(records: list[dict[str, Any]]) -> list[str]:
     """The --large runs: throughput, and the slice of one step against plain torch."""
     lines = ["| shape | variant | batch | tok/s | slice errors (relative) | slice |", "|---|---|---:|---:|---|---|"]
@@ -283,12 +294,10 @@ def large_table(records: list[dict[str, Any]]) -> list[str]:
             continue
         head = f"| {record['shape']} | {record['variant']} | {record['batch']} |"
         if record["status"] != "ok":
-            status = "crashed or timed out" if record["status"] == "started" else record["status"]
-            lines.append(f"{head} {status}: {cell_error(record.get('error', ''))} | | |")
+            lines.append(failure_row(head, record, 2))
             continue
         r = record["result"]
-        errors = ", ".join(f"{k.removeprefix('slice_').removesuffix('_error')} {v:.1e}" for k, v in r.items()
-                           if k.startswith("slice_") and k.endswith("_error"))
+        errors = slice_errors(r)
         verdict = "ok" if r.get("slice_ok") else "WRONG"
         lines.append(f"{head} {number(r, 'tokens_per_s', ',.0f')} | {errors} | {verdict} |")
     return lines

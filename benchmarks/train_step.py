@@ -90,6 +90,7 @@ from benchmarks.cuda_timing import (
     matmul_dtype,
     matmul_precision,
 )
+from benchmarks.gpu_check import slice_errors
 from benchmarks.reference_step import ReferenceSAE, time_reference, unsupported
 from benchmarks.slice_check import check_slice
 from saelab.run.member import SAEMember
@@ -304,9 +305,7 @@ def summary(result: dict[str, Any]) -> str:
     if result.get("syncs_per_step") is not None:
         line += f"  syncs/step {result['syncs_per_step']:.1f}"
     if "slice_ok" in result:
-        errors = ", ".join(f"{k.removeprefix('slice_').removesuffix('_error')} {v:.1e}" for k, v in result.items()
-                           if k.startswith("slice_") and k.endswith("_error"))
-        line += f"  slice {'ok' if result['slice_ok'] else 'WRONG'} ({errors})"
+        line += f"  slice {'ok' if result['slice_ok'] else 'WRONG'} ({slice_errors(result)})"
     return line
 
 

@@ -1,7 +1,8 @@
 """A group's activation stream, opened one way for every tool: the data source, the model it reads through (loaded
 once, with every job's hook; none for a source that makes its own activations), and the source's datamodule.
 
-saelab-train (run/training.py), saelab-eval, saelab-cache and the periodic evaluation all open their stream here.
+saelab-train (run/training.py), saelab-eval, saelab-cache and saelab-dashboard open their stream (or its model) here;
+the periodic evaluation reads the stream training opened.
 """
 
 from __future__ import annotations
