@@ -52,3 +52,24 @@ def test_shrinkage_below_one_when_reconstructions_are_shrunk():
     metrics = ReconstructionMetrics(2)
     metrics.update(x, 0.8 * x, torch.ones(50, 2))
     assert metrics.compute()["shrinkage"] == pytest.approx(0.8)
+
+
+def test_synthsaebench_conventions_beside_saelabs_from_their_definitions():
+    """SynthSAEBench's F1 and uniqueness (every latent with its nearest true feature by |cos|, dead latents 0,
+    averaged over all latents), worked by hand on 4 latents and 3 features, named apart from saelab's."""
+    from saelab.metrics.ground_truth import ground_truth_metrics
+
+    truth = torch.eye(3)
+    decoder = torch.tensor([[1.0, 0, 0], [0.1, 0.9, 0], [0, -1.0, 0], [0, 0, 1.0]])  # nearest: 0, 1, 1 (sign), 2
+    truth_fired = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]]).T.bool()
+    latents_fired = torch.tensor([[1, 0, 0, 0, 0, 1], [0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0],
+                                  [0, 0, 0, 0, 0, 0]]).T.bool()  # latent 3 is dead
+    metrics = ground_truth_metrics(decoder, latents_fired, truth, truth_fired, torch.full((3,), -1))
+    # per latent (tp, fp, fn): (1, 1, 1), (2, 0, 0), (1, 0, 1), (0, 0, 2)
+    precision, recall = [0.5, 1.0, 1.0, 0.0], [0.5, 1.0, 0.5, 0.0]
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall, strict=True)]
+    assert metrics["synthsaebench_precision"] == pytest.approx(sum(precision) / 4)
+    assert metrics["synthsaebench_recall"] == pytest.approx(sum(recall) / 4)
+    assert metrics["synthsaebench_f1"] == pytest.approx(sum(f1) / 4)  # 0.5417
+    assert metrics["synthsaebench_uniqueness"] == pytest.approx(3 / 4)  # {0, 1, 2} over all 4 latents
+    assert metrics["uniqueness"] == pytest.approx(2 / 3)  # saelab's: the 3 latents that fire, {0, 1}

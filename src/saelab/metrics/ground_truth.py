@@ -10,6 +10,14 @@ firing recover the true ones.
   held-out set, P(feature fires | latent fires), P(latent fires | feature fires), and their F1, averaged.
 - `absorption_rate`: over parents with a matched latent, P(the parent's latent is silent | the parent and one of
   its children fire), averaged: a parent latent absorbed into its children stops firing exactly there.
+
+Beside them, SynthSAEBench's conventions (arXiv 2602.14687; SAELens's `sae_lens.synthetic` evals), named apart
+because they answer other questions: every latent, dead or alive, is paired with its nearest true feature by
+|cos| (no one-to-one matching, no threshold):
+
+- `synthsaebench_precision`, `synthsaebench_recall`, `synthsaebench_f1`: the latent's firing as a detector of
+  its nearest feature's, each 0 where undefined (so a dead latent scores 0), averaged over all M latents;
+- `synthsaebench_uniqueness`: distinct nearest features among all M latents, divided by M.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ def ground_truth_metrics(decoder: Tensor, latents_fired: Tensor, truth: Tensor, 
         metrics |= {"firing_precision": float(precision.mean()), "firing_recall": float(recall.mean()),
                     "firing_f1": float(f1.mean())}
 
+    metrics |= synthsaebench_metrics(all_cos, latents_fired, truth_fired)
+
     latent_of = torch.full((truth.shape[0],), -1, dtype=torch.long)
     latent_of[feature[cos > MATCHED]] = latent[cos > MATCHED]
     rates = []
@@ -68,3 +78,17 @@ def ground_truth_metrics(decoder: Tensor, latents_fired: Tensor, truth: Tensor, 
     if rates:
         metrics["absorption_rate"] = sum(rates) / len(rates)
     return metrics
+
+
+def synthsaebench_metrics(all_cos: Tensor, latents_fired: Tensor, truth_fired: Tensor) -> dict[str, float]:
+    """SynthSAEBench's detection metrics and uniqueness (module docstring) from the [M, N] |cos| matrix and the
+    held-out firing of the latents [n, M] and of the true features [n, N]."""
+    nearest = all_cos.argmax(1)
+    fired, truth = latents_fired, truth_fired[:, nearest]  # [n, M]: each latent beside its nearest feature
+    tp = (fired & truth).sum(0).double()
+    precision = tp / fired.sum(0).double().clamp_min(1)  # 0 when the latent never fires
+    recall = tp / truth.sum(0).double().clamp_min(1)  # 0 when its feature never fires
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    return {"synthsaebench_precision": float(precision.mean()), "synthsaebench_recall": float(recall.mean()),
+            "synthsaebench_f1": float(f1.mean()),
+            "synthsaebench_uniqueness": float(nearest.unique().numel() / max(len(nearest), 1))}

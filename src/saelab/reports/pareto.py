@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 HIGHER_IS_BETTER = {"explained_variance", "cosine", "loss_recovered", "spliced_hidden_cosine", "mcc",
-                    "recovered_fraction", "uniqueness", "firing_precision", "firing_recall", "firing_f1"}
+                    "recovered_fraction", "uniqueness", "firing_precision", "firing_recall", "firing_f1",
+                    "synthsaebench_precision", "synthsaebench_recall", "synthsaebench_f1", "synthsaebench_uniqueness"}
 
 
 def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = False) -> list[int]:

@@ -16,7 +16,8 @@ import pandas as pd
 from saelab.reports.sweep import Sweep
 
 MARKDOWN_METRICS = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "spliced_hidden_cosine", "mcc",
-                    "recovered_fraction", "absorption_rate", "shrinkage", "dead_fraction", "steps", "wall_time_s")
+                    "recovered_fraction", "firing_f1", "synthsaebench_f1", "absorption_rate", "shrinkage",
+                    "dead_fraction", "steps", "wall_time_s")
 SEED_COLUMNS = ("seed", "override:seed")
 
 
