@@ -145,3 +145,19 @@ def test_a_short_run_recovers_most_planted_features(tmp_path):
     assert (run_dir / "ground_truth.safetensors").is_file()
     cfg = json.loads((run_dir / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == SPEC.d_in and cfg["metadata"]["model_name"] == "synthetic"
+
+
+def test_batchtopk_is_also_scored_by_its_batch_topk_when_asked(tmp_path):
+    """eval.batch_topk=true: BatchTopK's held-out metrics by its training selection too (SynthSAEBench's way),
+    named batch_topk_<metric> beside the learned threshold's. Each eval batch keeps exactly B k entries, so that
+    L0 is k (here 8) whatever the threshold's L0 is."""
+    result = run_cli(["data=synthetic", "sae=batchtopk", "sae.k=8", "sae.d_sae=256", "optim.lr=3e-3", "logger=none",
+                      "data.train_tokens=102400", "eval.tokens=8192", "eval.batch_size=1024", "eval.batch_topk=true",
+                      f"paths.output_dir={tmp_path}", "callbacks.progress_bar.refresh_rate=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics_file,) = tmp_path.rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["batch_topk_l0"] == pytest.approx(8.0, abs=0.01)
+    for name in ("fvu", "mcc", "synthsaebench_f1", "firing_f1"):
+        assert metrics[f"batch_topk_{name}"] >= 0 and name in metrics
+    assert metrics["l0"] != metrics["batch_topk_l0"]  # the threshold's own count

@@ -35,6 +35,32 @@ def held_out_metrics(sae: nn.Module, stream: Stream, hook: str, target_hook: str
     return metrics, density
 
 
+class BatchTopKView(nn.Module):
+    """A BatchTopK-style SAE scored by its training selection (encode_batch_topk over each evaluation batch)
+    instead of its learned threshold; every other method is the SAE's."""
+
+    def __init__(self, sae: nn.Module):
+        super().__init__()
+        self.sae = sae
+        self.d_sae, self.W_dec = sae.d_sae, sae.W_dec
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.sae.encode_batch_topk(x)
+
+    def output(self, x: Tensor, f: Tensor) -> Tensor:
+        return self.sae.output(x, f)
+
+
+def batch_topk_metrics(sae: nn.Module, stream: Stream, hook: str, target_hook: str | None, batch_size: int
+                       ) -> dict[str, Any]:
+    """held_out_metrics by the batch top-k (eval.batch_topk), as batch_topk_<metric>; empty for an SAE without
+    one."""
+    if not hasattr(sae, "encode_batch_topk"):
+        return {}
+    metrics, _ = held_out_metrics(BatchTopKView(sae), stream, hook, target_hook, batch_size)
+    return {f"batch_topk_{name}": value for name, value in metrics.items()}
+
+
 def normalised_splice(sae: nn.Module, hook: str, target_hook: str | None, scales: Mapping[str, float]) -> Splice:
     """Raw activations in, raw output out: x -> C sae(x / C) for an SAE trained on normalised activations; a
     transcoder reads its input hook and predicts its target, x -> C_target sae(x / C_input)."""

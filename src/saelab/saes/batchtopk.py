@@ -69,6 +69,14 @@ class BatchTopKSAE(TopKSAE):
         return batch_topk(pre, pre.shape[0] * self.k, bias, theta=self.threshold,
                           theta_batches=self.threshold_batches)
 
+    def encode_batch_topk(self, x: Tensor) -> Tensor:
+        """Latents as training selects them, over the batch x: its B k largest pre-activations (SynthSAEBench
+        scores BatchTopK this way, batch by batch; `encode` uses the learned threshold instead)."""
+        pre = self.pre_activations(x)
+        flat_ids, values = self.batch_topk(pre)
+        d_sae = pre.shape[1]
+        return ActiveLatents(flat_ids // d_sae, flat_ids % d_sae, values.relu(), pre.shape[0], d_sae).dense()
+
     @torch.no_grad()
     def update_from_batch(self, active: ActiveLatents) -> dict[str, Tensor]:
         """Move theta towards this batch's smallest kept (positive) activation (the first such batch sets it).
