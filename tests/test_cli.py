@@ -155,7 +155,7 @@ BAD_INPUTS = [
      "paths.output_dir='/proc/saelab-out' is not allowed: expected a directory saelab can create and write to"),
     (["hydra.run.dir=/proc/saelab-run"],
      "hydra.run.dir='/proc/saelab-run' is not allowed: expected a directory saelab can create and write to"),
-    (["data.source=s3"], "data.source='s3' is not allowed: expected 'pydocs', the name of the source data._target_ "
+    (["data.source=s3"], "data.source='s3' is not allowed: expected 'text_files', the name of the source data._target_ "
                          "names (choose another source with data=<source>)"),
     (["data._target_=saelab.nowhere.Source"], "data._target_='saelab.nowhere.Source' is not allowed: expected an "
      "importable saelab.data.sources.DataSource subclass, e.g. saelab.data.sources.pydocs.PyDocs"),

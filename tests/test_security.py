@@ -252,5 +252,5 @@ def test_no_pickle_based_reads_or_writes_in_src():
         bad += [f"{where}:{c.lineno} np.load(allow_pickle=True)" for c in _calls(tree, "numpy", "load")
                 if not _keyword_is(c, "allow_pickle", False) and any(k.arg == "allow_pickle" for k in c.keywords)]
     assert not bad, bad
-    export = (REPO / "src" / "saelab" / "export.py").read_text()
+    export = (REPO / "src" / "saelab" / "saes" / "saelens_format.py").read_text()
     assert "from safetensors.torch import" in export and "save_file(" in export
