@@ -251,7 +251,8 @@ def _job(tmp_path: Path, num: int, **changes) -> Job:
         "data": {"seed": 0, "batch_size": 256, "train_tokens": 2560}, "trainer": {"precision": "32-true",
                                                                                  "max_steps": None},
         "callbacks": {"ckpt": {"dirpath": str(tmp_path / str(num) / "checkpoints")}}, "eval": {"tokens": 64},
-        "paths": {"cache_dir": "c"}, "sae": {"d_in": 32, "d_sae": 128}, "optim": {"lr": 1e-3},
+        "paths": {"cache_dir": "c"}, "sae": {"_target_": "saelab.saes.relu.ReluSAE", "d_in": 32, "d_sae": 128},
+        "optim": {"lr": 1e-3},
     })
     for key, value in changes.items():
         OmegaConf.update(cfg, key, value)

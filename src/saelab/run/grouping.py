@@ -24,6 +24,7 @@ from saelab.data.model import resolve_device
 from saelab.errors import ConfigError
 from saelab.run.job import Job, run_steps
 from saelab.run.member import MEMBER_PRECISIONS
+from saelab.saes.base import sae_config
 
 log = logging.getLogger("saelab")
 _OWN_TRAINER_FIELDS = ("gradient_clip_val",)  # applied per member
@@ -85,9 +86,8 @@ def resume_step(path: Path | None) -> int | None:
 def sae_bytes(job: Job) -> int:
     """A rough upper estimate of one SAE's training memory: weights, gradients and two Adam moments for up to
     three [d_in, d_sae] matrices (the Gated SAE's), plus six [batch, d_sae] float32 activations."""
-    sae, batch = job.cfg.sae, int(job.cfg.data.batch_size)
-    d_in = int(sae.d_in)
-    d_sae = int(sae.d_sae) if sae.get("d_sae") else max(1, round(float(sae.expansion_factor) * d_in))
+    _, sae = sae_config(job.sae_config())  # the variant's own width rule (prepare_job validated it)
+    d_in, d_sae, batch = int(sae.d_in), int(sae.width), int(job.cfg.data.batch_size)
     return 4 * (4 * 3 * d_in * d_sae + 6 * batch * d_sae)
 
 

@@ -206,6 +206,12 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 def build_sae(sae_cfg: Mapping[str, Any]) -> SAE:
     """Build and validate an SAE from its config group (`_target_` names the SAE class)."""
+    cls, config = sae_config(sae_cfg)
+    return cls(config)
+
+
+def sae_config(sae_cfg: Mapping[str, Any]) -> tuple[type[SAE], SAEConfig]:
+    """The SAE class `_target_` names and its validated Config, without building the SAE (no weights)."""
     from hydra.utils import get_class
 
     cfg = dict(sae_cfg)
@@ -224,4 +230,4 @@ def build_sae(sae_cfg: Mapping[str, Any]) -> SAE:
             raise ConfigError(f"sae.{key}", value, f"a field of {cls.__name__}: " + ", ".join(names))
     config = config_cls(**{k: _coerce(v, hints.get(k)) for k, v in cfg.items()})
     config.validate()
-    return cls(config)
+    return cls, config
