@@ -184,3 +184,45 @@ def test_jobs_differing_only_by_seed_become_one_row_with_mean_and_std(tmp_path, 
 def test_no_seed_table_when_every_setting_has_one_seed(sweep_dir, capsys):
     assert main([str(sweep_dir), "--wandb", "off"]) == 0
     assert not (sweep_dir / "report_seeds.csv").exists() and "Over seeds" not in capsys.readouterr().out
+
+
+# FVU per seed (0, 1, 2) of a frozen/unfrozen ablation at two matched targets: frozen clearly lower at 8, equal
+# in distribution at 24.
+ABLATION = {("frozen_decoder", "8"): (0.30, 0.31, 0.29), ("unfrozen_decoder", "8"): (0.40, 0.42, 0.41),
+            ("frozen_decoder", "24"): (0.20, 0.22, 0.18), ("unfrozen_decoder", "24"): (0.21, 0.19, 0.20)}
+
+
+def test_compare_regenerates_a_claims_verdict_with_welchs_t_test(tmp_path, capsys):
+    """--compare sae.aux_loss=frozen_decoder,unfrozen_decoder over a seeds x targets sweep: per target, each side's
+    mean ± std and Welch's t-test, whose t and df are recomputed here from their definitions; the verdict line
+    counts the significant settings."""
+    root = tmp_path / "multirun"
+    num = 0
+    for (aux_loss, target), fvus in ABLATION.items():
+        for seed, fvu in enumerate(fvus):
+            write_job(root / str(num), [f"sae.aux_loss={aux_loss}", f"sae.target_l0={target}", f"seed={seed}"],
+                      {"l0": float(target), "fvu": fvu, "variant": "GatedSAE"})
+            num += 1
+    assert main([str(root), "--compare", "sae.aux_loss=frozen_decoder,unfrozen_decoder", "--metric", "fvu",
+                 "--wandb", "off"]) == 0
+    result = pd.read_csv(root / "comparison.csv").set_index("setting")
+    for target in ("8", "24"):
+        a, b = pd.Series(ABLATION["frozen_decoder", target]), pd.Series(ABLATION["unfrozen_decoder", target])
+        se2 = a.var() / 3 + b.var() / 3  # Welch: unequal variances, sample variances (ddof 1)
+        t = (a.mean() - b.mean()) / math.sqrt(se2)
+        df = se2**2 / ((a.var() / 3) ** 2 / 2 + (b.var() / 3) ** 2 / 2)
+        row = result.loc[f"sae.target_l0={target}"]
+        assert row["t"] == pytest.approx(t) and row["df"] == pytest.approx(df)
+        assert row["mean_a"] == pytest.approx(a.mean()) and row["std_b"] == pytest.approx(b.std())
+    assert result.loc["sae.target_l0=8", "p"] < 0.01 < 0.5 < result.loc["sae.target_l0=24", "p"]
+    out = capsys.readouterr().out
+    assert ("fvu: frozen_decoder below unfrozen_decoder in 1, above in 0, not distinguishable (p >= 0.05 or under 2 "
+            "seeds a side) in 1 of 2 settings") in out
+
+
+def test_compare_names_a_key_that_is_not_an_override(tmp_path):
+    root = tmp_path / "multirun"
+    write_job(root / "0", ["sae.aux_loss=frozen_decoder"], {"l0": 8.0, "fvu": 0.3})
+    write_job(root / "1", ["sae.aux_loss=unfrozen_decoder"], {"l0": 8.0, "fvu": 0.4})
+    with pytest.raises(SystemExit, match=r"--compare sae.gate: not an override of these runs"):
+        main([str(root), "--compare", "sae.gate=heaviside,sigmoid", "--wandb", "off"])

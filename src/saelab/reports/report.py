@@ -8,6 +8,9 @@ the plots (pareto.py) are PNGs next to it.
 Seeds: when jobs differ only by `seed`, each setting also gets one row with the mean and standard deviation of
 every metric over its seeds (report_seeds.csv, a "mean ± std" table: tables.py), and the Pareto plots are drawn
 again from those means with one-standard-deviation error bars (pareto_seeds_*.png).
+
+--compare KEY=A,B (compare.py): a claim's comparison of two values of one override at each setting of the others,
+over seeds, with Welch's t-test and a verdict line per --metric (comparison.csv and a markdown section).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from saelab.reports.compare import compare, comparison_markdown, parse_compare
 from saelab.reports.pareto import plot_pareto
 from saelab.reports.sweep import collect
 from saelab.reports.tables import aggregate_seeds, markdown_report, seeds_markdown
@@ -69,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--group-by", action="append", default=[], metavar="KEY",
                         help="series key(s): an override key (sae, sae.aux_loss) or a metrics.json field "
                              "(variant); repeat or comma-separate. Default: see the module docstring")
+    parser.add_argument("--compare", metavar="KEY=A,B",
+                        help="compare two values of one override at each setting of the others, over seeds "
+                             "(Welch's t-test), e.g. sae.aux_loss=frozen_decoder,unfrozen_decoder")
+    parser.add_argument("--metric", action="append", default=[], metavar="NAME",
+                        help="the metric(s) --compare tests (repeatable; default: fvu and l0)")
     parser.add_argument("--wandb", choices=("auto", "off"), default="auto",
                         help="auto: also log table + plots to W&B when it is online")
     args = parser.parse_args(argv)
@@ -104,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         report += ("\n\n## Over seeds (mean ± std)\n\n" + seeds_markdown(by_seed, sweep.swept)
                    + f"\n\nCSV: {seeds_csv}\n" + "\n".join(f"Plot: {p}" for p in seed_plots))
         plots += seed_plots
+    if args.compare:
+        column, a, b = parse_compare(args.compare, sweep)
+        result = compare(sweep, column, a, b, args.metric or ["fvu", "l0"])
+        result.to_csv(out / "comparison.csv", index=False)
+        report += (f"\n\n## {column}: {a} against {b} (mean ± std over seeds; Welch's t-test)\n\n"
+                   + comparison_markdown(result, column, a, b) + f"\n\nCSV: {out / 'comparison.csv'}")
     print(report)
     if args.wandb == "auto" and wandb_online():
         log_to_wandb(table, plots, root)
