@@ -29,6 +29,7 @@ import importlib.util
 import json
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,54 +254,44 @@ def number(result: dict[str, Any], key: str, spec: str) -> str:
 
 
 def step_table(records: list[dict[str, Any]]) -> list[str]:
-    lines = ["| shape | variant | precision | tok/s | TFLOP/s roofline | fraction | reference ratio | syncs/step "
-             "| kernels |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for record in latest(records).values():
-        if record.get("large"):
-            continue
-        head = f"| {record.get('shape', '')} | {record.get('variant', '')} | {record.get('precision', '')} |"
-        if record["status"] != "ok":
-            lines.append(failure_row(head, record, 5))
-            continue
-        r = record["result"]
-        if "library" in r:  # SAELens's or sparsify's step: tokens/s only
-            lines.append(f"{head} {number(r, 'tokens_per_s', ',.0f')} | | | | | {r['library']} ({r['precision']}) |")
-            continue
-        ratio = f"{r['reference_ratio']:.2f}x" if r.get("reference_ratio") is not None else (
-            f"n/a ({cell_error(r.get('reference_note') or 'not measured')})")
-        lines.append(f"{head} {number(r, 'tokens_per_s', ',.0f')} | {number(r, 'roofline_tflops', '.3g')} | "
-                     f"{number(r, 'roofline_fraction', '.2f')} | {ratio} | {number(r, 'syncs_per_step', '.1f')} | "
-                     f"{r.get('kernels', 'unknown')} |")
-    return lines
+    header = ["| shape | variant | precision | tok/s | TFLOP/s roofline | fraction | reference ratio | syncs/step "
+              "| kernels |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    return header + table_rows(records, False, ("shape", "variant", "precision"), 5, step_cells)
 
 
-def slice_errors(result: dict[str, Any]) -> str:
-    """The slice's errors as one short text, e.g. "latents 0.0e+00, w_dec_grad 1.5e-07"."""
-    return ", ".join(f"{k.removeprefix('slice_').removesuffix('_error')} {v:.1e}" for k, v in result.items()
-                     if k.startswith("slice_") and k.endswith("_error"))
-
-
-def failure_row(head: str, record: dict[str, Any], empty_cells: int) -> str:
-    """A table row for a run that did not finish: its status and error, then the empty cells."""
-    status = "crashed or timed out" if record["status"] == "started" else record["status"]
-    return f"{head} {status}: {cell_error(record.get('error', ''))} |" + " |" * empty_cells
+def step_cells(r: dict[str, Any]) -> str:
+    if "library" in r:  # SAELens's or sparsify's step: tokens/s only
+        return f"{number(r, 'tokens_per_s', ',.0f')} | | | | | {r['library']} ({r['precision']}) |"
+    ratio = f"{r['reference_ratio']:.2f}x" if r.get("reference_ratio") is not None else (
+        f"n/a ({cell_error(r.get('reference_note') or 'not measured')})")
+    return (f"{number(r, 'tokens_per_s', ',.0f')} | {number(r, 'roofline_tflops', '.3g')} | "
+            f"{number(r, 'roofline_fraction', '.2f')} | {ratio} | {number(r, 'syncs_per_step', '.1f')} | "
+            f"{r.get('kernels', 'unknown')} |")
 
 
 def large_table(records: list[dict[str, Any]]) -> list[str]:
     """The --large runs: throughput, and the slice of one step against plain torch."""
-    lines = ["| shape | variant | batch | tok/s | slice errors (relative) | slice |", "|---|---|---:|---:|---|---|"]
+    header = ["| shape | variant | batch | tok/s | slice errors (relative) | slice |", "|---|---|---:|---:|---|---|"]
+    return header + table_rows(records, True, ("shape", "variant", "batch"), 2, lambda r: (
+        f"{number(r, 'tokens_per_s', ',.0f')} | {r.get('slice_errors', '')} | "
+        f"{'ok' if r.get('slice_ok') else 'WRONG'} |"))
+
+
+def table_rows(records: list[dict[str, Any]], large: bool, head: Sequence[str], empty_cells: int,
+               cells: Callable[[dict[str, Any]], str]) -> list[str]:
+    """One row per run of the grid (large=False) or of --large: its labels, then cells(result), or its status
+    and error with `empty_cells` empty cells where it did not finish."""
+    rows = []
     for record in latest(records).values():
-        if not record.get("large"):
+        if bool(record.get("large")) != large:
             continue
-        head = f"| {record['shape']} | {record['variant']} | {record['batch']} |"
+        labels = "| " + " | ".join(str(record.get(key, "")) for key in head) + " |"
         if record["status"] != "ok":
-            lines.append(failure_row(head, record, 2))
-            continue
-        r = record["result"]
-        errors = slice_errors(r)
-        verdict = "ok" if r.get("slice_ok") else "WRONG"
-        lines.append(f"{head} {number(r, 'tokens_per_s', ',.0f')} | {errors} | {verdict} |")
-    return lines
+            status = "crashed or timed out" if record["status"] == "started" else record["status"]
+            rows.append(f"{labels} {status}: {cell_error(record.get('error', ''))} |" + " |" * empty_cells)
+        else:
+            rows.append(f"{labels} {cells(record['result'])}")
+    return rows
 
 
 def quality_table(rows: list[dict[str, Any]], precisions: list[str]) -> list[str]:

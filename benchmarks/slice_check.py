@@ -28,6 +28,12 @@ ROW_LOCAL = ("relu", "gated", "jumprelu", "topk")  # latents of a token depend o
 SPARSE_GRADIENTS = ("topk", "batchtopk")  # one reconstruction term: the closed form above applies
 
 
+def slice_errors(result: dict[str, Any]) -> str:
+    """The slice's errors as one short text, e.g. "latents 0.0e+00, w_dec_grad 1.5e-07"."""
+    return ", ".join(f"{k.removeprefix('slice_').removesuffix('_error')} {v:.1e}" for k, v in result.items()
+                     if k.startswith("slice_") and k.endswith("_error"))
+
+
 def relative_error(got: Tensor, want: Tensor) -> float:
     """max |got - want| / max(max |want|, 1e-6), in float64."""
     got, want = got.double(), want.double()
@@ -51,6 +57,7 @@ def check_slice(variant: str, sae: Any, x: Tensor, coefficients: Mapping[str, fl
             result |= _sparse_gradient_errors(sae, x, out.latents, latents)
     errors = [v for k, v in result.items() if k.endswith("_error")]
     result["slice_ok"] = bool(errors) and max(errors) <= tolerance
+    result["slice_errors"] = slice_errors(result)  # as text: the GPU check's report reads it without torch
     return result
 
 

@@ -90,7 +90,6 @@ from benchmarks.cuda_timing import (
     matmul_dtype,
     matmul_precision,
 )
-from benchmarks.gpu_check import slice_errors
 from benchmarks.reference_step import ReferenceSAE, time_reference, unsupported
 from benchmarks.slice_check import check_slice
 from saelab.run.member import SAEMember
@@ -305,7 +304,7 @@ def summary(result: dict[str, Any]) -> str:
     if result.get("syncs_per_step") is not None:
         line += f"  syncs/step {result['syncs_per_step']:.1f}"
     if "slice_ok" in result:
-        line += f"  slice {'ok' if result['slice_ok'] else 'WRONG'} ({slice_errors(result)})"
+        line += f"  slice {'ok' if result['slice_ok'] else 'WRONG'} ({result['slice_errors']})"
     return line
 
 
