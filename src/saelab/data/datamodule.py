@@ -241,11 +241,9 @@ class ActivationDataModule(L.LightningDataModule):
 
 def check_data_config(data: Mapping[str, Any], cache_dir: str) -> None:
     """The data section's fields every source shares (its own are DataSource.check's), before anything is read."""
-    for name in ("context_size", "batch_size", "buffer_tokens", "train_tokens", "normalize_tokens",
-                 "model_batch_size"):
-        check_count(f"data.{name}", data[name])
-    if check_count("data.buffer_tokens", data["buffer_tokens"]) < 2 * check_count("data.batch_size",
-                                                                                   data["batch_size"]):
+    counts = {name: check_count(f"data.{name}", data[name]) for name in (
+        "context_size", "batch_size", "buffer_tokens", "train_tokens", "normalize_tokens", "model_batch_size")}
+    if counts["buffer_tokens"] < 2 * counts["batch_size"]:
         raise ConfigError("data.buffer_tokens", data["buffer_tokens"], "at least 2 x data.batch_size")
     if not 0 < float(data["eval_fraction"]) < 1:
         raise ConfigError("data.eval_fraction", data["eval_fraction"], "a fraction strictly between 0 and 1")

@@ -8,6 +8,7 @@ state: the config is resolved there, `${hydra:runtime.output_dir}` included.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import traceback
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from saelab.data.sources import build_source
+from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError
 from saelab.run import precision
 from saelab.run.loggers import quiet_third_party
@@ -50,11 +51,16 @@ class Job:
     resume_from: Path | None = None  # the checkpoint file this job continues from
     log_files: list[Path] = field(default_factory=list)  # Hydra's log file(s) for this job
 
+    @functools.cached_property
+    def source(self) -> DataSource:
+        """The job's data source (data._target_), made once."""
+        return build_source(self.cfg.data)
+
     @property
     def hook(self) -> str:
         """The hook point this job's SAE trains on (its source says: a model's hook, or a source's own name for the
         activations it makes)."""
-        return build_source(self.cfg.data).hooks(self.cfg.model)[0]
+        return self.source.hooks(self.cfg.model)[0]
 
     @property
     def target_hook(self) -> str | None:

@@ -20,7 +20,6 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saelab.data.sources import build_source
 from saelab.errors import ConfigError
 from saelab.run import precision
 from saelab.run.checkpoints import GroupCheckpointIO
@@ -63,7 +62,7 @@ def train_group(jobs: Sequence[Job]) -> list[Outcome]:
 def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) -> None:
     first = shared_config(jobs)  # the group's settings: only what grouping says its jobs share
     max_steps = run_steps(first)
-    source = build_source(first.data)  # the group's: grouping puts only jobs with one data config together
+    source = jobs[0].source  # the group's: grouping puts only jobs with one data config together
     saes = {}
     for i, job in enumerate(jobs):  # each SAE initialised from its own seed, as in a run by itself
         try:
