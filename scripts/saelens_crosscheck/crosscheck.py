@@ -1,0 +1,179 @@
+"""saelab against SAELens on identical samples of a synthetic world (issue 25): the driver run.sh calls, in
+saelab's venv. Steps, each skipped when its output is already in OUT (so a stopped run resumes):
+
+1. feed.py: the held-out set and scale (OUT/data/heldout.pt) and the training stream, normalised and in order,
+   as raw float32 (OUT/data/stream.f32), from the stream saelab-train opens for the same overrides;
+2. saelab: one `saelab-train -m hydra/launcher=fanout` over every variant x L0 target x seed (OUT/saelab);
+3. SAELens: for the variants whose sparsity is a coefficient (relu, gated, jumprelu) the coefficient is first
+   calibrated to each L0 target on the first seed (secant steps on log coefficient against log held-out L0, full
+   budget: a SAELens user tunes it by hand; saelab's runs reach theirs with their L0 controller); then every
+   SAE trains at once (train_saelens.py in the sae-lens venv; OUT/saelens);
+4. score.py: both sides scored by saelab's held-out and ground-truth metrics; OUT/crosscheck.{md,csv}.
+
+    python crosscheck.py --venv SAELENS_VENV --out OUT [--variants ...] [--l0 8 16] [--seeds 0 1 2]
+                         [--lr 3e-3] [--saelab-extra KEY=VALUE ...] -- [data overrides, e.g. data=synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+COEFFICIENT_VARIANTS = ("relu", "gated", "jumprelu")
+START = {"relu": 0.1, "gated": 0.1, "jumprelu": 0.01}  # first guesses (inputs with E||x||^2 = 1)
+NICE = ["nice", "-n", os.environ.get("CROSSCHECK_NICE", "10")]
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(NICE + cmd, check=True, **kwargs)
+
+
+def saelens_train(args, plan: list[dict], out: Path) -> dict[str, float]:
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / f"plan_{int(time.time() * 1000)}.json"
+    plan_file.write_text(json.dumps(plan, indent=1))
+    run([str(Path(args.venv) / "bin" / "python"), str(HERE / "train_saelens.py"), str(plan_file),
+         str(args.out / "data" / "stream.f32"), str(args.out / "data" / "heldout.pt"), str(out),
+         "--lr", str(args.lr)])
+    return json.loads((out / "saelens_l0.json").read_text())
+
+
+def matryoshka_widths(d_sae: int) -> list[int]:
+    """saelab's default prefixes (conf/sae/matryoshka_batchtopk.yaml): [d_sae/64, d_sae/16, d_sae/4, d_sae]."""
+    return [max(1, d_sae // 64), max(1, d_sae // 16), max(1, d_sae // 4), d_sae]
+
+
+def entry(variant: str, target: float, seed: int, value: float, d_sae: int) -> dict:
+    e = {"name": f"{variant}_l0{target:g}_s{seed}", "arch": variant, "target_l0": target, "seed": seed,
+         "value": value, "d_sae": d_sae}
+    if variant == "matryoshka_batchtopk":
+        e["extra"] = {"matryoshka_widths": matryoshka_widths(d_sae)}
+    return e
+
+
+def calibrate(args, d_sae: int) -> dict[tuple[str, float], float]:
+    """Each coefficient variant's coefficient for each L0 target, on the first seed (logged to calibration.json)."""
+    log_file = args.out / "saelens_calibration" / "calibration.json"
+    history: dict[str, list] = json.loads(log_file.read_text()) if log_file.exists() else {}
+    todo = [(v, t) for v in args.variants if v in COEFFICIENT_VARIANTS for t in args.l0]
+    result = {}
+    for round_ in range(args.calibration_rounds + 1):
+        plan = []
+        for v, t in todo:
+            points = history.get(f"{v}_{t:g}", [])
+            if points and abs(points[-1][1] / t - 1) <= args.l0_tolerance or len(points) > args.calibration_rounds:
+                best = min(points, key=lambda p: abs(math.log(max(p[1], 1e-2) / t)))
+                result[(v, t)] = best[0]
+                continue
+            plan.append(entry(v, t, args.seeds[0], next_coefficient(points, t, START[v]), d_sae))
+        if not plan:
+            break
+        l0s = saelens_train(args, plan, args.out / "saelens_calibration" / f"round{round_}")
+        for e in plan:
+            history.setdefault(f"{e['arch']}_{e['target_l0']:g}", []).append([e["value"], l0s[e["name"]]])
+        log_file.write_text(json.dumps(history, indent=1))
+    for v, t in todo:
+        if (v, t) not in result:
+            points = history[f"{v}_{t:g}"]
+            result[(v, t)] = min(points, key=lambda p: abs(math.log(max(p[1], 1e-2) / t)))[0]
+    return result
+
+
+def next_coefficient(points: list[list[float]], target: float, start: float) -> float:
+    """The next coefficient: a secant step on log L0 against log coefficient through the last two points (slope
+    -1 from one point), each step at most a factor 10."""
+    if not points:
+        return start
+    c1, l1 = points[-1]
+    slope = -1.0
+    if len(points) >= 2:
+        c0, l0 = points[-2]
+        if c0 != c1:
+            s = (math.log(max(l1, 1e-2)) - math.log(max(l0, 1e-2))) / (math.log(c1) - math.log(c0))
+            if s < -0.05:
+                slope = max(s, -5.0)
+    step = (math.log(target) - math.log(max(l1, 1e-2))) / slope
+    return c1 * math.exp(max(-math.log(10), min(math.log(10), step)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--venv", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variants", nargs="+",
+                    default=["relu", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"])
+    ap.add_argument("--l0", nargs="+", type=float, default=[8.0, 16.0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--d-sae", type=int, default=None, help="latents (default: saelab's, 8 x d_in)")
+    ap.add_argument("--calibration-rounds", type=int, default=5)
+    ap.add_argument("--l0-tolerance", type=float, default=0.05)
+    ap.add_argument("--saelab-extra", nargs="*", default=[], help="extra saelab-train overrides (saelab side only)")
+    ap.add_argument("--skip-saelab", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="the data: data=synthetic data.synthetic.n_features=... etc.")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    overrides = [*args.overrides]
+    if not any(o.startswith("data=") for o in overrides):
+        overrides.insert(0, "data=synthetic")
+    if not any(o.startswith("data.seed=") for o in overrides):
+        overrides.append("data.seed=0")  # one sample order for every job and both implementations
+    overrides.append(f"optim.lr={args.lr}")
+    py = str(ROOT / ".venv" / "bin" / "python")
+    timings = {}
+
+    started = time.time()
+    data = args.out / "data"
+    if not (data / "stream.f32").exists():
+        run([py, str(HERE / "feed.py"), "meta", str(data), *overrides])
+        with open(data / "stream.f32.part", "wb") as fh:
+            run([py, str(HERE / "feed.py"), "stream", *overrides], stdout=fh)
+        (data / "stream.f32.part").rename(data / "stream.f32")
+    timings["data_s"] = time.time() - started
+    import torch
+
+    held = torch.load(data / "heldout.pt")
+    d_sae = args.d_sae or 8 * int(held["d_in"])
+
+    started = time.time()
+    if not args.skip_saelab and not (args.out / "saelab" / "done").exists():
+        sweep = [f"sae={','.join(args.variants)}", f"sae.target_l0={','.join(f'{t:g}' for t in args.l0)}",
+                 f"seed={','.join(str(s) for s in args.seeds)}"]
+        run([str(ROOT / ".venv" / "bin" / "saelab-train"), "-m", "hydra/launcher=fanout", "logger=csv",
+             *overrides, f"sae.d_sae={d_sae}", *sweep, *args.saelab_extra, f"hydra.sweep.dir={args.out / 'saelab'}"])
+        (args.out / "saelab" / "done").write_text("")
+    timings["saelab_s"] = time.time() - started
+
+    started = time.time()
+    coefficients = calibrate(args, d_sae)
+    timings["saelens_calibration_s"] = time.time() - started
+    started = time.time()
+    final = args.out / "saelens"
+    if not (final / "plan.json").exists():
+        plan = [entry(v, t, s, coefficients.get((v, t), t), d_sae)
+                for v in args.variants for t in args.l0 for s in args.seeds]
+        saelens_train(args, plan, final)
+        (final / "plan.json").write_text(json.dumps(plan, indent=1))
+    timings["saelens_s"] = time.time() - started
+
+    started = time.time()
+    run([py, str(HERE / "score.py"), str(args.out), *overrides])
+    timings["score_s"] = time.time() - started
+    previous = json.loads((args.out / "timings.json").read_text()) if (args.out / "timings.json").exists() else {}
+    (args.out / "timings.json").write_text(json.dumps(previous | {k: round(v) for k, v in timings.items()}, indent=1))
+    print(f"timings (s): {timings}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
