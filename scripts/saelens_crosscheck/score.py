@@ -116,8 +116,10 @@ def compare(rows: list[dict]) -> list[dict]:
             row[f"{metric}_diff"] = diff
             if math.isnan(pooled) or math.isnan(diff):
                 row[f"{metric}_d_pooled"] = math.nan
+            elif pooled > 0:
+                row[f"{metric}_d_pooled"] = diff / pooled
             else:
-                row[f"{metric}_d_pooled"] = diff / pooled if pooled > 0 else math.copysign(math.inf, diff) if diff else 0.0
+                row[f"{metric}_d_pooled"] = math.copysign(math.inf, diff) if diff else 0.0
             row[f"{metric}_welch_t"] = diff / se if se and se > 0 else math.nan
         table.append(row)
     return table
