@@ -67,19 +67,30 @@ def score_saelens(out: Path, overrides: list[str]) -> list[dict]:
         if abs(metrics["l0"] - own_l0[entry["name"]]) > 1e-3 * max(1.0, own_l0[entry["name"]]):
             print(f"warning: {entry['name']}: L0 {metrics['l0']:.4f} in saelab's reading of the export, "
                   f"{own_l0[entry['name']]:.4f} in SAELens's own forward", file=sys.stderr)
-        rows.append({"impl": "SAELens", "variant": entry["arch"], "target_l0": float(entry["target_l0"]),
+        variant = entry["arch"] + (f" [{entry['tag']}]" if entry.get("tag") else "")
+        rows.append({"impl": "SAELens", "variant": variant, "target_l0": float(entry["target_l0"]),
                      "seed": int(entry["seed"]), "coefficient": entry["value"], "run": entry["name"],
                      **{m: metrics.get(m, math.nan) for m in METRICS}})
     return rows
 
 
 def read_saelab(out: Path) -> list[dict]:
-    rows = []
+    """saelab's runs under OUT/saelab; a run whose overrides differ from the others' in more than the variant, L0
+    target and seed (an ablation sweep) is labelled with those overrides, e.g. "topk [sae.decoder_init_norm=0.1]"."""
+    rows, jobs = [], []
     for metrics_file in sorted((out / "saelab").glob("**/metrics.json")):
         job = metrics_file.parent
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        jobs.append((job, metrics_file, [o for o in overrides
+                                         if o.split("=", 1)[0] not in ("seed", "sae", "sae.target_l0")]))
+    common = set.intersection(*(set(o) for _, _, o in jobs)) if jobs else set()
+    for job, metrics_file, overrides in jobs:
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         sae = cfg["sae"]
         variant = VARIANT_OF_TARGET[sae["_target_"].rsplit(".", 1)[1]]
+        own = [o for o in overrides if o not in common]
+        if own:
+            variant += f" [{' '.join(own)}]"
         metrics = json.loads(metrics_file.read_text())
         rows.append({"impl": "saelab", "variant": variant, "target_l0": float(sae["target_l0"]),
                      "seed": int(cfg["seed"]), "coefficient": "", "run": str(job.relative_to(out)),
@@ -99,8 +110,13 @@ def stats(values: list[float]) -> tuple[float, float, int]:
 
 def compare(rows: list[dict]) -> list[dict]:
     table = []
-    keys = sorted({(r["variant"], r["target_l0"]) for r in rows},
-                  key=lambda k: (k[1], list(NAMES).index(k[0]) if k[0] in NAMES else 99))
+    order = list(NAMES)
+
+    def rank(key: tuple[str, float]) -> tuple:
+        base = key[0].split(" [")[0]
+        return key[1], order.index(base) if base in order else 99, key[0]
+
+    keys = sorted({(r["variant"], r["target_l0"]) for r in rows}, key=rank)
     for variant, target in keys:
         row = {"variant": variant, "target_l0": target}
         for metric in METRICS:
@@ -141,7 +157,8 @@ def markdown(table: list[dict], title: str) -> str:
                                                      for m in METRICS[1:]) + " |",
              "|---|---|---|" + "---|" * (len(METRICS) - 1)]
     for row in table:
-        cells = [NAMES.get(row["variant"], row["variant"]), f"{row['target_l0']:g}",
+        base, _, tag = row["variant"].partition(" [")
+        cells = [NAMES.get(base, base) + (f" [{tag}" if tag else ""), f"{row['target_l0']:g}",
                  f"{row['l0_saelab_mean']:.2f} / {row['l0_SAELens_mean']:.2f}"]
         for metric in METRICS[1:]:
             d = row[f"{metric}_d_pooled"]
@@ -164,7 +181,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str]) -> int:
     out, overrides = Path(argv[0]), argv[1:]
     torch.set_num_threads(1)
-    rows = read_saelab(out) + score_saelens(out, overrides)
+    rows = read_saelab(out) + (score_saelens(out, overrides) if (out / "saelens" / "plan.json").exists() else [])
     write_csv(out / "runs.csv", rows)
     table = compare(rows)
     write_csv(out / "crosscheck.csv", table)
