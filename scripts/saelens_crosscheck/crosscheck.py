@@ -66,48 +66,70 @@ def entry(variant: str, target: float, seed: int, value: float, d_sae: int) -> d
 
 
 def calibrate(args, d_sae: int) -> dict[tuple[str, float], float]:
-    """Each coefficient variant's coefficient for each L0 target, on the first seed (logged to calibration.json)."""
+    """Each coefficient variant's coefficient for each L0 target, on the first seed. The coefficient -> held-out L0
+    curve of a variant does not depend on the target, so every point trained (OUT/saelens_calibration/
+    calibration.json: variant -> [[coefficient, L0], ...]) serves every target: each round trains, per target not
+    yet within --l0-tolerance, the coefficient that log-log interpolation between the points bracketing it predicts
+    (a secant step from the nearest two outside them; slope -1 from a single point, where the coefficients x/3 and
+    x3 are trained too, to find the slope)."""
     log_file = args.out / "saelens_calibration" / "calibration.json"
     history: dict[str, list] = json.loads(log_file.read_text()) if log_file.exists() else {}
-    todo = [(v, t) for v in args.variants if v in COEFFICIENT_VARIANTS for t in args.l0]
-    result = {}
-    for round_ in range(args.calibration_rounds + 1):
-        plan = []
-        for v, t in todo:
-            points = history.get(f"{v}_{t:g}", [])
-            if points and abs(points[-1][1] / t - 1) <= args.l0_tolerance or len(points) > args.calibration_rounds:
-                best = min(points, key=lambda p: abs(math.log(max(p[1], 1e-2) / t)))
-                result[(v, t)] = best[0]
-                continue
-            plan.append(entry(v, t, args.seeds[0], next_coefficient(points, t, START[v]), d_sae))
+    for key in [k for k in history if k not in COEFFICIENT_VARIANTS]:  # older layout: variant_target
+        history.setdefault(key.rsplit("_", 1)[0], []).extend(history.pop(key))
+    variants = [v for v in args.variants if v in COEFFICIENT_VARIANTS]
+
+    def close(v: str, t: float) -> bool:
+        return any(abs(l0 / t - 1) <= args.l0_tolerance for _, l0 in history.get(v, []))
+
+    for round_ in range(args.calibration_rounds):
+        plan, seen = [], set()
+        for v in variants:
+            for t in args.l0:
+                if close(v, t):
+                    continue
+                points = history.get(v, [])
+                guesses = [predict(points, t, START[v])]
+                if len(points) == 1:
+                    guesses += [guesses[0] / 3, guesses[0] * 3]
+                for c in guesses:
+                    if any(abs(c / other - 1) < 0.02 for vv, other in seen if vv == v):
+                        continue
+                    seen.add((v, c))
+                    plan.append(entry(v, t, args.seeds[0], c, d_sae) | {"name": f"{v}_c{c:.4g}_s{args.seeds[0]}"})
         if not plan:
             break
-        l0s = saelens_train(args, plan, args.out / "saelens_calibration" / f"round{round_}")
+        l0s = saelens_train(args, plan, args.out / "saelens_calibration" / f"round{round_}_{int(time.time())}")
         for e in plan:
-            history.setdefault(f"{e['arch']}_{e['target_l0']:g}", []).append([e["value"], l0s[e["name"]]])
+            history.setdefault(e["arch"], []).append([e["value"], l0s[e["name"]]])
         log_file.write_text(json.dumps(history, indent=1))
-    for v, t in todo:
-        if (v, t) not in result:
-            points = history[f"{v}_{t:g}"]
-            result[(v, t)] = min(points, key=lambda p: abs(math.log(max(p[1], 1e-2) / t)))[0]
+    result = {}
+    for v in variants:
+        for t in args.l0:
+            points = history.get(v, [])
+            result[(v, t)] = min(points, key=lambda p: abs(math.log(max(p[1], 1e-2) / t)))[0] if points else START[v]
     return result
 
 
-def next_coefficient(points: list[list[float]], target: float, start: float) -> float:
-    """The next coefficient: a secant step on log L0 against log coefficient through the last two points (slope
-    -1 from one point), each step at most a factor 10."""
+def predict(points: list[list[float]], target: float, start: float) -> float:
+    """The coefficient whose L0 should be `target`: log-log interpolation between the nearest points on either side
+    of it, else a secant step from the two nearest (slope -1 from one point), at most a factor 10 beyond them."""
     if not points:
         return start
-    c1, l1 = points[-1]
+    pts = sorted((math.log(c), math.log(max(l0, 1e-2))) for c, l0 in points)
+    y = math.log(target)
+    above = [p for p in pts if p[1] >= y]  # L0 falls as the coefficient grows: these coefficients are smaller
+    below = [p for p in pts if p[1] < y]
+    if above and below:
+        (x0, y0), (x1, y1) = max(above, key=lambda p: p[0]), min(below, key=lambda p: p[0])
+        return math.exp(x0 + (y - y0) * (x1 - x0) / (y1 - y0)) if y1 != y0 else math.exp((x0 + x1) / 2)
+    near = sorted(pts, key=lambda p: abs(p[1] - y))[:2]
     slope = -1.0
-    if len(points) >= 2:
-        c0, l0 = points[-2]
-        if c0 != c1:
-            s = (math.log(max(l1, 1e-2)) - math.log(max(l0, 1e-2))) / (math.log(c1) - math.log(c0))
-            if s < -0.05:
-                slope = max(s, -5.0)
-    step = (math.log(target) - math.log(max(l1, 1e-2))) / slope
-    return c1 * math.exp(max(-math.log(10), min(math.log(10), step)))
+    if len(near) == 2 and near[0][0] != near[1][0]:
+        s = (near[1][1] - near[0][1]) / (near[1][0] - near[0][0])
+        if s < -0.05:
+            slope = max(s, -5.0)
+    step = (y - near[0][1]) / slope
+    return math.exp(near[0][0] + max(-math.log(10), min(math.log(10), step)))
 
 
 def main() -> int:
@@ -120,7 +142,7 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--d-sae", type=int, default=None, help="latents (default: saelab's, 8 x d_in)")
-    ap.add_argument("--calibration-rounds", type=int, default=5)
+    ap.add_argument("--calibration-rounds", type=int, default=4)
     ap.add_argument("--l0-tolerance", type=float, default=0.05)
     ap.add_argument("--saelab-extra", nargs="*", default=[], help="extra saelab-train overrides (saelab side only)")
     ap.add_argument("--skip-saelab", action="store_true")
