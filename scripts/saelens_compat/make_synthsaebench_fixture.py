@@ -68,10 +68,12 @@ def tree(model: SyntheticModel) -> tuple[torch.Tensor, list[list[int]]]:
 
 
 def chosen_pairs(model: SyntheticModel, parent: torch.Tensor) -> torch.Tensor:
-    """Pairs whose co-firing is compared: the 60 most correlated (by the copula) pairs of features firing more
-    than 2% of the time, the first 60 parent-child pairs, 30 grandparent-grandchild pairs, 30 fixed random pairs."""
+    """Pairs whose co-firing is compared: the 60 most correlated (by the copula) pairs of features without a
+    parent firing more than 2% of the time, the first 60 parent-child pairs, 30 grandparent-grandchild pairs, 30
+    fixed random pairs."""
     factor = model.correlation_matrix.correlation_factor
-    frequent = (model.activation_generator.firing_probabilities > 0.02).nonzero().squeeze(1)
+    free = (parent < 0) & (model.activation_generator.firing_probabilities > 0.02)
+    frequent = free.nonzero().squeeze(1)
     corr = (factor[frequent] @ factor[frequent].T).triu(1).abs()
     top = corr.flatten().topk(60).indices
     pairs = [(int(frequent[i // len(frequent)]), int(frequent[i % len(frequent)])) for i in top.tolist()]
