@@ -4,10 +4,11 @@ saelab's venv. Steps, each skipped when its output is already in OUT (so a stopp
 1. feed.py: the held-out set and scale (OUT/data/heldout.pt) and the training stream, normalised and in order,
    as raw float32 (OUT/data/stream.f32), from the stream saelab-train opens for the same overrides;
 2. saelab: one `saelab-train -m hydra/launcher=fanout` over every variant x L0 target x seed (OUT/saelab);
-3. SAELens: for the variants whose sparsity is a coefficient (relu, gated, jumprelu) the coefficient is first
-   calibrated to each L0 target on the first seed (secant steps on log coefficient against log held-out L0, full
-   budget: a SAELens user tunes it by hand; saelab's runs reach theirs with their L0 controller); then every
-   SAE trains at once (train_saelens.py in the sae-lens venv; OUT/saelens);
+3. SAELens (train_saelens.py in the sae-lens venv): the variants whose L0 is k (topk, batchtopk, matryoshka)
+   train at once (OUT/saelens_k) while, for those whose sparsity is a coefficient (relu, gated, jumprelu), the
+   coefficient is calibrated to each L0 target on the first seed (full budget, log-log interpolation of held-out
+   L0 against the coefficient: a SAELens user tunes it by hand; saelab's runs reach theirs with their L0
+   controller); then those train at the calibrated coefficients (OUT/saelens_coefficient);
 4. score.py: both sides scored by saelab's held-out and ground-truth metrics; OUT/crosscheck.{md,csv}.
 
     python crosscheck.py --venv SAELENS_VENV --out OUT [--variants ...] [--l0 8 16] [--seeds 0 1 2]
@@ -23,6 +24,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,8 +76,16 @@ def calibrate(args, d_sae: int) -> dict[tuple[str, float], float]:
     x3 are trained too, to find the slope)."""
     log_file = args.out / "saelens_calibration" / "calibration.json"
     history: dict[str, list] = json.loads(log_file.read_text()) if log_file.exists() else {}
-    for key in [k for k in history if k not in COEFFICIENT_VARIANTS]:  # older layout: variant_target
-        history.setdefault(key.rsplit("_", 1)[0], []).extend(history.pop(key))
+    for round_dir in sorted((args.out / "saelens_calibration").glob("round*")):  # rounds a stopped run finished
+        done = round_dir / "saelens_l0.json"
+        if not done.exists():
+            continue
+        l0s = json.loads(done.read_text())
+        for plan_file in round_dir.glob("plan_*.json"):
+            for e in json.loads(plan_file.read_text()):
+                point = [e["value"], l0s[e["name"]]] if e["name"] in l0s else None
+                if point and point not in history.setdefault(e["arch"], []):
+                    history[e["arch"]].append(point)
     variants = [v for v in args.variants if v in COEFFICIENT_VARIANTS]
 
     def close(v: str, t: float) -> bool:
@@ -180,16 +190,28 @@ def main() -> int:
         (args.out / "saelab" / "done").write_text("")
     timings["saelab_s"] = time.time() - started
 
+    # SAELens: the variants whose L0 is k train at once, beside the calibration of the others (a second process).
     started = time.time()
+    k_family = [v for v in args.variants if v not in COEFFICIENT_VARIANTS]
+    k_dir = args.out / "saelens_k"
+    k_run = None
+    if k_family and not (k_dir / "plan.json").exists():
+        plan = [entry(v, t, s, t, d_sae) for v in k_family for t in args.l0 for s in args.seeds]
+        k_run = threading.Thread(target=lambda: (saelens_train(args, plan, k_dir),
+                                                 (k_dir / "plan.json").write_text(json.dumps(plan, indent=1))))
+        k_run.start()
     coefficients = calibrate(args, d_sae)
     timings["saelens_calibration_s"] = time.time() - started
-    started = time.time()
-    final = args.out / "saelens"
-    if not (final / "plan.json").exists():
-        plan = [entry(v, t, s, coefficients.get((v, t), t), d_sae)
-                for v in args.variants for t in args.l0 for s in args.seeds]
-        saelens_train(args, plan, final)
-        (final / "plan.json").write_text(json.dumps(plan, indent=1))
+    c_dir = args.out / "saelens_coefficient"
+    c_family = [v for v in args.variants if v in COEFFICIENT_VARIANTS]
+    if c_family and not (c_dir / "plan.json").exists():
+        plan = [entry(v, t, s, coefficients[(v, t)], d_sae) for v in c_family for t in args.l0 for s in args.seeds]
+        saelens_train(args, plan, c_dir)
+        (c_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+    if k_run is not None:
+        k_run.join()
+        if not (k_dir / "plan.json").exists():
+            raise SystemExit("SAELens training of " + ", ".join(k_family) + " failed (see above)")
     timings["saelens_s"] = time.time() - started
 
     started = time.time()

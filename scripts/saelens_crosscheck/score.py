@@ -2,7 +2,8 @@
 
     score.py OUT [overrides]
 
-Every SAELens SAE under OUT/saelens/<name> (saved by train_saelens.py, inputs in saelab's normalised units) is
+Every SAELens SAE under OUT/saelens*/<name> (directories with a plan.json; saved by train_saelens.py, inputs in
+saelab's normalised units) is
 measured exactly as a saelab run measures itself at its end: `saelab.run.evaluation.held_out_metrics` on the
 held-out activations of the stream the overrides open (reconstruction metrics, then
 `saelab.metrics.ground_truth.ground_truth_metrics` on the same encode). saelab's runs (OUT/saelab/<job>/
@@ -54,22 +55,30 @@ class Normalised(nn.Module):
 def score_saelens(out: Path, overrides: list[str]) -> list[dict]:
     from feed import open_stream
 
+    cfg, stream, hook = open_stream(overrides)
+    rows = []
+    for plan_file in sorted(out.glob("saelens*/plan.json")):
+        rows += score_dir(plan_file.parent, cfg, stream, hook)
+    return rows
+
+
+def score_dir(directory: Path, cfg, stream, hook: str) -> list[dict]:
     from saelab.run.evaluation import held_out_metrics
     from saelab.saes.saelens_format import load_exported
 
-    plan = json.loads((out / "saelens" / "plan.json").read_text())
-    own_l0 = json.loads((out / "saelens" / "saelens_l0.json").read_text())
-    cfg, stream, hook = open_stream(overrides)
+    plan = json.loads((directory / "plan.json").read_text())
+    own_l0 = json.loads((directory / "saelens_l0.json").read_text())
     rows = []
     for entry in plan:
-        exported = load_exported(out / "saelens" / entry["name"])
+        exported = load_exported(directory / entry["name"])
         metrics, _ = held_out_metrics(Normalised(exported), stream, hook, None, int(cfg.eval.batch_size))
         if abs(metrics["l0"] - own_l0[entry["name"]]) > 1e-3 * max(1.0, own_l0[entry["name"]]):
             print(f"warning: {entry['name']}: L0 {metrics['l0']:.4f} in saelab's reading of the export, "
                   f"{own_l0[entry['name']]:.4f} in SAELens's own forward", file=sys.stderr)
         variant = entry["arch"] + (f" [{entry['tag']}]" if entry.get("tag") else "")
         rows.append({"impl": "SAELens", "variant": variant, "target_l0": float(entry["target_l0"]),
-                     "seed": int(entry["seed"]), "coefficient": entry["value"], "run": entry["name"],
+                     "seed": int(entry["seed"]), "coefficient": entry["value"],
+                     "run": f"{directory.name}/{entry['name']}",
                      **{m: metrics.get(m, math.nan) for m in METRICS}})
     return rows
 
@@ -181,7 +190,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str]) -> int:
     out, overrides = Path(argv[0]), argv[1:]
     torch.set_num_threads(1)
-    rows = read_saelab(out) + (score_saelens(out, overrides) if (out / "saelens" / "plan.json").exists() else [])
+    rows = read_saelab(out) + score_saelens(out, overrides)
     write_csv(out / "runs.csv", rows)
     table = compare(rows)
     write_csv(out / "crosscheck.csv", table)
