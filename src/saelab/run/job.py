@@ -24,6 +24,7 @@ from saelab.errors import ConfigError
 from saelab.run import precision
 from saelab.run.loggers import quiet_third_party
 from saelab.run.validation import check_run_config
+from saelab.run.world_sparsity import fit_sparsity_to_world
 
 log = logging.getLogger("saelab")
 
@@ -105,6 +106,7 @@ def prepare_job(cfg: DictConfig) -> Job:
         resume_from=resume_path(cfg.get("ckpt_path"), run_dir),
         log_files=[Path(h.baseFilename) for h in root.handlers if isinstance(h, logging.FileHandler)],
     )
+    fit_sparsity_to_world(job.cfg, overrides, job.source.mean_l0)
     check_sae_config(job)
     return job
 

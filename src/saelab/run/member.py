@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError, check_bool, check_choice, check_count, check_positive
+from saelab.run.l0_control import L0ControlConfig, L0Controller
 from saelab.run.nonfinite import NonFiniteWatch
 from saelab.saes.base import SAE, TrainStep
 
 log = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
-L0_RATE = 0.02  # sae.target_l0's controller: the log-coefficient moves by this times the relative L0 error a step
 # Precisions a member applies itself (autocast around its own loss); any other runs through Lightning's
 # precision plugin and is then the same for the whole group.
 MEMBER_PRECISIONS = {"32-true": None, "32": None, 32: None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
@@ -50,14 +50,15 @@ class SAEMember(nn.Module):
     def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
                  nan_policy: str = "stop", compile: bool = False, hook: str | None = None,
                  precision: str | int = "32-true", gradient_clip_val: float | None = None, name: str = "0",
-                 target_hook: str | None = None):
+                 target_hook: str | None = None, l0_control: Mapping[str, Any] | None = None):
         """`nan_policy`: what a non-finite loss term does: "stop" ends this member (FloatingPointError naming
         the step and the term; the group goes on without it); "skip" drops its batch (no update) and warns.
         `compile`: run the SAE's training loss through torch.compile (fuses the elementwise work of the
         autograd path, which is what runs under bf16 autocast on CUDA). `hook`: the key of this member's
         activations in a batch (None: batches are plain tensors); `target_hook` the key of a transcoder's
         target activations. `precision`: the member's autocast ("bf16-mixed") or none ("32-true"); `name`
-        labels it in log lines (the job number in a sweep)."""
+        labels it in log lines (the job number in a sweep). `l0_control`: the l0_control section, the settings
+        of sae.target_l0's controller (run/l0_control.py; None: its defaults)."""
         super().__init__()
         check_choice("nan_policy", nan_policy, NAN_POLICIES)
         self.nan_policy, self.hook, self.target_hook, self.name = nan_policy, hook, target_hook, str(name)
@@ -73,11 +74,12 @@ class SAEMember(nn.Module):
         if target_hook is not None:  # a transcoder's target has its own scale, folded into the export's output side
             self.register_buffer("target_scale", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
-        # sae.target_l0: the factor the controller applies to the sparsity coefficient (kept on the device,
-        # saved in checkpoints so a resumed run continues the same trajectory).
-        self.register_buffer("sparsity_gain", torch.ones((), dtype=torch.float64))
-        # Only a variant with a sparsity coefficient is controlled (TopK's k already is its L0).
-        self.target_l0 = getattr(sae.cfg, "target_l0", None) if "sparsity" in sae.scheduled_coefficients else None
+        # sae.target_l0: the controller of the sparsity coefficient. Only a variant with a sparsity coefficient
+        # is controlled (TopK's k already is its L0).
+        target_l0 = getattr(sae.cfg, "target_l0", None) if "sparsity" in sae.scheduled_coefficients else None
+        self.l0_controller = None if target_l0 is None else L0Controller(
+            target_l0, L0ControlConfig.from_config(l0_control),
+            start_step=int(getattr(sae.cfg, "sparsity_warmup_steps", 0)), max_steps=self.max_steps)
         self.loggers: list = []  # this member's experiment loggers (one W&B run / CSV file per job)
         self.failure: BaseException | None = None  # set when the member stops (its job then fails alone)
         # Non-finite losses on an accelerator are noted on the device and read on logging steps (nonfinite.py);
@@ -92,6 +94,11 @@ class SAEMember(nn.Module):
         return self.target_hook if self.target_hook is not None else self.hook
 
     @property
+    def target_l0(self) -> float | None:
+        """sae.target_l0 where a controller adapts the sparsity coefficient to it, else None."""
+        return None if self.l0_controller is None else self.l0_controller.target
+
+    @property
     def alive(self) -> bool:
         return self.failure is None
 
@@ -102,19 +109,9 @@ class SAEMember(nn.Module):
             name: value * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
             for name, (value, warmup) in self.sae.scheduled_coefficients.items()
         }
-        if self.target_l0 is not None and "sparsity" in values:
-            values["sparsity"] = values["sparsity"] * self.sparsity_gain.float()
+        if self.l0_controller is not None and "sparsity" in values:
+            values["sparsity"] = values["sparsity"] * self.l0_controller.gain.float()
         return values
-
-    @torch.no_grad()
-    def control_l0(self, l0: Tensor, step: int) -> None:
-        """sae.target_l0: lambda <- lambda exp(L0_RATE (L0 - target) / target) after each step past the
-        coefficient's warm-up (integral control on log lambda: the gain grows while L0 is above the target and
-        shrinks while it is below). The batch L0 is noisy; the small rate averages it over ~1/L0_RATE steps."""
-        if step < int(getattr(self.sae.cfg, "sparsity_warmup_steps", 0)):
-            return
-        error = (l0.double() - self.target_l0) / self.target_l0
-        self.sparsity_gain.mul_(torch.exp(L0_RATE * error.clamp(-1, 1))).clamp_(1e-4, 1e4)
 
     def autocast(self, device_type: str):
         """The member's mixed-precision context for its forward (none in float32)."""
@@ -154,8 +151,10 @@ class SAEMember(nn.Module):
             self.sae.record_fired(fired.bool(), n_tokens)
             if active is not None:
                 out.extras["l0"] = active.float() / n_tokens  # logged as train/l0
-            if self.target_l0 is not None:
-                self.control_l0(out.extras["l0"], step)
+            if self.l0_controller is not None:
+                self.l0_controller.update(out.extras["l0"], step)
+                if with_l0:
+                    out.extras |= self.l0_controller.logs(step)
         return loss, out
 
     def defers_checks(self, batch: Tensor) -> bool:
@@ -226,7 +225,7 @@ class SAEMember(nn.Module):
 
 
 def check_member_config(cfg: Mapping[str, Any]) -> None:
-    """What a member trains with: the optim section, dead_window_tokens, nan_policy and compile."""
+    """What a member trains with: the optim section, dead_window_tokens, nan_policy, compile and l0_control."""
     optim = cfg["optim"]
     check_positive("optim.lr", optim["lr"])
     betas = optim.get("betas")
@@ -240,3 +239,4 @@ def check_member_config(cfg: Mapping[str, Any]) -> None:
     check_count("dead_window_tokens", cfg["dead_window_tokens"])
     check_choice("nan_policy", cfg.get("nan_policy", "stop"), NAN_POLICIES)
     check_bool("compile", cfg.get("compile", False))
+    L0ControlConfig.from_config(cfg.get("l0_control"))

@@ -165,7 +165,8 @@ def _member(job: Job, sae, max_steps: int, stream: Stream) -> SAEMember:
     member = SAEMember(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")),
                        compile=bool(cfg.get("compile", False)), hook=job.hook, target_hook=job.target_hook,
                        precision=cfg.trainer.get("precision", "32-true"),
-                       gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num))
+                       gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num),
+                       l0_control=cfg.get("l0_control"))
     member.norm_scale.fill_(scale)
     target_scale = scales[job.target_hook] if job.target_hook is not None else None
     if target_scale is not None:

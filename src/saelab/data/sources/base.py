@@ -30,6 +30,12 @@ class DataSource(ABC):
         """The activations' width, for a source without a model (a model's hooks say it otherwise)."""
         return None
 
+    @property
+    def mean_l0(self) -> float | None:
+        """The expected number of true features firing per sample, for a source that knows its world (a
+        synthetic one): a variant with no explicit sparsity then trains at it (run/world_sparsity.py)."""
+        return None
+
     def __init__(self, data_cfg: Mapping[str, Any]):
         given = data_cfg.get("source", self.name)
         if given != self.name:

@@ -29,6 +29,10 @@ class SyntheticSource(DataSource):
     def d_in(self) -> int | None:
         return int(self.spec.d_in)
 
+    @property
+    def mean_l0(self) -> float:
+        return float(self.spec.mean_l0)  # the marginals are scaled to it exactly (data/synthetic.py)
+
     def own_key_inputs(self) -> dict[str, Any]:
         return asdict(self.spec)
 

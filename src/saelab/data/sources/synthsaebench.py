@@ -6,16 +6,25 @@ format (`data.synthsaebench.path`). The world is the ground truth the ground-tru
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
+import functools
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from saelab.data.sources.base import DataSource
-from saelab.data.synthsaebench import SynthSAEBenchSpec, world_of
+from saelab.data.synthsaebench import SynthSAEBenchSpec, build_world, load_world, world_of
 from saelab.data.synthsaebench.saelens_io import read_config
 from saelab.errors import ConfigError
 
 HOOK = "synthetic"
+
+
+@functools.cache
+def expected_l0(spec: SynthSAEBenchSpec) -> float:
+    """The world's expected L0 (copula aside): a built world's needs no orthogonalised directions, so they are
+    skipped; a saved world is loaded. Once per spec, however many jobs ask."""
+    world = load_world(spec.path) if spec.path is not None else build_world(replace(spec, orthogonalize_steps=0))
+    return world.expected_l0()
 
 
 class SynthSAEBenchSource(DataSource):
@@ -43,6 +52,10 @@ class SynthSAEBenchSource(DataSource):
         if self.saved is not None:
             return int(self.saved.get("seed") or 0)
         return int(self.spec.world_seed)
+
+    @property
+    def mean_l0(self) -> float:
+        return expected_l0(self.spec)
 
     def own_key_inputs(self) -> dict[str, Any]:
         if self.saved is not None:

@@ -1,0 +1,108 @@
+"""`sae.target_l0`'s controller: it adapts the sparsity coefficient during training until the batch L0 is the
+target, so a sweep compares variants at equal sparsity instead of at equal coefficients.
+
+The coefficient is lambda_t = lambda_0 g_t with a gain g_t set by proportional-integral control of log g:
+
+    I_{t+1} = I_t + k_i e_t,        log g_t = I_{t+1} + k_p e_t
+
+- Target schedule. T_t eases (a half cosine in log L0) from the first controlled batch's L0 -- the dense start,
+  where ~half the latents fire -- down to the target over `ramp_fraction` of the steps, then stays there.
+  Chasing a target ~100x below the current L0 at once winds the integral up: lambda keeps rising while the
+  encoder lags, L0 then falls through the target, and on real activations that is hard to undo (a Gated SAE's
+  closed gates get no gradient to reopen). Along the ramp L0 meets its target from above.
+- The ramp is an upper envelope, so the error is e_t = log(L0_t / T_t) above it, log(L0_t / target) below the
+  target, and 0 in between (L0 falling faster than the ramp on its own is no reason to lower lambda); clipped to
+  [-1, 1].
+- A strong proportional term: when L0 drifts below the target, lambda drops at once instead of at the
+  integral's pace, before more gates close. Measured on MiniLM (Gated, frozen decoder, 300 steps): k_p 0.5-1
+  ended 15% below the target at 24, k_p 3 within 5%.
+- Anti-windup: the integral is held while the gain sits at its bounds. Holding it through the learning rate's
+  final decay, or freezing the coefficient there, changed nothing measurable, so control simply goes on.
+
+Everything stays on the device: one small in-place update per step, no host read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saelab.errors import ConfigError, check_positive
+
+GAIN_BOUNDS = (1e-4, 1e4)  # the gain's range: far beyond what any run needs, so hitting it means no L0 can be reached
+
+
+@dataclass(frozen=True)
+class L0ControlConfig:
+    ramp_fraction: float = 0.4  # the target falls from the first L0 to sae.target_l0 over this fraction of the steps
+    proportional: float = 3.0  # k_p: log-gain per unit of log error, at once
+    integral: float = 0.03  # k_i: log-gain per unit of log error, accumulated every step
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> L0ControlConfig:
+        given = dict(section or {})
+        names = {f.name for f in fields(cls)}
+        for key in given:
+            if key not in names:
+                raise ConfigError(f"l0_control.{key}", given[key], "a field of " + ", ".join(sorted(names)))
+        cfg = cls(**given)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not 0 <= self.ramp_fraction < 1:
+            raise ConfigError("l0_control.ramp_fraction", self.ramp_fraction, "a fraction in [0, 1)")
+        check_positive("l0_control.proportional", self.proportional, allow_zero=True)
+        check_positive("l0_control.integral", self.integral)
+
+
+class L0Controller(nn.Module):
+    """The gain g_t on the sparsity coefficient (module docstring). Its state is in buffers, so a checkpoint
+    resumes the same trajectory."""
+
+    def __init__(self, target: float, cfg: L0ControlConfig, start_step: int, max_steps: int):
+        """`start_step`: the first step controlled (after the coefficient's warm-up)."""
+        super().__init__()
+        self.target, self.cfg, self.start_step = float(target), cfg, int(start_step)
+        self.ramp_steps = int(cfg.ramp_fraction * max_steps)
+        self.register_buffer("gain", torch.ones((), dtype=torch.float64))
+        self.register_buffer("accumulated", torch.zeros((), dtype=torch.float64))  # I_t
+        self.register_buffer("start_l0", torch.zeros((), dtype=torch.float64))  # 0: not yet seen
+        self.register_buffer("error", torch.zeros((), dtype=torch.float64))  # e_t, for the logs
+
+    def target_at(self, step: int) -> Tensor:
+        """T_t: geometric from the first controlled L0 (at least the target) to the target over the ramp."""
+        remaining = 1.0 - (step - self.start_step) / self.ramp_steps if self.ramp_steps > 0 else 0.0
+        if remaining <= 0:
+            return torch.full_like(self.start_l0, self.target)
+        remaining = min(remaining, 1.0)
+        remaining = 0.5 * (1 - math.cos(math.pi * remaining))  # eases into the target: no late push
+        start = self.start_l0.clamp(min=self.target)
+        return self.target * (start / self.target) ** remaining
+
+    @torch.no_grad()
+    def update(self, l0: Tensor, step: int) -> None:
+        """One control step from this batch's L0 (a device scalar)."""
+        if step < self.start_step:
+            return
+        l0 = l0.double().clamp(min=1e-2 * self.target)
+        self.start_l0.copy_(torch.where(self.start_l0 > 0, self.start_l0, l0))
+        # The ramp is an upper envelope: above it, lambda rises; between it and the target, nothing pushes
+        # (L0 falling faster than the ramp on its own is no reason to lower lambda); below the target, it falls.
+        above = torch.log(l0 / self.target_at(step)).clamp(min=0.0)
+        below = torch.log(l0 / self.target).clamp(max=0.0)
+        error = (above + below).clamp(-1.0, 1.0)
+        low, high = (math.log(b) for b in GAIN_BOUNDS)
+        pushing_out = ((self.gain >= GAIN_BOUNDS[1]) & (error > 0)) | ((self.gain <= GAIN_BOUNDS[0]) & (error < 0))
+        self.accumulated.add_(torch.where(pushing_out, 0.0, self.cfg.integral * error)).clamp_(low, high)
+        self.gain.copy_(torch.exp(self.accumulated + self.cfg.proportional * error).clamp(*GAIN_BOUNDS))
+        self.error.copy_(error)
+
+    def logs(self, step: int) -> dict[str, Tensor]:
+        """What a logging step records: the schedule's target now and the last log error."""
+        return {"l0_target": self.target_at(step).float(), "l0_error": self.error.float()}
