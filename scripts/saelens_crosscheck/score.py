@@ -26,9 +26,11 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-METRICS = ("l0", "fvu", "mcc", "firing_f1", "synthsaebench_f1", "dead_fraction")
+METRICS = ("l0", "fvu", "mcc", "firing_f1", "synthsaebench_f1", "dead_fraction", "batch_topk_synthsaebench_f1")
+BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")  # also scored by the batch top-k (SynthSAEBench's way)
 NAMES = {"relu": "ReLU/L1", "gated": "Gated", "jumprelu": "JumpReLU", "topk": "TopK", "batchtopk": "BatchTopK",
          "matryoshka_batchtopk": "Matryoshka BatchTopK"}
+SHORT = {"synthsaebench_f1": "sb_f1", "batch_topk_synthsaebench_f1": "bt_sb_f1"}
 VARIANT_OF_TARGET = {"ReluSAE": "relu", "GatedSAE": "gated", "JumpReLUSAE": "jumprelu", "TopKSAE": "topk",
                      "BatchTopKSAE": "batchtopk", "MatryoshkaBatchTopKSAE": "matryoshka_batchtopk"}
 
@@ -50,6 +52,23 @@ class Normalised(nn.Module):
 
     def output(self, x: Tensor, f: Tensor) -> Tensor:
         return self.exported.output(x, f)
+
+
+class BatchTopKExported(Normalised):
+    """A SAELens BatchTopK / Matryoshka export (its "jumprelu" inference form) scored by the batch top-k, as it
+    trained and as SynthSAEBench scores it: the B k largest ReLU'd pre-activations over each evaluation batch
+    (the export folds the decoder norms into W_enc, so these are the rescaled activations SAELens selects on), not
+    the learned threshold; saelab's side is its `eval.batch_topk` (BatchTopKView)."""
+
+    def __init__(self, exported: nn.Module, k: float):
+        super().__init__(exported)
+        self.k = int(round(k))
+
+    def encode(self, x: Tensor) -> Tensor:
+        e = self.exported
+        pre = ((x - e.b_dec) @ e.W_enc + e.b_enc).relu()
+        values, flat = pre.flatten().topk(min(pre.numel(), x.shape[0] * self.k))
+        return torch.zeros_like(pre).flatten().index_put_((flat,), values).view_as(pre)
 
 
 def score_saelens(out: Path, overrides: list[str]) -> list[dict]:
@@ -75,6 +94,10 @@ def score_dir(directory: Path, cfg, stream, hook: str) -> list[dict]:
         if abs(metrics["l0"] - own_l0[entry["name"]]) > 1e-3 * max(1.0, own_l0[entry["name"]]):
             print(f"warning: {entry['name']}: L0 {metrics['l0']:.4f} in saelab's reading of the export, "
                   f"{own_l0[entry['name']]:.4f} in SAELens's own forward", file=sys.stderr)
+        if entry["arch"] in BATCH_TOPK:
+            by_topk, _ = held_out_metrics(BatchTopKExported(exported, entry["target_l0"]), stream, hook, None,
+                                          int(cfg.eval.batch_size))
+            metrics |= {f"batch_topk_{name}": value for name, value in by_topk.items()}
         variant = entry["arch"] + (f" [{entry['tag']}]" if entry.get("tag") else "")
         rows.append({"impl": "SAELens", "variant": variant, "target_l0": float(entry["target_l0"]),
                      "seed": int(entry["seed"]), "coefficient": entry["value"],
@@ -160,10 +183,10 @@ def markdown(table: list[dict], title: str) -> str:
     lines = [f"## {title}", "",
              "Each cell: saelab / SAELens (mean ± sd over seeds) and d = (saelab - SAELens) / pooled sd "
              "(sqrt of the mean of the two variances); **bold** where |d| > 2. "
-             "`firing_f1`: saelab's one-to-one convention; `sb_f1`: SynthSAEBench's (every latent, nearest feature).",
+             "`firing_f1`: saelab's one-to-one convention; `sb_f1`: SynthSAEBench's (every latent, nearest feature); "
+             "`bt_sb_f1`: `sb_f1` with BatchTopK / Matryoshka encoding by the batch top-k (the paper's way).",
              "",
-             "| variant | L0 target | L0 | " + " | ".join(m if m != "synthsaebench_f1" else "sb_f1"
-                                                     for m in METRICS[1:]) + " |",
+             "| variant | L0 target | L0 | " + " | ".join(SHORT.get(m, m) for m in METRICS[1:]) + " |",
              "|---|---|---|" + "---|" * (len(METRICS) - 1)]
     for row in table:
         base, _, tag = row["variant"].partition(" [")

@@ -1,0 +1,52 @@
+"""The SAELens cross-check's pure-python parts (scripts/saelens_crosscheck/score.py): the batch top-k scoring of a
+SAELens BatchTopK export against saelab's own (eval.batch_topk), and the table's seed statistics."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.saes import build_sae
+from saelab.saes.saelens_format import export_sae, load_exported
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts" / "saelens_crosscheck"))
+import score  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
+
+
+@pytest.mark.parametrize("target", ["saelab.saes.batchtopk.BatchTopKSAE",
+                                    "saelab.saes.matryoshka_batchtopk.MatryoshkaBatchTopKSAE"])
+def test_batch_topk_of_an_export_is_saelabs_batch_topk(tmp_path, target):
+    """score.py's BatchTopKExported on a BatchTopK export selects what saelab's encode_batch_topk selects on the
+    same weights: the batch's B k largest ReLU'd pre-activations (and not the export's learned threshold)."""
+    torch.manual_seed(0)
+    sae = build_sae({"_target_": target, "d_in": 16, "d_sae": 64, "k": 4})
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.threshold.fill_(0.5)
+    x = torch.randn(32, 16)
+    exported = load_exported(export_sae(sae, 1.0, tmp_path / "sae", {}))
+    view = score.BatchTopKExported(exported, 4.0)
+    f = view.encode(x)
+    assert torch.allclose(f, sae.encode_batch_topk(x), atol=1e-5)
+    assert int((f > 0).sum()) == 32 * 4
+    assert not torch.equal(f, exported.encode(x))  # the threshold's encoding differs
+    assert torch.allclose(view.output(x, f), sae.output(x, f), atol=1e-5)
+
+
+def test_compare_reports_the_difference_in_pooled_seed_sds():
+    rows = [{"impl": impl, "variant": "topk", "target_l0": 25.0, **{m: math.nan for m in score.METRICS}} | {"mcc": v}
+            for impl, values in (("saelab", (0.90, 0.92, 0.94)), ("SAELens", (0.80, 0.81, 0.82))) for v in values]
+    (row,) = score.compare(rows)
+    assert row["mcc_saelab_mean"] == pytest.approx(0.92) and row["mcc_SAELens_mean"] == pytest.approx(0.81)
+    pooled = math.sqrt((0.02 ** 2 + 0.01 ** 2) / 2)
+    assert row["mcc_d_pooled"] == pytest.approx(0.11 / pooled)
+    assert row["mcc_welch_t"] == pytest.approx(0.11 / math.sqrt(0.02 ** 2 / 3 + 0.01 ** 2 / 3))
+    assert math.isnan(row["fvu_d_pooled"])
+    assert "**+" in score.markdown([row], "t")  # |d| > 2 is bold
