@@ -50,3 +50,24 @@ def test_compare_reports_the_difference_in_pooled_seed_sds():
     assert row["mcc_welch_t"] == pytest.approx(0.11 / math.sqrt(0.02 ** 2 / 3 + 0.01 ** 2 / 3))
     assert math.isnan(row["fvu_d_pooled"])
     assert "**+" in score.markdown([row], "t")  # |d| > 2 is bold
+
+
+def test_paper_table_takes_the_papers_f1_convention_per_variant():
+    """paper_table.py: F1 is the batch top-k's for BatchTopK / Matryoshka and synthsaebench_f1 otherwise, beside
+    the paper's numbers; other L0 targets are left out."""
+    import paper_table
+
+    def run(variant, impl, seed, l0=25.0):
+        return {"impl": impl, "variant": variant, "target_l0": str(l0), "seed": str(seed), "l0": "25",
+                "mcc": "0.5", "fvu": "0.2", "dead_fraction": "0", "synthsaebench_f1": "0.1",
+                "batch_topk_synthsaebench_f1": "0.9" if variant in paper_table.BATCH_TOPK else ""}
+
+    rows = [run(v, impl, s) for v in ("batchtopk", "relu") for impl in ("saelab", "SAELens") for s in (0, 1)]
+    text = paper_table.table(rows + [run("relu", "saelab", 0, l0=8.0) | {"mcc": "9"}], 25.0)
+    lines = text.splitlines()
+    assert "| BatchTopK | paper (200M samples) | 5 | 25 | 0.732 | 0.757 | - | - |" in lines
+    same = "0.500 ± 0.000 | 0.200 ± 0.000 | 0.000 ± 0.000 |"
+    assert "| BatchTopK | saelab | 2 | 25.0 ± 0.0 | 0.900 ± 0.000 | " + same in lines
+    assert "| Standard L1 | SAELens | 2 | 25.0 ± 0.0 | 0.100 ± 0.000 | " + same in lines
+    assert "9.000" not in text and "Matryoshka BatchTopK | paper" in text
+    assert "Matryoshka BatchTopK | saelab" not in text
