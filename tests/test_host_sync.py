@@ -26,6 +26,8 @@ OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
 VARIANTS = {
     "relu": {"_target_": "saelab.saes.relu.ReluSAE", "sparsity_coefficient": 0.1},
     "gated": {"_target_": "saelab.saes.gated.GatedSAE", "sparsity_coefficient": 0.1},
+    # sae.target_l0's controller (run/l0_control.py) updates lambda on the device every step
+    "gated_target_l0": {"_target_": "saelab.saes.gated.GatedSAE", "sparsity_coefficient": 0.1, "target_l0": 4},
     "jumprelu": {"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "sparsity_coefficient": 0.1, "bandwidth": 0.1},
     "topk": {"_target_": "saelab.saes.topk.TopKSAE", "k": 4, "k_aux": 8, "dead_window_tokens": 50},
     "batchtopk": {"_target_": "saelab.saes.batchtopk.BatchTopKSAE", "k": 4, "k_aux": 8, "dead_window_tokens": 50},
