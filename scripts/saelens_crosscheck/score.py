@@ -107,20 +107,21 @@ def score_dir(directory: Path, cfg, stream, hook: str) -> list[dict]:
 
 
 def read_saelab(out: Path) -> list[dict]:
-    """saelab's runs under OUT/saelab; a run whose overrides differ from the others' in more than the variant, L0
-    target and seed (an ablation sweep) is labelled with those overrides, e.g. "topk [sae.decoder_init_norm=0.1]"."""
+    """saelab's runs under OUT/saelab (any depth); a run whose overrides differ from those of the other runs of its
+    variant in more than the L0 target and seed (an ablation sweep) is labelled with those overrides, e.g.
+    "topk [sae.decoder_init_norm=0.1]"; a recipe knob a whole variant shares (e.g. JumpReLU's runs at another
+    decoder_init_norm, trained in their own sweep) is not a label."""
     rows, jobs = [], []
     for metrics_file in sorted((out / "saelab").glob("**/metrics.json")):
         job = metrics_file.parent
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
-        jobs.append((job, metrics_file, [o for o in overrides
-                                         if o.split("=", 1)[0] not in ("seed", "sae", "sae.target_l0")]))
-    common = set.intersection(*(set(o) for _, _, o in jobs)) if jobs else set()
-    for job, metrics_file, overrides in jobs:
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        jobs.append((job, metrics_file, cfg, VARIANT_OF_TARGET[cfg["sae"]["_target_"].rsplit(".", 1)[1]],
+                     [o for o in overrides if o.split("=", 1)[0] not in ("seed", "sae", "sae.target_l0")]))
+    common = {v: set.intersection(*(set(o) for _, _, _, w, o in jobs if w == v)) for v in {j[3] for j in jobs}}
+    for job, metrics_file, cfg, variant, overrides in jobs:
         sae = cfg["sae"]
-        variant = VARIANT_OF_TARGET[sae["_target_"].rsplit(".", 1)[1]]
-        own = [o for o in overrides if o not in common]
+        own = [o for o in overrides if o not in common[variant]]
         if own:
             variant += f" [{' '.join(own)}]"
         metrics = json.loads(metrics_file.read_text())
