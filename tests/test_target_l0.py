@@ -74,7 +74,7 @@ def test_the_controller_settles_on_real_activations_from_a_dense_start(tmp_path)
     for i, doc in enumerate(pydocs_documents()[:800]):  # ~50k tokens: the activations are reused over epochs
         (corpus / f"{i:04d}.txt").write_text(doc)
     result = run_cli(["data=text_files", f"data.path={corpus}", "sae=gated", "sae.target_l0=24",
-                      "data.train_tokens=153600", "eval.spliced_windows=0", "eval.tokens=8192",
+                      "data.train_tokens=153600", "eval.spliced_windows=0", "eval.tokens=4096",
                       "logger=csv", f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run",
                       "callbacks.progress_bar.refresh_rate=0"])
     assert result.returncode == 0, result.stderr[-3000:]

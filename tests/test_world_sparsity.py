@@ -55,7 +55,7 @@ def test_synthsaebench_knows_its_expected_l0():
 def test_topk_on_the_synthetic_world_trains_k_at_its_mean_l0(tmp_path):
     """`saelab-train data=synthetic sae=topk` with nothing else: k = 8 (the world's mean L0), not the YAML's 32;
     the run's held-out L0 says so."""
-    result = run_cli(["data=synthetic", "sae=topk", "data.train_tokens=51200", "logger=none",
+    result = run_cli(["data=synthetic", "sae=topk", "data.train_tokens=51200", "eval.tokens=4096", "logger=none",
                       f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run",
                       "callbacks.progress_bar.refresh_rate=0"])
     assert result.returncode == 0, result.stderr[-3000:]
