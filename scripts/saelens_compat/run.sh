@@ -5,12 +5,7 @@
 # wheel). Usage, from the project root:  bash scripts/saelens_compat/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VENV=${SAELENS_VENV:-$HOME/.cache/saelab/saelens-venv}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import sae_lens" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q sae-lens
-fi
+source scripts/saelens_compat/venv.sh  # sets VENV, made on first use
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 .venv/bin/python scripts/saelens_compat/export_layouts.py "$OUT" > /dev/null

@@ -10,12 +10,7 @@
 #        -- [data overrides: data=synthetic (default), data.train_tokens=..., data.synthetic.*=...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VENV=${SAELENS_VENV:-$HOME/.cache/saelab/saelens-venv}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import sae_lens" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q sae-lens
-fi
+source scripts/saelens_compat/venv.sh  # sets VENV, made on first use
 has_out=0
 for a in "$@"; do [ "$a" = "--out" ] && has_out=1; done
 extra=()

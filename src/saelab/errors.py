@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -61,3 +61,12 @@ def check_integer(field: str, value: Any) -> None:
     """An integer of any sign (a seed); 2e6-style integral floats are integers."""
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
         raise ConfigError(field, value, "an integer")
+
+
+def check_known_fields(prefix: str, given: Mapping[str, Any], known: Iterable[str]) -> None:
+    """A config section read into a dataclass: a key it does not have is refused by name (a typo would otherwise be
+    dropped silently or fail as a TypeError)."""
+    names = sorted(known)
+    for key in sorted(given):
+        if key not in names:
+            raise ConfigError(f"{prefix}.{key}", given[key], "a field of " + ", ".join(names))

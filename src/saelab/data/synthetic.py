@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.errors import ConfigError, check_positive
+from saelab.errors import ConfigError, check_known_fields, check_positive
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,8 @@ class SyntheticSpec:
 
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> SyntheticSpec:
-        names = {f.name for f in fields(cls)}
         given = dict(data_cfg.get("synthetic") or {})
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise ConfigError(f"data.synthetic.{unknown[0]}", given[unknown[0]],
-                              "a field of " + ", ".join(sorted(names)))
+        check_known_fields("data.synthetic", given, (f.name for f in fields(cls)))
         spec = cls(**given)
         spec.validate()
         return spec

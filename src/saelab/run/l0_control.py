@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_positive
+from saelab.errors import ConfigError, check_known_fields, check_positive
 
 GAIN_BOUNDS = (1e-4, 1e4)  # the gain's range: far beyond what any run needs, so hitting it means no L0 can be reached
 
@@ -49,10 +49,7 @@ class L0ControlConfig:
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> L0ControlConfig:
         given = dict(section or {})
-        names = {f.name for f in fields(cls)}
-        for key in given:
-            if key not in names:
-                raise ConfigError(f"l0_control.{key}", given[key], "a field of " + ", ".join(sorted(names)))
+        check_known_fields("l0_control", given, (f.name for f in fields(cls)))
         cfg = cls(**given)
         cfg.validate()
         return cfg

@@ -5,8 +5,8 @@ format (`data.synthsaebench.path`). The world is the ground truth the ground-tru
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import functools
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any

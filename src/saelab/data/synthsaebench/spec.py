@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from saelab.errors import ConfigError, check_integer, check_positive
+from saelab.errors import ConfigError, check_integer, check_known_fields, check_positive
 
 PREFIX = "data.synthsaebench"
 
@@ -42,11 +42,8 @@ class SynthSAEBenchSpec:
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> SynthSAEBenchSpec:
         """The spec of `data_cfg["synthsaebench"]` (absent fields take the defaults), checked."""
-        names = {f.name for f in fields(cls)}
         given = dict(data_cfg.get("synthsaebench") or {})
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise ConfigError(f"{PREFIX}.{unknown[0]}", given[unknown[0]], "a field of " + ", ".join(sorted(names)))
+        check_known_fields(PREFIX, given, (f.name for f in fields(cls)))
         spec = cls(**given)
         spec.validate()
         return spec
