@@ -76,12 +76,13 @@ class L0Controller(nn.Module):
         self.register_buffer("error", torch.zeros((), dtype=torch.float64))  # e_t, for the logs
 
     def target_at(self, step: int) -> Tensor:
-        """T_t: geometric from the first controlled L0 (at least the target) to the target over the ramp."""
+        """T_t: from the first controlled L0 (at least the target) down to the target over the ramp, along a half
+        cosine in log L0 (steep in the middle, flat at both ends)."""
         remaining = 1.0 - (step - self.start_step) / self.ramp_steps if self.ramp_steps > 0 else 0.0
         if remaining <= 0:
             return torch.full_like(self.start_l0, self.target)
         remaining = min(remaining, 1.0)
-        remaining = 0.5 * (1 - math.cos(math.pi * remaining))  # eases into the target: no late push
+        remaining = 0.5 * (1 - math.cos(math.pi * remaining))
         start = self.start_l0.clamp(min=self.target)
         return self.target * (start / self.target) ** remaining
 
