@@ -57,7 +57,7 @@ def test_between_the_ramp_and_the_target_nothing_pushes():
     assert ctl.error.item() == pytest.approx(math.log(0.5)) and ctl.gain.item() < 1.0
 
 
-def test_the_integral_is_held_at_the_gains_bounds():
+def test_the_integral_is_clamped_to_the_gains_bounds():
     ctl = L0Controller(1.0, L0ControlConfig(ramp_fraction=0.0, proportional=0.0, integral=1.0), 0, 100)
     for step in range(50):
         ctl.update(torch.tensor(1000.0), step)

@@ -14,17 +14,21 @@ from saelab.run.world_sparsity import fit_sparsity_to_world
 from tests.conftest import run_cli
 
 
-def _cfg(*overrides: str):
-    return compose_run_config(["data=synthetic", *overrides])
+class _UnaskedWorld:
+    """A source whose mean L0 must not be asked for (a SynthSAEBench world would compute it for nothing)."""
+
+    @property
+    def mean_l0(self) -> float:
+        raise AssertionError("mean_l0 read although the sparsity was given")
 
 
 @pytest.mark.parametrize("variant", ["relu", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"])
 def test_a_variant_without_explicit_sparsity_trains_at_the_worlds_mean_l0(variant):
     overrides = ["data=synthetic", f"sae={variant}", "data.synthetic.mean_l0=5"]
     cfg = compose_run_config(overrides)
-    mean_l0 = build_source(cfg.data).mean_l0
-    assert mean_l0 == 5
-    assert fit_sparsity_to_world(cfg, overrides, mean_l0) == 5
+    source = build_source(cfg.data)
+    assert source.mean_l0 == 5
+    assert fit_sparsity_to_world(cfg, overrides, source) == 5
     assert cfg.sae.target_l0 == 5
 
 
@@ -35,14 +39,15 @@ def test_an_explicit_sparsity_is_kept(explicit):
     overrides = ["data=synthetic", f"sae={variant}", explicit]
     cfg = compose_run_config(overrides[:2] + ([] if explicit.startswith("+") else [explicit]))
     before = OmegaConf.to_container(cfg.sae)
-    assert fit_sparsity_to_world(cfg, overrides, 8.0) is None
+    assert fit_sparsity_to_world(cfg, overrides, _UnaskedWorld()) is None
     assert OmegaConf.to_container(cfg.sae) == before
 
 
 def test_a_model_source_has_no_world_to_fit():
     cfg = compose_run_config(["sae=topk"])
-    assert build_source(cfg.data).mean_l0 is None
-    assert fit_sparsity_to_world(cfg, ["sae=topk"], None) is None and cfg.sae.target_l0 is None
+    source = build_source(cfg.data)
+    assert source.mean_l0 is None
+    assert fit_sparsity_to_world(cfg, ["sae=topk"], source) is None and cfg.sae.target_l0 is None
 
 
 def test_synthsaebench_knows_its_expected_l0():

@@ -106,7 +106,7 @@ def prepare_job(cfg: DictConfig) -> Job:
         resume_from=resume_path(cfg.get("ckpt_path"), run_dir),
         log_files=[Path(h.baseFilename) for h in root.handlers if isinstance(h, logging.FileHandler)],
     )
-    fit_sparsity_to_world(job.cfg, overrides, job.source.mean_l0)
+    fit_sparsity_to_world(job.cfg, overrides, job.source)
     check_sae_config(job)
     return job
 

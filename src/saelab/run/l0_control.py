@@ -19,7 +19,8 @@ The coefficient is lambda_t = lambda_0 g_t with a gain g_t set by proportional-i
 - A fast integral (k_i 0.1): late in a run L0 drifts at a fixed lambda as the dictionary learns, and an
   integral lags a drift by drift / k_i. Measured (MiniLM, target 24): k_i 0.03 ended JumpReLU (eps 1e-4) 11% and
   the sigmoid-gated SAE 15-25% below the target, k_i 0.1 within 1-2% of it for both.
-- Anti-windup: the integral is held while the gain sits at its bounds. Holding it through the learning rate's
+- Anti-windup: the integral is clamped to the gain's bounds, so it never winds up past them. Holding it
+  through the learning rate's
   final decay, or freezing the coefficient there, changed nothing measurable, so control simply goes on.
 
 Everything stays on the device: one small in-place update per step, no host read.
@@ -98,9 +99,7 @@ class L0Controller(nn.Module):
         above = torch.log(l0 / self.target_at(step)).clamp(min=0.0)
         below = torch.log(l0 / self.target).clamp(max=0.0)
         error = (above + below).clamp(-1.0, 1.0)
-        low, high = (math.log(b) for b in GAIN_BOUNDS)
-        pushing_out = ((self.gain >= GAIN_BOUNDS[1]) & (error > 0)) | ((self.gain <= GAIN_BOUNDS[0]) & (error < 0))
-        self.accumulated.add_(torch.where(pushing_out, 0.0, self.cfg.integral * error)).clamp_(low, high)
+        self.accumulated.add_(self.cfg.integral * error).clamp_(*(math.log(b) for b in GAIN_BOUNDS))
         self.gain.copy_(torch.exp(self.accumulated + self.cfg.proportional * error).clamp(*GAIN_BOUNDS))
         self.error.copy_(error)
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, open_dict
 
+from saelab.data.sources import DataSource
+
 log = logging.getLogger(__name__)
 
 EXPLICIT_KEYS = ("sae.k", "sae.target_l0", "sae.sparsity_coefficient")
@@ -26,11 +28,13 @@ def explicit_sparsity(overrides: Sequence[str]) -> bool:
     return any(key in keys for key in EXPLICIT_KEYS)
 
 
-def fit_sparsity_to_world(cfg: DictConfig, overrides: Sequence[str], mean_l0: float | None) -> float | None:
-    """Set cfg.sae.target_l0 to the world's mean L0 where the module docstring says so; returns what it set."""
-    if mean_l0 is None or explicit_sparsity(overrides) or "target_l0" not in cfg.sae:
+def fit_sparsity_to_world(cfg: DictConfig, overrides: Sequence[str], source: DataSource) -> float | None:
+    """Set cfg.sae.target_l0 to the source's world's mean L0 where the module docstring says so; returns what it
+    set. The mean L0 is asked for only then (a SynthSAEBench world computes it)."""
+    if explicit_sparsity(overrides) or cfg.sae.get("target_l0", "absent") is not None:  # absent, or YAML-chosen
         return None
-    if cfg.sae.target_l0 is not None:  # an experiment's YAML chose it
+    mean_l0 = source.mean_l0
+    if mean_l0 is None:
         return None
     target = round(float(mean_l0), 2)
     with open_dict(cfg):
