@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.saes.base import build_sae
+from saelab.saes.base import build_sae, sae_config
 from saelab.saes.gated import UNTIED_ARCHITECTURE, GatedSAE
 from saelab.saes.saelens_format import export_sae, load_exported
 
@@ -227,3 +227,12 @@ def test_without_aux_loss_the_gate_collapses(one_thread):
     assert l0_none < 1.0, l0_none  # the sparsity term alone drives pi_gate below 0
     assert l0_frozen > 3.0, l0_frozen
     assert fvu_frozen < 0.5 * fvu_none, (fvu_frozen, fvu_none)
+
+
+def test_a_null_coefficient_starts_at_the_gates_own_lambda():
+    """sae.sparsity_coefficient null (gated.yaml's default): the Heaviside gate's L1 starts at 0.15, the sigmoid
+    gate's soft count, ~30x larger per latent, at 0.005; a given coefficient is kept whatever the gate."""
+    base = {"_target_": "saelab.saes.gated.GatedSAE", "d_in": 8, "d_sae": 16}
+    assert sae_config(base | {"sparsity_coefficient": None})[1].sparsity_coefficient == 0.15
+    assert sae_config(base | {"sparsity_coefficient": None, "gate": "sigmoid"})[1].sparsity_coefficient == 0.005
+    assert sae_config(base | {"sparsity_coefficient": 0.3, "gate": "sigmoid"})[1].sparsity_coefficient == 0.3

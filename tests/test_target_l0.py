@@ -75,8 +75,8 @@ def test_the_controller_settles_on_real_activations_from_a_dense_start(tmp_path)
         (corpus / f"{i:04d}.txt").write_text(doc)
     # decoder_init_norm 1.0 (the default until 2026-12-05): the regime in which the old controller was shown to
     # fail this test (its last batch L0s 12-14)
-    result = run_cli(["data=text_files", f"data.path={corpus}", "sae=gated", "sae.target_l0=24", "sae.decoder_init_norm=1.0",
-                      "data.train_tokens=153600", "eval.spliced_windows=0", "logger=csv",
+    result = run_cli(["data=text_files", f"data.path={corpus}", "sae=gated", "sae.target_l0=24",
+                      "sae.decoder_init_norm=1.0", "data.train_tokens=153600", "eval.spliced_windows=0", "logger=csv",
                       f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run",
                       "callbacks.progress_bar.refresh_rate=0"])
     assert result.returncode == 0, result.stderr[-3000:]
