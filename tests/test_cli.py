@@ -25,7 +25,7 @@ def _run_dirs(out: Path) -> list[Path]:
 
 def test_main_job_writes_a_complete_run_directory(tiny_model_dir, tiny_corpus_dir, tmp_path):
     out = tmp_path / "outputs"
-    result = run_cli([*tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "sae.sparsity_coefficient=0.01",
+    result = run_cli([*tiny_overrides(tiny_model_dir, tiny_corpus_dir, out), "sae.sparsity_coefficient=0.1",
                       "optim.lr=3e-3"])
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = _run_dirs(out)
