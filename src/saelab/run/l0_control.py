@@ -19,9 +19,9 @@ The coefficient is lambda_t = lambda_0 g_t with a gain g_t set by proportional-i
 - A fast integral (k_i 0.1): late in a run L0 drifts at a fixed lambda as the dictionary learns, and an
   integral lags a drift by drift / k_i. Measured (MiniLM, target 24): k_i 0.03 ended JumpReLU (eps 1e-4) 11% and
   the sigmoid-gated SAE 15-25% below the target, k_i 0.1 within 1-2% of it for both.
-- Anti-windup: the integral is clamped to the gain's bounds, so it never winds up past them. Holding it
-  through the learning rate's
-  final decay, or freezing the coefficient there, changed nothing measurable, so control simply goes on.
+- Anti-windup: the integral is clamped to the gain's bounds, so it never winds up past them. Holding it through
+  the learning rate's final decay, or freezing the coefficient there, changed nothing measurable, so control
+  simply goes on.
 
 Everything stays on the device: one small in-place update per step, no host read.
 """
