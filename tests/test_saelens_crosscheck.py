@@ -71,3 +71,33 @@ def test_paper_table_takes_the_papers_f1_convention_per_variant():
     assert "| Standard L1 | SAELens | 2 | 25.0 ± 0.0 | 0.100 ± 0.000 | " + same in lines
     assert "9.000" not in text and "Matryoshka BatchTopK | paper" in text
     assert "Matryoshka BatchTopK | saelab" not in text
+
+
+def _saelab_job(out: Path, name: str, sae: dict, overrides: list[str]) -> None:
+    import json
+
+    import yaml
+
+    job = out / "saelab" / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "sae": sae}))
+    (job / "metrics.json").write_text(json.dumps({"l0": 8.1, "mcc": 0.9}))
+
+
+def test_a_fixed_coefficient_run_is_compared_with_saelens_at_the_same_coefficient(tmp_path):
+    """A saelab run with no sae.target_l0 (SAELens's recipe at SAELens's own calibrated coefficient) takes the L0
+    target of the SAELens runs trained at that coefficient, and the coefficient is no variant label; a coefficient
+    SAELens never trained at is a one-line error naming the field."""
+    import json
+
+    (tmp_path / "saelens_coefficient").mkdir()
+    (tmp_path / "saelens_coefficient" / "plan.json").write_text(json.dumps(
+        [{"name": "gated_l08_s0", "arch": "gated", "target_l0": 8.0, "seed": 0, "value": 0.3623, "d_sae": 512}]))
+    gated = {"_target_": "saelab.saes.gated.GatedSAE", "target_l0": None, "sparsity_coefficient": 0.3623}
+    _saelab_job(tmp_path, "0", gated, ["sae=gated", "sae.sparsity_coefficient=0.3623", "seed=0"])
+    (row,) = score.read_saelab(tmp_path)
+    assert (row["variant"], row["target_l0"], row["coefficient"]) == ("gated", 8.0, 0.3623)
+    _saelab_job(tmp_path, "1", gated | {"sparsity_coefficient": 0.5}, ["sae=gated", "sae.sparsity_coefficient=0.5"])
+    with pytest.raises(SystemExit, match="sae.sparsity_coefficient 0.5 is none of SAELens's coefficients"):
+        score.read_saelab(tmp_path)

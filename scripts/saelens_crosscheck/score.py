@@ -110,23 +110,34 @@ def read_saelab(out: Path) -> list[dict]:
     """saelab's runs under OUT/saelab (any depth); a run whose overrides differ from those of the other runs of its
     variant in more than the L0 target and seed (an ablation sweep) is labelled with those overrides, e.g.
     "topk [sae.decoder_init_norm=0.1]"; a recipe knob a whole variant shares (e.g. JumpReLU's runs at another
-    decoder_init_norm, trained in their own sweep) is not a label."""
+    decoder_init_norm, trained in their own sweep) is not a label. A run at a fixed coefficient (no sae.target_l0)
+    is compared with the SAELens runs trained at that same coefficient: both implementations on one loss."""
     rows, jobs = [], []
     for metrics_file in sorted((out / "saelab").glob("**/metrics.json")):
         job = metrics_file.parent
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        not_labels = ("seed", "sae", "sae.target_l0", "sae.sparsity_coefficient")
         jobs.append((job, metrics_file, cfg, VARIANT_OF_TARGET[cfg["sae"]["_target_"].rsplit(".", 1)[1]],
-                     [o for o in overrides if o.split("=", 1)[0] not in ("seed", "sae", "sae.target_l0")]))
+                     [o for o in overrides if o.split("=", 1)[0] not in not_labels]))
+    calibrated = {(e["arch"], float(e["value"])): float(e["target_l0"])
+                  for plan in sorted(out.glob("saelens*/plan.json")) for e in json.loads(plan.read_text())}
     common = {v: set.intersection(*(set(o) for _, _, _, w, o in jobs if w == v)) for v in {j[3] for j in jobs}}
-    for job, metrics_file, cfg, variant, overrides in jobs:
-        sae = cfg["sae"]
+    for job, metrics_file, cfg, arch, overrides in jobs:
+        sae, variant = cfg["sae"], arch
         own = [o for o in overrides if o not in common[variant]]
         if own:
             variant += f" [{' '.join(own)}]"
         metrics = json.loads(metrics_file.read_text())
-        rows.append({"impl": "saelab", "variant": variant, "target_l0": float(sae["target_l0"]),
-                     "seed": int(cfg["seed"]), "coefficient": "", "run": str(job.relative_to(out)),
+        target, coefficient = sae["target_l0"], ""
+        if target is None:  # a fixed coefficient: compared with the SAELens runs trained at the same one
+            coefficient = float(sae["sparsity_coefficient"])
+            target = calibrated.get((arch, coefficient))
+            if target is None:
+                raise SystemExit(f"{job}: sae.target_l0 is null and sae.sparsity_coefficient {coefficient} is none of "
+                                 f"SAELens's coefficients under {out}/saelens*/plan.json: set either to compare")
+        rows.append({"impl": "saelab", "variant": variant, "target_l0": float(target),
+                     "seed": int(cfg["seed"]), "coefficient": coefficient, "run": str(job.relative_to(out)),
                      **{m: metrics.get(m, math.nan) for m in METRICS}})
     return rows
 
