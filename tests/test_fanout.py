@@ -301,3 +301,18 @@ def test_groups_split_by_count_and_by_memory(tmp_path, caplog):
     with caplog.at_level("INFO", logger="saelab"):
         assert [len(g) for g in make_groups(big, max_saes=8, memory_fraction=0.8)] == [1, 1]
     assert "split into 2 groups" in caplog.text
+
+
+def test_a_multirun_whose_every_job_fails_exits_non_zero(tmp_path):
+    """One failing job leaves the sweep going (the test above); when every job fails (here both are refused by
+    the config check before any training) the command exits non-zero with one line naming where the errors are,
+    so a script or CI notices."""
+    cmd = [sys.executable, "-m", "saelab.cli.train", "-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null",
+           "sae.expansion_factor=null", "seed=0,1", "trainer.max_steps=10", "logger=none",
+           f"paths.output_dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert result.returncode != 0
+    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
+    assert f"error: all 2 jobs of this multirun failed; each one's error is in {sweep_dir}/<job>/error.txt" in (
+        result.stderr.splitlines())
+    assert all("ConfigError" in (sweep_dir / job / "error.txt").read_text() for job in ("0", "1"))

@@ -84,6 +84,10 @@ class FanoutLauncher(Launcher):
         for ret, job in jobs:  # jobs no group trained (the grouping failed) return None, as failed jobs do
             if ret.return_value is job:
                 ret.return_value = None
+        failed = [ret for ret in returns if (Path(ret.hydra_cfg.hydra.runtime.output_dir) / "error.txt").is_file()]
+        if returns and len(failed) == len(returns):  # one job failing leaves the sweep going; all of them is an error
+            raise SystemExit(f"error: all {len(returns)} jobs of this multirun failed; each one's error is in "
+                             f"{self.config.hydra.sweep.dir}/<job>/error.txt")
         return returns
 
 
