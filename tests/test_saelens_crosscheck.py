@@ -3,12 +3,14 @@ SAELens BatchTopK export against saelab's own (eval.batch_topk), and the table's
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from saelab.saes import build_sae
 from saelab.saes.saelens_format import export_sae, load_exported
@@ -74,10 +76,7 @@ def test_paper_table_takes_the_papers_f1_convention_per_variant():
 
 
 def _saelab_job(out: Path, name: str, sae: dict, overrides: list[str]) -> None:
-    import json
-
-    import yaml
-
+    """A saelab run directory as score.read_saelab reads it: overrides, resolved config, metrics."""
     job = out / "saelab" / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -89,8 +88,6 @@ def test_a_fixed_coefficient_run_is_compared_with_saelens_at_the_same_coefficien
     """A saelab run with no sae.target_l0 (SAELens's recipe at SAELens's own calibrated coefficient) takes the L0
     target of the SAELens runs trained at that coefficient, and the coefficient is no variant label; a coefficient
     SAELens never trained at is a one-line error naming the field."""
-    import json
-
     (tmp_path / "saelens_coefficient").mkdir()
     (tmp_path / "saelens_coefficient" / "plan.json").write_text(json.dumps(
         [{"name": "gated_l08_s0", "arch": "gated", "target_l0": 8.0, "seed": 0, "value": 0.3623, "d_sae": 512}]))
