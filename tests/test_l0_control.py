@@ -57,6 +57,38 @@ def test_between_the_ramp_and_the_target_nothing_pushes():
     assert ctl.error.item() == pytest.approx(math.log(0.5)) and ctl.gain.item() < 1.0
 
 
+def test_the_integral_holds_while_l0_heads_for_the_target_fast_enough():
+    """hold_horizon h (the docstring's conditional integration): with m_t the EMA (0.9) of log L0 and s_t the EMA
+    (0.9) of its per-step change, the integral is held when e_t s_t < 0 and |s_t| h max_steps > |e_t|, else
+    I += k_i e_t. A fast fall towards the target is held, a slow drift above it and a fall through it are not."""
+    cfg = L0ControlConfig(ramp_fraction=0.0, proportional=0.0, integral=0.1, hold_horizon=0.2)
+    ctl = L0Controller(10.0, cfg, 0, 100)  # held while L0 would reach 10 within 20 steps at its current pace
+    l0s = [40.0 * 0.9 ** t for t in range(20)] + [30.0 * 0.999 ** t for t in range(40)]
+    m = s = None
+    integral, held = 0.0, []
+    for step, l0 in enumerate(l0s):
+        ctl.update(torch.tensor(l0), step)
+        previous = math.log(l0) if m is None else m
+        m = 0.9 * previous + 0.1 * math.log(l0)
+        s = 0.9 * (s or 0.0) + 0.1 * (m - previous)
+        error = max(-1.0, min(1.0, math.log(l0 / 10.0)))
+        hold = error * s < 0 and abs(s) * 20 > abs(error)
+        held.append(hold)
+        integral += 0.0 if hold else 0.1 * error
+        assert ctl.accumulated.item() == pytest.approx(integral, rel=1e-6), step
+    assert any(held[:14]) and not all(held[:14])  # the fast fall: held once its pace is known
+    assert not any(held[14:20])  # below the target: falling away from it
+    assert not any(held[-10:])  # a slow drift above the target: integrated
+
+
+def test_without_the_hold_the_integral_always_integrates():
+    ctl = L0Controller(10.0, L0ControlConfig(ramp_fraction=0.0, proportional=0.0, integral=0.1), 0, 100)
+    for step, l0 in enumerate(40.0 * 0.9 ** t for t in range(10)):
+        ctl.update(torch.tensor(l0), step)
+    expected = sum(0.1 * min(1.0, math.log(40.0 * 0.9 ** t / 10.0)) for t in range(10))
+    assert ctl.accumulated.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_the_integral_is_clamped_to_the_gains_bounds():
     ctl = L0Controller(1.0, L0ControlConfig(ramp_fraction=0.0, proportional=0.0, integral=1.0), 0, 100)
     for step in range(50):
@@ -68,7 +100,8 @@ def test_the_integral_is_clamped_to_the_gains_bounds():
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("ramp_fraction", 1.0, r"a fraction in \[0, 1\)"), ("integral", 0, "positive"),
-    ("proportional", -1, ""), ("gain", 1, "a field of integral, proportional, ramp_fraction")])
+    ("proportional", -1, ""), ("hold_horizon", -0.1, ""),
+    ("gain", 1, "a field of hold_horizon, integral, proportional, ramp_fraction")])
 def test_bad_settings_name_the_field(field, value, allowed):
     with pytest.raises(ConfigError, match=rf"l0_control\.{field}={value}.*{allowed}"):
         L0ControlConfig.from_config({field: value})
