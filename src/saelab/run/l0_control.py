@@ -106,13 +106,14 @@ class L0Controller(nn.Module):
         if step < self.start_step:
             return
         l0 = l0.double().clamp(min=1e-2 * self.target)
-        self.start_l0.copy_(torch.where(self.start_l0 > 0, self.start_l0, l0))
+        first = self.start_l0 == 0  # the first controlled step
+        self.start_l0.copy_(torch.where(first, l0, self.start_l0))
         # The ramp is an upper envelope: above it, lambda rises; between it and the target, nothing pushes
         # (L0 falling faster than the ramp on its own is no reason to lower lambda); below the target, it falls.
         above = torch.log(l0 / self.target_at(step)).clamp(min=0.0)
         below = torch.log(l0 / self.target).clamp(max=0.0)
         error = (above + below).clamp(-1.0, 1.0)
-        previous = torch.where(self.log_l0 == 0, torch.log(l0), self.log_l0)  # 0: the first controlled step
+        previous = torch.where(first, torch.log(l0), self.log_l0)
         self.log_l0.copy_(0.9 * previous + 0.1 * torch.log(l0))
         self.slope.mul_(0.9).add_(0.1 * (self.log_l0 - previous))
         integrate = self.cfg.integral * error
