@@ -71,21 +71,25 @@ class BatchTopKExported(Normalised):
         return torch.zeros_like(pre).flatten().index_put_((flat,), values).view_as(pre)
 
 
+def saelens_plans(out: Path) -> list[tuple[Path, list[dict]]]:
+    """Each directory OUT/saelens*/ with the plan (name, arch, target_l0, seed, value, d_sae per SAE) it trained."""
+    return [(plan.parent, json.loads(plan.read_text())) for plan in sorted(out.glob("saelens*/plan.json"))]
+
+
 def score_saelens(out: Path, overrides: list[str]) -> list[dict]:
     from feed import open_stream
 
     cfg, stream, hook = open_stream(overrides)
     rows = []
-    for plan_file in sorted(out.glob("saelens*/plan.json")):
-        rows += score_dir(plan_file.parent, cfg, stream, hook)
+    for directory, plan in saelens_plans(out):
+        rows += score_dir(directory, plan, cfg, stream, hook)
     return rows
 
 
-def score_dir(directory: Path, cfg, stream, hook: str) -> list[dict]:
+def score_dir(directory: Path, plan: list[dict], cfg, stream, hook: str) -> list[dict]:
     from saelab.run.evaluation import held_out_metrics
     from saelab.saes.saelens_format import load_exported
 
-    plan = json.loads((directory / "plan.json").read_text())
     own_l0 = json.loads((directory / "saelens_l0.json").read_text())
     rows = []
     for entry in plan:
@@ -120,8 +124,7 @@ def read_saelab(out: Path) -> list[dict]:
         not_labels = ("seed", "sae", "sae.target_l0", "sae.sparsity_coefficient")
         jobs.append((job, metrics_file, cfg, VARIANT_OF_TARGET[cfg["sae"]["_target_"].rsplit(".", 1)[1]],
                      [o for o in overrides if o.split("=", 1)[0] not in not_labels]))
-    calibrated = {(e["arch"], float(e["value"])): float(e["target_l0"])
-                  for plan in sorted(out.glob("saelens*/plan.json")) for e in json.loads(plan.read_text())}
+    calibrated = {(e["arch"], float(e["value"])): float(e["target_l0"]) for _, plan in saelens_plans(out) for e in plan}
     common = {v: set.intersection(*(set(o) for _, _, _, w, o in jobs if w == v)) for v in {j[3] for j in jobs}}
     for job, metrics_file, cfg, arch, overrides in jobs:
         sae, variant = cfg["sae"], arch

@@ -61,12 +61,13 @@ class FanoutLauncher(Launcher):
                 jobs.append((ret, ret.return_value))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
+        failed = len(returns) - len(jobs)  # refused while being set up
         try:
             groups = make_groups([job for _, job in jobs], self.max_saes_per_group, self.memory_fraction)
         except Exception as err:
             for _, job in jobs:
                 report_failure(job.run_dir, err)
-            groups = []
+            failed, groups = len(returns), []
         by_job = {id(job): ret for ret, job in jobs}
         for number, group in enumerate(groups):
             log.info(f"group {number + 1}/{len(groups)}: jobs {', '.join(f'#{j.num}' for j in group)} share one "
@@ -76,6 +77,7 @@ class FanoutLauncher(Launcher):
                 if isinstance(outcome, BaseException):
                     report_failure(job.run_dir, outcome)
                     ret.return_value = None
+                    failed += 1
                 else:
                     ret.return_value = sweep_objective(outcome, job.cfg) if "global_rank" not in outcome else None
             finish_wandb()
@@ -84,8 +86,7 @@ class FanoutLauncher(Launcher):
         for ret, job in jobs:  # jobs no group trained (the grouping failed) return None, as failed jobs do
             if ret.return_value is job:
                 ret.return_value = None
-        failed = [ret for ret in returns if (Path(ret.hydra_cfg.hydra.runtime.output_dir) / "error.txt").is_file()]
-        if returns and len(failed) == len(returns):  # one job failing leaves the sweep going; all of them is an error
+        if returns and failed == len(returns):  # one job failing leaves the sweep going; all of them is an error
             raise SystemExit(f"error: all {len(returns)} jobs of this multirun failed; each one's error is in "
                              f"{self.config.hydra.sweep.dir}/<job>/error.txt")
         return returns

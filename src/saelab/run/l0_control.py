@@ -86,7 +86,7 @@ class L0Controller(nn.Module):
         self.register_buffer("accumulated", torch.zeros((), dtype=torch.float64))  # I_t
         self.register_buffer("start_l0", torch.zeros((), dtype=torch.float64))  # 0: not yet seen
         self.register_buffer("error", torch.zeros((), dtype=torch.float64))  # e_t, for the logs
-        self.register_buffer("log_l0", torch.zeros((), dtype=torch.float64))  # EMA of log L0
+        self.register_buffer("log_l0", torch.zeros((), dtype=torch.float64))  # EMA of log L0 (hold only)
         self.register_buffer("slope", torch.zeros((), dtype=torch.float64))  # EMA of its change per step
 
     def target_at(self, step: int) -> Tensor:
@@ -113,13 +113,13 @@ class L0Controller(nn.Module):
         above = torch.log(l0 / self.target_at(step)).clamp(min=0.0)
         below = torch.log(l0 / self.target).clamp(max=0.0)
         error = (above + below).clamp(-1.0, 1.0)
-        previous = torch.where(first, torch.log(l0), self.log_l0)
-        self.log_l0.copy_(0.9 * previous + 0.1 * torch.log(l0))
-        self.slope.mul_(0.9).add_(0.1 * (self.log_l0 - previous))
         integrate = self.cfg.integral * error
         if self.hold_steps > 0:  # heading for the target fast enough already: more lambda would only wind up
+            previous = torch.where(first, torch.log(l0), self.log_l0)
+            self.log_l0.copy_(0.9 * previous + 0.1 * torch.log(l0))
+            self.slope.mul_(0.9).add_(0.1 * (self.log_l0 - previous))
             heading = (error * self.slope < 0) & (self.slope.abs() * self.hold_steps > error.abs())
-            integrate = torch.where(heading, torch.zeros_like(integrate), integrate)
+            integrate = integrate.masked_fill(heading, 0.0)
         self.accumulated.add_(integrate).clamp_(*(math.log(b) for b in GAIN_BOUNDS))
         self.gain.copy_(torch.exp(self.accumulated + self.cfg.proportional * error).clamp(*GAIN_BOUNDS))
         self.error.copy_(error)
