@@ -23,6 +23,7 @@ from saelab.errors import ConfigError, check_bool, check_choice, check_count, ch
 from saelab.run.l0_control import L0ControlConfig, L0Controller
 from saelab.run.nonfinite import NonFiniteWatch
 from saelab.saes.base import SAE, TrainStep
+from saelab.saes.decoder_rescale import weights_once
 
 log = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
@@ -127,8 +128,9 @@ class SAEMember(nn.Module):
         benchmarks/train_step.py calls this too, so it measures exactly what training runs.
         """
         # A variant written before transcoders takes (x, coefficients): the target is passed only when there is one.
-        out = (self._training_loss(batch, coefficients) if target is None
-               else self._training_loss(batch, coefficients, target))
+        with weights_once(self.sae):  # a reparametrised SAE (decoder_rescale.py) computes its weights once a step
+            out = (self._training_loss(batch, coefficients) if target is None
+                   else self._training_loss(batch, coefficients, target))
         loss = sum(out.terms.values())
         if self.defers_checks(batch):
             self.watch.record(out.terms, step)

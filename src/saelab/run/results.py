@@ -16,6 +16,7 @@ from saelab.io import write_json
 from saelab.run.job import Job
 from saelab.run.member import SAEMember
 from saelab.run.stream import Stream
+from saelab.saes.decoder_rescale import variant_class
 from saelab.saes.saelens_format import export_sae
 
 log = logging.getLogger("saelab")
@@ -45,7 +46,7 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
     }, target_scale)
     result = {
         **metrics,
-        "variant": sae.__class__.__name__,
+        "variant": variant_class(sae).__name__,
         "architecture": sae.exported_config()["architecture"],
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from saelab.errors import ConfigError
 from saelab.saes.config import SAEConfig
 from saelab.saes.dead_latents import DeadLatentCounters, DeadRead
+from saelab.saes.decoder_rescale import rescale_by_decoder_norm
 from saelab.saes.saelens_tensors import SAELensTensors
 from saelab.saes.train_step import SparseLatents, TrainStep, squared_error
 
@@ -40,6 +41,7 @@ class SAE(DeadLatentCounters, SAELensTensors):
 
     Config: ClassVar[type[SAEConfig]] = SAEConfig
     recipe_adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    rescalable_decoder: ClassVar[bool] = False  # takes sae.decoder_constraint=rescale (decoder_rescale.py)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -207,7 +209,10 @@ def _coerce(value: Any, hint: Any) -> Any:
 def build_sae(sae_cfg: Mapping[str, Any]) -> SAE:
     """Build and validate an SAE from its config group (`_target_` names the SAE class)."""
     cls, config = sae_config(sae_cfg)
-    return cls(config)
+    sae = cls(config)
+    if config.decoder_constraint == "rescale":
+        rescale_by_decoder_norm(sae)
+    return sae
 
 
 def sae_config(sae_cfg: Mapping[str, Any]) -> tuple[type[SAE], SAEConfig]:
@@ -230,4 +235,7 @@ def sae_config(sae_cfg: Mapping[str, Any]) -> tuple[type[SAE], SAEConfig]:
             raise ConfigError(f"sae.{key}", value, f"a field of {cls.__name__}: " + ", ".join(names))
     config = config_cls(**{k: _coerce(v, hints.get(k)) for k, v in cfg.items()})
     config.validate()
+    if config.decoder_constraint == "rescale" and not cls.rescalable_decoder:
+        raise ConfigError("sae.decoder_constraint", "rescale", f"unit_norm or none for {cls.__name__} (rescale is "
+                          "the TopK family's: topk, batchtopk, matryoshka_batchtopk)")
     return cls, config

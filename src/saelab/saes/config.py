@@ -17,7 +17,7 @@ class SAEConfig:
     sparsity_coefficient: float = 0.0  # lambda, on the summed-over-dimensions MSE scale
     sparsity_warmup_steps: int = 0  # linear warm-up of lambda from 0
     target_l0: float | None = None  # adapt lambda during training until the batch L0 is this (SAEModule)
-    decoder_constraint: str = "unit_norm"  # unit_norm | none
+    decoder_constraint: str = "unit_norm"  # unit_norm | none | rescale (the TopK family: decoder_rescale.py)
     decoder_init_norm: float = 1.0  # norm of each decoder row at initialisation
     apply_b_dec_to_input: bool = True  # the encoder sees x - b_dec (SAEs; a transcoder's b_dec is the target's)
     d_out: int | None = None  # output width: null = an SAE (reconstructs its input); set = a transcoder
@@ -36,7 +36,7 @@ class SAEConfig:
         check_positive("sae.sparsity_warmup_steps", self.sparsity_warmup_steps, allow_zero=True, integer=True)
         if self.target_l0 is not None:
             check_positive("sae.target_l0", self.target_l0)
-        check_choice("sae.decoder_constraint", self.decoder_constraint, ("unit_norm", "none"))
+        check_choice("sae.decoder_constraint", self.decoder_constraint, ("unit_norm", "none", "rescale"))
         check_positive("sae.decoder_init_norm", self.decoder_init_norm)
         if self.d_out is not None:
             check_positive("sae.d_out", self.d_out, integer=True)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError
+from saelab.saes.decoder_rescale import raw_parameter
 from saelab.saes.saelens_layout import transcoder_architecture
 
 
@@ -71,7 +72,6 @@ class SAELensTensors(nn.Module):
             raise ConfigError("init_from", found, "the tensors this SAE exports: "
                               + str({k: tuple(v.shape) for k, v in expected.items()}))
         ratio = (target_scale if target_scale is not None else scale) / scale if self.transcoder else 1.0
-        params = dict(self.named_parameters())
         for name, value in tensors.items():
             value = value.to(torch.float32)
             if name.startswith("b_") or name == "threshold":
@@ -81,7 +81,7 @@ class SAELensTensors(nn.Module):
             if name == "threshold":
                 self.import_threshold(value)
             else:
-                params[name].copy_(value)
+                raw_parameter(self, name).copy_(value)  # rescaled: exact for unit-norm decoder rows
 
     def import_threshold(self, threshold: Tensor) -> None:
         """Set the per-latent threshold (normalised scale) from an export; variants with one override this."""

@@ -83,6 +83,7 @@ class TopKSAE(SAE, AuxKLoss):
     Config = TopKConfig
     saelens_architecture = "topk"
     recipe_adam_betas = (0.9, 0.999)
+    rescalable_decoder = True  # k sets the sparsity: the latents' scale enters no penalty
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
