@@ -14,7 +14,8 @@ shapes, dtype and autocast divided by this one is the speed-up its kernels buy o
              theta learns through the rectangle-kernel straight-through estimator (bandwidth eps), and is
              clamped above 0 after each step
   topk       f = scatter(torch.topk(pi, k)) after a ReLU, decoded densely; L = ||x - x_hat||^2 (AuxK left out: it
-             is zero until a latent has been silent for dead_window_tokens)
+             is zero until a latent has been silent for dead_window_tokens). With sae.decoder_constraint=rescale
+             (TopK's default) pi is times the decoder rows' norms and x_hat decodes with the unit rows
   batchtopk  the same with one topk of B k entries over the flattened batch
 
 The losses use the SAE's own weights, coefficients and hyperparameters, so at step 0 they equal saelab's
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.cuda_timing import Clock, count_host_syncs
+from saelab.saes.decoder_rescale import raw_parameter
 
 VARIANTS = ("relu", "gated", "jumprelu", "topk", "batchtopk")
 
@@ -102,11 +104,12 @@ class ReferenceSAE(nn.Module):
         self.coefficient = float(cfg.sparsity_coefficient)
         self.k = int(getattr(sae, "k", 0))
         self.unit_norm = cfg.decoder_constraint == "unit_norm"
+        self.rescale = cfg.decoder_constraint == "rescale"  # SAELens's TopK parametrisation (decoder_rescale.py)
         self.centre = bool(cfg.apply_b_dec_to_input)
         names = {"relu": ["b_enc"], "topk": ["b_enc"], "batchtopk": ["b_enc"], "jumprelu": ["b_enc"],
                  "gated": ["b_gate", "b_mag", "r_mag"]}[variant]
         for name in ["W_enc", "W_dec", "b_dec", *names]:
-            setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
+            setattr(self, name, nn.Parameter(raw_parameter(sae, name).detach().clone()))
         if variant == "jumprelu":
             self.theta = nn.Parameter(sae.threshold.detach().clone())
             self.bandwidth = float(cfg.bandwidth)
@@ -139,13 +142,17 @@ class ReferenceSAE(nn.Module):
             f = RectangleJumpReLU.apply(pre, self.theta, self.bandwidth)
             l0 = RectangleStep.apply(pre, self.theta, self.bandwidth).sum(-1).mean()
             return {"rec": self.squared_error(x, f @ self.W_dec + self.b_dec), "sparsity": self.coefficient * l0}
+        decoder = self.W_dec
+        if self.rescale:  # latents times ||d_i||, decoded by the unit rows d_i / ||d_i||
+            norms = self.W_dec.norm(dim=1)
+            pre, decoder = pre * norms, self.W_dec / norms.unsqueeze(1)
         if self.variant == "topk":
             values, ids = pre.topk(self.k, dim=-1, sorted=False)
             f = torch.zeros_like(pre).scatter(-1, ids, torch.relu(values))
         else:  # batchtopk: the B k largest entries of the whole batch
             values, ids = pre.flatten().topk(pre.shape[0] * self.k, sorted=False)
             f = torch.zeros_like(pre).flatten().scatter(0, ids, torch.relu(values)).view_as(pre)
-        return {"rec": self.squared_error(x, f @ self.W_dec + self.b_dec)}
+        return {"rec": self.squared_error(x, f @ decoder + self.b_dec)}
 
     @staticmethod
     def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:

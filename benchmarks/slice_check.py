@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.saes.decoder_rescale import weights_once
+
 ROW_LOCAL = ("relu", "gated", "jumprelu", "topk")  # latents of a token depend on that token alone
 SPARSE_GRADIENTS = ("topk", "batchtopk")  # one reconstruction term: the closed form above applies
 
@@ -43,9 +45,15 @@ def relative_error(got: Tensor, want: Tensor) -> float:
 def check_slice(variant: str, sae: Any, x: Tensor, coefficients: Mapping[str, float], rows: int = 64,
                 latents: int = 64, tolerance: float = 2e-2) -> dict[str, Any]:
     """One fused training forward and backward of `sae` on x (what the step runs, on whatever kernels dispatch
-    picks), then the slice's errors against torch. Gradients are cleared first and left set."""
+    picks), then the slice's errors against torch. Gradients are cleared first and left set. A rescaled SAE
+    (sae.decoder_constraint=rescale) is checked on the unit-norm weights its kernels see."""
     sae.zero_grad(set_to_none=True)
-    out = sae.training_loss(x, coefficients)
+    with weights_once(sae):
+        weights = {name: getattr(sae, name) for name in ("W_enc", "W_dec")}
+        for weight in weights.values():
+            if not weight.is_leaf:
+                weight.retain_grad()
+        out = sae.training_loss(x, coefficients)
     sum(out.terms.values()).backward()
     result: dict[str, Any] = {"slice_rows": rows, "slice_latents": latents, "slice_tolerance": tolerance}
     with torch.no_grad():
@@ -54,7 +62,7 @@ def check_slice(variant: str, sae: Any, x: Tensor, coefficients: Mapping[str, fl
             got = out.latents[tail] if isinstance(out.latents, Tensor) else _dense_rows(out.latents, tail)
             result["slice_latents_error"] = relative_error(got, sae.encode(x[tail]))
         if variant in SPARSE_GRADIENTS:
-            result |= _sparse_gradient_errors(sae, x, out.latents, latents)
+            result |= _sparse_gradient_errors(sae, weights, x, out.latents, latents)
     errors = [v for k, v in result.items() if k.endswith("_error")]
     result["slice_ok"] = bool(errors) and max(errors) <= tolerance
     result["slice_errors"] = slice_errors(result)  # as text: the GPU check's report reads it without torch
@@ -68,8 +76,10 @@ def _dense_rows(active: Any, rows: slice) -> Tensor:
     return out.index_put_((active.rows[keep] - rows.start, active.latents[keep]), active.values[keep])
 
 
-def _sparse_gradient_errors(sae: Any, x: Tensor, active: Any, n_latents: int) -> dict[str, float]:
-    """W_dec's and W_enc's gradients at the highest-numbered selected latents against the closed form."""
+def _sparse_gradient_errors(sae: Any, weights: Mapping[str, Tensor], x: Tensor, active: Any, n_latents: int
+                            ) -> dict[str, float]:
+    """W_dec's and W_enc's gradients (`weights`: the tensors the step used) at the highest-numbered selected
+    latents against the closed form."""
     chosen = active.latents[active.values > 0].unique()[-n_latents:]  # ascending: the largest offsets
     entries = torch.isin(active.latents, chosen)
     need_rows = active.rows[entries].unique()
@@ -84,5 +94,5 @@ def _sparse_gradient_errors(sae: Any, x: Tensor, active: Any, n_latents: int) ->
     g_value = (g[rows] * sae.W_dec[ids]).sum(1) * (values > 0)
     want_enc = torch.zeros(len(chosen), sae.W_enc.shape[0], dtype=torch.float64, device=x.device)
     want_enc.index_add_(0, column, (g_value[:, None] * sae.centre(x)[rows]).double())
-    return {"slice_w_dec_grad_error": relative_error(sae.W_dec.grad[chosen], want_dec),
-            "slice_w_enc_grad_error": relative_error(sae.W_enc.grad[:, chosen].t(), want_enc)}
+    return {"slice_w_dec_grad_error": relative_error(weights["W_dec"].grad[chosen], want_dec),
+            "slice_w_enc_grad_error": relative_error(weights["W_enc"].grad[:, chosen].t(), want_enc)}

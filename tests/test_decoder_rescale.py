@@ -104,7 +104,24 @@ def test_export_folds_the_norms_and_a_round_trip_keeps_the_function(tmp_path):
 def test_batchtopk_takes_it_and_the_other_variants_refuse_it():
     batch = rescaled("batchtopk")
     assert variant_class(batch).__name__ == "BatchTopKSAE"
+    member = SAEMember(batch, {"lr": 1e-3}, max_steps=10, dead_window_tokens=10**9)
+    loss, _ = member.step_loss(torch.randn(64, D_IN), {})
+    loss.backward()
+    for name, tensor in raw_tensors(batch).items():  # every raw tensor trains (the encoder's through the selection)
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0, name
     for target in ("saelab.saes.relu.ReluSAE", "saelab.saes.jumprelu.JumpReLUSAE", "saelab.saes.gated.GatedSAE"):
         with pytest.raises(ConfigError, match="sae.decoder_constraint") as failure:
             build_sae({"_target_": target, "d_in": D_IN, "d_sae": D_SAE, "decoder_constraint": "rescale"})
         assert "rescale" in str(failure.value) and "\n" not in str(failure.value)
+
+
+def test_a_rescaled_decoder_trains_without_warm_up_unless_asked():
+    """optim.lr_warmup_steps null is the SAE's recipe: no warm-up for a rescaled decoder, 20 steps from 0.1 lr
+    otherwise; a number is used as given."""
+    optim = {"lr": 1e-3, "lr_warmup_steps": None, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    plain = rescaled(decoder_constraint="unit_norm")
+    assert SAEMember(rescaled(), optim, max_steps=100, dead_window_tokens=10**9).lr_lambda(0) == 1.0
+    assert SAEMember(plain, optim, max_steps=100, dead_window_tokens=10**9).lr_lambda(0) == pytest.approx(0.1)
+    assert SAEMember(plain, optim, max_steps=100, dead_window_tokens=10**9).lr_lambda(20) == 1.0
+    given = {**optim, "lr_warmup_steps": 10}
+    assert SAEMember(rescaled(), given, max_steps=100, dead_window_tokens=10**9).lr_lambda(0) == pytest.approx(0.1)

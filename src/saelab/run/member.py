@@ -218,7 +218,9 @@ class SAEMember(nn.Module):
 
     def lr_lambda(self, step: int) -> float:
         cfg = self.optim_cfg
-        return lr_factor(step, self.max_steps, int(cfg["lr_warmup_steps"]), str(cfg["lr_warmup"]),
+        warmup = cfg.get("lr_warmup_steps")
+        warmup = self.sae.recipe_lr_warmup_steps if warmup is None else int(warmup)
+        return lr_factor(step, self.max_steps, warmup, str(cfg["lr_warmup"]),
                          float(cfg["lr_decay_fraction"]))
 
     def non_finite_weights(self) -> list[str]:
@@ -235,7 +237,8 @@ def check_member_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("optim.betas", list(betas), "null or two numbers in [0, 1)")
     check_choice("optim.lr_warmup", optim["lr_warmup"], ("linear", "cosine"))
     check_bool("optim.fused", optim.get("fused", True))
-    check_positive("optim.lr_warmup_steps", optim["lr_warmup_steps"], allow_zero=True, integer=True)
+    if optim.get("lr_warmup_steps") is not None:  # null: the SAE's recipe (SAE.recipe_lr_warmup_steps)
+        check_positive("optim.lr_warmup_steps", optim["lr_warmup_steps"], allow_zero=True, integer=True)
     if not 0 <= float(optim["lr_decay_fraction"]) < 1:
         raise ConfigError("optim.lr_decay_fraction", optim["lr_decay_fraction"], "a fraction in [0, 1)")
     check_count("dead_window_tokens", cfg["dead_window_tokens"])
