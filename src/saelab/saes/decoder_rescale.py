@@ -23,23 +23,34 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-
-class UnitRows(nn.Module):
-    """W_dec = V / ||V_i||, row by row."""
-
-    def forward(self, raw: Tensor) -> Tensor:
-        return raw / raw.norm(dim=1, keepdim=True).clamp_min(1e-12)
+STEP_NORMS = "_step_decoder_norms"  # ||V_i|| for one training step (weights_once), shared by the three tensors
 
 
-class TimesDecoderNorms(nn.Module):
-    """An encoder tensor whose last dimension is the latents ([d_in, d_sae] or [d_sae]) times ||V_i||."""
+class ByDecoderNorms(nn.Module):
+    """A parametrisation through the decoder rows' norms: the step's (weights_once), else computed."""
 
     def __init__(self, sae: nn.Module):
         super().__init__()
         self._sae = weakref.ref(sae)  # not a submodule: the SAE owns this parametrisation
 
-    def norms(self) -> Tensor:
-        return self._sae().parametrizations.W_dec.original.norm(dim=1)
+    def norms(self, decoder: Tensor | None = None) -> Tensor:
+        sae = self._sae()
+        shared = getattr(sae, STEP_NORMS, None)
+        if shared is not None:
+            return shared
+        decoder = decoder if decoder is not None else sae.parametrizations.W_dec.original
+        return decoder.norm(dim=1).clamp_min(1e-12)
+
+
+class UnitRows(ByDecoderNorms):
+    """W_dec = V / ||V_i||, row by row."""
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return raw / self.norms(raw).unsqueeze(1)
+
+
+class TimesDecoderNorms(ByDecoderNorms):
+    """An encoder tensor whose last dimension is the latents ([d_in, d_sae] or [d_sae]) times ||V_i||."""
 
     def forward(self, raw: Tensor) -> Tensor:
         return raw * self.norms()
@@ -48,22 +59,28 @@ class TimesDecoderNorms(nn.Module):
 def rescale_by_decoder_norm(sae: nn.Module) -> None:
     """Reparametrise `sae` (built, initialised) in place. The current weights become the raw ones, so an SAE
     initialised at decoder norm n starts as SAELens's does: unit rows, encoder and bias times n."""
-    parametrize.register_parametrization(sae, "W_dec", UnitRows())
+    parametrize.register_parametrization(sae, "W_dec", UnitRows(sae))
     for name in ("W_enc", "b_enc"):
         parametrize.register_parametrization(sae, name, TimesDecoderNorms(sae))
 
 
 @contextlib.contextmanager
 def weights_once(sae: nn.Module) -> Iterator[None]:
-    """A training step's scope: each reparametrised weight is computed once, with its gradient. (Computed first
-    inside a variant's no-grad selection, torch's cache would hold a tensor that trains nothing.)"""
+    """A training step's scope: each reparametrised weight is computed once, with its gradient, from one
+    computation of the norms (a dense pass over the decoder fewer each, forward and backward: at batch 512 the
+    weights' elementwise work is a large part of a sparse TopK step). Computed first inside a variant's no-grad
+    selection, torch's cache would hold a tensor that trains nothing: so they are computed here, up front."""
     if not parametrize.is_parametrized(sae):
         yield
         return
     with parametrize.cached():
-        for name in sae.parametrizations:
-            getattr(sae, name)
-        yield
+        setattr(sae, STEP_NORMS, raw_parameter(sae, "W_dec").norm(dim=1).clamp_min(1e-12))
+        try:
+            for name in sae.parametrizations:
+                getattr(sae, name)
+            yield
+        finally:
+            setattr(sae, STEP_NORMS, None)
 
 
 def variant_class(sae: nn.Module) -> type:
