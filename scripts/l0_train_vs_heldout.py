@@ -24,24 +24,6 @@ import yaml
 BLOCK = 1024
 
 
-def open_stream(overrides: list[str]):
-    from hydra.core.utils import setup_globals
-
-    import saelab.data.model  # noqa: F401  registers the package_model_path resolver
-    from saelab.data.sources import build_source
-    from saelab.run.compose import compose_run_config
-    from saelab.run.stream import load_stream_model
-    from saelab.run.stream import open_stream as saelab_open_stream
-
-    setup_globals()
-    cfg = compose_run_config(overrides)
-    source = build_source(cfg.data)
-    hooks = source.hooks(cfg.model)
-    model = load_stream_model(cfg.model, source, hooks)
-    stream = saelab_open_stream(cfg, model, hooks, train_tokens=int(cfg.data.train_tokens), source=source)
-    return cfg, stream, hooks[0]
-
-
 def training_activations(stream, hook: str, tokens: int) -> torch.Tensor:
     taken, seen = [], 0
     for batch in stream.datamodule.train_dataloader():
@@ -54,6 +36,7 @@ def training_activations(stream, hook: str, tokens: int) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> int:
+    from saelab.run.stream import open_stream_of
     from saelab.saes.saelens_format import load_exported
 
     if not argv:
@@ -69,7 +52,7 @@ def main(argv: list[str]) -> int:
         seed, tokens = config["data"]["seed"], int(config["data"]["train_tokens"])
         key = (seed, tokens)
         if key not in streams:
-            cfg, stream, hook = open_stream([*overrides, f"data.seed={seed}", f"data.train_tokens={tokens}"])
+            _, stream, hook = open_stream_of([*overrides, f"data.seed={seed}", f"data.train_tokens={tokens}"])
             scale = float(stream.datamodule.scales[hook])
             streams[key] = (training_activations(stream, hook, tokens) * scale,
                             stream.datamodule.eval_acts[hook] * scale)

@@ -20,19 +20,9 @@ import torch
 
 
 def open_stream(overrides: list[str]):
-    from hydra.core.utils import setup_globals
+    from saelab.run.stream import open_stream_of
 
-    import saelab.data.model  # noqa: F401  registers the package_model_path resolver
-    from saelab.data.sources import build_source
-    from saelab.run.compose import compose_run_config
-    from saelab.run.stream import open_stream as saelab_open_stream
-
-    setup_globals()
-    cfg = compose_run_config(overrides)
-    source = build_source(cfg.data)
-    hooks = source.hooks(cfg.model)
-    stream = saelab_open_stream(cfg, None, hooks, train_tokens=int(cfg.data.train_tokens), source=source)
-    return cfg, stream, hooks[0]
+    return open_stream_of(overrides)
 
 
 def main(argv: list[str]) -> int:

@@ -72,6 +72,21 @@ def open_stream(cfg: DictConfig, model: LoadedModel | None, hooks: Sequence[str]
     return Stream(source, model, datamodule)
 
 
+def open_stream_of(overrides: Sequence[str]) -> tuple[DictConfig, Stream, str]:
+    """(config, stream, its first hook) for a run's overrides, as saelab-train would open them: for analysis
+    scripts that read a finished run's activations again (scripts/)."""
+    from hydra.core.utils import setup_globals
+
+    from saelab.run.compose import compose_run_config
+
+    setup_globals()  # the ${now:...} resolver the composed config names
+    cfg = compose_run_config(overrides)
+    source = build_source(cfg.data)
+    hooks = source.hooks(cfg.model)
+    model = load_stream_model(cfg.model, source, hooks)
+    return cfg, open_stream(cfg, model, hooks, train_tokens=int(cfg.data.train_tokens), source=source), hooks[0]
+
+
 def check_transcoder_config(cfg: DictConfig, source: DataSource) -> None:
     """model.target_hook makes a transcoder: it needs a model (a source read through one) and a hook other than its
     input; sae.d_out is then filled in from the model (saelab.run.training), and is null for an SAE."""
