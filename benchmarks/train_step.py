@@ -48,8 +48,8 @@ and the run also measures, on the same GPU and in the same process,
   - host synchronisations per non-logging step (with_l0=False, as SAEMember.step_loss runs between logging
     steps), counted with torch.profiler: syncs_per_step, sync_events; and by torch.cuda's sync debug mode:
     sync_warnings_per_step (cuda_timing.count_host_syncs);
-  - which kernels ran: `kernels` = saelab.kernels.dispatch.backend_for(x) where that exists ("unknown" where it
-    does not), with SAELAB_KERNELS (auto | torch | triton) recorded as `saelab_kernels`.
+  - which kernels ran: `kernels` = saelab.kernels.dispatch.backend_for(x), with SAELAB_KERNELS
+    (auto | torch | triton) recorded as `saelab_kernels`.
 --lean (the large shapes of issue #24: 16,384 tokens x 262,144 latents at d_in 2,304, ~66 GiB for JumpReLU; 2^20
 latents at d_in 2,304) times saelab's step alone: no roofline pass, reference step or sync count (each would
 need the step's memory again); the roofline fields are then null. --check-slice then recomputes a slice of one
@@ -74,7 +74,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -92,16 +91,12 @@ from benchmarks.cuda_timing import (
 )
 from benchmarks.reference_step import ReferenceSAE, time_reference, unsupported
 from benchmarks.slice_check import check_slice
+from saelab.kernels import native
+from saelab.run.compose import CONF_DIR, compose_run_config
 from saelab.run.member import SAEMember
 from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 
-try:
-    from saelab.kernels import native
-except ImportError:  # before the kernels moved from saelab.saes to saelab.kernels
-    from saelab.saes import native
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 LOG_EVERY_N_STEPS = 10  # conf/trainer/default.yaml: L0 is computed on logging steps only, as in training
 DENSE_PASSES = {"relu": 5, "jumprelu": 5, "gated": 7, "topk": 1, "batchtopk": 1, "matryoshka_batchtopk": 1}
 SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")  # one dense pass; the decoder side is sparse
@@ -110,9 +105,8 @@ MEMBER_PRECISION = {"fp32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed"} 
 
 def build(variant: str, d_in: int, d_sae: int, overrides: list[str]):
     """The variant's SAE as conf/sae/<variant>.yaml composes it (defaults lists included), with overrides."""
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("train", overrides=[f"sae={variant}", f"sae.d_in={d_in}", f"sae.d_sae={d_sae}",
-                                          *(f"sae.{o}" for o in overrides)])
+    cfg = compose_run_config([f"sae={variant}", f"sae.d_in={d_in}", f"sae.d_sae={d_sae}",
+                              *(f"sae.{o}" for o in overrides)])
     return build_sae(OmegaConf.to_container(cfg.sae, resolve=True))
 
 
@@ -125,11 +119,9 @@ def step_flops(variant: str, sae, batch: int) -> float:
 
 def kernels_backend(x: Tensor) -> str:
     """What saelab.kernels.dispatch.backend_for says runs the step's kernels for x ("native", "triton",
-    "torch"), or "unknown" where this saelab has no dispatch module."""
-    try:
-        from saelab.kernels.dispatch import backend_for
-    except ImportError:
-        return "unknown"
+    "torch")."""
+    from saelab.kernels.dispatch import backend_for
+
     try:
         return str(backend_for(x))
     except Exception as err:  # a report, not a reason to lose the run's figures
@@ -185,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     acts = acts.to(device)  # the data is on the device before anything is timed
     with torch.device(device):
         sae = build(args.variant, d_in, args.d_sae, args.overrides)
-    optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "optim" / "adam.yaml")) | {"lr": 1e-4}
+    optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optim" / "adam.yaml")) | {"lr": 1e-4}
     member = SAEMember(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000,  # none dead: AuxK 0
                        precision=MEMBER_PRECISION[args.precision])
     module = SAEModule([member]).to(device)

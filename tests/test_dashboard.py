@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from saelab.dashboard.browser import Chromium, dump_dom, file_url, find_chromium, screenshot
 from saelab.dashboard.cli import main
-from tests.conftest import REPO, run_cli, tiny_overrides
+from saelab.run.compose import CONF_DIR
+from tests.conftest import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -131,7 +132,7 @@ def _expected_activations(model_dir: Path, corpus_dir: Path, u: torch.Tensor):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     special = SpecialTokens.from_tokenizer(tokenizer)
-    eval_fraction = float(OmegaConf.load(REPO / "conf" / "data" / "pydocs.yaml").eval_fraction)
+    eval_fraction = float(OmegaConf.load(CONF_DIR / "data" / "pydocs.yaml").eval_fraction)
     _, held_out = split_documents(text_file_documents(str(corpus_dir)), eval_fraction)
     windows = pack(tokenize(held_out, tokenizer), 32, special, True)
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()

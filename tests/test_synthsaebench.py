@@ -22,6 +22,7 @@ from saelab.data.synthsaebench.directions import orthogonality_gradient
 from saelab.data.synthsaebench.world import saelens_config
 from saelab.errors import ConfigError
 from saelab.metrics.ground_truth import ground_truth_metrics
+from saelab.run.compose import CONF_DIR
 from tests.conftest import run_cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "synthsaebench_small"
@@ -288,7 +289,7 @@ def test_the_configs_spec_is_the_default_spec():
     only shrinks the sizes."""
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).parents[1] / "conf" / "data"
+    conf = CONF_DIR / "data"
     full = OmegaConf.to_container(OmegaConf.load(conf / "synthsaebench.yaml"))["synthsaebench"]
     assert SynthSAEBenchSpec.from_config({"synthsaebench": full}) == SynthSAEBenchSpec()
     assert saelens_config(SynthSAEBenchSpec())["seed"] == 42

@@ -8,21 +8,18 @@ import tempfile
 from pathlib import Path
 
 from saelab.errors import ConfigError
-from saelab.run.compose import CONF_DIR, compose_run_config
+from saelab.run.compose import CONF_DIR, compose_run_config, config_dirs_of
 
-# Hydra flags after which no job runs (print and exit), or that compose a config other than conf/train.yaml.
+# Hydra flags after which no job runs (print and exit), or that compose a config other than saelab/conf/train.yaml.
 _NO_JOB_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion",
                  "-sc"}
-_OTHER_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_SEARCHPATH_ARG = re.compile(r"^\+?hydra\.searchpath=")  # already among the overrides
+_OTHER_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"}
 
 
 def _search_dirs(argv: list[str]) -> list[Path]:
-    """conf/ plus any `file://` directory added with hydra.searchpath=[...] on the command line."""
-    dirs = [CONF_DIR]
-    for arg in argv:
-        if arg.lstrip("+").startswith("hydra.searchpath="):
-            dirs += [Path(p) for p in re.findall(r"file://([^,\]\s'\"]+)", arg)]
-    return dirs
+    """The packaged configs plus the user's directories (--config-dir, hydra.searchpath=[file://...])."""
+    return [CONF_DIR, *config_dirs_of(argv)]
 
 
 def _group_options(group: str, search_dirs: list[Path]) -> list[str] | None:
@@ -89,11 +86,13 @@ def check_output_dir(argv: list[str]) -> str | None:
         from hydra.core.utils import setup_globals
         from omegaconf import OmegaConf
 
-        overrides = [a for a in argv if not a.startswith("-")]
+        overrides = [a for i, a in enumerate(argv) if not a.startswith("-") and (
+            i == 0 or argv[i - 1] not in ("--config-dir", "-cd"))]
         parsed = OverridesParser.create().parse_overrides(overrides)
         overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
         setup_globals()  # the ${now:...} resolver the directory patterns use
-        cfg = compose_run_config(overrides, hydra_section=True)
+        cfg = compose_run_config(overrides, hydra_section=True, config_dirs=config_dirs_of(
+            [a for a in argv if not _SEARCHPATH_ARG.match(a)]))
         multirun = ({"-m", "--multirun"} & flags or str(cfg.hydra.mode) == "MULTIRUN") and not (
             {"-r", "--run"} & flags)
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

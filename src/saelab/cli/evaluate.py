@@ -26,7 +26,7 @@ from saelab.cli.checks import writable_problem
 from saelab.data.sources import build_source
 from saelab.errors import ConfigError, cli_error_line
 from saelab.io import write_json
-from saelab.run.compose import compose_run_config
+from saelab.run.compose import compose_run_config, with_config_dirs
 from saelab.saes.saelens_format import ExportedSAE, layout_of, load_exported, read_sae_dir
 
 log = logging.getLogger("saelab.eval")
@@ -168,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saelab-eval", description=__doc__.splitlines()[0])
     parser.add_argument("sae_dir", help="a directory with cfg.json + sae_weights.safetensors (SAELens's format)")
     parser.add_argument("overrides", nargs="*", help="saelab-train overrides: model=..., data=..., eval.tokens=...")
+    parser.add_argument("--config-dir", "-cd", type=Path, action="append", default=[],
+                        help="a directory of your own configs (experiment/, model/, ...), as for saelab-train")
     parser.add_argument("--out", type=Path, help="where metrics.json goes (default: hydra.run.dir if given, else "
                         "outputs/eval/<date>/<time>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        plan = make_plan(args.sae_dir, args.overrides, args.out)
+        plan = make_plan(args.sae_dir, with_config_dirs(args.overrides, args.config_dir), args.out)
         result = evaluate(plan)
     except Exception as err:
         line = cli_error_line(err)

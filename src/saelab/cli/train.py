@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from saelab.cli.checks import check_group_overrides
 from saelab.errors import ConfigError
 from saelab.kernels import dispatch
-from saelab.run.compose import CONF_DIR
+from saelab.run.compose import CONF_PKG
 from saelab.run.job import activations_needed, prepare_job, record_failure, report_failure, run_steps
 from saelab.run.loggers import finish_wandb
 from saelab.run.training import train_group, world_size
@@ -72,7 +72,7 @@ def _discard_incomplete_run_dir(run_dir: Path, output_root: Path) -> None:
         parent = parent.parent
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PKG, config_name="train")
 def hydra_entry(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

@@ -1,0 +1,1 @@
+"""The command lines: saelab-train, saelab-eval, saelab-cache and their up-front checks."""

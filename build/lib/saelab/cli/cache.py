@@ -1,0 +1,125 @@
+"""`saelab-cache`: build, list and inspect on-disk activation caches (see saelab.data.cache).
+
+    saelab-cache build [overrides...]      build or extend the cache that `saelab-train` with the same
+                                           overrides reads (data.cache=auto unless set), without training
+    saelab-cache list [--cache-dir DIR]    the caches under DIR (default: paths.cache_dir)
+    saelab-cache inspect DIR               one cache's manifest, then a checksum of every shard
+
+Building ahead of a sweep is optional (the first job of a multirun builds the cache and the others wait),
+but it lets a cluster sweep start from a cache built on one GPU node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from saelab.cli.checks import check_group_overrides
+from saelab.data.cache_key import is_off
+from saelab.data.cache_manifest import MANIFEST, read_manifest, summary, verify
+from saelab.errors import ConfigError, cli_error_line
+from saelab.run.compose import compose_run_config
+
+_COLUMNS = ("name", "model", "hook", "source", "train_tokens", "eval_tokens", "mbytes", "train_pass_complete")
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """The same composed config `saelab-train` would run with these overrides."""
+    return compose_run_config(overrides)
+
+
+def build(overrides: list[str]) -> int:
+    from saelab.data.sources import build_source
+    from saelab.run.job import activations_needed
+    from saelab.run.stream import load_stream_model, open_stream
+    from saelab.run.training import world_size
+    from saelab.run.validation import check_run_config
+
+    problem = check_group_overrides(overrides)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    cfg = load_config(overrides)
+    if is_off(cfg.data.get("cache")):
+        cfg.data.cache = "auto"
+    check_run_config(cfg)  # a bad data.cache fails here, before the model loads
+    train_tokens = activations_needed(cfg, world_size(cfg))  # what `saelab-train` with this config will read
+    source = build_source(cfg.data)
+    if not source.needs_model:
+        raise ConfigError("data", source.name, "a source read through a model (its activations are what is cached)")
+    hooks = source.hooks(cfg.model)[:1]
+    model = load_stream_model(cfg.model, source, hooks)
+    stream = open_stream(cfg, model, hooks, train_tokens=train_tokens, source=source)
+    print(stream.datamodule.cache.path)
+    return 0
+
+
+def list_caches(cache_dir: str | None) -> int:
+    root = Path(cache_dir if cache_dir else load_config([]).paths.cache_dir)
+    rows = []
+    for directory in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")):
+        manifest, problem = read_manifest(directory)
+        if manifest is not None:
+            rows.append({"name": directory.name, **summary(manifest)})
+        else:
+            rows.append({"name": directory.name, "model": f"({problem})"})
+    if not rows:
+        print(f"no caches under {root}")
+        return 0
+    table = [[str(row.get(c, "")) for c in _COLUMNS] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(_COLUMNS)]
+    for line in [list(_COLUMNS), *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def inspect(directory: str) -> int:
+    path = Path(directory)
+    manifest, problem = read_manifest(path)
+    if manifest is None:
+        print(f"error: {path}: {problem or 'no such cache directory'}", file=sys.stderr)
+        return 1
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    print(json.dumps(summary(manifest), indent=2))
+    problems = verify(path)
+    n_files = 1 + sum(len(spec["shards"]) for spec in manifest["streams"].values())  # + the eval windows
+    for line in problems:
+        print(f"BAD: {line}")
+    print(f"{n_files - len(problems)}/{n_files} files match the sizes and sha256 in {path / MANIFEST}")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="saelab-cache", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="build a cache without training").add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="Hydra overrides, as for saelab-train")
+    lister = commands.add_parser("list", help="list caches")
+    lister.add_argument("--cache-dir", help="the directory holding caches (default: paths.cache_dir)")
+    commands.add_parser("inspect", help="print a manifest and verify checksums").add_argument("dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        if args.command == "build":
+            code = build(args.overrides)
+        elif args.command == "list":
+            code = list_caches(args.cache_dir)
+        else:
+            code = inspect(args.dir)
+    except Exception as err:
+        line = cli_error_line(err)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

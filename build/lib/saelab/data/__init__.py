@@ -1,0 +1,1 @@
+"""Text sources, model loading and the activation stream that feeds the SAE."""

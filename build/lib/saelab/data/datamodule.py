@@ -1,0 +1,251 @@
+"""The LightningDataModule: documents -> windows -> activations -> shuffle buffer -> normalised batches.
+
+With `data.cache` on, the activations come from an on-disk cache (saelab.data.cache) built on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from saelab.data.activations import activation_chunks, collect
+from saelab.data.buffer import ShuffleBuffer
+from saelab.data.cache import ActivationCache, CacheReader, take_rows
+from saelab.data.cache_key import KeyedSource, ModelSpec, cache_root, key_inputs
+from saelab.data.cache_manifest import Request
+from saelab.data.model import LoadedModel
+from saelab.data.normalize import METHODS, estimate_scale, normalised_rms
+from saelab.data.tokens import Document, SpecialTokens, pack, split_documents, tokenize
+from saelab.errors import ConfigError, check_choice, check_count
+
+log = logging.getLogger(__name__)
+
+
+class DocumentSource(KeyedSource, Protocol):
+    """What the datamodule needs of its source (saelab.data.sources.TextSource is one): documents and a key."""
+
+    def documents(self) -> list[Document]: ...
+
+
+class Batches(IterableDataset):
+    """Wraps a generator function so a DataLoader (batch_size=None) can iterate it."""
+
+    def __init__(self, make_iterator):
+        self.make_iterator = make_iterator
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self.make_iterator()
+
+
+def _auto_cache_dir(data_cfg: Mapping[str, Any]) -> str:
+    """`paths.cache_dir` of the config `data_cfg` belongs to (the default layout when it is detached)."""
+    found = OmegaConf.select(data_cfg, "..paths.cache_dir") if isinstance(data_cfg, DictConfig) else None
+    return str(found) if found else "outputs/cache"
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Training batches {hook: [batch, d]} for every hook of a group, all from one activation stream.
+
+    Every hook sees the same tokens in the same order, the order a run on that hook alone would see: with the
+    cache, one reader per hook drawing from identically seeded generators (every hook's cache holds the same
+    windows in the same shards); streamed, one forward pass per model batch whose hooks' activations travel
+    through the shuffle buffer side by side. Each hook has its own normalisation scale.
+    """
+
+    def __init__(self, data_cfg: Mapping[str, Any], model: LoadedModel, eval_tokens: int, seed: int,
+                 cache_dir: str | None = None, train_tokens: int | None = None, hooks: list[str] | None = None,
+                 *, source: DocumentSource):
+        """`cache_dir` is where `data.cache=auto` keeps caches (default: the config's paths.cache_dir);
+        `train_tokens` is the number of activations training will draw (default: data.train_tokens); `hooks`
+        the hooks to serve (default: the model's first hook); `source` the documents' source (what data_cfg's
+        `_target_` names: its TextSource.datamodule builds this). The data order comes from `data.seed`, else
+        `seed`."""
+        super().__init__()
+        self.cfg, self.model, self.eval_tokens = data_cfg, model, int(eval_tokens)
+        self.source = source
+        data_seed = data_cfg.get("seed")
+        self.seed = int(data_seed if data_seed is not None else seed)
+        self.hooks = list(dict.fromkeys(hooks or model.hooks[:1]))
+        self.special = SpecialTokens.from_tokenizer(model.tokenizer)
+        self.train_tokens = int(float(train_tokens if train_tokens is not None else data_cfg["train_tokens"]))
+        # Checked here, before any text is read, any forward pass runs or any directory is made.
+        ctx = int(data_cfg["context_size"])
+        if model.n_ctx is not None and ctx > model.n_ctx:
+            raise ConfigError("data.context_size", ctx, f"at most the model's n_ctx ({model.n_ctx})")
+        self.cache_root = cache_root(data_cfg.get("cache"), cache_dir or _auto_cache_dir(data_cfg))
+        self.caches: dict[str, CacheReader] = {}  # per hook, when activations are read from the on-disk cache
+        self.train_windows: Tensor | None = None  # not kept when activations come from the cache
+        self.eval_windows: Tensor | None = None  # held-out token windows, in corpus order (spliced metrics)
+        self.eval_acts: dict[str, Tensor] = {}  # normalised held-out activations per hook
+        self.scales: dict[str, float] = {}  # the normalisation scale C per hook
+        self.input_rms: dict[str, float] = {}  # sqrt(E||x||^2) of the normalised activations (1 by default)
+        self._head: Tensor | None = None  # the activations used to estimate the scales, trained on first
+        self._ready = False
+        self._resume_batches = 0  # batches this rank consumed before the checkpoint it resumes from
+
+    @property
+    def scale(self) -> float:
+        """The first hook's scale (a run on one hook)."""
+        return self.scales[self.hooks[0]]
+
+    @property
+    def cache(self) -> CacheReader | None:
+        """The first hook's cache reader (a run on one hook), None when streaming."""
+        return self.caches.get(self.hooks[0])
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        if self.cache_root is not None:
+            self._setup_from_cache()
+        else:
+            self._setup_streaming()
+        self._ready = True
+
+    def windows(self, train: bool = True) -> dict[str, Tensor]:
+        """The corpus as packed token windows: {"train": ..., "eval": ...} (disjoint by document); with
+        train=False only the held-out ones (the training text, ~90% of it, is then not tokenized)."""
+        cfg, ctx, tok = self.cfg, int(self.cfg["context_size"]), self.model.tokenizer
+        docs = self.source.documents()
+        if not docs:
+            raise ConfigError("data.source", self.source.name, "a source with at least one document")
+        train_docs, held_out_docs = split_documents(docs, float(cfg["eval_fraction"]))
+        eval_windows = pack(tokenize(held_out_docs, tok), ctx, self.special, bool(cfg["prepend_bos"]))
+        if not train:
+            return {"eval": eval_windows}
+        train_windows = pack(tokenize(train_docs, tok), ctx, self.special, bool(cfg["prepend_bos"]))
+        if len(train_windows) == 0:
+            raise ConfigError("data.path", cfg.get("path"), f"text with at least {ctx} training tokens")
+        if len(eval_windows) == 0:
+            raise ConfigError("data.eval_fraction", cfg["eval_fraction"],
+                              "a fraction that leaves held-out text")
+        log.info("corpus: %d train windows, %d held-out windows of %d tokens (%d documents)",
+                 len(train_windows), len(eval_windows), ctx, len(docs))
+        return {"train": train_windows, "eval": eval_windows}
+
+    def _setup_from_cache(self) -> None:
+        cfg = self.cfg
+        # The budget plus one buffer fill, so the last batches do not repeat cached activations.
+        train_tokens = self.train_tokens + int(cfg["buffer_tokens"])
+        request = Request(train_tokens, self.eval_tokens, str(cfg["normalize"]), int(cfg["normalize_tokens"]))
+        windows = functools.cache(self.windows)  # read the text at most once for all hooks
+        for hook in self.hooks:
+            inputs = key_inputs(self.source, cfg, ModelSpec.of(self.model, hook), self.special)
+            cache = ActivationCache(self.cache_root, inputs, self.model.d_model)
+            reader = self.caches[hook] = cache.open(request, windows, functools.partial(self._generate, hook=hook))
+            self.scales[hook], self.eval_windows = reader.scale, reader.eval_windows
+            self.eval_acts[hook] = reader.eval_activations(self.eval_tokens) / reader.scale
+            head = functools.partial(take_rows, reader.train, int(cfg["normalize_tokens"]))  # read only if needed
+            self.input_rms[hook] = normalised_rms(str(cfg["normalize"]), reader.scale, head)
+            log.info("normalisation %s at %s: scale C = %.4g (from the cache's first %d activations); %d held-out "
+                     "activations; %d cached train activations per epoch", cfg["normalize"], hook, reader.scale,
+                     int(cfg["normalize_tokens"]), len(self.eval_acts[hook]), reader.train_tokens)
+
+    def _setup_streaming(self) -> None:
+        cfg = self.cfg
+        windows = self.windows()
+        self.train_windows, self.eval_windows = windows["train"], windows["eval"]
+        # Held-out activations, kept in memory for evaluation only.
+        raw_eval = self._split(collect(self._chunks(self.eval_windows, shuffle=False, epochs=1), self.eval_tokens))
+        # The scales come from the first training activations; they are then trained on, not wasted.
+        self._train_iter = self._chunks(self.train_windows, shuffle=True, epochs=None)
+        self._head = collect(self._train_iter, int(cfg["normalize_tokens"]))
+        for hook, head in self._split(self._head).items():
+            self.scales[hook] = estimate_scale(head, str(cfg["normalize"]))
+            self.input_rms[hook] = normalised_rms(str(cfg["normalize"]), self.scales[hook], head)
+            self.eval_acts[hook] = raw_eval[hook] / self.scales[hook]
+            log.info("normalisation %s at %s: scale C = %.4g (from %d activations); %d held-out activations",
+                     cfg["normalize"], hook, self.scales[hook], len(head), len(self.eval_acts[hook]))
+
+    def _split(self, rows: Tensor) -> dict[str, Tensor]:
+        """Columns of side-by-side activations (activation_chunks with several hooks) -> {hook: rows}."""
+        if len(self.hooks) == 1:
+            return {self.hooks[0]: rows}
+        # Every trained hook is d_model wide (train.py checks sae.d_in against it).
+        return dict(zip(self.hooks, rows.split(self.model.d_model, dim=1), strict=True))
+
+    def _generate(self, windows: Tensor, hook: str) -> Iterator[Tensor]:
+        """Activations of windows in their order at one hook, for that hook's cache."""
+        return activation_chunks(self.model, windows, self.special, int(self.cfg["model_batch_size"]), hook=hook)
+
+    def _chunks(self, windows: Tensor, shuffle: bool, epochs: int | None) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return activation_chunks(self.model, windows, self.special, int(self.cfg["model_batch_size"]),
+                                 generator=generator, epochs=epochs, hooks=self.hooks)
+
+    # -- data position: saved in checkpoints so a resumed run continues the stream where it stopped ---------
+    def state_dict(self) -> dict[str, Any]:
+        """Batches this rank has trained on, and the normalisation scales, at checkpoint time."""
+        return {"batches_consumed": self._batches_consumed(), "scales": dict(self.scales)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_batches = int(state["batches_consumed"])
+        self.scales.update(state.get("scales", {}))
+
+    def _batches_consumed(self) -> int:
+        # Lightning's count of training batches whose step ran (a skipped non-finite batch counts too); it
+        # includes the current batch when a checkpoint is written at its end. Prefetched batches do not count.
+        if self.trainer is None:
+            return self._resume_batches
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
+    # -- loaders --------------------------------------------------------------------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def train_batches(self) -> Iterator[dict[str, Tensor]]:
+        """This rank's training batches, from the data position of the checkpoint being resumed (if any)."""
+        stream = self._rank_batches(*self._rank_and_world())
+        skip, self._resume_batches = self._resume_batches, 0
+        if skip:
+            log.info("resuming the activation stream after %d batches", skip)
+        return itertools.islice(stream, skip, None)
+
+    def _rank_batches(self, rank: int, world: int) -> Iterator[dict[str, Tensor]]:
+        """Batches for one of `world` ranks; the ranks' batches are disjoint and together make the whole stream.
+
+        Cached activations: every rank draws the same global stream and keeps every world-th batch (reads are
+        cheap). Generated activations: each rank runs the model on its own share of the training windows.
+        """
+        batch_size, buffer_tokens = int(self.cfg["batch_size"]), int(self.cfg["buffer_tokens"])
+        if self.caches:  # permuted groups of buffer_tokens cached activations: no shuffle buffer
+            streams = [reader.batches(torch.Generator().manual_seed(self.seed), batch_size, buffer_tokens,
+                                      self.scales[hook]) for hook, reader in self.caches.items()]
+            for batches in itertools.islice(zip(*streams, strict=False), rank, None, world):
+                yield dict(zip(self.caches, batches, strict=True))
+            return
+        if world == 1:  # the activations that set the scale are trained on first, not wasted
+            head, self._head = self._head, None
+            chunks = itertools.chain([head] if head is not None else [], self._train_iter)
+        else:
+            chunks = self._chunks(self.train_windows[rank::world], shuffle=True, epochs=None)
+        generator = torch.Generator().manual_seed(self.seed + 1 + rank)
+        for batch in ShuffleBuffer(chunks, buffer_tokens, batch_size, generator):
+            yield {hook: rows / self.scales[hook] for hook, rows in self._split(batch).items()}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(Batches(self.train_batches), batch_size=None, num_workers=0)
+
+
+def check_data_config(data: Mapping[str, Any], cache_dir: str) -> None:
+    """The data section's fields every source shares (its own are DataSource.check's), before anything is read."""
+    counts = {name: check_count(f"data.{name}", data[name]) for name in (
+        "context_size", "batch_size", "buffer_tokens", "train_tokens", "normalize_tokens", "model_batch_size")}
+    if counts["buffer_tokens"] < 2 * counts["batch_size"]:
+        raise ConfigError("data.buffer_tokens", data["buffer_tokens"], "at least 2 x data.batch_size")
+    if not 0 < float(data["eval_fraction"]) < 1:
+        raise ConfigError("data.eval_fraction", data["eval_fraction"], "a fraction strictly between 0 and 1")
+    check_choice("data.normalize", data["normalize"], METHODS)
+    cache_root(data.get("cache"), cache_dir, create=False)

@@ -1,0 +1,1 @@
+"""Evaluation metrics on held-out activations."""

@@ -1,0 +1,1 @@
+"""Reports over finished runs: saelab-report's tables and plots."""

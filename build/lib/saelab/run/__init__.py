@@ -1,0 +1,1 @@
+"""A run: its jobs, their grouping, the activation stream, the training loop, evaluation and results."""

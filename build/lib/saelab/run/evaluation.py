@@ -1,0 +1,105 @@
+"""Held-out evaluation, one way for every tool: the end of a run, the periodic evaluation during it, and
+saelab-eval on a loaded export all measure an SAE here, on a stream's held-out activations.
+
+Reconstruction metrics at the SAE's hook (a transcoder's against its target hook's activations), ground-truth
+metrics where the source knows the world that made the activations, and spliced metrics (the model run with the
+SAE's output in place of the activation it reconstructs) where there is a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saelab.errors import check_count
+from saelab.metrics.evaluate import evaluate_sae
+from saelab.metrics.ground_truth import ground_truth_metrics
+from saelab.metrics.spliced import Splice, Transcode, spliced_metrics_many
+from saelab.run.stream import Stream
+
+
+def held_out_metrics(sae: nn.Module, stream: Stream, hook: str, target_hook: str | None, batch_size: int
+                     ) -> tuple[dict[str, Any], Tensor]:
+    """(metrics, per-latent log10 firing density) of `sae` (normalised activations in, normalised output out) on
+    the stream's held-out activations at `hook`; a transcoder is measured against `target_hook`'s."""
+    datamodule, truth = stream.datamodule, stream.truth
+    firing: list[Tensor] | None = [] if truth is not None else None
+    targets = datamodule.eval_acts[target_hook] if target_hook is not None else None
+    metrics, density = evaluate_sae(sae, datamodule.eval_acts[hook], int(batch_size), firing, targets)
+    if truth is not None:  # how well the SAE recovers the world's features, from the same held-out encode
+        metrics |= ground_truth_metrics(sae.W_dec, torch.cat(firing), truth.dictionary, datamodule.eval_firing,
+                                        truth.parent)
+    return metrics, density
+
+
+class BatchTopKView(nn.Module):
+    """A BatchTopK-style SAE scored by its training selection (encode_batch_topk over each evaluation batch)
+    instead of its learned threshold; every other method is the SAE's."""
+
+    def __init__(self, sae: nn.Module):
+        super().__init__()
+        self.sae = sae
+        self.d_sae, self.W_dec = sae.d_sae, sae.W_dec
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.sae.encode_batch_topk(x)
+
+    def output(self, x: Tensor, f: Tensor) -> Tensor:
+        return self.sae.output(x, f)
+
+
+def batch_topk_metrics(sae: nn.Module, stream: Stream, hook: str, target_hook: str | None, batch_size: int
+                       ) -> dict[str, Any]:
+    """held_out_metrics by the batch top-k (eval.batch_topk), as batch_topk_<metric>; empty for an SAE without
+    one."""
+    if not hasattr(sae, "encode_batch_topk"):
+        return {}
+    metrics, _ = held_out_metrics(BatchTopKView(sae), stream, hook, target_hook, batch_size)
+    return {f"batch_topk_{name}": value for name, value in metrics.items()}
+
+
+def normalised_splice(sae: nn.Module, hook: str, target_hook: str | None, scales: Mapping[str, float]) -> Splice:
+    """Raw activations in, raw output out: x -> C sae(x / C) for an SAE trained on normalised activations; a
+    transcoder reads its input hook and predicts its target, x -> C_target sae(x / C_input)."""
+    in_scale = scales[hook]
+    out_scale = scales[target_hook] if target_hook is not None else in_scale
+    device = next(sae.parameters()).device
+    sae.eval()
+
+    def predict(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return sae(x.to(device).float() / in_scale) * out_scale
+
+    return raw_splice(predict, hook, target_hook)
+
+
+def raw_splice(predict: Callable[[Tensor], Tensor], hook: str, target_hook: str | None) -> Splice:
+    """A splice from a raw-activation function: an SAE's replaces its hook; a transcoder's reads `hook` and
+    replaces its target."""
+    return predict if target_hook is None else Transcode(predict, reads=hook)
+
+
+def spliced(stream: Stream, splices: Mapping[Hashable, tuple[str, Splice]], n_windows: int, model_batch_size: int
+            ) -> dict[Hashable, dict[str, Any]]:
+    """Spliced metrics for several SAEs, each (the hook its output replaces, its splice); the clean and
+    zero-ablated passes are shared by the SAEs of one hook. Empty without a model or windows."""
+    if stream.model is None or not n_windows or not splices:
+        return {}
+    results: dict[Hashable, dict[str, Any]] = {}
+    datamodule = stream.datamodule
+    for hook in dict.fromkeys(h for h, _ in splices.values()):
+        on_hook = {key: splice for key, (h, splice) in splices.items() if h == hook}
+        results |= spliced_metrics_many(stream.model, on_hook, datamodule.eval_windows[:n_windows],
+                                        datamodule.special, int(model_batch_size), hook)
+    return results
+
+
+def check_eval_config(eval_cfg: Mapping[str, Any]) -> None:
+    """The eval section: held-out tokens, batch size and the periodic evaluation's interval."""
+    check_count("eval.tokens", eval_cfg["tokens"])
+    check_count("eval.batch_size", eval_cfg["batch_size"])
+    if eval_cfg.get("every_n_steps") is not None:
+        check_count("eval.every_n_steps", eval_cfg["every_n_steps"])

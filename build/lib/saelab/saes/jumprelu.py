@@ -1,0 +1,155 @@
+"""JumpReLU SAE (SPEC section 3): f_i = pi_i H(pi_i - theta_i), trained through straight-through estimators.
+
+The threshold theta is a float32 parameter whatever the compute precision: it lives at the scale of the
+bandwidth (1e-3 by default), where bf16's 8-bit mantissa could not move it by an Adam step.
+
+Exported, it is SAELens's "jumprelu" layout (and "jumprelu_transcoder", "jumprelu_skip_transcoder"), declared
+here; BatchTopK and Matryoshka BatchTopK export into it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saelab.errors import ConfigError, check_bool, check_choice, check_positive
+from saelab.kernels.fused_relu import JumpReLUL0Function
+from saelab.saes.base import SAE, SAEConfig, TrainStep, squared_error
+from saelab.saes.saelens_layout import SAELensLayout, register_layout
+from saelab.saes.ste import KERNELS, jumprelu, step
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    sparsity: str = "l0"  # l0: lambda sum_i H(pi_i - theta_i) | tanh: lambda sum_i tanh(c f_i ||d_i||)
+    bandwidth: float = 0.001  # epsilon, the STE kernel width (in normalised-activation units)
+    kernel: str = "rectangle"  # rectangle: 1[|u| < 1/2] | triangle: max(0, 1 - |u|)
+    threshold_init: float = 0.05  # theta at init (papers: 0.001, which Adam needs many steps to leave)
+    threshold_param: str = "raw"  # raw: theta stored directly, floored above 0 | log: theta = exp(t)
+    ste_to_preacts: bool = False  # pi also gets minus theta's STE pseudo-gradient (Anthropic 2025)
+    pre_act_loss_coefficient: float = 0.0  # lambda_p sum_i ReLU(theta_i - pi_i) ||d_i|| (0 = off)
+    tanh_scale: float = 4.0  # c in the tanh penalty
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("sae.sparsity", self.sparsity, ("l0", "tanh"))
+        if self.sparsity == "tanh":
+            self.require_free_decoder_norms(self.sparsity)
+        check_positive("sae.bandwidth", self.bandwidth)
+        check_choice("sae.kernel", self.kernel, tuple(KERNELS))
+        check_positive("sae.threshold_init", self.threshold_init)
+        check_choice("sae.threshold_param", self.threshold_param, ("raw", "log"))
+        check_bool("sae.ste_to_preacts", self.ste_to_preacts)
+        check_positive("sae.pre_act_loss_coefficient", self.pre_act_loss_coefficient, allow_zero=True)
+        check_positive("sae.tanh_scale", self.tanh_scale)
+
+    def scale_dependent(self) -> dict[str, int]:
+        # Both penalties count (L0; tanh saturates at 1 per latent), so lambda follows the MSE's s^2; tanh's c
+        # multiplies a latent value, the pre-activation loss sums (theta - pi) values.
+        return {"sparsity_coefficient": 2, "bandwidth": 1, "threshold_init": 1, "tanh_scale": -1,
+                "pre_act_loss_coefficient": 1}
+
+
+def jumprelu_encoder(tensors: Mapping[str, Tensor], cfg: Mapping[str, Any], x: Tensor) -> Tensor:
+    """SAELens "jumprelu": ReLU(pre) where pre = x W_enc + b_enc exceeds the latent's threshold (x centred as cfg
+    says)."""
+    pre = x @ tensors["W_enc"] + tensors["b_enc"]
+    return torch.relu(pre) * (pre > tensors["threshold"]).to(x.dtype)
+
+
+JUMPRELU_LAYOUT = register_layout(SAELensLayout("jumprelu", jumprelu_encoder, transcoder="jumprelu_transcoder",
+                                                skip_transcoder="jumprelu_skip_transcoder"))
+
+
+class JumpReLUSAE(SAE):
+    Config = JumpReLUConfig
+    saelens_architecture = "jumprelu"
+    recipe_adam_betas = (0.0, 0.999)
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        self.cfg: JumpReLUConfig = cfg
+        self.W_enc = nn.Parameter(self.init_decoder_and_tied_encoder())
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        init = torch.full((self.d_sae,), float(cfg.threshold_init), dtype=torch.float32)
+        if cfg.threshold_param == "raw":
+            self.raw_threshold = nn.Parameter(init)
+        else:
+            self.log_threshold = nn.Parameter(init.log())
+
+    @torch.no_grad()
+    def reinitialise_scaled(self) -> None:
+        init = float(self.cfg.threshold_init)
+        if self.cfg.threshold_param == "raw":
+            self.raw_threshold.fill_(init)
+        else:
+            self.log_threshold.fill_(math.log(init))
+
+    @property
+    def threshold(self) -> Tensor:
+        """theta in float32 (> 0 under both parameterisations)."""
+        if self.cfg.threshold_param == "raw":
+            return self.raw_threshold.float()
+        return self.log_threshold.float().exp()
+
+    @property
+    def threshold_floor(self) -> float:
+        """Where `raw` thresholds are clamped: far below the bandwidth, yet positive (f > 0 when active)."""
+        return min(self.cfg.bandwidth, self.cfg.threshold_init) * 1e-3
+
+    def preacts(self, x: Tensor) -> Tensor:
+        return self.encoder_preacts(x, self.W_enc, self.b_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.preacts(x)
+        return torch.where(pre.float() > self.threshold, pre, 0.0)
+
+    def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
+                      ) -> TrainStep:
+        t = self.reconstruction_target(x, target)
+        cfg = self.cfg
+        if (cfg.sparsity == "l0" and not cfg.ste_to_preacts and cfg.pre_act_loss_coefficient == 0
+                and self.fused_ok(x)):
+            theta = self.threshold
+            x_hat, f, l0, fired = JumpReLUL0Function.apply(
+                x, self.W_enc, self.folded_bias(self.W_enc, self.b_enc), theta, self.W_dec, self.b_dec,
+                cfg.bandwidth, cfg.kernel, (self.workspace("f", x), self.workspace("grad_f", x)))
+            terms = {"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * l0}
+            return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()}, fired_mask=fired)
+        pre, theta = self.preacts(x), self.threshold
+        f = jumprelu(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts)
+        terms = {"rec": squared_error(t, self.decode(f))}
+        if cfg.sparsity == "l0":
+            penalty = step(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts).sum(-1).mean()
+        else:
+            penalty = torch.tanh(cfg.tanh_scale * f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        terms["sparsity"] = coefficients["sparsity"] * penalty
+        if cfg.pre_act_loss_coefficient > 0:
+            below = torch.relu(theta - pre.float()) @ self.W_dec.norm(dim=1).float()
+            terms["pre_act"] = cfg.pre_act_loss_coefficient * below.mean()
+        return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()})
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Renormalise the decoder (base), then keep raw thresholds positive."""
+        super().after_optimizer_step()
+        if self.cfg.threshold_param == "raw":
+            self.raw_threshold.clamp_(min=self.threshold_floor)
+
+    @torch.no_grad()
+    def import_threshold(self, threshold: Tensor) -> None:
+        if self.cfg.threshold_param == "raw":
+            self.raw_threshold.copy_(threshold.clamp_min(self.threshold_floor))
+            return
+        if not (threshold > 0).all():
+            raise ConfigError("init_from", "threshold", "positive thresholds for sae.threshold_param=log "
+                              "(sae.threshold_param=raw takes any)")
+        self.log_threshold.copy_(threshold.log())
+
+    def export_tensors(self, scale: float) -> dict[str, Tensor]:
+        return self.standard_tensors(scale) | {"threshold": self.threshold.detach() * scale}
