@@ -23,12 +23,12 @@ from saelab.cli.checks import check_group_overrides
 from saelab.errors import ConfigError
 from saelab.kernels import dispatch
 from saelab.run.compose import CONF_PKG
-from saelab.run.job import activations_needed, prepare_job, record_failure, report_failure, run_steps
+from saelab.run.job import prepare_job, record_failure, report_failure
 from saelab.run.loggers import finish_wandb
-from saelab.run.training import train_group, world_size
+from saelab.run.training import train_group
 
 log = logging.getLogger("saelab")
-__all__ = ["activations_needed", "main", "run_steps", "sweep_objective", "train", "world_size"]
+__all__ = ["main", "sweep_objective", "train"]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -207,13 +207,6 @@ def spliced_encoder_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, 
             for key, total in totals.items()}
 
 
-def spliced_encoder_metrics(model: LoadedModel, reconstruct: Reconstruct, windows: Tensor,
-                            special: SpecialTokens, batch_windows: int,
-                            hook: str | None = None) -> dict[str, float | str]:
-    """spliced_encoder_metrics_many for one SAE."""
-    return spliced_encoder_metrics_many(model, {0: reconstruct}, windows, special, batch_windows, hook)[0]
-
-
 def spliced_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Splice], windows: Tensor,
                          special: SpecialTokens, batch_windows: int, hook: str | None = None
                          ) -> dict[Key, dict[str, float | str]]:
