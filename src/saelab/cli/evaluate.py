@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a directory of your own configs (experiment/, model/, ...), as for saelab-train")
     parser.add_argument("--out", type=Path, help="where metrics.json goes (default: hydra.run.dir if given, else "
                         "outputs/eval/<date>/<time>)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         plan = make_plan(args.sae_dir, with_config_dirs(args.overrides, args.config_dir), args.out)
