@@ -69,6 +69,7 @@ def test_dashboard_of_a_run_directory(run_dir, dashboard):
     d_sae = metrics["d_sae"]
     assert summary["sae"] == {"architecture": "standard", "d_in": D_MODEL, "d_sae": d_sae, "hook": HOOK,
                               "model_name": "tiny"}
+    assert json.loads((run_dir / "sae" / "cfg.json").read_text())["metadata"]["has_model"] is True
     assert summary["metrics"]["fvu"] == pytest.approx(metrics["fvu"])
     assert summary["metrics"]["l0"] == pytest.approx(metrics["l0"])
     hist = summary["density"]

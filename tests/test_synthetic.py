@@ -145,6 +145,7 @@ def test_a_short_run_recovers_most_planted_features(tmp_path):
     assert (run_dir / "ground_truth.safetensors").is_file()
     cfg = json.loads((run_dir / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == SPEC.d_in and cfg["metadata"]["model_name"] == "synthetic"
+    assert cfg["metadata"]["has_model"] is False  # saelab-dashboard refuses it (tests/test_export_metadata.py)
 
 
 def test_batchtopk_is_also_scored_by_its_batch_topk_when_asked(tmp_path):

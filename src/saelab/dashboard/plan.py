@@ -74,6 +74,17 @@ def sae_field(cfg: Mapping[str, Any], key: str) -> Any:
     return cfg.get(key, (cfg.get("metadata") or {}).get(key))
 
 
+def trained_without_model(sae_cfg: Mapping[str, Any]) -> bool:
+    """Whether the SAE was trained on activations no model made (data=synthetic): a dashboard of it would show
+    text the SAE never read. Its export says so in `has_model` (run/results.export_metadata)."""
+    has_model = sae_field(sae_cfg, "has_model")
+    if has_model is not None:
+        return not has_model
+    # An export from a saelab before `has_model`, or from SAELens, lacks the field: saelab then named a source
+    # without a model as both model_name and dataset_path (an export of a model names the two apart).
+    return sae_field(sae_cfg, "model_name") == sae_field(sae_cfg, "dataset_path")
+
+
 def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
@@ -159,8 +170,7 @@ def make_plan(path: str | os.PathLike, overrides: Sequence[str]) -> Plan:
             if value is not None and f"data.{key}" not in touched:
                 data[key] = value
     source = build_source(data)
-    trained_without_model = sae_field(sae_cfg, "model_name") == sae_field(sae_cfg, "dataset_path")  # see results
-    if not isinstance(source, TextSource) or trained_without_model:
+    if not isinstance(source, TextSource) or trained_without_model(sae_cfg):
         raise ConfigError("data", source.name, "a text source (one read through a model): a dashboard shows "
                           "contexts of real text")
     data.cache = "off"  # held-out text is read and encoded here; no activation cache is made or read

@@ -10,8 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
+from saelab.data.sources import DataSource
 from saelab.io import write_json
 from saelab.run.job import Job
 from saelab.run.member import SAEMember
@@ -20,6 +22,29 @@ from saelab.saes.decoder_rescale import variant_class
 from saelab.saes.saelens_format import export_sae
 
 log = logging.getLogger("saelab")
+
+
+def export_metadata(cfg: DictConfig, source: DataSource, hook: str, target_hook: str | None) -> dict[str, Any]:
+    """The `metadata` of the export's cfg.json: SAELens's fields, plus saelab's own.
+
+    `has_model` (bool) says whether a model made the activations the SAE was trained on: false for a source that
+    makes them itself (data=synthetic, data=synthsaebench), whose name then stands in for model_name and
+    dataset_path. It is said outright so that a reader (saelab-dashboard, which shows contexts of real text
+    and refuses such an SAE: dashboard/plan.trained_without_model) need not infer it from those names.
+    """
+    has_model = bool(source.needs_model)
+    return {
+        "model_name": str(cfg.model.name) if has_model else source.name,
+        "hook_name": hook,
+        **({"hook_name_out": target_hook} if target_hook is not None else {}),
+        "context_size": int(cfg.data.context_size),
+        "prepend_bos": bool(cfg.data.prepend_bos),
+        "exclude_special_tokens": True,
+        "dataset_path": str(cfg.data.get("path") or source.name) if has_model else source.name,
+        "normalization": str(cfg.data.normalize),
+        "has_model": has_model,
+        "trained_by": "saelab",
+    }
 
 
 def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: Stream, trainer: L.Trainer,
@@ -31,19 +56,8 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
     if truth is not None:  # the truth this SAE is measured against, with the run
         save_file(truth.tensors(), str(job.run_dir / "ground_truth.safetensors"))
     target_scale = scales[member.target_hook] if member.target_hook is not None else None
-    export_sae(sae, scale, job.run_dir / "sae", {
-        # a source without a model names itself as both (the dashboard tells such an SAE by that)
-        "model_name": str(cfg.model.name) if stream.source.needs_model else stream.source.name,
-        "hook_name": member.hook,
-        **({"hook_name_out": member.target_hook} if member.target_hook is not None else {}),
-        "context_size": int(cfg.data.context_size),
-        "prepend_bos": bool(cfg.data.prepend_bos),
-        "exclude_special_tokens": True,
-        "dataset_path": str(cfg.data.get("path") or stream.source.name) if stream.source.needs_model
-        else stream.source.name,
-        "normalization": str(cfg.data.normalize),
-        "trained_by": "saelab",
-    }, target_scale)
+    export_sae(sae, scale, job.run_dir / "sae", export_metadata(cfg, stream.source, member.hook, member.target_hook),
+               target_scale)
     result = {
         **metrics,
         "variant": variant_class(sae).__name__,
