@@ -1,1 +1,0 @@
-"""Text sources, model loading and the activation stream that feeds the SAE."""

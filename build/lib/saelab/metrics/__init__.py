@@ -1,1 +1,0 @@
-"""Evaluation metrics on held-out activations."""

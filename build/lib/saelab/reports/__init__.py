@@ -1,1 +1,0 @@
-"""Reports over finished runs: saelab-report's tables and plots."""

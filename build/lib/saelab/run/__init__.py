@@ -1,1 +1,0 @@
-"""A run: its jobs, their grouping, the activation stream, the training loop, evaluation and results."""
