@@ -86,6 +86,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.train_windows: Tensor | None = None  # not kept when activations come from the cache
         self.eval_windows: Tensor | None = None  # held-out token windows, in corpus order (spliced metrics)
         self.eval_acts: dict[str, Tensor] = {}  # normalised held-out activations per hook
+        self.eval_firing: Tensor | None = None  # no world of true features behind text (data/protocol.py)
         self.scales: dict[str, float] = {}  # the normalisation scale C per hook
         self.input_rms: dict[str, float] = {}  # sqrt(E||x||^2) of the normalised activations (1 by default)
         self._head: Tensor | None = None  # the activations used to estimate the scales, trained on first

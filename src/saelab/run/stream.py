@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig
 
 from saelab.data.model import LoadedModel, check_sae_hooks, hook_widths, load_model
+from saelab.data.protocol import StreamDataModule
 from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError
 
@@ -23,7 +23,7 @@ from saelab.errors import ConfigError
 class Stream:
     source: DataSource | None  # None: a datamodule given as it is (tests), with no truth to measure against
     model: LoadedModel | None  # None: the source makes activations itself
-    datamodule: L.LightningDataModule  # set up: scales and held-out activations ready
+    datamodule: StreamDataModule  # set up: scales and held-out activations ready
 
     @property
     def truth(self) -> Any | None:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 
+from saelab.data.protocol import StreamDataModule
 from saelab.data.tokens import Document
 from saelab.errors import ConfigError
 
@@ -70,8 +71,9 @@ class DataSource(ABC):
 
     @abstractmethod
     def datamodule(self, data_cfg: Mapping[str, Any], model: Any, eval_tokens: int, seed: int, *,
-                   cache_dir: str | None, train_tokens: int | None, hooks: list[str]) -> L.LightningDataModule:
-        """The datamodule serving {hook: batch}, per-hook scales and held-out activations (`eval_acts`)."""
+                   cache_dir: str | None, train_tokens: int | None, hooks: list[str]) -> StreamDataModule:
+        """The datamodule serving {hook: batch}, per-hook scales and held-out activations (`eval_acts`): a
+        LightningDataModule with every member of data/protocol.StreamDataModule, which run/ reads."""
 
     def ground_truth(self, datamodule: L.LightningDataModule) -> Any | None:
         """The world whose features made the activations (ground-truth metrics), None when unknown."""
