@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -114,14 +115,25 @@ def read_sae_dir(path: Path, field: str = "sae_dir") -> dict[str, Any]:
 
 
 def check_weights_file(path: Path, field: str = "sae_dir") -> None:
-    """An export's weights file must be whole: its header is parsed (it says how long the file must be, so a
-    truncated or damaged file fails here, in one line naming it, before any model loads) without loading tensors."""
+    """An export's weights file must be whole and finite. Its header is parsed (it says how long the file must
+    be, so a truncated or damaged file fails here), then each tensor is read in turn and a NaN or inf refused by
+    name: everything that loads an export (saelab-eval, init_from, the dashboard) checks it here, before any
+    model loads, instead of measuring `fvu: nan` or training from it."""
     file = Path(path) / WEIGHTS_FILE
     try:
-        with safe_open(str(file), framework="pt"):
-            pass
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118  (safe_open is not iterable)
+                check_finite(field, file, name, weights.get_tensor(name))
     except (OSError, SafetensorError) as err:
         raise ConfigError(field, str(file), f"a readable safetensors file ({err})") from None
+
+
+def check_finite(field: str, file: Path, name: str, tensor: Tensor) -> None:
+    """A ConfigError naming the tensor of `file` that holds NaN or inf values, and how many."""
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ConfigError(field, str(file), f"finite weights ({name} holds {bad} NaN/inf values)")
 
 
 def load_exported(path: Path) -> ExportedSAE:
