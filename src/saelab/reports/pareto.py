@@ -1,7 +1,9 @@
 """saelab-report's Pareto plots: one PNG per metric against L0 (or --x), one colour per series.
 
 Pareto frontier of a series: the points no other point of the series beats on both axes (lower L0, better
-metric: lower FVU / delta LM loss, higher cosine / loss recovered). Drawn from the seeds' means (tables.py's
+metric: lower FVU / delta LM loss, higher cosine / loss recovered: the metric registry's `better`). A metric
+with no better direction (shrinkage, a reference loss) gets its points joined in x order and no frontier claim;
+a column the registry does not describe is taken as lower-is-better. Drawn from the seeds' means (tables.py's
 aggregate_seeds), the points get one-standard-deviation error bars.
 """
 
@@ -13,9 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-HIGHER_IS_BETTER = {"explained_variance", "cosine", "loss_recovered", "spliced_hidden_cosine", "mcc",
-                    "recovered_fraction", "uniqueness", "firing_precision", "firing_recall", "firing_f1",
-                    "synthsaebench_precision", "synthsaebench_recall", "synthsaebench_f1", "synthsaebench_uniqueness"}
+from saelab.metrics import registry
 
 
 def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = False) -> list[int]:
@@ -43,6 +43,7 @@ def plot_pareto(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogFormatter
 
+    better = registry.better(y) or "lower"
     data = table[(table["status"] == "ok") & table[x].notna() & table[y].notna()]
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     for label, group in data.groupby("series", sort=True):
@@ -52,7 +53,10 @@ def plot_pareto(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
             ax.errorbar(xs, ys, xerr=group[f"{x}_std"].fillna(0).to_numpy(),
                         yerr=group[f"{y}_std"].fillna(0).to_numpy(), fmt="none", capsize=3,
                         ecolor=points.get_facecolor()[0][:3], alpha=0.7)
-        front = pareto_front(xs, ys, maximize_y=y in HIGHER_IS_BETTER)
+        if better == "none":  # no frontier to claim: the series' points in x order
+            front = sorted(range(len(xs)), key=lambda i: xs[i])
+        else:
+            front = pareto_front(xs, ys, maximize_y=better == "higher")
         ax.plot(xs[front], ys[front], marker="o", color=points.get_facecolor()[0][:3], label=label)
     values = data[x].astype(float)
     if len(data) and (values > 0).all() and values.max() > 4 * values.min():  # a log axis for wide L0 ranges
@@ -61,12 +65,14 @@ def plot_pareto(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
 
-    better = "higher" if y in HIGHER_IS_BETTER else "lower"
     seeds = ""
     if "n_seeds" in data and len(data):
         low, high = int(data["n_seeds"].min()), int(data["n_seeds"].max())
         seeds = f" (mean ± std, {low if low == high else f'{low}-{high}'} seeds)"
-    ax.set(xlabel=x, ylabel=f"{y} ({better} is better)", title=f"{y} vs {x}: Pareto frontier per series{seeds}")
+    if better == "none":
+        ax.set(xlabel=x, ylabel=f"{y} (no better direction)", title=f"{y} vs {x} per series{seeds}")
+    else:
+        ax.set(xlabel=x, ylabel=f"{y} ({better} is better)", title=f"{y} vs {x}: Pareto frontier per series{seeds}")
     ax.grid(True, which="both", alpha=0.3)
     if len(data):
         ax.legend(fontsize=8, title="series", title_fontsize=8)

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from saelab.metrics import registry
 from saelab.reports.compare import compare, comparison_markdown, parse_compare
 from saelab.reports.pareto import plot_pareto
 from saelab.reports.sweep import collect
 from saelab.reports.tables import aggregate_seeds, markdown_report, seeds_markdown
 
 log = logging.getLogger("saelab.reports.report")
-
-DOWNSTREAM = ("delta_lm_loss", "spliced_hidden_cosine")  # causal LMs, encoders (saelab.metrics.spliced)
 
 
 def wandb_online() -> bool:
@@ -98,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     csv = out / "report.csv"
     table.to_csv(csv, index=False)
 
-    plots = []
-    for y in dict.fromkeys([args.y, *DOWNSTREAM]):
+    plots = []  # --y, then every metric the registry gives a plot of its own (the spliced ones)
+    for y in dict.fromkeys([args.y, *registry.shown("pareto")]):
         if args.x in table and y in table and table.loc[table["status"] == "ok", y].notna().any():
             plots.append(plot_pareto(table, args.x, y, out / f"pareto_{args.x}_vs_{y}.png"))
     report = markdown_report(sweep, root, plots, csv)
@@ -108,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds_csv = out / "report_seeds.csv"
         by_seed.to_csv(seeds_csv, index=False)
         seed_plots = [plot_pareto(by_seed, args.x, y, out / f"pareto_seeds_{args.x}_vs_{y}.png")
-                      for y in dict.fromkeys([args.y, *DOWNSTREAM])
+                      for y in dict.fromkeys([args.y, *registry.shown("pareto")])
                       if args.x in by_seed and y in by_seed and by_seed[y].notna().any()]
         report += ("\n\n## Over seeds (mean ± std)\n\n" + seeds_markdown(by_seed, sweep.swept)
                    + f"\n\nCSV: {seeds_csv}\n" + "\n".join(f"Plot: {p}" for p in seed_plots))

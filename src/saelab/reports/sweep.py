@@ -25,9 +25,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-METRIC_ORDER = ("variant", "architecture", "target_hook", "l0", "fvu", "explained_variance", "delta_lm_loss",
-                "loss_recovered", "kl_sae", "spliced_hidden_cosine", "shrinkage", "cosine", "norm_ratio",
-                "dead_fraction", "dense_fraction", "d_sae", "steps", "tokens_trained", "wall_time_s")
+from saelab.metrics import registry
+
 NUISANCE = re.compile(r"^(seed|paths\..*|hydra\..*|logger.*|callbacks\..*)$")
 ERROR_LINE = re.compile(r"Traceback|\[ERROR\]|\b\w*(Error|Exception)\b|^error:", re.IGNORECASE)
 ERROR_TAIL_LINES = 3
@@ -128,7 +127,7 @@ def collect(root: Path, group_by: Sequence[str] | None = None) -> Sweep:
         # so fall back to one series per variant.
         default_keys = ["variant"]
     table["series"] = series_labels(table, group_by or default_keys)
-    metrics = [c for c in METRIC_ORDER if c in table]
+    metrics = [c for c in registry.shown("sweep") if c in table]  # the registry's order, then the rest
     first = ["job", "status", "series", *varying, *metrics]
     constant = [c for c in overridden if c not in varying]
     rest = [c for c in table if c not in {*first, *constant, "error"}]

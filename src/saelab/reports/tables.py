@@ -13,11 +13,9 @@ from typing import Any
 
 import pandas as pd
 
+from saelab.metrics import registry
 from saelab.reports.sweep import Sweep
 
-MARKDOWN_METRICS = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "spliced_hidden_cosine", "mcc",
-                    "recovered_fraction", "firing_f1", "synthsaebench_f1", "absorption_rate", "shrinkage",
-                    "dead_fraction", "steps", "wall_time_s")
 SEED_COLUMNS = ("seed", "override:seed")
 
 
@@ -42,29 +40,31 @@ def aggregate_seeds(sweep: Sweep) -> pd.DataFrame | None:
     return out
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str | None = None) -> str:
+    """A markdown cell: a float in its metric's registry format (4 significant digits for other columns)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        metric = registry.find(column) if column is not None else None
+        return metric.format(value) if metric is not None else f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def to_markdown(table: pd.DataFrame, columns: Sequence[str]) -> str:
     header = "| " + " | ".join(columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
+    body = ["| " + " | ".join(_cell(row[c], c) for c in columns) + " |" for _, row in table.iterrows()]
     return "\n".join([header, rule, *body])
 
 
 def seeds_markdown(by_seed: pd.DataFrame, swept: str | None) -> str:
     """The per-setting table: mean ± std over seeds."""
     keys = ["series", *([swept] if swept and swept in by_seed else []), "n_seeds"]
-    metrics = [c for c in MARKDOWN_METRICS if c in by_seed and by_seed[c].notna().any()]
+    metrics = [c for c in registry.shown("table") if c in by_seed and by_seed[c].notna().any()]
     rows = []
     for _, r in by_seed.iterrows():
         cells = [_cell(r[k]) for k in keys]
-        cells += [f"{_cell(r[m])} ± {_cell(r[f'{m}_std'])}" if not pd.isna(r[f"{m}_std"]) else _cell(r[m])
+        cells += [f"{_cell(r[m], m)} ± {_cell(r[f'{m}_std'], m)}" if not pd.isna(r[f"{m}_std"]) else _cell(r[m], m)
                   for m in metrics]
         rows.append("| " + " | ".join(cells) + " |")
     header = "| " + " | ".join([*keys, *metrics]) + " |"
@@ -76,7 +76,7 @@ def markdown_report(sweep: Sweep, root: Path, plots: Sequence[Path], csv: Path) 
     counts = table["status"].value_counts()
     summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "failed", "incomplete"))
     columns = ["job", "status", "series", *([swept] if swept else []),
-               *[c for c in MARKDOWN_METRICS if c in table and table[c].notna().any()]]
+               *[c for c in registry.shown("table") if c in table and table[c].notna().any()]]
     lines = [f"# Sweep report: {root}", "",
              f"{len(table)} jobs: {summary}." + (f" Swept coefficient: `{swept}`." if swept else ""),
              "", to_markdown(table, columns)]

@@ -3,7 +3,8 @@ saelab-eval on a loaded export all measure an SAE here, on a stream's held-out a
 
 Reconstruction metrics at the SAE's hook (a transcoder's against its target hook's activations), ground-truth
 metrics where the source knows the world that made the activations, and spliced metrics (the model run with the
-SAE's output in place of the activation it reconstructs) where there is a model.
+SAE's output in place of the activation it reconstructs) where there is a model. Which of these run is the metric
+registry's answer (saelab.metrics.registry.applicable), as are the metrics that bring a function of their own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import check_count
+from saelab.metrics import registry
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
 from saelab.metrics.spliced import Splice, Transcode, spliced_metrics_many
@@ -26,12 +28,18 @@ def held_out_metrics(sae: nn.Module, stream: Stream, hook: str, target_hook: str
     """(metrics, per-latent log10 firing density) of `sae` (normalised activations in, normalised output out) on
     the stream's held-out activations at `hook`; a transcoder is measured against `target_hook`'s."""
     datamodule, truth = stream.datamodule, stream.truth
-    firing: list[Tensor] | None = [] if truth is not None else None
+    wanted = registry.applicable(ground_truth=truth is not None, model=stream.model is not None,
+                                 target=target_hook is not None)
+    with_truth = any(m.source == "ground_truth" for m in wanted)
+    firing: list[Tensor] | None = [] if with_truth else None
     targets = datamodule.eval_acts[target_hook] if target_hook is not None else None
     metrics, density = evaluate_sae(sae, datamodule.eval_acts[hook], int(batch_size), firing, targets)
-    if truth is not None:  # how well the SAE recovers the world's features, from the same held-out encode
+    if with_truth:  # how well the SAE recovers the world's features, from the same held-out encode
         metrics |= ground_truth_metrics(sae.W_dec, torch.cat(firing), truth.dictionary, datamodule.eval_firing,
                                         truth.parent)
+    for metric in wanted:  # metrics with a function of their own (registry: source "function")
+        if metric.compute is not None:
+            metrics[metric.name] = float(metric.compute(sae, stream, hook, target_hook))
     return metrics, density
 
 
@@ -86,7 +94,7 @@ def spliced(stream: Stream, splices: Mapping[Hashable, tuple[str, Splice]], n_wi
             ) -> dict[Hashable, dict[str, Any]]:
     """Spliced metrics for several SAEs, each (the hook its output replaces, its splice); the clean and
     zero-ablated passes are shared by the SAEs of one hook. Empty without a model or windows."""
-    if stream.model is None or not n_windows or not splices:
+    if not n_windows or not splices or "spliced" not in registry.applicable_sources(model=stream.model is not None):
         return {}
     results: dict[Hashable, dict[str, Any]] = {}
     datamodule = stream.datamodule
