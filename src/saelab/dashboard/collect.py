@@ -22,14 +22,12 @@ from torch import Tensor
 from saelab.dashboard.options import LatentSpec, Options
 from saelab.dashboard.plan import Plan, sae_field
 from saelab.errors import ConfigError
+from saelab.metrics import registry
 
 log = logging.getLogger("saelab.dashboard")
 
 MAX_ENCODE_FLOATS = 2**26  # one encode batch holds at most this many latent activations (256 MB)
 MAX_COLUMN_FLOATS = 2**27  # chosen-latent columns kept at once (512 MB)
-SUMMARY_METRICS = ("l0", "fvu", "explained_variance", "cosine", "shrinkage", "dead_fraction", "dense_fraction",
-                   "delta_lm_loss", "loss_recovered", "kl_sae", "spliced_hidden_cosine", "tokens_trained",
-                   "steps", "wall_time_s")
 
 
 @dataclass
@@ -274,7 +272,7 @@ def collect(plan: Plan) -> DashboardData:
         "data": {"source": str(plan.data.get("source")), "path": plan.data.get("path"),
                  "context_size": int(plan.data["context_size"])},
         "held_out": {"tokens": n_tokens, "windows": len(data.windows)},
-        "metrics": {k: metrics[k] for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float))},
+        "metrics": {k: metrics[k] for k in registry.shown("dashboard") if isinstance(metrics.get(k), (int, float))},
         "all_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
         "variant": metrics.get("variant"),
         "density": density_histogram(fires, n_tokens),
