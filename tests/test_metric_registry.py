@@ -181,6 +181,24 @@ def test_directions_of_axes_and_references():
     assert registry.better("sae.sparsity_coefficient") is None  # an override column: no entry
 
 
+def test_the_pareto_plot_follows_the_registered_direction(tmp_path, monkeypatch):
+    """fvu: a minimising frontier; explained_variance: a maximising one; shrinkage (no better direction): none."""
+    calls: list[bool] = []
+    real_front = pareto.pareto_front
+
+    def spy(xs, ys, maximize_y: bool = False) -> list[int]:
+        calls.append(maximize_y)
+        return real_front(xs, ys, maximize_y)
+
+    monkeypatch.setattr(pareto, "pareto_front", spy)
+    table = pd.DataFrame({"status": "ok", "series": "a", "l0": [10.0, 20.0, 40.0], "fvu": [0.3, 0.2, 0.1],
+                          "explained_variance": [0.7, 0.8, 0.9], "shrinkage": [0.9, 0.95, 0.97]})
+    for y, expected in (("fvu", [False]), ("explained_variance", [True]), ("shrinkage", [])):
+        calls.clear()
+        assert pareto.plot_pareto(table, "l0", y, tmp_path / f"{y}.png").is_file()
+        assert calls == expected, y
+
+
 # --- a new metric is one entry ---------------------------------------------------------------------------------------
 
 
