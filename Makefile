@@ -3,6 +3,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.saelab-installed
+# pytest-xdist processes for `make test` (auto: one per core); TEST_WORKERS=0 runs the tests in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: train test lint env clean-env
 
@@ -10,7 +12,7 @@ train: $(STAMP)  ## run the main job (offline default: ReLU SAE on MiniLM); extr
 	$(VENV)/bin/saelab-train $(ARGS)
 
 test: $(STAMP)  ## run the test suite (offline, CPU)
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

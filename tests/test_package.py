@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,8 +38,12 @@ tags: [user_experiment]
 def installed(tmp_path_factory) -> Path:
     """The bin/ of a fresh venv holding saelab from its wheel."""
     root = tmp_path_factory.mktemp("package")
+    source = root / "source"  # a copy, so the build's own build/ and egg-info stay out of the checkout
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(root / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "-w", str(root / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = (root / "dist").glob("saelab-*.whl")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)

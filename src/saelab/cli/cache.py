@@ -36,7 +36,7 @@ def load_config(overrides: list[str]) -> DictConfig:
 def build(overrides: list[str]) -> int:
     from saelab.data.sources import build_source
     from saelab.run.job import activations_needed
-    from saelab.run.stream import load_stream_model, open_stream
+    from saelab.run.stream import Reader, open_one_stream
     from saelab.run.training import world_size
     from saelab.run.validation import check_run_config
 
@@ -52,9 +52,7 @@ def build(overrides: list[str]) -> int:
     source = build_source(cfg.data)
     if not source.needs_model:
         raise ConfigError("data", source.name, "a source read through a model (its activations are what is cached)")
-    hooks = source.hooks(cfg.model)[:1]
-    model = load_stream_model(cfg.model, source, hooks)
-    stream = open_stream(cfg, model, hooks, train_tokens=train_tokens, source=source)
+    stream = open_one_stream(cfg, Reader(source.hooks(cfg.model)[0]), train_tokens, source=source)
     print(stream.datamodule.cache.path)
     return 0
 

@@ -122,16 +122,12 @@ def evaluate(plan: Plan) -> dict[str, Any]:
     """The SAE's metrics on the run's held-out activations (the run pipeline's stream and evaluation: run/stream.py,
     run/evaluation.py), written to <out>/metrics.json."""
     from saelab.run.evaluation import held_out_metrics, raw_splice, spliced
-    from saelab.run.stream import check_job_fits, load_stream_model, open_stream, stream_widths
+    from saelab.run.stream import Reader, open_one_stream
 
     started, cfg, target = time.time(), plan.cfg, plan.target_hook
-    hooks = [plan.hook] + ([target] if target else [])
-    source = build_source(cfg.data)
-    model = load_stream_model(cfg.model, source, hooks)
     d_in = int(plan.sae_cfg["d_in"])
-    check_job_fits(source, model, stream_widths(model, hooks), plan.hook, target, d_in)
     exported = load_exported(plan.sae_dir)
-    stream = open_stream(cfg, model, hooks, train_tokens=int(cfg.data.normalize_tokens), source=source)
+    stream = open_one_stream(cfg, Reader(plan.hook, target, d_in), int(cfg.data.normalize_tokens))
     scales = stream.datamodule.scales
     scale = scales[plan.hook]
     view = NormalisedView(exported, scale, scales[target] if target else scale)

@@ -58,16 +58,13 @@ def select_windows(windows: Tensor, keep: Tensor, tokens: int) -> int:
     return min(int(torch.searchsorted(counts, torch.tensor(tokens))) + 1, len(windows))
 
 
-def held_out(model, data_cfg, tokens: int) -> tuple[HeldOut, Any]:
-    """The first held-out windows holding `tokens` real-text tokens and their activations at the model's hook."""
+def held_out(stream, tokens: int) -> tuple[HeldOut, Any]:
+    """The first held-out windows of the stream holding `tokens` real-text tokens and their activations at the
+    model's hook (the stream is opened held-out only: no set-up, no training text tokenised)."""
     from saelab.data.activations import activation_chunks
-    from saelab.data.sources import build_source
     from saelab.data.tokens import keep_mask
 
-    # data.cache is off (plan.make_plan): cache_dir is never used, given only so the detached data section is not
-    # searched for paths.cache_dir. Only the held-out windows are read (no set-up, no training text tokenised).
-    datamodule = build_source(data_cfg).datamodule(data_cfg, model, tokens, 0, cache_dir="unused", train_tokens=None,
-                                                   hooks=model.hooks[:1])
+    model, datamodule, data_cfg = stream.model, stream.datamodule, stream.datamodule.cfg
     windows = datamodule.windows(train=False)["eval"]
     keep = keep_mask(windows, datamodule.special)
     n = select_windows(windows, keep, tokens)
@@ -217,19 +214,19 @@ def logit_effects(model, w_dec: Tensor, ids: Sequence[int], k: int) -> tuple[lis
 
 def collect(plan: Plan) -> DashboardData:
     """Load the model and the SAE, encode the held-out text and gather everything the pages show."""
-    from saelab.data.sources import build_source
-    from saelab.run.stream import check_job_fits, load_stream_model, stream_widths
+    from saelab.run.stream import Reader, open_one_stream
     from saelab.saes.saelens_format import load_exported
 
     opts: Options = plan.options
     started = time.time()
     sae = load_exported(plan.sae_dir).float().cpu().eval()
     d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
-    source = build_source(plan.data)  # a text source (plan.make_plan refuses others): the run pipeline's model
-    model = load_stream_model(plan.model, source, [plan.hook])
-    check_job_fits(source, model, stream_widths(model, [plan.hook]), plan.hook, None, d_in)
+    # A text source (plan.make_plan refuses others) and data.cache off (plan.make_plan): the run pipeline's model.
+    stream = open_one_stream({"model": plan.model, "data": plan.data, "eval": {"tokens": opts.tokens}, "seed": 0},
+                             Reader(plan.hook, None, d_in), held_out_only=True)
+    model = stream.model
     loaded = time.time()
-    data, special = held_out(model, plan.data, opts.tokens)
+    data, special = held_out(stream, opts.tokens)
     n_tokens = len(data.acts)
     if n_tokens == 0:
         raise ConfigError("data", str(plan.data.get("source")), "held-out text with at least one real token")

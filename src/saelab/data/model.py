@@ -137,15 +137,15 @@ def hook_widths(model: LoadedModel, hooks: list[str]) -> dict[str, int]:
 
 
 def check_sae_hooks(model: LoadedModel, widths: Mapping[str, int], hook: str, target_hook: str | None,
-                    d_in: int) -> None:
+                    d_in: int | None) -> None:
     """An SAE's hook (and a transcoder's target) on this model, given `hook_widths` of the model's valid hooks:
-    each exists and is d_model wide (the activation stream and caches assume it), the SAE's d_in is d_model, and
-    a target comes after the input in the forward pass."""
+    each exists and is d_model wide (the activation stream and caches assume it), the SAE's d_in is d_model
+    (None: not checked), and a target comes after the input in the forward pass."""
     check_hook(hook, model.bridge.hook_dict)
     if widths[hook] != model.d_model:
         raise ConfigError("model.hook", hook, f"a hook d_model ({model.d_model}) wide (this one is {widths[hook]} "
                           "wide)")
-    if d_in != model.d_model:
+    if d_in is not None and d_in != model.d_model:
         raise ConfigError("sae.d_in", d_in, f"the model's d_model ({model.d_model}); set model.d_model")
     if target_hook is None:
         return

@@ -40,6 +40,10 @@ class SAEModule(L.LightningModule):
         """A group of one that takes plain tensor batches (tests and benchmarks)."""
         return cls([SAEMember(sae, optim, max_steps, dead_window_tokens, nan_policy, compile)])
 
+    def alive_members(self) -> list[bool]:
+        """Which members still train (the checkpoint I/O writes only theirs)."""
+        return [m.alive for m in self.members]
+
     @property
     def member(self) -> SAEMember:
         """The member of a one-member module."""
@@ -51,9 +55,16 @@ class SAEModule(L.LightningModule):
         """The SAE of a one-member module."""
         return self.member.sae
 
+    def _attached(self) -> bool:
+        """Whether a Trainer runs this module (tests and benchmarks also step it by hand)."""
+        try:
+            return self.trainer is not None
+        except RuntimeError:  # Lightning's "is not attached to a `Trainer`"
+            return False
+
     def _logging_step(self) -> bool:
         """Steps whose metrics reach the loggers (Trainer.log_every_n_steps); L0 is computed only on those."""
-        if self._trainer is None:
+        if not self._attached():
             return True
         # Lightning writes step metrics when (steps done before this one + 1) % log_every_n_steps == 0.
         return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
@@ -80,7 +91,7 @@ class SAEModule(L.LightningModule):
                 continue
             member.record_batch(x.shape[0])
             if logging_step:  # the loggers' cost is paid only on the steps they write
-                lr = (self.optimizers().param_groups[index]["lr"] if self._trainer is not None
+                lr = (self.optimizers().param_groups[index]["lr"] if self._attached()
                       else float(member.optim_cfg["lr"]))
                 member.log_metrics(member.step_metrics(x if target is None else target, loss, out, coefficients, lr),
                                    self._log_step())
@@ -101,7 +112,7 @@ class SAEModule(L.LightningModule):
         flags = [m.watch.last_bad for m in self._stepping if m.alive and m.watch.last_bad is not None]
         for member in self.members:
             member.watch.last_bad = None
-        if not flags or self._trainer is None:  # nothing deferred this step (the CPU's immediate check)
+        if not flags or not self._attached():  # nothing deferred this step (the CPU's immediate check)
             return
         optimizer = self.optimizers().optimizer
         if not all(group.get("fused") for group in optimizer.param_groups):  # found_inf is fused Adam's alone
@@ -137,14 +148,13 @@ class SAEModule(L.LightningModule):
         member.log_metrics({"train/skipped_batches": float(member.skipped_batches)}, self._log_step())
 
     def _log_step(self) -> int:
-        """The step Lightning's own logging would use: batches stepped before this one."""
-        if self._trainer is None:
-            return self.global_step
-        return int(self.trainer.fit_loop.epoch_loop._batches_that_stepped)
+        """The step Lightning's own logging would use: batches stepped before this one (with one optimiser, the
+        optimiser steps taken so far)."""
+        return self.global_step
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The progress bar that shows floats read on logging steps (no host read per step through Lightning)."""
-        return replacing_default_bar(self._trainer)
+        return replacing_default_bar(self.trainer)
 
     def on_fit_start(self) -> None:
         for member in self.members:  # SAELAB_KERNELS and Triton's launch, checked before the first step
@@ -178,7 +188,7 @@ class SAEModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self._trainer is not None:
+        if self._attached():
             self.optimizers().optimizer.found_inf = None  # the flag was for the update just made (or skipped)
         for member in self._stepping:
             if member.alive:

@@ -31,7 +31,7 @@ from saelab.run.member import MEMBER_PRECISIONS, SAEMember
 from saelab.run.module import SAEModule
 from saelab.run.periodic_eval import PeriodicEval
 from saelab.run.results import log_final, write_results
-from saelab.run.stream import Stream, check_job_fits, load_stream_model, open_stream, stream_widths
+from saelab.run.stream import Reader, Stream, open_stream
 from saelab.saes.base import build_sae
 from saelab.saes.saelens_format import check_importable, import_sae
 
@@ -46,102 +46,114 @@ def world_size(cfg: DictConfig) -> int:
 
 
 def train_group(jobs: Sequence[Job]) -> list[Outcome]:
-    """Train `jobs` together; return each job's metrics (also written to its metrics.json) or its error."""
+    """Train `jobs` together; return each job's metrics (also written to its metrics.json) or its error.
+
+    Read top-down: build the SAEs, open the stream, build the members, build the Trainer, fit, finish; each
+    stage returns what the next takes. A job's own error stops that job alone; an error of the whole group
+    (model, data, the Trainer) is every remaining job's outcome.
+    """
     started = time.time()
-    outcomes: list[Outcome | None] = [None] * len(jobs)
     with _job_logs(jobs):
-        try:
-            _train(jobs, outcomes, started)
-        except Exception as err:  # a failure of the whole group (model, data, the Trainer): every job has it
-            for i, outcome in enumerate(outcomes):
-                if outcome is None:
-                    outcomes[i] = err
-    return outcomes  # type: ignore[return-value]
+        saes, outcomes = _build_saes(jobs)
+        if saes:
+            try:
+                outcomes |= _train_saes(jobs, saes, started)
+            except Exception as err:  # the group failed as a whole: each job still running records why
+                outcomes |= {i: err for i in saes if i not in outcomes}
+    return [outcomes[i] for i in range(len(jobs))]
 
 
-def _train(jobs: Sequence[Job], outcomes: list[Outcome | None], started: float) -> None:
-    first = shared_config(jobs)  # the group's settings: only what grouping says its jobs share
-    max_steps = run_steps(first)
-    source = jobs[0].source  # the group's: grouping puts only jobs with one data config together
-    saes = {}
-    for i, job in enumerate(jobs):  # each SAE initialised from its own seed, as in a run by itself
+def _build_saes(jobs: Sequence[Job]) -> tuple[dict[int, Any], dict[int, Outcome]]:
+    """Each job's SAE, initialised from its own seed as in a run by itself, and the jobs refused here."""
+    saes: dict[int, Any] = {}
+    errors: dict[int, Outcome] = {}
+    for i, job in enumerate(jobs):
         try:
             L.seed_everything(int(job.cfg.seed), workers=True, verbose=False)
             saes[i] = build_sae(job.sae_config())
             if job.cfg.get("init_from"):  # its layout and sizes, before the model loads
                 check_importable(saes[i], Path(job.cfg.init_from))
         except ConfigError as err:
-            outcomes[i] = err
-    live = [i for i in saes if outcomes[i] is None]
-    if not live:
-        return
-    hooks = [h for i in live for h in jobs[i].hooks_read]
-    model = load_stream_model(first.model, source, hooks)
-    widths = stream_widths(model, hooks)
-    for i in live:  # a job whose hook or width does not fit the stream fails alone
-        try:
-            check_job_fits(source, model, widths, jobs[i].hook, jobs[i].target_hook, saes[i].d_in, saes[i].d_out)
-        except ConfigError as err:
-            outcomes[i] = err
-    live = [i for i in live if outcomes[i] is None]
-    if not live:
-        return
-    hooks = list(dict.fromkeys(h for i in live for h in jobs[i].hooks_read))  # the stream serves these alone
-    if model is not None:
-        model.hooks = hooks
+            errors[i] = err
+    return saes, errors
 
-    callbacks = [instantiate(c) for c in (first.get("callbacks") or {}).values()]
-    periodic = PeriodicEval(first.eval.every_n_steps, first.eval.batch_size) if first.eval.every_n_steps else None
-    callbacks += [periodic] if periodic is not None else []
-    checkpoint_io = GroupCheckpointIO([jobs[i].run_dir / "checkpoints" for i in live],
-                                      alive=lambda: [m.alive for m in module.members],
-                                      resume_from=_resume_paths([jobs[i] for i in live]))
-    precision.apply(first.trainer.get("precision"))  # TF32 matmuls or not: the whole group's
-    trainer = instantiate(_trainer_config(first, max_steps), logger=False, callbacks=callbacks,
-                          default_root_dir=str(jobs[live[0]].run_dir), plugins=[checkpoint_io])
-    world = int(trainer.world_size)
-    if world > 1 and any(jobs[i].cfg.get("nan_policy") == "skip" for i in live):  # a rank that skipped its
+
+def _train_saes(jobs: Sequence[Job], saes: dict[int, Any], started: float) -> dict[int, Outcome]:
+    """Train the built SAEs on one stream and finish them; {job index: outcome} for every SAE."""
+    first = shared_config(jobs)  # the group's settings: only what grouping says its jobs share
+    max_steps, world = run_steps(first), world_size(first)
+    if world > 1 and any(jobs[i].cfg.get("nan_policy") == "skip" for i in saes):  # a rank that skipped its
         raise ConfigError("nan_policy", "skip", "stop when training on several devices")  # backward would hang
-    stream = open_stream(first, model, hooks, train_tokens=activations_needed(first, world), source=source)
-    if periodic is not None:  # the held-out evaluation of the end of the run, every N steps
-        periodic.stream = stream
+    precision.apply(first.trainer.get("precision"))  # TF32 matmuls or not: the whole group's, the model's too
+    readers = [Reader(jobs[i].hook, jobs[i].target_hook, saes[i].d_in, saes[i].d_out) for i in saes]
+    stream, misfits = open_stream(first, readers, activations_needed(first, world), source=jobs[0].source)
+    outcomes: dict[int, Outcome] = {list(saes)[k]: err for k, err in misfits.items()}
+    live = [i for i in saes if i not in outcomes]  # a job whose hook or width does not fit the stream fails alone
+    if stream is None:
+        return outcomes
     members = [_member(jobs[i], saes[i], max_steps, stream) for i in live]
     module = SAEModule(members)
+    trainer, resume_from = _build_trainer(first, [jobs[i] for i in live], module, stream, max_steps)
     # Loggers start last, so a config rejected during set-up leaves no logger files behind.
     for i, member in zip(live, members, strict=True):
         member.loggers = build_loggers(jobs[i].cfg.get("logger"), jobs[i].run_dir, jobs[i].run_name,
                                        jobs[i].run_group)
-    setup_s = time.time() - started
-    fit_started = time.time()
     try:
-        try:
-            # weights_only: a checkpoint is tensors and plain values; loading one cannot run code.
-            trainer.fit(module, datamodule=stream.datamodule, ckpt_path=_first(checkpoint_io.resume_from),
-                        weights_only=True)
-        except Exception as err:
-            if any(m.alive for m in members):  # not a member's own failure: the group stopped with an error
-                for member in members:
-                    member.failure = member.failure or err
-        train_s = time.time() - fit_started
-        for i, member in zip(live, members, strict=True):
-            if not member.alive:
-                outcomes[i] = member.failure
+        setup_s = time.time() - started
+        train_s = _fit(trainer, module, stream, resume_from)
+        outcomes |= {i: m.failure for i, m in zip(live, members, strict=True) if not m.alive}
         if not trainer.is_global_zero:  # under DDP the other ranks hold the same weights; rank 0 reports
-            for i in live:
-                outcomes[i] = outcomes[i] or {"global_rank": trainer.global_rank, "steps": int(trainer.global_step)}
-            return
+            return outcomes | {i: {"global_rank": trainer.global_rank, "steps": int(trainer.global_step)}
+                               for i in live if i not in outcomes}
         eval_started = time.time()
         finishing = [(i, m) for i, m in zip(live, members, strict=True) if m.alive]
-        results = _evaluate(first, finishing, stream)
-        for i, member in finishing:
-            metrics, log10_density = results[i]
-            outcomes[i] = write_results(jobs[i], member, metrics, stream, trainer, world, started)
-            log_final(member.loggers, metrics, log10_density, int(trainer.global_step))
+        outcomes |= _finish(jobs, first, finishing, stream, trainer, world, started)
         log.info("group of %d job(s): set-up %.1f s, training %.1f s (%d steps), evaluation %.1f s", len(jobs),
                  setup_s, train_s, int(trainer.global_step), time.time() - eval_started)
     finally:
         for member in members:
             close_loggers(member.loggers, "success" if member.alive else "failed")
+    return outcomes
+
+
+def _build_trainer(cfg: DictConfig, jobs: Sequence[Job], module: SAEModule, stream: Stream,
+                   max_steps: int) -> tuple[L.Trainer, str | None]:
+    """The group's Trainer: the configured callbacks, the periodic held-out evaluation on the group's stream, and
+    the checkpoint I/O writing one file per job; and the checkpoint to resume from (None: a fresh start)."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if cfg.eval.every_n_steps:  # the held-out evaluation of the end of the run, every N steps
+        callbacks.append(PeriodicEval(cfg.eval.every_n_steps, cfg.eval.batch_size, stream))
+    checkpoint_io = GroupCheckpointIO([job.run_dir / "checkpoints" for job in jobs], alive=module.alive_members,
+                                      resume_from=_resume_paths(jobs))
+    trainer = instantiate(_trainer_config(cfg, max_steps), logger=False, callbacks=callbacks,
+                          default_root_dir=str(jobs[0].run_dir), plugins=[checkpoint_io])
+    return trainer, _first(checkpoint_io.resume_from)
+
+
+def _fit(trainer: L.Trainer, module: SAEModule, stream: Stream, resume_from: str | None) -> float:
+    """Fit the group; an error that is not one member's own failure is every live member's. Returns seconds."""
+    fit_started = time.time()
+    try:
+        # weights_only: a checkpoint is tensors and plain values; loading one cannot run code.
+        trainer.fit(module, datamodule=stream.datamodule, ckpt_path=resume_from, weights_only=True)
+    except Exception as err:
+        if any(m.alive for m in module.members):  # the group stopped with an error: it is every member's
+            for member in module.members:
+                member.failure = member.failure or err
+        # else every member's own failure ended the run, and each is its job's outcome (member.failure)
+    return time.time() - fit_started
+
+
+def _finish(jobs: Sequence[Job], cfg: DictConfig, finishing: list[tuple[int, SAEMember]], stream: Stream,
+            trainer: L.Trainer, world: int, started: float) -> dict[int, Outcome]:
+    """Evaluate the members that trained to the end; write each job's metrics.json, export and logs."""
+    results = _evaluate(cfg, finishing, stream)
+    outcomes: dict[int, Outcome] = {}
+    for i, member in finishing:
+        metrics, log10_density = results[i]
+        outcomes[i] = write_results(jobs[i], member, metrics, stream, trainer, world, started)
+        log_final(member.loggers, metrics, log10_density, int(trainer.global_step))
+    return outcomes
 
 
 def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
