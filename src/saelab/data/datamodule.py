@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -48,7 +49,10 @@ class Batches(IterableDataset):
 
 def _auto_cache_dir(data_cfg: Mapping[str, Any]) -> str:
     """`paths.cache_dir` of the config `data_cfg` belongs to (the default layout when it is detached)."""
-    found = OmegaConf.select(data_cfg, "..paths.cache_dir") if isinstance(data_cfg, DictConfig) else None
+    try:
+        found = OmegaConf.select(data_cfg, "..paths.cache_dir") if isinstance(data_cfg, DictConfig) else None
+    except ConfigKeyError:  # a detached section (the dashboard's): it has no parent to ask
+        found = None
     return str(found) if found else "outputs/cache"
 
 
