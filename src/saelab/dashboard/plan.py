@@ -163,7 +163,6 @@ def make_plan(path: str | os.PathLike, overrides: Sequence[str]) -> Plan:
     hook = sae_field(sae_cfg, "hook_name")
     if hook and "model.hook" not in touched:
         model.hook = str(hook)
-    model.hooks = None
     if run_dir is None:
         for key in ("context_size", "prepend_bos"):
             value = sae_field(sae_cfg, key)

@@ -82,8 +82,9 @@ def check_model_config(model_cfg: Mapping[str, Any]) -> None:
 
 
 def configured_hooks(model_cfg: Mapping[str, Any]) -> list[str]:
-    """`model.hooks` if set, else [`model.hook`]; the first is the one an SAE trains on."""
-    return list(model_cfg["hooks"]) if model_cfg.get("hooks") else [str(model_cfg["hook"])]
+    """[`model.hook`]: the hook an SAE trains on (several hooks from one forward pass: a fan-out sweep over
+    model.hook, or a group's `hooks` passed to load_model)."""
+    return [str(model_cfg["hook"])]
 
 
 def load_model(model_cfg: Mapping[str, Any], hooks: list[str] | None = None, check_hooks: bool = True

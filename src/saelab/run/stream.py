@@ -145,5 +145,5 @@ def check_transcoder_config(cfg: DictConfig, source: DataSource) -> None:
     if not source.needs_model:
         raise ConfigError("model.target_hook", target, f"null with data={source.name} (no model to read a target "
                           "from)")
-    if str(target) == str(cfg.model.hook) or cfg.model.get("hooks"):
-        raise ConfigError("model.target_hook", target, "a hook other than model.hook (and model.hooks null)")
+    if str(target) == str(cfg.model.hook):
+        raise ConfigError("model.target_hook", target, "a hook other than model.hook")
