@@ -62,12 +62,16 @@ class FanoutLauncher(Launcher):
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
         failed = len(returns) - len(jobs)  # refused while being set up
+        for ret, job in jobs:  # a resumed sweep's finished jobs keep their results (prepare_job found them)
+            if job.finished is not None:
+                ret.return_value = sweep_objective(job.finished, job.cfg)
+        to_train = [job for _, job in jobs if job.finished is None]
         try:
-            groups = make_groups([job for _, job in jobs], self.max_saes_per_group, self.memory_fraction)
+            groups = make_groups(to_train, self.max_saes_per_group, self.memory_fraction) if to_train else []
         except Exception as err:
-            for _, job in jobs:
+            for job in to_train:
                 report_failure(job.run_dir, err)
-            failed, groups = len(returns), []
+            failed, groups = failed + len(to_train), []
         by_job = {id(job): ret for ret, job in jobs}
         for number, group in enumerate(groups):
             log.info(f"group {number + 1}/{len(groups)}: jobs {', '.join(f'#{j.num}' for j in group)} share one "

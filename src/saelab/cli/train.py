@@ -33,7 +33,10 @@ __all__ = ["main", "sweep_objective", "train"]
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job in Hydra's run directory and return its metrics (raise its error if it failed)."""
-    (outcome,) = train_group([prepare_job(cfg)])
+    job = prepare_job(cfg)
+    if job.finished is not None:  # a resumed sweep's job that had finished: its result, not trained again
+        return job.finished
+    (outcome,) = train_group([job])
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome

@@ -11,6 +11,9 @@ group shares (paths in the callback state rewritten to the job's own checkpoint 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,15 @@ class GroupCheckpointIO(TorchCheckpointIO):
         members = [super(GroupCheckpointIO, self).load_checkpoint(p, weights_only=weights_only) for p in sources]
         rewrites = [_prefix_rewrite(Path(p).resolve().parent, self.dirs[0]) for p in sources]
         return merge_checkpoints(members, rewrites)
+
+
+def expect_own_checkpoints(directory: Path) -> None:
+    """A run resuming in its own directory finds its checkpoints there, as it should: Lightning's warning that
+    the checkpoint directory "exists and is not empty" (meant for two runs mixing their files) is filtered for
+    this directory alone, by its exact message; any other directory still warns."""
+    dirpath = os.path.realpath(Path(directory).expanduser())  # as ModelCheckpoint names it
+    warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {dirpath} exists and is not empty.")
+                            + "$")
 
 
 def check_ckpt_path(value) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import traceback
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError
 from saelab.run import precision
+from saelab.run.checkpoints import expect_own_checkpoints
 from saelab.run.loggers import quiet_third_party
 from saelab.run.validation import check_run_config
 from saelab.run.world_sparsity import fit_sparsity_to_world
@@ -51,6 +53,7 @@ class Job:
     run_group: str | None = None  # the logger's group (the sweep directory in a multirun)
     resume_from: Path | None = None  # the checkpoint file this job continues from
     log_files: list[Path] = field(default_factory=list)  # Hydra's log file(s) for this job
+    finished: dict | None = None  # a resumed sweep's job that had finished: its metrics.json, kept as its result
 
     @functools.cached_property
     def source(self) -> DataSource:
@@ -98,14 +101,21 @@ def prepare_job(cfg: DictConfig) -> Job:
     overrides = list(hydra_cfg.overrides.task)
     shown = [o for o in overrides if not o.startswith(("paths.", "hydra", "logger"))]
     root = logging.getLogger()
+    finished = finished_metrics(cfg.get("ckpt_path"), run_dir, multirun)
     job = Job(
         cfg=resolved, run_dir=run_dir, overrides=overrides, multirun=multirun,
         num=int(hydra_cfg.job.get("num") or 0) if multirun else 0,
         run_name=",".join(shown)[:120] or None,
         run_group=hydra_cfg.sweep.dir if multirun else None,
-        resume_from=resume_path(cfg.get("ckpt_path"), run_dir),
+        resume_from=None if finished is not None else resume_path(cfg.get("ckpt_path"), run_dir, multirun),
         log_files=[Path(h.baseFilename) for h in root.handlers if isinstance(h, logging.FileHandler)],
+        finished=finished,
     )
+    if finished is not None:
+        log.info("job %d finished before (%s): its result is kept, it is not trained again", job.num,
+                 run_dir / "metrics.json")
+    if job.resume_from is not None and job.resume_from.resolve().parent == (run_dir / "checkpoints").resolve():
+        expect_own_checkpoints(run_dir / "checkpoints")
     fit_sparsity_to_world(job.cfg, overrides, job.source)
     check_sae_config(job)
     return job
@@ -128,17 +138,31 @@ def check_sae_config(job: Job) -> None:
         pass
 
 
-def resume_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
-    """`last` means this run directory's checkpoints/last.ckpt, which must exist (resume where a run stopped)."""
+def resume_path(ckpt_path: str | None, run_dir: Path, multirun: bool = False) -> Path | None:
+    """`last` means this run directory's checkpoints/last.ckpt. A run must have it (resume where it stopped); a
+    sweep's job killed before its first checkpoint has none and starts from scratch, so that one command resumes
+    a whole sweep."""
     if ckpt_path is None:
         return None
     if ckpt_path != "last":
         return Path(ckpt_path).expanduser()
     last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file() and multirun:
+        log.info("no checkpoint in %s: this job starts from scratch", last.parent)
+        return None
     if not last.is_file():
         raise ConfigError("ckpt_path", "last", f"a run directory with a checkpoint ({last} does not exist); "
                           "pass hydra.run.dir=<the run to resume>")
     return last
+
+
+def finished_metrics(ckpt_path: str | None, run_dir: Path, multirun: bool) -> dict | None:
+    """A sweep resumed with ckpt_path=last keeps the jobs that finished: a job's metrics.json (written last, and
+    atomically) says it did, and is its result. A single run is resumed only when asked, so it is never skipped."""
+    metrics = run_dir / "metrics.json"
+    if not multirun or ckpt_path != "last" or not metrics.is_file():
+        return None
+    return json.loads(metrics.read_text())
 
 
 def record_failure(run_dir: Path, err: BaseException) -> None:

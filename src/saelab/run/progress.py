@@ -7,6 +7,8 @@ reads the two values once per logging step (when it reads the loss anyway) and t
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -16,6 +18,14 @@ class ProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
         return {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "progress", {})}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The bar's total is the run's steps. A fresh run's comes from on_train_epoch_start, which a run resumed
+        mid-epoch (every resumed run: the stream is one epoch) never gets, so its bar read `405/?`; set here, it
+        reads `405/3200`, counting on from the checkpoint's step."""
+        super().on_train_start(trainer, pl_module)
+        total = trainer.estimated_stepping_batches  # max_steps: the stream has no length and no epochs
+        self.train_progress_bar.total = None if math.isinf(total) else int(total)
 
 
 def replacing_default_bar(trainer: L.Trainer | None) -> list[L.Callback]:
