@@ -72,6 +72,16 @@ def tiny_corpus_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def optim_config(**changes) -> dict:
+    """The optim section as the shipped config has it (saelab/conf/optim/adam.yaml), with `changes`: tests that
+    build a member by hand start from the real defaults instead of repeating them."""
+    from omegaconf import OmegaConf
+
+    from saelab.run.compose import CONF_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optim" / "adam.yaml")) | changes
+
+
 def tiny_overrides(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[str]:
     """Overrides for a fast CLI run on the tiny model and corpus."""
     return [

@@ -14,6 +14,7 @@ from saelab.errors import ConfigError
 from saelab.run.member import SAEMember
 from saelab.saes.base import build_sae
 from saelab.saes.decoder_rescale import raw_parameter, variant_class
+from tests.conftest import optim_config
 
 D_IN, D_SAE, K = 24, 160, 6
 
@@ -118,7 +119,7 @@ def test_batchtopk_takes_it_and_the_other_variants_refuse_it():
 def test_a_rescaled_decoder_trains_without_warm_up_unless_asked():
     """optim.lr_warmup_steps null is the SAE's recipe: no warm-up for a rescaled decoder, 20 steps from 0.1 lr
     otherwise; a number is used as given."""
-    optim = {"lr": 1e-3, "lr_warmup_steps": None, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    optim = optim_config(lr=1e-3, lr_warmup_steps=None, lr_warmup="linear", lr_decay_fraction=0.0)
     plain = rescaled(decoder_constraint="unit_norm")
     assert SAEMember(rescaled(), optim, max_steps=100, dead_window_tokens=10**9).lr_lambda(0) == 1.0
     assert SAEMember(plain, optim, max_steps=100, dead_window_tokens=10**9).lr_lambda(0) == pytest.approx(0.1)

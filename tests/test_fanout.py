@@ -30,7 +30,7 @@ from saelab.run.job import Job
 from saelab.run.member import SAEMember
 from saelab.run.module import SAEModule
 from saelab.saes.base import build_sae
-from tests.conftest import REPO, run_until_then_kill, tiny_overrides
+from tests.conftest import REPO, optim_config, run_until_then_kill, tiny_overrides
 
 
 def _base(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, data_cache: str) -> list[str]:
@@ -186,8 +186,8 @@ def _module(n: int) -> SAEModule:
     for i in range(n):
         torch.manual_seed(i)
         sae = build_sae({"_target_": "saelab.saes.relu.ReluSAE", "d_in": 8, "d_sae": 16 * (i + 1)})
-        members.append(SAEMember(sae, {"lr": 1e-2 * (i + 1), "betas": None, "lr_warmup_steps": 2,
-                                       "lr_warmup": "linear", "lr_decay_fraction": 0.5}, 10, 1000, hook=f"h{i}"))
+        members.append(SAEMember(sae, optim_config(lr=1e-2 * (i + 1), betas=None, lr_warmup_steps=2,
+                                                    lr_decay_fraction=0.5), 10, 1000, hook=f"h{i}"))
     return SAEModule(members)
 
 

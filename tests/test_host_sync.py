@@ -18,11 +18,12 @@ from torch.overrides import TorchFunctionMode
 
 from saelab.run.member import SAEMember
 from saelab.saes import build_sae
+from tests.conftest import optim_config
 
 READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "equal", "allclose"}
 DATA_SHAPED = {"nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select"}
 D_IN, D_SAE, BATCH = 16, 64, 16
-OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+OPTIM = optim_config(lr=1e-3, betas=None, lr_warmup_steps=0, lr_warmup="linear", lr_decay_fraction=0.0)
 VARIANTS = {
     "relu": {"_target_": "saelab.saes.relu.ReluSAE", "sparsity_coefficient": 0.1},
     "gated": {"_target_": "saelab.saes.gated.GatedSAE", "sparsity_coefficient": 0.1},

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 from saelab.io import atomic_write, write_json
 from saelab.run.module import SAEModule
 from saelab.saes import build_sae
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import optim_config, run_cli, tiny_overrides
 
-OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+OPTIM = optim_config(lr=1e-3, betas=None, lr_warmup_steps=0, lr_warmup="linear", lr_decay_fraction=0.0)
 
 
 def _module(nan_policy: str, deferred: bool = False) -> SAEModule:

@@ -10,6 +10,7 @@ from saelab.run.member import lr_factor
 from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 from saelab.saes.saelens_format import export_sae, load_exported
+from tests.conftest import optim_config
 
 
 def relu_sae(**overrides):
@@ -39,8 +40,8 @@ def test_width_from_expansion_factor_and_unknown_fields_rejected():
 
 
 def _train_steps(sae, n_steps=5, lr=1e-2):
-    module = SAEModule.single(sae, {"lr": lr, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
-                             "lr_decay_fraction": 0.0}, max_steps=100, dead_window_tokens=1000)
+    module = SAEModule.single(sae, optim_config(lr=lr, betas=None, lr_warmup_steps=0, lr_decay_fraction=0.0),
+                              max_steps=100, dead_window_tokens=1000)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     for _ in range(n_steps):
         out = sae.training_loss(torch.randn(32, 16), module.member.coefficients())
@@ -133,7 +134,7 @@ def test_training_optimiser_is_fused_adam_unless_switched_off(fused):
     """optim.fused (default true) picks torch's fused Adam kernel; both give the same update."""
     torch.manual_seed(0)
     sae = relu_sae(d_in=8, d_sae=16)
-    cfg = {"lr": 1e-2, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    cfg = optim_config(lr=1e-2, betas=None, lr_warmup_steps=0, lr_warmup="linear", lr_decay_fraction=0.0)
     module = SAEModule.single(sae, cfg | {"fused": fused}, max_steps=10, dead_window_tokens=10)
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is fused
@@ -154,8 +155,8 @@ def test_training_logs_only_on_logging_steps(monkeypatch, tmp_path):
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    module = SAEModule.single(relu_sae(), {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear",
-                                           "lr_decay_fraction": 0.0}, max_steps=20, dead_window_tokens=1000)
+    module = SAEModule.single(relu_sae(), optim_config(lr=1e-3, betas=None, lr_warmup_steps=0, lr_decay_fraction=0.0),
+                              max_steps=20, dead_window_tokens=1000)
     logged_at: dict[int, set[str]] = {}
     bar_at: dict[int, set[str]] = {}
 

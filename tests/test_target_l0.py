@@ -12,9 +12,9 @@ import torch
 from saelab.errors import ConfigError
 from saelab.run.module import SAEModule
 from saelab.saes.base import build_sae
-from tests.conftest import run_cli
+from tests.conftest import optim_config, run_cli
 
-OPTIM = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+OPTIM = optim_config(lr=1e-3, betas=None, lr_warmup_steps=0, lr_warmup="linear", lr_decay_fraction=0.0)
 
 
 def test_the_coefficient_rises_while_l0_is_above_target_and_falls_below():

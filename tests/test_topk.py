@@ -14,6 +14,7 @@ from saelab.metrics.evaluate import evaluate_sae
 from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 from saelab.saes.saelens_format import export_sae, load_exported
+from tests.conftest import optim_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
@@ -258,7 +259,7 @@ def test_learns_planted_sparse_structure_through_the_module(variant):
     sae = build_sae({"_target_": TARGETS[variant], "d_in": 32, "d_sae": 128, "k": 4,
                      "dead_window_tokens": 20_000})
     before, _ = evaluate_sae(sae, held_out, 512)
-    optim = {"lr": 3e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    optim = optim_config(lr=3e-3, betas=None, lr_warmup_steps=0, lr_warmup="linear", lr_decay_fraction=0.0)
     module = SAEModule.single(sae, optim, max_steps=300, dead_window_tokens=20_000)
     assert module.member.coefficients() == {}
     trainer = L.Trainer(max_steps=300, max_epochs=-1, accelerator="cpu", logger=False,

@@ -15,6 +15,7 @@ from saelab.run.member import SAEMember
 from saelab.run.module import SAEModule
 from saelab.saes import build_sae
 from saelab.saes.saelens_format import export_sae, load_exported
+from tests.conftest import optim_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
@@ -117,7 +118,7 @@ def test_a_transcoder_learns_a_planted_sparse_map_through_the_module(skip):
                      "dead_window_tokens": 20_000})
     held_x, held_t = x[8192:], t[8192:]
     before, _ = evaluate_sae(sae, held_x, 512, targets=held_t)
-    optim = {"lr": 3e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    optim = optim_config(lr=3e-3, betas=None, lr_warmup_steps=0, lr_warmup="linear", lr_decay_fraction=0.0)
     member = SAEMember(sae, optim, max_steps=600, dead_window_tokens=20_000, hook="in", target_hook="out")
     pairs = [{"in": a, "out": b} for a, b in zip(x[:8192], t[:8192], strict=True)]
     trainer = L.Trainer(max_steps=600, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -156,7 +157,7 @@ def test_periodic_evaluation_measures_a_transcoder_against_its_target():
         def train_dataloader(self):
             return DataLoader([{"in": a, "out": b} for a, b in zip(x[:1024], t[:1024], strict=True)], batch_size=256)
 
-    optim = {"lr": 0.0, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    optim = optim_config(lr=0.0, betas=None, lr_warmup_steps=0, lr_warmup="linear", lr_decay_fraction=0.0)
     member = SAEMember(sae, optim, max_steps=4, dead_window_tokens=20_000, hook="in", target_hook="out")
     member.loggers = [recorder := _Recorder()]
     trainer = L.Trainer(max_steps=4, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,

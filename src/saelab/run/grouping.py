@@ -46,7 +46,7 @@ def group_key(job: Job) -> str:
         return value
 
     trainer = {k: v for k, v in cfg["trainer"].items() if k not in _OWN_TRAINER_FIELDS}
-    if trainer.get("precision", "32-true") in MEMBER_PRECISIONS:
+    if trainer["precision"] in MEMBER_PRECISIONS:
         trainer["precision"] = "per job"
     key = {
         "model": {k: v for k, v in cfg["model"].items() if k not in ("hook", "hooks", "target_hook", "d_model")},

@@ -124,18 +124,13 @@ def prepare_job(cfg: DictConfig) -> Job:
 def check_sae_config(job: Job) -> None:
     """Run the variant's own validation (SAEConfig.validate) while the job is set up, so a sweep refuses a bad
     job up front and alone, before grouping sizes its SAE or anything heavy starts. The SAE is built on the meta
-    device (no weights allocated); an error other than a ConfigError is left to the real build, which reports it."""
+    device (no weights allocated), so any error the build raises is the job's, reported here."""
     import torch
 
     from saelab.saes.base import build_sae
 
-    try:
-        with torch.device("meta"):
-            build_sae(job.sae_config())
-    except ConfigError:
-        raise
-    except Exception:  # e.g. an initialisation the meta device cannot run: not a config error
-        pass
+    with torch.device("meta"):
+        build_sae(job.sae_config())
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path, multirun: bool = False) -> Path | None:

@@ -214,7 +214,7 @@ class SAEMember(nn.Module):
         cfg = self.optim_cfg
         betas = tuple(cfg["betas"]) if cfg.get("betas") is not None else self.sae.recipe_adam_betas
         return {"params": list(self.sae.parameters()), "lr": float(cfg["lr"]), "betas": betas,
-                "fused": bool(cfg.get("fused", True))}
+                "fused": bool(cfg["fused"])}
 
     def lr_lambda(self, step: int) -> float:
         cfg = self.optim_cfg
@@ -236,12 +236,12 @@ def check_member_config(cfg: Mapping[str, Any]) -> None:
     if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         raise ConfigError("optim.betas", list(betas), "null or two numbers in [0, 1)")
     check_choice("optim.lr_warmup", optim["lr_warmup"], ("linear", "cosine"))
-    check_bool("optim.fused", optim.get("fused", True))
+    check_bool("optim.fused", optim["fused"])
     if optim.get("lr_warmup_steps") is not None:  # null: the SAE's recipe (SAE.recipe_lr_warmup_steps)
         check_positive("optim.lr_warmup_steps", optim["lr_warmup_steps"], allow_zero=True, integer=True)
     if not 0 <= float(optim["lr_decay_fraction"]) < 1:
         raise ConfigError("optim.lr_decay_fraction", optim["lr_decay_fraction"], "a fraction in [0, 1)")
     check_count("dead_window_tokens", cfg["dead_window_tokens"])
-    check_choice("nan_policy", cfg.get("nan_policy", "stop"), NAN_POLICIES)
-    check_bool("compile", cfg.get("compile", False))
+    check_choice("nan_policy", cfg["nan_policy"], NAN_POLICIES)
+    check_bool("compile", cfg["compile"])
     L0ControlConfig.from_config(cfg.get("l0_control"))

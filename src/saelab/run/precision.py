@@ -32,8 +32,8 @@ def lightning_precision(precision: object) -> object:
 
 def for_lightning(trainer_cfg: dict) -> dict:
     """A trainer config as Lightning's Trainer takes it: precision resolved (auto) and mapped (tf32)."""
-    given = trainer_cfg.get("precision", "32-true")
-    resolved = resolve(given, trainer_cfg.get("accelerator", "auto"))
+    given = trainer_cfg["precision"]
+    resolved = resolve(given, trainer_cfg["accelerator"])
     return trainer_cfg | {"precision": lightning_precision(resolved)}
 
 

@@ -60,7 +60,7 @@ def check_devices(value) -> None:
 def check_trainer_config(trainer: Mapping[str, Any]) -> None:
     if trainer.get("max_steps") is not None:
         check_count("trainer.max_steps", trainer["max_steps"])
-    check_precision(trainer.get("precision", "32-true"))
-    check_devices(trainer.get("devices", "auto"))
+    check_precision(trainer["precision"])
+    check_devices(trainer["devices"])
     if "num_nodes" in trainer:
         check_count("trainer.num_nodes", trainer["num_nodes"])

@@ -161,7 +161,7 @@ def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
     they apply them themselves (saelab.run.member.SAEMember)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
-    if trainer_cfg.get("precision", "32-true") in MEMBER_PRECISIONS:
+    if trainer_cfg["precision"] in MEMBER_PRECISIONS:
         trainer_cfg["precision"] = "32-true"
     trainer_cfg = precision.for_lightning(trainer_cfg)
     trainer_cfg["gradient_clip_val"] = None
@@ -174,9 +174,9 @@ def _member(job: Job, sae, max_steps: int, stream: Stream) -> SAEMember:
     for name, (given, used) in sae.adapt_to_input_scale(input_rms).items():
         log.info("%ssae.%s = %.4g (in units of E||x||^2 = 1) -> %.4g for data.normalize=%s (inputs' rms %.4g)",
                  f"job {job.num}: " if job.multirun else "", name, given, used, cfg.data.normalize, input_rms)
-    member = SAEMember(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.get("nan_policy", "stop")),
-                       compile=bool(cfg.get("compile", False)), hook=job.hook, target_hook=job.target_hook,
-                       precision=cfg.trainer.get("precision", "32-true"),
+    member = SAEMember(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.nan_policy),
+                       compile=bool(cfg.compile), hook=job.hook, target_hook=job.target_hook,
+                       precision=cfg.trainer.precision,
                        gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num),
                        l0_control=cfg.get("l0_control"))
     member.norm_scale.fill_(scale)
