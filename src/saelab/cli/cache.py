@@ -36,9 +36,9 @@ def load_config(overrides: list[str]) -> DictConfig:
 def build(overrides: list[str]) -> int:
     from saelab.data.sources import build_source
     from saelab.run.job import activations_needed
+    from saelab.run.schema import check_run_config
     from saelab.run.stream import Reader, open_one_stream
     from saelab.run.training import world_size
-    from saelab.run.validation import check_run_config
 
     problem = check_group_overrides(overrides)
     if problem:

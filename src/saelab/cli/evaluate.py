@@ -106,7 +106,7 @@ def _compose(overrides: list[str]) -> tuple[DictConfig, Path | None]:
     from hydra.core.utils import setup_globals
 
     import saelab.data.model  # noqa: F401  registers the package_model_path resolver
-    from saelab.run.validation import check_run_config
+    from saelab.run.schema import check_run_config
 
     setup_globals()  # the ${now:...} resolver a run directory may use
     cfg = compose_run_config(overrides, hydra_section=True)

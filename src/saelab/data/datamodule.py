@@ -24,9 +24,9 @@ from saelab.data.cache import ActivationCache, CacheReader, take_rows
 from saelab.data.cache_key import KeyedSource, ModelSpec, cache_root, key_inputs
 from saelab.data.cache_manifest import Request
 from saelab.data.model import LoadedModel
-from saelab.data.normalize import METHODS, estimate_scale, normalised_rms
+from saelab.data.normalize import estimate_scale, normalised_rms
 from saelab.data.tokens import Document, SpecialTokens, pack, split_documents, tokenize
-from saelab.errors import ConfigError, check_choice, check_count
+from saelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +242,3 @@ class ActivationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(Batches(self.train_batches), batch_size=None, num_workers=0)
-
-
-def check_data_config(data: Mapping[str, Any], cache_dir: str) -> None:
-    """The data section's fields every source shares (its own are DataSource.check's), before anything is read."""
-    counts = {name: check_count(f"data.{name}", data[name]) for name in (
-        "context_size", "batch_size", "buffer_tokens", "train_tokens", "normalize_tokens", "model_batch_size")}
-    if counts["buffer_tokens"] < 2 * counts["batch_size"]:
-        raise ConfigError("data.buffer_tokens", data["buffer_tokens"], "at least 2 x data.batch_size")
-    if not 0 < float(data["eval_fraction"]) < 1:
-        raise ConfigError("data.eval_fraction", data["eval_fraction"], "a fraction strictly between 0 and 1")
-    check_choice("data.normalize", data["normalize"], METHODS)
-    cache_root(data.get("cache"), cache_dir, create=False)

@@ -67,20 +67,6 @@ class LoadedModel:
         return int(self.bridge.cfg.d_model)
 
 
-def check_model_config(model_cfg: Mapping[str, Any]) -> None:
-    """Cheap checks that need no weights."""
-    if model_cfg.get("dtype") not in DTYPES:
-        raise ConfigError("model.dtype", model_cfg.get("dtype"), tuple(DTYPES))
-    device = str(model_cfg.get("device"))
-    if device not in ("auto", "cpu") and not device.startswith(("cuda", "mps")):
-        raise ConfigError("model.device", device, "auto, cpu, cuda, cuda:N or mps")
-    path = model_cfg.get("path")
-    if path is not None and not Path(str(path)).expanduser().is_dir():
-        raise ConfigError("model.path", path, "an existing local model directory, or null to use model.name")
-    if not model_cfg.get("path") and not model_cfg.get("name"):
-        raise ConfigError("model.name", model_cfg.get("name"), "a hub model name or a local directory")
-
-
 def configured_hooks(model_cfg: Mapping[str, Any]) -> list[str]:
     """[`model.hook`]: the hook an SAE trains on (several hooks from one forward pass: a fan-out sweep over
     model.hook, or a group's `hooks` passed to load_model)."""
@@ -95,7 +81,6 @@ def load_model(model_cfg: Mapping[str, Any], hooks: list[str] | None = None, che
     `check_hooks=False` leaves checking them to the caller."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    check_model_config(model_cfg)
     source = str(Path(model_cfg["path"]).expanduser()) if model_cfg.get("path") else str(model_cfg["name"])
     device = resolve_device(str(model_cfg["device"]))
     with _no_loading_bar() if model_cfg.get("path") else contextlib.nullcontext():

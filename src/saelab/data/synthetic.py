@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saelab.errors import ConfigError, check_known_fields, check_positive
+from saelab.errors import ConfigError, check_positive
+from saelab.sections import read_section
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,7 @@ class SyntheticSpec:
 
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> SyntheticSpec:
-        given = dict(data_cfg.get("synthetic") or {})
-        check_known_fields("data.synthetic", given, (f.name for f in fields(cls)))
-        spec = cls(**given)
-        spec.validate()
-        return spec
+        return read_section("data.synthetic", cls, data_cfg.get("synthetic"))
 
     def validate(self) -> None:
         for name in ("d_in", "n_features", "correlation_rank", "overlap_rank"):

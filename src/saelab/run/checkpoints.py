@@ -20,8 +20,6 @@ from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from saelab.errors import ConfigError
-
 log = logging.getLogger(__name__)
 _PREFIX = "members.{}."
 
@@ -154,11 +152,3 @@ def expect_own_checkpoints(directory: Path) -> None:
     dirpath = os.path.realpath(Path(directory).expanduser())  # as ModelCheckpoint names it
     warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {dirpath} exists and is not empty.")
                             + "$")
-
-
-def check_ckpt_path(value) -> None:
-    """ckpt_path: null, "last" (this run directory's last checkpoint) or an existing checkpoint file."""
-    if value is None or value == "last":
-        return
-    if not isinstance(value, str) or not Path(value).expanduser().is_file():
-        raise ConfigError("ckpt_path", value, 'null, "last", or an existing checkpoint file')

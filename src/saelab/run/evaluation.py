@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import check_count
 from saelab.metrics import registry
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
@@ -103,11 +102,3 @@ def spliced(stream: Stream, splices: Mapping[Hashable, tuple[str, Splice]], n_wi
         results |= spliced_metrics_many(stream.model, on_hook, datamodule.eval_windows[:n_windows],
                                         datamodule.special, int(model_batch_size), hook)
     return results
-
-
-def check_eval_config(eval_cfg: Mapping[str, Any]) -> None:
-    """The eval section: held-out tokens, batch size and the periodic evaluation's interval."""
-    check_count("eval.tokens", eval_cfg["tokens"])
-    check_count("eval.batch_size", eval_cfg["batch_size"])
-    if eval_cfg.get("every_n_steps") is not None:
-        check_count("eval.every_n_steps", eval_cfg["every_n_steps"])

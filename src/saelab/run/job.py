@@ -25,7 +25,7 @@ from saelab.errors import ConfigError
 from saelab.run import precision
 from saelab.run.checkpoints import expect_own_checkpoints
 from saelab.run.loggers import quiet_third_party
-from saelab.run.validation import check_run_config
+from saelab.run.schema import check_run_config
 from saelab.run.world_sparsity import fit_sparsity_to_world
 
 log = logging.getLogger("saelab")
@@ -69,7 +69,7 @@ class Job:
     @property
     def target_hook(self) -> str | None:
         """A transcoder's target (model.target_hook): the activation it predicts from `hook`'s. None: an SAE
-        (validation refuses a target on a source without a model)."""
+        (the schema refuses a target on a source without a model)."""
         target = self.cfg.model.get("target_hook")
         return str(target) if target is not None else None
 

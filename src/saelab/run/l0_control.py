@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_known_fields, check_positive
+from saelab.errors import ConfigError, check_positive
+from saelab.sections import read_section
 
 GAIN_BOUNDS = (1e-4, 1e4)  # the gain's range: far beyond what any run needs, so hitting it means no L0 can be reached
 
@@ -58,11 +59,7 @@ class L0ControlConfig:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> L0ControlConfig:
-        given = dict(section or {})
-        check_known_fields("l0_control", given, (f.name for f in fields(cls)))
-        cfg = cls(**given)
-        cfg.validate()
-        return cfg
+        return read_section("l0_control", cls, section)
 
     def validate(self) -> None:
         if not 0 <= self.ramp_fraction < 1:

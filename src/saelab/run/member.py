@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_bool, check_choice, check_count, check_positive
+from saelab.errors import check_choice
 from saelab.run.l0_control import L0ControlConfig, L0Controller
 from saelab.run.nonfinite import NonFiniteWatch
 from saelab.saes.base import SAE, TrainStep
@@ -226,22 +226,3 @@ class SAEMember(nn.Module):
     def non_finite_weights(self) -> list[str]:
         return [name for name, value in self.state_dict().items()
                 if value.is_floating_point() and not torch.isfinite(value).all()]
-
-
-def check_member_config(cfg: Mapping[str, Any]) -> None:
-    """What a member trains with: the optim section, dead_window_tokens, nan_policy, compile and l0_control."""
-    optim = cfg["optim"]
-    check_positive("optim.lr", optim["lr"])
-    betas = optim.get("betas")
-    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
-        raise ConfigError("optim.betas", list(betas), "null or two numbers in [0, 1)")
-    check_choice("optim.lr_warmup", optim["lr_warmup"], ("linear", "cosine"))
-    check_bool("optim.fused", optim["fused"])
-    if optim.get("lr_warmup_steps") is not None:  # null: the SAE's recipe (SAE.recipe_lr_warmup_steps)
-        check_positive("optim.lr_warmup_steps", optim["lr_warmup_steps"], allow_zero=True, integer=True)
-    if not 0 <= float(optim["lr_decay_fraction"]) < 1:
-        raise ConfigError("optim.lr_decay_fraction", optim["lr_decay_fraction"], "a fraction in [0, 1)")
-    check_count("dead_window_tokens", cfg["dead_window_tokens"])
-    check_choice("nan_policy", cfg["nan_policy"], NAN_POLICIES)
-    check_bool("compile", cfg["compile"])
-    L0ControlConfig.from_config(cfg.get("l0_control"))

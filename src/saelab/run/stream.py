@@ -131,19 +131,3 @@ def open_stream_of(overrides: Sequence[str]) -> tuple[DictConfig, Stream, str]:
     hooks = source.hooks(cfg.model)
     reader = Reader(hooks[0], hooks[1] if len(hooks) > 1 else None)
     return cfg, open_one_stream(cfg, reader, int(cfg.data.train_tokens), source=source), hooks[0]
-
-
-def check_transcoder_config(cfg: DictConfig, source: DataSource) -> None:
-    """model.target_hook makes a transcoder: it needs a model (a source read through one) and a hook other than its
-    input; sae.d_out is then filled in from the model (saelab.run.training), and is null for an SAE."""
-    target = cfg.model.get("target_hook")
-    if target is None:
-        if cfg.sae.get("d_out") is not None:
-            raise ConfigError("sae.d_out", cfg.sae.d_out, "null for an SAE (a transcoder's output width comes with "
-                              "model.target_hook)")
-        return
-    if not source.needs_model:
-        raise ConfigError("model.target_hook", target, f"null with data={source.name} (no model to read a target "
-                          "from)")
-    if str(target) == str(cfg.model.hook):
-        raise ConfigError("model.target_hook", target, "a hook other than model.hook")

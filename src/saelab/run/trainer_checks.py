@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import re
 import typing
-from collections.abc import Mapping
-from typing import Any
 
 from omegaconf import ListConfig
 
-from saelab.errors import ConfigError, check_count
+from saelab.errors import ConfigError
 from saelab.run.precision import SAELAB_PRECISIONS
 
 # What lightning.pytorch.Trainer(precision=...) accepts (its _PRECISION_INPUT), read from Lightning when possible.
@@ -55,12 +53,3 @@ def check_devices(value) -> None:
     if not ok:
         raise ConfigError("trainer.devices", value,
                           "a positive integer, -1 (all), 'auto', or a non-empty list of device indices")
-
-
-def check_trainer_config(trainer: Mapping[str, Any]) -> None:
-    if trainer.get("max_steps") is not None:
-        check_count("trainer.max_steps", trainer["max_steps"])
-    check_precision(trainer["precision"])
-    check_devices(trainer["devices"])
-    if "num_nodes" in trainer:
-        check_count("trainer.num_nodes", trainer["num_nodes"])

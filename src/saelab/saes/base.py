@@ -25,6 +25,7 @@ from saelab.saes.dead_latents import DeadLatentCounters, DeadRead
 from saelab.saes.decoder_rescale import rescale_by_decoder_norm
 from saelab.saes.saelens_tensors import SAELensTensors
 from saelab.saes.train_step import SparseLatents, TrainStep, squared_error
+from saelab.sections import typed_value
 
 __all__ = ["SAE", "DeadRead", "SAEConfig", "SparseLatents", "TrainStep", "build_sae", "squared_error"]
 
@@ -206,13 +207,6 @@ class SAE(DeadLatentCounters, SAELensTensors):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    """YAML and the CLI turn 2e6 into a float: accept integral floats for int fields."""
-    if hint in (int, int | None) and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 def build_sae(sae_cfg: Mapping[str, Any]) -> SAE:
     """Build and validate an SAE from its config group (`_target_` names the SAE class)."""
     cls, config = sae_config(sae_cfg)
@@ -240,7 +234,7 @@ def sae_config(sae_cfg: Mapping[str, Any]) -> tuple[type[SAE], SAEConfig]:
     for key, value in cfg.items():
         if key not in names:
             raise ConfigError(f"sae.{key}", value, f"a field of {cls.__name__}: " + ", ".join(names))
-    config = config_cls(**{k: _coerce(v, hints.get(k)) for k, v in cfg.items()})
+    config = config_cls(**{k: typed_value(f"sae.{k}", v, hints.get(k), integral_floats=True) for k, v in cfg.items()})
     config.validate()
     if config.decoder_constraint == "rescale" and not cls.rescalable_decoder:
         raise ConfigError("sae.decoder_constraint", "rescale", f"unit_norm or none for {cls.__name__} (rescale is "

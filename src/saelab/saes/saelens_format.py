@@ -159,10 +159,3 @@ def check_importable(sae: SAE, path: Path) -> None:
         raise ConfigError("init_from", str(path), f"an SAE the sae config describes ({expected}, "
                           + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "); this one: "
                           + ", ".join(f"{k} {v}" for k, v in found.items()))
-
-
-def check_init_from(value: Any) -> None:
-    """init_from: null, or a SAELens-format SAE directory to start from (its weights are checked when imported)."""
-    if value is not None and not (Path(str(value)).expanduser() / "cfg.json").is_file():
-        raise ConfigError("init_from", value, "null or a SAELens-format SAE directory (cfg.json + "
-                          "sae_weights.safetensors)")

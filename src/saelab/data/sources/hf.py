@@ -6,13 +6,27 @@ A hub name needs the network the first time; nothing else here does.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from saelab.data.sources.base import Document, TextSource
 from saelab.errors import ConfigError
+from saelab.sections import read_section
 
 FIELDS = ("path", "split", "text_column", "token_column", "max_documents")  # what decides the documents
+
+
+@dataclass(frozen=True)
+class HFFields:
+    """data=hf's own fields (conf/data/hf.yaml documents them)."""
+
+    path: str | None
+    split: str
+    text_column: str | None
+    token_column: str | None
+    max_documents: int | None
+    streaming: bool
 
 
 class HFDataset(TextSource):
@@ -20,12 +34,9 @@ class HFDataset(TextSource):
 
     def __init__(self, data_cfg: Mapping[str, Any]):
         super().__init__(data_cfg)
-        self.path = data_cfg.get("path")
-        self.split = str(data_cfg.get("split", "train"))
-        self.text_column = data_cfg.get("text_column")
-        self.token_column = data_cfg.get("token_column")
-        self.max_documents = data_cfg.get("max_documents")
-        self.streaming = bool(data_cfg.get("streaming", True))
+        own = read_section("data", HFFields, data_cfg, passthrough=True)
+        self.path, self.split, self.text_column = own.path, own.split, own.text_column
+        self.token_column, self.max_documents, self.streaming = own.token_column, own.max_documents, own.streaming
 
     def check(self) -> None:
         if not self.path:

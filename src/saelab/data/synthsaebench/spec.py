@@ -9,10 +9,11 @@ ignored: the files say what the world is.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from saelab.errors import ConfigError, check_integer, check_known_fields, check_positive
+from saelab.errors import ConfigError, check_integer, check_positive
+from saelab.sections import read_section
 
 PREFIX = "data.synthsaebench"
 
@@ -42,11 +43,7 @@ class SynthSAEBenchSpec:
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> SynthSAEBenchSpec:
         """The spec of `data_cfg["synthsaebench"]` (absent fields take the defaults), checked."""
-        given = dict(data_cfg.get("synthsaebench") or {})
-        check_known_fields(PREFIX, given, (f.name for f in fields(cls)))
-        spec = cls(**given)
-        spec.validate()
-        return spec
+        return read_section(PREFIX, cls, data_cfg.get("synthsaebench"))
 
     def validate(self) -> None:
         """ConfigError naming the first field that is not allowed."""
