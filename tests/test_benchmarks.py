@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from saelab.kernels import native
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, optim_config, run_cli, tiny_overrides
 
 VARIANTS = ["relu", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"]
 SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")
@@ -119,7 +119,7 @@ def test_reference_step_is_saelabs_loss_and_gradient_and_learns(variant, one_thr
 
     torch.manual_seed(0)
     sae = build(variant, 16, 128, ["k=4"] if "topk" in variant else [])
-    optim = {"lr": 1e-3, "betas": None, "lr_warmup_steps": 0, "lr_warmup": "linear", "lr_decay_fraction": 0.0}
+    optim = optim_config(lr=1e-3, betas=None, lr_warmup_steps=0, lr_decay_fraction=0.0)
     member = SAEMember(sae, optim, max_steps=100, dead_window_tokens=10**9)
     reference = ReferenceSAE(variant, sae, lr=3e-3, betas=member.param_group()["betas"])
     x = _structured_batch(256, 16)

@@ -176,8 +176,8 @@ def test_periodic_evaluation_measures_a_transcoder_against_its_target():
 def pair_model(tiny_model_dir):
     from saelab.data.model import load_model
 
-    return load_model({"name": "tiny", "path": str(tiny_model_dir), "hook": IN, "hooks": [IN, OUT],
-                       "dtype": "float32", "device": "cpu"})
+    return load_model({"name": "tiny", "path": str(tiny_model_dir), "hook": IN, "dtype": "float32", "device": "cpu"},
+                      hooks=[IN, OUT])
 
 
 def _data_cfg(corpus_dir, cache) -> dict:
