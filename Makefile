@@ -12,7 +12,7 @@ train: $(STAMP)  ## run the main job (offline default: ReLU SAE on MiniLM); extr
 	$(VENV)/bin/saelab-train $(ARGS)
 
 test: $(STAMP)  ## run the test suite (offline, CPU)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) $(ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

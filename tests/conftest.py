@@ -20,6 +20,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist runs one worker per core: each worker, and every process a test starts, then computes on one
+# thread (torch's default of one thread per core would put several threads on each core and slow every test).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 
 _NOUNS = ["cat", "dog", "bird", "fish", "tree", "house", "river", "stone", "cloud", "garden", "window", "letter"]
@@ -92,7 +99,14 @@ def tiny_overrides(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[str
     ]
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m saelab.cli.train args` in its own process: forked from a warm one (tests/cli_fork.py), or a new
+    interpreter where `fresh` (what a fresh process prints) or SAELAB_TEST_FRESH_CLI=1 asks for one."""
+    if not (fresh or os.environ.get("SAELAB_TEST_FRESH_CLI") == "1"):
+        from tests.cli_fork import run_forked
+
+        return run_forked(args, cwd or REPO, timeout)
     return subprocess.run([sys.executable, "-m", "saelab.cli.train", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ})
 

@@ -21,7 +21,7 @@ def _run(model_dir, corpus_dir, tmp_path, name: str, cache: str, devices: int, t
         f"data.cache={cache}", "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={devices}",
         f"data.train_tokens={tokens}", "eval.spliced_windows=0",
         "+callbacks.probe._target_=tests.ddp_probe.RankRecorder", f"+callbacks.probe.out_dir={probe}",
-    ], timeout=600)
+    ], timeout=600, fresh=True)  # Lightning launches the other rank as this process's command line again
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(devices)]
     return out, probe, records

@@ -30,7 +30,7 @@ from saelab.run.job import Job
 from saelab.run.member import SAEMember
 from saelab.run.module import SAEModule
 from saelab.saes.base import build_sae
-from tests.conftest import REPO, optim_config, run_until_then_kill, tiny_overrides
+from tests.conftest import REPO, optim_config, run_cli, run_until_then_kill, tiny_overrides
 
 
 def _base(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, data_cache: str) -> list[str]:
@@ -134,9 +134,8 @@ def test_a_job_with_a_bad_sae_config_is_refused_alone_up_front(tmp_path):
     """sae.d_sae=null with sae.expansion_factor=null is refused by the variant's own validation when the job is set
     up, with the one-line error, before the grouping sizes the SAEs; the other job trains (before, the width
     estimate raised a TypeError for the whole sweep)."""
-    cmd = [sys.executable, "-m", "saelab.cli.train", "-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null",
-           "sae.expansion_factor=8,null", "trainer.max_steps=10", "logger=none", f"paths.output_dir={tmp_path}"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
+    result = run_cli(["-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null", "sae.expansion_factor=8,null",
+                      "trainer.max_steps=10", "logger=none", f"paths.output_dir={tmp_path}"], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
     assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["l0"] > 0
@@ -307,10 +306,8 @@ def test_a_multirun_whose_every_job_fails_exits_non_zero(tmp_path):
     """One failing job leaves the sweep going (the test above); when every job fails (here both are refused by
     the config check before any training) the command exits non-zero with one line naming where the errors are,
     so a script or CI notices."""
-    cmd = [sys.executable, "-m", "saelab.cli.train", "-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null",
-           "sae.expansion_factor=null", "seed=0,1", "trainer.max_steps=10", "logger=none",
-           f"paths.output_dir={tmp_path}"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
+    result = run_cli(["-m", "hydra/launcher=fanout", "data=synthetic", "sae.d_sae=null", "sae.expansion_factor=null",
+                      "seed=0,1", "trainer.max_steps=10", "logger=none", f"paths.output_dir={tmp_path}"], timeout=300)
     assert result.returncode != 0
     (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
     assert f"error: all 2 jobs of this multirun failed; each one's error is in {sweep_dir}/<job>/error.txt" in (
