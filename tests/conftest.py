@@ -99,16 +99,23 @@ def tiny_overrides(model_dir: Path, corpus_dir: Path, out_dir: Path) -> list[str
     ]
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600,
-            fresh: bool = False) -> subprocess.CompletedProcess:
-    """`python -m saelab.cli.train args` in its own process: forked from a warm one (tests/cli_fork.py), or a new
-    interpreter where `fresh` (what a fresh process prints) or SAELAB_TEST_FRESH_CLI=1 asks for one."""
+def run_module(module: str, args: list[str], cwd: Path | None = None, timeout: int = 600,
+               fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m module args` (a command whose `main()` reads sys.argv) in its own process: forked from a warm
+    one (tests/cli_fork.py), or a new interpreter where `fresh` (what a fresh process prints) or
+    SAELAB_TEST_FRESH_CLI=1 asks for one."""
     if not (fresh or os.environ.get("SAELAB_TEST_FRESH_CLI") == "1"):
         from tests.cli_fork import run_forked
 
-        return run_forked(args, cwd or REPO, timeout)
-    return subprocess.run([sys.executable, "-m", "saelab.cli.train", *args], cwd=cwd or REPO, capture_output=True,
+        return run_forked(args, cwd or REPO, timeout, entry=f"{module}:main", prog=module)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ})
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """`saelab-train args` in its own process (run_module)."""
+    return run_module("saelab.cli.train", args, cwd, timeout, fresh)
 
 
 def run_until_then_kill(args: list[str], ready, timeout: float = 300) -> subprocess.Popen:

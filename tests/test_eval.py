@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.saes.saelens_format import load_exported
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, run_module, tiny_overrides
 
 pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
@@ -24,8 +24,7 @@ COMPARED = ("l0", "fvu", "explained_variance", "shrinkage", "cosine", "dead_frac
 
 
 def run_eval(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "saelab.cli.evaluate", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return run_module("saelab.cli.evaluate", args)
 
 
 def trained_run(tiny_model_dir, tiny_corpus_dir, out: Path, extra: list[str]) -> tuple[Path, list[str]]:

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ from saelab.run.job import Job
 from saelab.run.member import SAEMember
 from saelab.run.module import SAEModule
 from saelab.saes.base import build_sae
-from tests.conftest import REPO, optim_config, run_cli, run_until_then_kill, tiny_overrides
+from tests.conftest import optim_config, run_cli, run_module, run_until_then_kill, tiny_overrides
 
 
 def _base(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, data_cache: str) -> list[str]:
@@ -41,10 +38,8 @@ def _base(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, data_cache:
 
 def _sweep(args: list[str], launcher: str | None, timeout: int = 600) -> tuple[Path, dict]:
     """Run `saelab-train -m args` (counting forward passes); return the sweep directory and the counts."""
-    cmd = [sys.executable, "-m", "benchmarks.sweep_economy", "--child", "--", "-m", *args]
-    if launcher:
-        cmd.append(f"hydra/launcher={launcher}")
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    cli_args = ["--child", "--", "-m", *args, *([f"hydra/launcher={launcher}"] if launcher else [])]
+    result = run_module("benchmarks.sweep_economy", cli_args, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     counts = next(json.loads(line[len(COUNTS_TAG):]) for line in result.stderr.splitlines()
                   if line.startswith(COUNTS_TAG))
