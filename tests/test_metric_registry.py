@@ -181,8 +181,9 @@ def test_directions_of_axes_and_references():
     assert registry.better("sae.sparsity_coefficient") is None  # an override column: no entry
 
 
-def test_the_pareto_plot_follows_the_registered_direction(tmp_path, monkeypatch):
-    """fvu: a minimising frontier; explained_variance: a maximising one; shrinkage (no better direction): none."""
+@pytest.fixture
+def frontier_directions(monkeypatch) -> list[bool]:
+    """maximize_y of every Pareto frontier drawn while the test runs, in order."""
     calls: list[bool] = []
     real_front = pareto.pareto_front
 
@@ -191,6 +192,12 @@ def test_the_pareto_plot_follows_the_registered_direction(tmp_path, monkeypatch)
         return real_front(xs, ys, maximize_y)
 
     monkeypatch.setattr(pareto, "pareto_front", spy)
+    return calls
+
+
+def test_the_pareto_plot_follows_the_registered_direction(tmp_path, frontier_directions):
+    """fvu: a minimising frontier; explained_variance: a maximising one; shrinkage (no better direction): none."""
+    calls = frontier_directions
     table = pd.DataFrame({"status": "ok", "series": "a", "l0": [10.0, 20.0, 40.0], "fvu": [0.3, 0.2, 0.1],
                           "explained_variance": [0.7, 0.8, 0.9], "shrinkage": [0.9, 0.95, 0.97]})
     for y, expected in (("fvu", [False]), ("explained_variance", [True]), ("shrinkage", [])):
@@ -220,19 +227,12 @@ FAKE = Metric("fake_score", "a metric added by this test only", "higher", "recon
               show=frozenset({"sweep", "table", "pareto", "dashboard"}))
 
 
-def test_a_registered_metric_reaches_the_report_table_and_its_pareto_plot(tmp_path, monkeypatch, capsys):
+def test_a_registered_metric_reaches_the_report_table_and_its_pareto_plot(tmp_path, frontier_directions, capsys):
     """Registering one entry puts the metric in report.csv's leading columns, the markdown table (in its format)
     and a Pareto plot of its own whose frontier maximises it; unregistered, it is none of these."""
     root = tmp_path / "sweep"
     write_sweep(root)
-    maximised: list[bool] = []
-    real_front = pareto.pareto_front
-
-    def spy(xs, ys, maximize_y: bool = False) -> list[int]:
-        maximised.append(maximize_y)
-        return real_front(xs, ys, maximize_y)
-
-    monkeypatch.setattr(pareto, "pareto_front", spy)
+    maximised = frontier_directions
 
     def report(out: Path) -> tuple[str, list[str]]:
         assert report_main([str(root), "--out", str(out), "--wandb", "off"]) == 0

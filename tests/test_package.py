@@ -95,3 +95,19 @@ def test_installed_saelab_trains_and_evaluates_from_an_empty_directory(installed
     assert unknown.stderr.strip().splitlines() == [
         "error: experiment='theirs' is not allowed: expected one of gated_aux_ablation, jumprelu_bandwidth, "
         "matryoshka_vs_batchtopk, mine, quickstart, synthetic_variants, synthsaebench, variant_pareto"]
+
+
+def test_a_config_dir_joins_the_search_path_beside_a_given_one(tmp_path):
+    """--config-dir and hydra.searchpath=[file://...] both add a user's options, together (the tools compose
+    through compose_run_config; saelab-train's command-line check reads both the same way)."""
+    from saelab.run.compose import compose_run_config, config_dirs_of
+
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for directory, name, factor in ((mine, "wide", 32), (theirs, "narrow", 2)):
+        (directory / "experiment").mkdir(parents=True)
+        (directory / "experiment" / f"{name}.yaml").write_text(f"# @package _global_\nsae:\n  expansion_factor: "
+                                                              f"{factor}\n")
+    given = f"hydra.searchpath=[file://{theirs}]"
+    assert config_dirs_of(["--config-dir", str(mine), given]) == [mine, theirs]
+    assert compose_run_config(["experiment=wide", given], config_dirs=[mine]).sae.expansion_factor == 32
+    assert compose_run_config(["experiment=narrow", given], config_dirs=[mine]).sae.expansion_factor == 2

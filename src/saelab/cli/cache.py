@@ -34,7 +34,6 @@ def load_config(overrides: list[str]) -> DictConfig:
 
 
 def build(overrides: list[str]) -> int:
-    from saelab.data.sources import build_source
     from saelab.run.job import activations_needed
     from saelab.run.schema import check_run_config
     from saelab.run.stream import Reader, open_one_stream
@@ -47,9 +46,8 @@ def build(overrides: list[str]) -> int:
     cfg = load_config(overrides)
     if is_off(cfg.data.get("cache")):
         cfg.data.cache = "auto"
-    check_run_config(cfg)  # a bad data.cache fails here, before the model loads
+    source = check_run_config(cfg)  # a bad data.cache fails here, before the model loads
     train_tokens = activations_needed(cfg, world_size(cfg))  # what `saelab-train` with this config will read
-    source = build_source(cfg.data)
     if not source.needs_model:
         raise ConfigError("data", source.name, "a source read through a model (its activations are what is cached)")
     stream = open_one_stream(cfg, Reader(source.hooks(cfg.model)[0]), train_tokens, source=source)

@@ -172,10 +172,10 @@ def check_run_config(cfg: DictConfig) -> DataSource:
     read_section("", RunSection, cfg, passthrough=True)
     read_section("l0_control", L0ControlConfig, cfg.l0_control)
     read_section("model", ModelSection, cfg.model)
-    read_section("data", DataSection, cfg.data, passthrough=True)
+    data = read_section("data", DataSection, cfg.data, passthrough=True)
     paths = read_section("paths", PathsSection, cfg.paths)
     source = build_source(cfg.data)  # the source's class, name and own fields (DataSource.check)
-    cache_root(cfg.data.get("cache"), paths.cache_dir, create=False)
+    cache_root(data.cache, paths.cache_dir, create=False)  # data.cache: off, auto or a directory
     _check_transcoder(cfg, source)
     read_section("optim", OptimSection, cfg.optim)
     read_section("eval", EvalSection, cfg.eval)
