@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q -e ".[dev,demo,sweep]"
+	$(VENV)/bin/python -m pip install -q -e ".[dev,demo,sweep,s3]"
 	touch $(STAMP)
 
 clean-env:

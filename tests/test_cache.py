@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.data.cache import ActivationCache
-from saelab.data.cache_key import ModelSpec, cache_name, cache_root, key_inputs
-from saelab.data.cache_manifest import MANIFEST, Request, verify
+from saelab.data.cache import ActivationCache, open_caches
+from saelab.data.cache_key import ModelSpec, cache_name, cache_store, key_inputs
+from saelab.data.cache_manifest import MANIFEST, Request
+from saelab.data.cache_manifest import verify as verify_files
+from saelab.data.cache_store import Store
 from saelab.data.sources import build_source
 from saelab.data.tokens import SpecialTokens
 from saelab.errors import ConfigError
@@ -35,11 +37,11 @@ class FakeModel:
     def __init__(self):
         self.windows_run = 0
 
-    def __call__(self, windows: torch.Tensor):
+    def __call__(self, windows: torch.Tensor, hooks: list[str]):
         self.windows_run += len(windows)
         for start in range(0, len(windows), 16):
             ids = windows[start : start + 16].flatten().float()
-            yield torch.stack([ids, ids / 7, -ids, ids % 5], dim=-1)
+            yield dict.fromkeys(hooks, torch.stack([ids, ids / 7, -ids, ids % 5], dim=-1))
 
 
 def request(train_tokens: int = 1000, eval_tokens: int = 300) -> Request:
@@ -48,7 +50,12 @@ def request(train_tokens: int = 1000, eval_tokens: int = 300) -> Request:
 
 def open_cache(root: Path, req: Request | None = None, model: FakeModel | None = None):
     cache = ActivationCache(root, INPUTS, D, shard_windows=50)
-    return cache, cache.open(req or request(), lambda: WINDOWS, model or FakeModel())
+    readers = open_caches({cache.hook: cache}, req or request(), lambda: WINDOWS, model or FakeModel())
+    return cache, readers[cache.hook]
+
+
+def verify(path: Path) -> list[str]:
+    return verify_files(Store(path))
 
 
 def no_windows():
@@ -63,7 +70,7 @@ def test_built_once_then_reused_with_no_generation(tmp_path, caplog):
     assert "building" in caplog.text
     again = ActivationCache(tmp_path, INPUTS, D, shard_windows=50)
     unused = FakeModel()
-    reread = again.open(request(), no_windows, unused)
+    reread = open_caches({again.hook: again}, request(), no_windows, unused)[again.hook]
     assert again.shards_written == 0 and unused.windows_run == 0 and "reusing" in caplog.text
     assert reread.scale == reader.scale
     assert torch.equal(reread.eval_activations(300), reader.eval_activations(300))
@@ -80,7 +87,7 @@ def test_built_once_then_reused_with_no_generation(tmp_path, caplog):
 
 def test_an_epoch_reads_every_cached_activation_exactly_once_shuffled(tmp_path):
     _, reader = open_cache(tmp_path, request(train_tokens=10**9))  # more than the corpus: the whole pass
-    stored = torch.cat([torch.from_numpy(np.array(s)) for s in reader.train])
+    stored = torch.cat([s.rows() for s in reader.train])
     assert len(stored) == 600 * CTX and len(reader.train) == 12
     generator = torch.Generator().manual_seed(0)
     for group_tokens in (0, 1000):  # one shard at a time; groups of 3 shards permuted together
@@ -107,7 +114,7 @@ def test_an_epoch_reads_every_cached_activation_exactly_once_shuffled(tmp_path):
 def test_a_larger_budget_extends_the_cache_and_keeps_its_shards(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="saelab.data.cache")
     cache, small = open_cache(tmp_path, request(train_tokens=700))
-    sha = {p.name: p.read_bytes() for p in cache.path.glob("train-*.npy")}
+    sha = {p.name: p.read_bytes() for p in cache.path.glob("train-0*.npy")}
     assert len(sha) == 2
     bigger, large = open_cache(tmp_path, request(train_tokens=2500))
     assert "extending" in caplog.text and bigger.shards_written == 5  # train shards 2..6
@@ -115,7 +122,7 @@ def test_a_larger_budget_extends_the_cache_and_keeps_its_shards(tmp_path, caplog
     assert large.train_tokens == 7 * 400 and small.train_tokens == 2 * 400
     # A small-budget run reads the same prefix however far the cache has grown.
     _, small_again = open_cache(tmp_path, request(train_tokens=700))
-    assert all(np.array_equal(a, b) for a, b in zip(small.train, small_again.train, strict=True))
+    assert all(torch.equal(a.rows(), b.rows()) for a, b in zip(small.train, small_again.train, strict=True))
 
 
 def _flip(path: Path) -> None:
@@ -133,8 +140,7 @@ DAMAGE = {
     "truncated shard": (lambda d: _truncate(d / "eval-00000.npy"), "bytes, expected"),
     "missing shard": (lambda d: (d / "train-00000.npy").unlink(), "is missing"),
     "flipped eval windows": (lambda d: _flip(d / "eval-windows.npy"), "fails its sha256"),
-    "missing manifest": (lambda d: (d / MANIFEST).unlink(), "no manifest.json"),
-    "garbled manifest": (lambda d: (d / MANIFEST).write_text('{"format": 1, "stre'), "unreadable manifest"),
+    "garbled manifest": (lambda d: (d / MANIFEST).write_text('{"format": 2, "stre'), "unreadable manifest"),
 }
 
 
@@ -153,21 +159,31 @@ def test_a_damaged_cache_is_detected_and_rebuilt(tmp_path, caplog, damage):
     assert torch.equal(torch.cat(list(reader.epoch(torch.Generator().manual_seed(0), 1000))), expected)
 
 
-def test_an_interrupted_build_leaves_nothing_that_is_read(tmp_path):
+def test_an_interrupted_build_is_never_read_and_the_next_build_keeps_its_finished_shards(tmp_path):
     class Crash(FakeModel):
-        def __call__(self, windows):
+        def __call__(self, windows, hooks):
             if self.windows_run >= 100:
                 raise KeyboardInterrupt
-            yield from super().__call__(windows)
+            yield from super().__call__(windows, hooks)
 
     with pytest.raises(KeyboardInterrupt):
         open_cache(tmp_path, model=Crash())
     cache = ActivationCache(tmp_path, INPUTS, D, shard_windows=50)
-    assert not cache.path.exists()  # the partial build sits in a temp directory, never at the cache's path
+    assert not (cache.path / MANIFEST).exists()  # nothing published: no run reads it
+    assert verify(cache.path) == ["no manifest.json (a build not finished)"]
+    finished = sorted(p.name for p in cache.path.glob("*-0*.npy"))
+    # The train shards come first (3 x 50 windows for 1000 activations), then the held-out one; the model died
+    # at its third call: train shards 0 and 1 are finished.
+    assert finished == ["train-00000.npy", "train-00001.npy"]
+    first_run = {name: (cache.path / name).read_bytes() for name in finished}
     model = FakeModel()
-    open_cache(tmp_path, model=model)
-    assert model.windows_run > 0 and verify(cache.path) == []
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.is_dir()] == []
+    _, reader = open_cache(tmp_path, model=model)
+    assert verify(cache.path) == []
+    assert model.windows_run == 50 + 50  # train shard 2 and held-out shard 0 only: the finished ones were kept
+    assert all((cache.path / n).read_bytes() == data for n, data in first_run.items())
+    _, fresh = open_cache(tmp_path / "fresh")  # the same cache built in one go
+    assert all(torch.equal(a.rows(), b.rows()) for a, b in zip(reader.train, fresh.train, strict=True))
+    assert len(reader.train) == 3
 
 
 def test_the_key_follows_what_decides_the_activations_and_nothing_else(tmp_path):
@@ -179,7 +195,8 @@ def test_the_key_follows_what_decides_the_activations_and_nothing_else(tmp_path)
     spec = ModelSpec("org/tiny", str(model_dir), "float32", "blocks.0.hook_out")
     special = SpecialTokens(bos=0, separator=0, excluded=frozenset({0}))
     cfg = {"_target_": TEXT_FILES, "source": "text_files", "path": str(corpus), "context_size": 32, "prepend_bos": True,
-           "eval_fraction": 0.1, "train_tokens": 1000, "batch_size": 64, "model_batch_size": 8}
+           "eval_fraction": 0.1, "train_tokens": 1000, "batch_size": 64, "model_batch_size": 8,
+           "cache_dtype": "float32"}
 
     def name(cfg=cfg, spec=spec, special=special) -> str:
         return cache_name(key_inputs(build_source(cfg), cfg, spec, special))
@@ -192,7 +209,8 @@ def test_the_key_follows_what_decides_the_activations_and_nothing_else(tmp_path)
                name({**cfg, "eval_fraction": 0.2}), name({**cfg, "_target_": PYDOCS, "source": "pydocs"}),
                name(spec=ModelSpec("org/tiny", str(model_dir), "bfloat16", "blocks.0.hook_out")),
                name(spec=ModelSpec("org/tiny", str(model_dir), "float32", "blocks.1.hook_out")),
-               name(special=SpecialTokens(bos=0, separator=0, excluded=frozenset({0, 5})))]
+               name(special=SpecialTokens(bos=0, separator=0, excluded=frozenset({0, 5}))),
+               name({**cfg, "cache_dtype": "bfloat16"})]
     assert len(set(changed)) == len(changed) and base not in changed
     (corpus / "a.txt").write_text("other text")
     assert name() != base
@@ -206,14 +224,15 @@ def test_the_key_follows_what_decides_the_activations_and_nothing_else(tmp_path)
 
 def test_data_cache_setting(tmp_path):
     for off in ("off", "OFF", False, None, "none"):
-        assert cache_root(off, tmp_path) is None
-    assert cache_root("auto", tmp_path / "auto") == tmp_path / "auto"
-    assert cache_root(str(tmp_path / "mine"), tmp_path / "auto") == tmp_path / "mine"
+        assert cache_store(off, tmp_path) is None
+    assert Path(cache_store("auto", tmp_path / "auto").root) == tmp_path / "auto"
+    assert Path(cache_store(str(tmp_path / "mine"), tmp_path / "auto").root) == tmp_path / "mine"
+    assert cache_store("memory://caches", tmp_path).url == "memory://caches"
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(ConfigError, match=r"data.cache=.*writable"):
-        cache_root(str(tmp_path / "a_file" / "caches"), tmp_path)
+    with pytest.raises(ConfigError, match=r"data.cache=.*cannot be written"):
+        cache_store(str(tmp_path / "a_file" / "caches"), tmp_path)
     with pytest.raises(ConfigError, match="data.cache=3"):
-        cache_root(3, tmp_path)
+        cache_store(3, tmp_path)
 
 
 # -- on the tiny model ---------------------------------------------------------------------------------------
@@ -230,7 +249,7 @@ def _data_cfg(corpus_dir: Path, cache) -> dict:
             "path": str(corpus_dir), "context_size": 32, "prepend_bos": True,
             "eval_fraction": 0.1, "train_tokens": 4096, "batch_size": 256, "buffer_tokens": 2048,
             "model_batch_size": 16, "normalize": "unit_mean_squared_norm", "normalize_tokens": 1024,
-            "cache": cache}
+            "cache": cache, "cache_dtype": "float32"}
 
 
 def test_datamodule_reuses_its_cache_without_text_or_forward(tiny_model, tiny_corpus_dir, tmp_path,

@@ -17,7 +17,8 @@ from tests.conftest import tiny_overrides
 SRC = Path(__file__).resolve().parents[1] / "src" / "saelab"
 READERS = sorted([*(SRC / "run").glob("*.py"), *(SRC / "cli").glob("*.py")])
 # Read of the text datamodule alone, by a tool that refuses a source without a model before it opens its stream.
-TEXT_ONLY = {"cache": "cli/cache.py (saelab-cache: a source without a model has no cache)"}
+_CACHE_CLI = "cli/cache.py (saelab-cache: a source without a model has no cache)"
+TEXT_ONLY = dict.fromkeys(("caches", "build_cache_share", "finish_cache"), _CACHE_CLI)
 
 
 def protocol_members() -> set[str]:

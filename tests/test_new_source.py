@@ -85,7 +85,7 @@ def _cache_name(data_cfg: dict) -> str:
 
     special = SpecialTokens(bos=0, separator=0, excluded=frozenset({0}))
     spec = ModelSpec("org/tiny", "/nonexistent/tiny", "float32", "blocks.0.hook_out")
-    cfg = {"context_size": 32, "prepend_bos": True, "eval_fraction": 0.1, **data_cfg}
+    cfg = {"context_size": 32, "prepend_bos": True, "eval_fraction": 0.1, "cache_dtype": "float32", **data_cfg}
     return cache_name(key_inputs(build_source(cfg), cfg, spec, special))
 
 

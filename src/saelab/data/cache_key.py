@@ -13,21 +13,20 @@ import inspect
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
+from saelab.data.cache_store import ALLOWED, Store
 from saelab.data.model import LoadedModel
 from saelab.data.tokens import SpecialTokens
 from saelab.errors import ConfigError
 
-FORMAT = 1  # bump when the layout or the meaning of a cache changes
+FORMAT = 2  # bump when the layout or the meaning of a cache changes
 TRAIN_ORDER_SEED = 0  # the cached train stream's fixed order (not the run's seed: every seed of a sweep shares it)
 _OFF = ("off", "false", "none", "")
-_ALLOWED = "off, auto or a writable directory"
 _SMALL_FILE = 2**20
 # The code that turns text into activations: editing it changes the key (caches are cheap to rebuild).
 _CODE = ("sources/base.py", "tokens.py", "activations.py", "hf_reader.py", "model.py", "normalize.py")
@@ -39,30 +38,28 @@ def is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, str) and value.strip().lower() in _OFF)
 
 
-def cache_root(value: Any, auto_root: str | Path, create: bool = True) -> Path | None:
-    """Where caches live for `data.cache` (None when off). Fails with one line if it cannot be written.
+def cache_store(value: Any, auto_root: str | Path, create: bool = True) -> Store | None:
+    """Where caches live for `data.cache` (None when off): a local directory or an fsspec URL. Fails with one line
+    naming data.cache if it cannot be reached, listed or written (unreachable endpoint, refused credentials,
+    missing bucket, unwritable directory), before any heavy work.
 
-    With `create=False` (a check before the run starts) the directories made to prove it writable are
+    With `create=False` (a check before the run starts) the local directories made to prove it writable are
     removed again, so a run rejected later leaves no empty cache directory behind.
     """
     if is_off(value):
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError("data.cache", value, _ALLOWED)
-    root = Path(auto_root if value == "auto" else value).expanduser()
-    made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+        raise ConfigError("data.cache", value, ALLOWED)
+    location = str(auto_root if value == "auto" else value)
+    store = Store(location)
+    made = [] if not store.local else [p for p in (Path(store.root), *Path(store.root).parents) if not p.exists()]
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError("data.cache", str(value),
-                          f"{_ALLOWED} ({root} is not writable: {err.strerror or err})") from None
+        store.check_writable(str(value))
     finally:
         for path in made if not create else ():
             with contextlib.suppress(OSError):
                 path.rmdir()
-    return root
+    return store
 
 
 # -- the key -------------------------------------------------------------------------------------------------
@@ -125,6 +122,7 @@ def key_inputs(source: KeyedSource, data_cfg: Mapping[str, Any], model: ModelSpe
         "model_dtype": model.dtype,
         "transformer_lens": version("transformer-lens"),
         "hook": model.hook,
+        "cache_dtype": str(data_cfg["cache_dtype"]),
         "source": {"name": source.name, **source.key_inputs()},
         "context_size": int(data_cfg["context_size"]),
         "prepend_bos": bool(data_cfg["prepend_bos"]),
