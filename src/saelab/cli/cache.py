@@ -20,6 +20,7 @@ import sys
 
 from omegaconf import DictConfig
 
+from saelab.cli import cache_export
 from saelab.cli.checks import check_group_overrides
 from saelab.data.cache_key import is_off
 from saelab.data.cache_manifest import MANIFEST, all_files, read_manifest, summary, verify
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     lister = commands.add_parser("list", help="list caches")
     lister.add_argument("--cache-dir", help="the directory holding caches (default: paths.cache_dir)")
     commands.add_parser("inspect", help="print a manifest and verify checksums").add_argument("dir")
+    cache_export.add_parser(commands)  # export --format saelens SRC DEST (saelab/cli/cache_export.py)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             code = build(args.overrides, args.shard, args.finish)
         elif args.command == "list":
             code = list_caches(args.cache_dir)
+        elif args.command == "export":
+            code = cache_export.run(args)
         else:
             code = inspect(args.dir)
     except Exception as err:

@@ -22,7 +22,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,10 +140,11 @@ def join(root: str, name: str) -> str:
 
 def write_saelens_cache(location: str | os.PathLike[str], hook: str, context_size: int, d_in: int,
                         n_windows: int, windows: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                        dtype: str = "float32", windows_per_file: int = 8192, fingerprint: str | None = None) -> int:
+                        dtype: str = "float32", windows_per_file: int = 8192, fingerprint: str | None = None,
+                        extra: Mapping[str, bytes] | None = None) -> int:
     """Write `n_windows` windows (an iterable of (activations [n, ctx, d], token ids [n, ctx]) in order) as a SAELens
-    cache at `location` (a new or empty directory or URL prefix), `dtype` float32 or float16; returns the windows
-    written. state.json is written last."""
+    cache at `location` (a new or empty directory or URL prefix), `dtype` float32 or float16, with `extra` files
+    ({name: bytes}) beside it; returns the windows written. state.json is written last."""
     from datasets import Array2D, Features, List, Value
     from datasets.features.features import numpy_to_pyarrow_listarray
 
@@ -171,6 +172,8 @@ def write_saelens_cache(location: str | os.PathLike[str], hook: str, context_siz
         raise ValueError(f"{written} windows written to {location}, {n_windows} announced")
     fs.pipe_file(join(root, INFO), json.dumps({"citation": "", "description": "", "features": features.to_dict(),
                                                "homepage": "", "license": ""}, indent=2).encode())
+    for name, data in (extra or {}).items():
+        fs.pipe_file(join(root, name), data)
     state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": fingerprint,
              "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
              "_split": None}
