@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from saelab.cli.checks import writable_problem
-from saelab.data.sources import build_source
+from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError, cli_error_line
 from saelab.io import write_json
 from saelab.run.compose import compose_run_config, with_config_dirs
@@ -84,8 +84,9 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
             implied.append(f"{key}={value}")
     cfg, run_dir = _compose([*implied, *overrides])
     source = build_source(cfg.data)
-    if not source.needs_model:
-        raise ConfigError("data", source.name, "a text source: saelab-eval reads a model's activations")
+    if not source.needs_model and type(source).ground_truth is not DataSource.ground_truth:
+        raise ConfigError("data", source.name, "a source without a world of true features (a text source, or "
+                          "data=saelens_cache): saelab-eval measures reconstruction, not ground truth")
     if ("transcoder" in architecture) != (cfg.model.get("target_hook") is not None):
         raise ConfigError("model.target_hook", cfg.model.get("target_hook"),
                           "a hook for a transcoder (hook_name_out in its cfg.json) and null for an SAE")
