@@ -279,3 +279,16 @@ def test_saelens_reads_saelabs_export_as_exactly_saelabs_activations(saelab_cach
     rows = np.concatenate(list(read_cache(saelab_cache).rows("train")))
     assert report["rows"] == len(rows) and report["exclude_special_tokens"]
     np.testing.assert_array_equal(load_file(str(tmp_path / "read.safetensors"))["activations"], rows)
+
+
+def test_the_saelens_read_benchmark_reports_one_json_line(saelens_python):
+    result = subprocess.run([str(saelens_python), "benchmarks/saelens_cache_read.py", str(CACHE), "--seconds", "0.5",
+                             "--warmup", "0.1", "--batch-size", "64", "--store-batch", "4", "--exclude", "0,1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = result.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert report["hook"] == HOOK and report["d_in"] == D and report["exclude_special_tokens"] == [0, 1]
+    assert report["activations"] > 0 and report["activations"] % 64 == 0
+    assert report["gb_per_s"] == pytest.approx(report["activations_per_s"] * D * 4 / 1e9)
