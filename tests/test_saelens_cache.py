@@ -96,6 +96,28 @@ def test_model_excludes_the_ids_saelabs_own_stream_excludes(tiny_model_dir, expe
     assert source.d_in == D and source.hooks({}) == [HOOK]
 
 
+def test_the_composed_source_gives_a_stream_datamodule(tiny_model_dir):
+    """data=saelens_cache as the YAML composes it (hook, width and tokenizer from the model section): a datamodule
+    with every member run/ reads (data/protocol.StreamDataModule)."""
+    from saelab.data.protocol import StreamDataModule
+    from saelab.data.sources import build_source
+    from saelab.run.compose import compose_run_config
+    from tests.test_datamodule_protocol import protocol_members
+
+    cfg = compose_run_config(["data=saelens_cache", f"data.path={CACHE}", "model=tiny", f"model.path={tiny_model_dir}",
+                              f"model.hook={HOOK}", "data.normalize_tokens=256", "data.normalize=sqrt_d_model",
+                              "data.eval_fraction=0.25"])
+    source = build_source(cfg.data)
+    assert not source.needs_model and source.d_in == D == cfg.sae.d_in and source.excluded_ids() == {0, 1}
+    module = source.datamodule(cfg.data, None, 128, 0, cache_dir=None, train_tokens=None, hooks=source.hooks(cfg.model))
+    module.setup()
+    assert isinstance(module, StreamDataModule) and all(hasattr(module, name) for name in protocol_members())
+    assert set(module.scales) == set(module.input_rms) == set(module.eval_acts) == {HOOK}
+    assert module.eval_acts[HOOK].shape == (128, D) and module.input_rms[HOOK] > 0
+    assert module.eval_firing is None and module.eval_windows is None and module.special is None
+    assert {"batches_consumed", "scales"} <= set(module.state_dict())
+
+
 def test_a_cache_at_an_fsspec_url_reads_and_writes_like_a_local_one(expected):
     fs = fsspec.filesystem("memory")
     fs.put(str(CACHE), "/saelens-fixture", recursive=True)
