@@ -143,6 +143,20 @@ def test_a_cache_at_an_fsspec_url_reads_and_writes_like_a_local_one(expected):
                 fs.rm(path, recursive=True)
 
 
+def test_a_cache_pushed_to_the_hub_as_parquet_reads_the_same(expected, tmp_path):
+    """push_to_hub's layout (what SAELens's hf_repo_id uploads): parquet files under data/, read row group by row
+    group, equal to the saved directory."""
+    from datasets import Dataset
+
+    pushed = tmp_path / "pushed"
+    (pushed / "data").mkdir(parents=True)
+    Dataset.load_from_disk(str(CACHE)).to_parquet(str(pushed / "data" / "train-00000-of-00001.parquet"), batch_size=7)
+    cache = SAELensCache.open(pushed)
+    assert cache.hooks == {HOOK: (CTX, D)} and cache.files == ("data/train-00000-of-00001.parquet",)
+    rows = np.concatenate(list(datamodule([0, 1], eval_fraction=0.01, location=pushed).rows(HOOK, held=False)))
+    np.testing.assert_array_equal(rows, expected["activations"])
+
+
 def overrides(tiny_model_dir: Path, out: Path, *extra: str) -> list[str]:
     """saelab-train on the fixture with tiny budgets (a few seconds)."""
     return ["data=saelens_cache", f"data.path={CACHE}", "model=tiny", f"model.path={tiny_model_dir}",

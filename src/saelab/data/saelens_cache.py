@@ -8,6 +8,9 @@ The layout is a Hugging Face `datasets` directory (`Dataset.save_to_disk`):
     state.json           `_data_files`: the arrow files, in order, and a fingerprint
     data-00000-of-0000N.arrow ...  Arrow IPC streams of record batches, one row per context window
 
+A cache SAELens pushed to the Hub (`hf_repo_id`: `push_to_hub`'s layout, *.parquet files whose schema carries the
+same features) reads too, row group by row group, e.g. from a local download or an hf://datasets/... URL.
+
 Reading streams record batch by record batch (memory-mapped locally, fetched by fsspec otherwise): a cache is never
 held in memory whole, and a bounded slice of a batch at a time is converted to float32. `datasets` parses the
 features and pyarrow reads the files; nothing of either format is re-implemented here.
@@ -29,6 +32,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 INFO, STATE = "dataset_info.json", "state.json"
@@ -67,7 +71,7 @@ class SAELensCache:
     @classmethod
     def open(cls, location: str | os.PathLike[str]) -> SAELensCache:
         """The cache at `location`, or NotASAELensCache saying why it is none."""
-        from datasets import Array2D, Features
+        from datasets import Array2D
 
         fs, root = filesystem(location)
         try:
@@ -77,20 +81,19 @@ class SAELensCache:
         if not found:
             raise NotASAELensCache("no such directory")
         try:
-            info, state = (json.loads(fs.cat_file(join(root, name))) for name in (INFO, STATE))
-            features = Features.from_dict(info["features"])
-            files = tuple(str(entry["filename"]) for entry in state["_data_files"])
+            features, files, fingerprint = (_saved(fs, root) if fs.exists(join(root, STATE)) else _pushed(fs, root))
         except FileNotFoundError as err:
             raise NotASAELensCache(f"no {os.path.basename(str(err.filename or err)) or 'such file'} there (a "
-                                   f"saved datasets directory has {INFO} and {STATE})") from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise NotASAELensCache(f"unreadable {INFO} or {STATE}: {type(err).__name__}: {err}") from None
+                                   f"saved datasets directory has {INFO} and {STATE}; one pushed to the Hub, "
+                                   "*.parquet files)") from None
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid) as err:
+            raise NotASAELensCache(f"unreadable metadata: {type(err).__name__}: {err}") from None
         hooks = {name: (int(f.shape[0]), int(f.shape[1])) for name, f in features.items() if isinstance(f, Array2D)}
         if not hooks:
             raise NotASAELensCache(f"no Array2D activation column (its columns: {', '.join(features) or 'none'})")
         if not files:
-            raise NotASAELensCache(f"{STATE} lists no data files")
-        return cls(str(location), fs, root, hooks, TOKEN_IDS in features, files, state.get("_fingerprint"))
+            raise NotASAELensCache("no data files listed")
+        return cls(str(location), fs, root, hooks, TOKEN_IDS in features, files, fingerprint)
 
     def windows(self, hook: str, chunk_bytes: int = CHUNK_BYTES, files: Iterable[int] | None = None
                 ) -> Iterator[Windows]:
@@ -100,7 +103,7 @@ class SAELensCache:
         per_chunk = max(1, chunk_bytes // (4 * context_size * d_in))
         for index in range(len(self.files)) if files is None else files:
             start = 0
-            for batch in self._record_batches(self.files[index]):
+            for batch in self._record_batches(self.files[index], per_chunk):
                 for offset in range(0, batch.num_rows, per_chunk):
                     part = batch.slice(offset, per_chunk)
                     acts = _values(part.column(hook)).reshape(part.num_rows, context_size, d_in)
@@ -109,13 +112,40 @@ class SAELensCache:
                     yield Windows(index, start, acts.astype(np.float32, copy=False), ids)
                     start += part.num_rows
 
-    def _record_batches(self, name: str) -> Iterator[pa.RecordBatch]:
+    def _record_batches(self, name: str, rows: int) -> Iterator[pa.RecordBatch]:
+        """The file's record batches (an arrow stream's own; a parquet file's row groups in batches of `rows`)."""
         path = join(self.root, name)
         try:
             with (pa.memory_map(path) if isinstance(self.fs, LocalFileSystem) else self.fs.open(path, "rb")) as f:
-                yield from pa.ipc.open_stream(f)
+                if name.endswith(".parquet"):
+                    yield from pq.ParquetFile(f).iter_batches(batch_size=rows)
+                else:
+                    yield from pa.ipc.open_stream(f)
         except (OSError, pa.ArrowInvalid) as err:
             raise NotASAELensCache(f"{join(self.location, name)}: {type(err).__name__}: {err}") from err
+
+
+def _saved(fs: Any, root: str) -> tuple[Any, tuple[str, ...], str | None]:
+    """(features, arrow files, fingerprint) of a `save_to_disk` directory (what CacheActivationsRunner writes)."""
+    from datasets import Features
+
+    info, state = (json.loads(fs.cat_file(join(root, name))) for name in (INFO, STATE))
+    files = tuple(str(entry["filename"]) for entry in state["_data_files"])
+    return Features.from_dict(info["features"]), files, state.get("_fingerprint")
+
+
+def _pushed(fs: Any, root: str) -> tuple[Any, tuple[str, ...], str | None]:
+    """(features, parquet files, None) of a `push_to_hub` layout (a cache SAELens put on the Hub, hf_repo_id: every
+    *.parquet under the root, sorted; the features from the first one's schema metadata)."""
+    from datasets import Features
+
+    prefix = root.rstrip("/") + "/"
+    files = tuple(sorted(path[len(prefix):] for path in fs.glob(prefix + "**/*.parquet") if path.startswith(prefix)))
+    if not files:
+        raise FileNotFoundError(None, "not found", INFO)
+    with fs.open(prefix + files[0], "rb") as f:
+        metadata = pq.read_schema(f).metadata or {}
+    return Features.from_dict(json.loads(metadata[b"huggingface"])["info"]["features"]), files, None
 
 
 def _values(column: pa.Array) -> np.ndarray:
