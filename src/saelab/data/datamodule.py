@@ -5,9 +5,11 @@ With `data.cache` on, the activations come from an on-disk cache (saelab.data.ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
@@ -25,8 +27,9 @@ from saelab.data.cache_key import KeyedSource, ModelSpec, cache_root, key_inputs
 from saelab.data.cache_manifest import Request
 from saelab.data.model import LoadedModel
 from saelab.data.normalize import estimate_scale, normalised_rms
+from saelab.data.prefetch import Prefetch
 from saelab.data.tokens import Document, SpecialTokens, pack, split_documents, tokenize
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,8 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _setup_streaming(self) -> None:
         cfg = self.cfg
+        self.prefetch_batches = self._prefetch_depth()  # checked before any text is read
+        self._read_ahead: weakref.WeakSet[Prefetch] = weakref.WeakSet()  # live read-aheads, stopped by teardown
         windows = self.windows()
         self.train_windows, self.eval_windows = windows["train"], windows["eval"]
         # Held-out activations, kept in memory for evaluation only.
@@ -187,6 +192,30 @@ class ActivationDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return activation_chunks(self.model, windows, self.special, int(self.cfg["model_batch_size"]),
                                  generator=generator, epochs=epochs, hooks=self.hooks)
+
+    def _prefetch_depth(self) -> int:
+        """data.prefetch_batches: model batches computed ahead in a thread (0: inline). A data section built by
+        hand (tests, tools) may leave it out: off."""
+        depth = self.cfg.get("prefetch_batches", 0)
+        check_positive("data.prefetch_batches", depth, allow_zero=True, integer=True)
+        return int(depth)
+
+    @contextlib.contextmanager
+    def _ahead(self, chunks: Iterator[Tensor]) -> Iterator[Iterator[Tensor]]:
+        """`chunks` with the model's next data.prefetch_batches forwards running in a thread while the SAEs step
+        (saelab.data.prefetch: same chunks, same order); the thread stops when the block exits."""
+        if not self.prefetch_batches:
+            yield chunks
+            return
+        with Prefetch(chunks, self.prefetch_batches) as ahead:
+            self._read_ahead.add(ahead)
+            yield ahead
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the stream's read-ahead (Lightning calls this when fit ends, before the end-of-run evaluation runs
+        the model with splice hooks): no forward is left running in the background."""
+        for ahead in list(getattr(self, "_read_ahead", ())):
+            ahead.close()
 
     # -- data position: saved in checkpoints so a resumed run continues the stream where it stopped ---------
     def state_dict(self) -> dict[str, Any]:
@@ -237,8 +266,9 @@ class ActivationDataModule(L.LightningDataModule):
         else:
             chunks = self._chunks(self.train_windows[rank::world], shuffle=True, epochs=None)
         generator = torch.Generator().manual_seed(self.seed + 1 + rank)
-        for batch in ShuffleBuffer(chunks, buffer_tokens, batch_size, generator):
-            yield {hook: rows / self.scales[hook] for hook, rows in self._split(batch).items()}
+        with self._ahead(chunks) as chunks:  # closed when the stream stops or is dropped
+            for batch in ShuffleBuffer(chunks, buffer_tokens, batch_size, generator):
+                yield {hook: rows / self.scales[hook] for hook, rows in self._split(batch).items()}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(Batches(self.train_batches), batch_size=None, num_workers=0)

@@ -84,6 +84,7 @@ class DataSection:
     train_tokens: int
     normalize_tokens: int
     model_batch_size: int
+    prefetch_batches: int
     eval_fraction: float
     normalize: str
     prepend_bos: bool
@@ -93,6 +94,7 @@ class DataSection:
         for name in ("context_size", "batch_size", "buffer_tokens", "train_tokens", "normalize_tokens",
                      "model_batch_size"):
             check_count(f"data.{name}", getattr(self, name))
+        check_positive("data.prefetch_batches", self.prefetch_batches, allow_zero=True, integer=True)
         if self.buffer_tokens < 2 * self.batch_size:
             raise ConfigError("data.buffer_tokens", self.buffer_tokens, "at least 2 x data.batch_size")
         if not 0 < self.eval_fraction < 1:
