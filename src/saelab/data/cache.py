@@ -386,8 +386,9 @@ def build_share(caches: Mapping[str, ActivationCache], request: Request, windows
     """One of `count` builders (`saelab-cache build --shard index/count`): write its shards of every cache, no
     lock, no manifest. Returns the shards it wrote."""
     ordered = sorted(caches.values(), key=lambda c: c.name)
+    before = sum(c.shards_written for c in ordered)
     _build(ordered, Plan(windows), request, activations, share=(index, count))
-    return sum(c.shards_written for c in ordered)
+    return sum(c.shards_written for c in ordered) - before
 
 
 def finish(caches: Mapping[str, ActivationCache], request: Request) -> None:

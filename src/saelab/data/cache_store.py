@@ -35,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from saelab.errors import ConfigError
 from saelab.io import atomic_write
 
+_BUCKETED = {"s3", "s3a", "gs", "gcs", "abfs", "az"}  # object stores whose first path component is a bucket
 LEASE_SECONDS = 300.0  # a remote lock not renewed for this long belongs to a dead holder
 _POLL_SECONDS = 2.0
 ALLOWED = "off, auto, a writable directory or an fsspec URL (s3://bucket/prefix, gs://..., memory://...)"
@@ -56,6 +57,8 @@ class Store:
         self.url = location if is_url(location) else str(Path(location).expanduser())
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.local = isinstance(self.fs, LocalFileSystem)
+        protocol = self.fs.protocol
+        self.protocol = protocol if isinstance(protocol, str) else protocol[0]
         if self.local:
             self.root = str(Path(self.root))
 
@@ -179,6 +182,12 @@ class Store:
         try:
             if self.local:
                 self.local_path().mkdir(parents=True, exist_ok=True)
+            elif self.protocol in _BUCKETED:  # some servers make a bucket on the first put: a typo must not
+                bucket = self.root.split("/")[0]
+                try:
+                    self.fs.info(bucket)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
             self.write_bytes(probe, b"")
             self.remove(probe)
         except Exception as err:  # each store raises its own kinds: name the reason in the one line

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from saelab.data.activations import activation_chunks, collect
 from saelab.data.buffer import ShuffleBuffer
-from saelab.data.cache import ActivationCache, CacheReader, take_rows
-from saelab.data.cache_key import KeyedSource, ModelSpec, cache_root, key_inputs
+from saelab.data.cache import ActivationCache, CacheReader, build_share, finish, open_caches
+from saelab.data.cache_key import KeyedSource, ModelSpec, cache_store, key_inputs
 from saelab.data.cache_manifest import Request
 from saelab.data.model import LoadedModel
 from saelab.data.normalize import estimate_scale, normalised_rms
@@ -88,7 +88,7 @@ class ActivationDataModule(L.LightningDataModule):
         ctx = int(data_cfg["context_size"])
         if model.n_ctx is not None and ctx > model.n_ctx:
             raise ConfigError("data.context_size", ctx, f"at most the model's n_ctx ({model.n_ctx})")
-        self.cache_root = cache_root(data_cfg.get("cache"), cache_dir or _auto_cache_dir(data_cfg))
+        self.cache_store = cache_store(data_cfg.get("cache"), cache_dir or _auto_cache_dir(data_cfg))
         self.caches: dict[str, CacheReader] = {}  # per hook, when activations are read from the on-disk cache
         self.train_windows: Tensor | None = None  # not kept when activations come from the cache
         self.eval_windows: Tensor | None = None  # held-out token windows, in corpus order (spliced metrics)
@@ -114,7 +114,7 @@ class ActivationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        if self.cache_root is not None:
+        if self.cache_store is not None:
             self._setup_from_cache()
         else:
             self._setup_streaming()
@@ -141,19 +141,37 @@ class ActivationDataModule(L.LightningDataModule):
                  len(train_windows), len(eval_windows), ctx, len(docs))
         return {"train": train_windows, "eval": eval_windows}
 
-    def _setup_from_cache(self) -> None:
+    def _cache_request(self) -> Request:
         cfg = self.cfg
         # The budget plus one buffer fill, so the last batches do not repeat cached activations.
         train_tokens = self.train_tokens + int(cfg["buffer_tokens"])
-        request = Request(train_tokens, self.eval_tokens, str(cfg["normalize"]), int(cfg["normalize_tokens"]))
-        windows = functools.cache(self.windows)  # read the text at most once for all hooks
-        for hook in self.hooks:
-            inputs = key_inputs(self.source, cfg, ModelSpec.of(self.model, hook), self.special)
-            cache = ActivationCache(self.cache_root, inputs, self.model.d_model)
-            reader = self.caches[hook] = cache.open(request, windows, functools.partial(self._generate, hook=hook))
+        return Request(train_tokens, self.eval_tokens, str(cfg["normalize"]), int(cfg["normalize_tokens"]))
+
+    def hook_caches(self) -> dict[str, ActivationCache]:
+        """{hook: its cache} in data.cache's store, one per hook this datamodule serves."""
+        assert self.cache_store is not None, "data.cache is off"
+        keys = {hook: key_inputs(self.source, self.cfg, ModelSpec.of(self.model, hook), self.special)
+                for hook in self.hooks}
+        return {hook: ActivationCache(self.cache_store, keys[hook], self.model.d_model) for hook in self.hooks}
+
+    def build_cache_share(self, index: int, count: int) -> int:
+        """`saelab-cache build --shard index/count`: this worker's shards of every hook's cache (no manifest)."""
+        return build_share(self.hook_caches(), self._cache_request(), self.windows(), self._generate, index, count)
+
+    def finish_cache(self) -> list[str]:
+        """`saelab-cache build --finish`: publish every hook's cache once all its shards are built."""
+        caches = self.hook_caches()
+        finish(caches, self._cache_request())
+        return [cache.location for cache in caches.values()]
+
+    def _setup_from_cache(self) -> None:
+        cfg = self.cfg
+        windows = functools.cache(self.windows)  # read the text at most once, and only if something is built
+        self.caches = open_caches(self.hook_caches(), self._cache_request(), windows, self._generate)
+        for hook, reader in self.caches.items():
             self.scales[hook], self.eval_windows = reader.scale, reader.eval_windows
             self.eval_acts[hook] = reader.eval_activations(self.eval_tokens) / reader.scale
-            head = functools.partial(take_rows, reader.train, int(cfg["normalize_tokens"]))  # read only if needed
+            head = functools.partial(reader.head, int(cfg["normalize_tokens"]))  # read only if needed
             self.input_rms[hook] = normalised_rms(str(cfg["normalize"]), reader.scale, head)
             log.info("normalisation %s at %s: scale C = %.4g (from the cache's first %d activations); %d held-out "
                      "activations; %d cached train activations per epoch", cfg["normalize"], hook, reader.scale,
@@ -184,9 +202,14 @@ class ActivationDataModule(L.LightningDataModule):
         # Every trained hook is d_model wide (train.py checks sae.d_in against it).
         return dict(zip(self.hooks, rows.split(self.model.d_model, dim=1), strict=True))
 
-    def _generate(self, windows: Tensor, hook: str) -> Iterator[Tensor]:
-        """Activations of windows in their order at one hook, for that hook's cache."""
-        return activation_chunks(self.model, windows, self.special, int(self.cfg["model_batch_size"]), hook=hook)
+    def _generate(self, windows: Tensor, hooks: list[str]) -> Iterator[dict[str, Tensor]]:
+        """Activations of windows in their order at every hook given, one forward pass per model batch (the
+        caches of several hooks are filled together)."""
+        names = list(hooks)
+        chunks = activation_chunks(self.model, windows, self.special, int(self.cfg["model_batch_size"]), hooks=names)
+        widths = [self.model.d_model] * len(names)  # every cached hook is d_model wide (checked by run/stream.py)
+        for chunk in chunks:
+            yield dict(zip(names, chunk.split(widths, dim=1), strict=True))
 
     def _chunks(self, windows: Tensor, shuffle: bool, epochs: int | None) -> Iterator[Tensor]:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None

@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 from omegaconf import DictConfig
 
-from saelab.data.cache_key import cache_root
+from saelab.data.cache_key import cache_store
+from saelab.data.cache_manifest import STORED_DTYPES
 from saelab.data.model import DTYPES
 from saelab.data.normalize import METHODS
 from saelab.data.sources import DataSource, build_source
@@ -89,6 +90,7 @@ class DataSection:
     normalize: str
     prepend_bos: bool
     cache: Any
+    cache_dtype: str
 
     def validate(self) -> None:
         for name in ("context_size", "batch_size", "buffer_tokens", "train_tokens", "normalize_tokens",
@@ -100,6 +102,7 @@ class DataSection:
         if not 0 < self.eval_fraction < 1:
             raise ConfigError("data.eval_fraction", self.eval_fraction, "a fraction strictly between 0 and 1")
         check_choice("data.normalize", self.normalize, METHODS)
+        check_choice("data.cache_dtype", self.cache_dtype, STORED_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def check_run_config(cfg: DictConfig) -> DataSource:
     data = read_section("data", DataSection, cfg.data, passthrough=True)
     paths = read_section("paths", PathsSection, cfg.paths)
     source = build_source(cfg.data)  # the source's class, name and own fields (DataSource.check)
-    cache_root(data.cache, paths.cache_dir, create=False)  # data.cache: off, auto or a directory
+    cache_store(data.cache, paths.cache_dir, create=False)  # data.cache: off, auto, a directory or a URL
     _check_transcoder(cfg, source)
     read_section("optim", OptimSection, cfg.optim)
     read_section("eval", EvalSection, cfg.eval)
