@@ -25,7 +25,7 @@ import torch
 from benchmarks.generation import HOOK, load_minilm, windows_for
 from saelab.data.activations import activation_chunks
 from saelab.data.buffer import ShuffleBuffer
-from saelab.data.cache import ActivationCache
+from saelab.data.cache import ActivationCache, open_caches
 from saelab.data.cache_manifest import Request
 from saelab.data.tokens import SpecialTokens
 
@@ -44,9 +44,9 @@ def main() -> None:
     split = {"train": windows[: args.windows], "eval": windows[args.windows :]}
     forward_s = 0.0
 
-    def timed_activations(w: torch.Tensor) -> Iterator[torch.Tensor]:
+    def timed_activations(w: torch.Tensor, hooks: list[str]) -> Iterator[dict[str, torch.Tensor]]:
         nonlocal forward_s
-        chunks = activation_chunks(model, w, special, 32)
+        chunks = ({HOOK: chunk} for chunk in activation_chunks(model, w, special, 32))
         while True:
             start = time.perf_counter()
             chunk = next(chunks, None)
@@ -57,16 +57,16 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="saelab-cache-bench-"))
     try:
-        cache = ActivationCache(root, {"model": model.name, "hook": HOOK, "benchmark": args.windows},
-                                model.d_model)
+        cache = ActivationCache(root, {"model": model.name, "hook": HOOK, "benchmark": args.windows,
+                                       "special_tokens": {"excluded": sorted(special.excluded)}}, model.d_model)
         start = time.perf_counter()
         request = Request(10**12, 1, "unit_mean_squared_norm", 32_768)  # the whole pass
-        reader = cache.open(request, lambda: split, timed_activations)
+        reader = open_caches({HOOK: cache}, request, lambda: split, timed_activations)[HOOK]
         build_s = time.perf_counter() - start
         n = reader.train_tokens + len(reader.eval_activations(10**9))
         generation = n / forward_s
         print(f"cache: {reader.train_tokens:,} train activations (d={model.d_model}, float32) in "
-              f"{len(reader.train)} shards, {sum(s.nbytes for s in reader.train) / 2**20:.0f} MB")
+              f"{len(reader.train)} shards, {sum(s.entry['bytes'] for s in reader.train) / 2**20:.0f} MB")
         print(f"generation (forward passes only): {generation:,.0f} activations/s; whole build incl. "
               f"writes + sha256: {n / build_s:,.0f} activations/s")
 

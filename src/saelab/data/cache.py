@@ -112,9 +112,11 @@ def encode(rows: Tensor, dtype: str) -> np.ndarray:
 
 def decode(stored: np.ndarray, dtype: str) -> Tensor:
     """Stored rows as float32 (never a view of a memory map or a fetched buffer: callers scale rows in place)."""
+    if dtype == "bfloat16":  # bfloat16 is float32's top 16 bits: shifting them back up is the exact widening
+        widened = np.empty(stored.shape, dtype=np.uint32)  # (numpy's shift is ~2x torch's bfloat16 cast here)
+        np.left_shift(stored, 16, out=widened, dtype=np.uint32)
+        return torch.from_numpy(widened.view(np.float32))
     array = stored if stored.flags.owndata and stored.flags.writeable else np.array(stored)
-    if dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float()
     tensor = torch.from_numpy(array)
     return tensor if dtype == "float32" else tensor.float()
 
@@ -428,10 +430,16 @@ class Shard:
         if self.verify and (len(blob) != self.entry["bytes"] or bytes_sha256(blob) != self.entry["sha256"]):
             raise ConfigError("data.cache", self.files.url, f"an intact cache ({self.entry['file']} fails its "
                               "sha256 checksum as fetched; its rows were not used; delete that cache to rebuild it)")
-        return np.load(io.BytesIO(blob))
+        return npy_view(blob)
 
     def rows(self) -> Tensor:
         return decode(self.stored(), self.dtype)
+
+    def float_rows(self) -> np.ndarray:
+        """The rows as float32 for a group to gather: float32 shards as stored (a view, no copy), 16-bit ones
+        widened here, in the fetching thread (several shards at once), not in the one thread that permutes."""
+        stored = self.stored()
+        return stored if self.dtype == "float32" else decode(stored, self.dtype).numpy()
 
 
 def take_rows(shards: list[Shard], n_tokens: int) -> Tensor:
@@ -493,8 +501,8 @@ class CacheReader:
             ahead: deque[Future[Tensor]] = deque()
             for group in groups:
                 permutation = torch.randperm(sum(len(shard) for shard in group), generator=generator).numpy()
-                fetched = [fetcher.submit(shard.stored) for shard in group]
-                ahead.append(permuter.submit(_permuted_rows, fetched, permutation, self.dtype))
+                fetched = [fetcher.submit(shard.float_rows) for shard in group]
+                ahead.append(permuter.submit(_permuted_rows, fetched, permutation))
                 if len(ahead) > READ_AHEAD:
                     yield _scaled(ahead.popleft().result(), scale)
             while ahead:
@@ -517,10 +525,29 @@ class CacheReader:
                 pending = rows[n_full:]
 
 
-def _permuted_rows(fetched: list[Future[np.ndarray]], permutation: np.ndarray, dtype: str) -> Tensor:
-    """The group's rows in the order `permutation` gives, float32 (permuted as stored: fewer bytes to move)."""
-    stored = np.take(np.concatenate([f.result() for f in fetched]), permutation, axis=0)
-    return decode(stored, dtype)
+def npy_view(blob: bytes) -> np.ndarray:
+    """The array an .npy file's bytes hold, as a read-only view of them (np.load would copy)."""
+    header = io.BytesIO(blob)
+    version = np.lib.format.read_magic(header)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(header)
+    array = np.frombuffer(blob, dtype=dtype, count=int(np.prod(shape)), offset=header.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _permuted_rows(fetched: list[Future[np.ndarray]], permutation: np.ndarray) -> Tensor:
+    """The group's float32 rows in the order `permutation` gives: each shard's rows scattered straight to their
+    places (row i of the group goes to where[i], where = permutation's inverse): one copy of each row, no
+    concatenated copy."""
+    where = np.empty_like(permutation)
+    where[permutation] = np.arange(len(permutation))
+    out = np.empty((len(permutation), fetched[0].result().shape[1]), dtype=np.float32)
+    start = 0
+    for future in fetched:
+        rows = future.result()
+        out[where[start : start + len(rows)]] = rows
+        start += len(rows)
+    return torch.from_numpy(out)
 
 
 def _scaled(rows: Tensor, scale: float) -> Tensor:
