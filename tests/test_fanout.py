@@ -61,7 +61,7 @@ def _assert_same_jobs(a: Path, b: Path, jobs: list[str]) -> None:
         ma.pop("wall_time_s"), mb.pop("wall_time_s")
         for m in (ma, mb):  # the sweeps differ in their output directory and launcher only
             m["overrides"] = [o for o in m["overrides"] if not o.startswith(
-                ("paths.output_dir", "hydra/launcher", "hydra.sweep.dir", "ckpt_path"))]
+                ("paths.output_dir", "paths.cache_dir", "hydra/launcher", "hydra.sweep.dir", "ckpt_path"))]
         assert ma == mb, job
         ca, cb = (torch.load(d / job / "checkpoints" / "last.ckpt", weights_only=True) for d in (a, b))
         assert ca["state_dict"].keys() == cb["state_dict"].keys()
@@ -94,14 +94,15 @@ def test_fanout_equals_separate_jobs(data_cache, tiny_model_dir, tiny_corpus_dir
 
 
 @pytest.mark.slow
-def test_fanout_on_two_hooks_equals_separate_jobs(tiny_model_dir, tiny_corpus_dir, tmp_path):
-    """Jobs on two hooks of one model share one forward pass per batch (streamed) and match their own runs."""
-    cache = tmp_path / "cache"
+@pytest.mark.parametrize("data_cache", ["off", "auto"])
+def test_fanout_on_two_hooks_equals_separate_jobs(data_cache, tiny_model_dir, tiny_corpus_dir, tmp_path):
+    """Jobs on two hooks of one model share one forward pass per batch, streamed or filling both hooks' caches
+    (from empty caches: the basic launcher's jobs build one each), and match their own runs."""
     args = ["model.hook=blocks.0.hook_out,blocks.1.hook_out"]
-    separate, basic_counts = _sweep([*_base(tiny_model_dir, tiny_corpus_dir, tmp_path / "a", cache, "off"), *args],
-                                    None)
-    grouped, fanout_counts = _sweep([*_base(tiny_model_dir, tiny_corpus_dir, tmp_path / "b", cache, "off"), *args],
-                                    "fanout")
+    separate, basic_counts = _sweep([*_base(tiny_model_dir, tiny_corpus_dir, tmp_path / "a", tmp_path / "cache_a",
+                                            data_cache), *args], None)
+    grouped, fanout_counts = _sweep([*_base(tiny_model_dir, tiny_corpus_dir, tmp_path / "b", tmp_path / "cache_b",
+                                            data_cache), *args], "fanout")
     _assert_same_jobs(separate, grouped, ["0", "1"])
     assert json.loads((grouped / "1" / "sae" / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.1.hook_out"
     assert fanout_counts["calls"] == basic_counts["jobs"][1]["calls"]  # the deeper hook's job alone

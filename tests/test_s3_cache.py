@@ -141,6 +141,7 @@ def _refused(result: subprocess.CompletedProcess, starts: str, says: str) -> Non
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(starts) and says in lines[0], result.stderr[-2000:]
+    print(lines[0])  # the README quotes these lines (pytest -s)
     assert "Epoch" not in result.stdout + result.stderr  # refused before training
 
 

@@ -6,6 +6,7 @@
     saelab-cache build --finish [...]      after the workers: check every shard and publish the manifest
     saelab-cache list [--cache-dir DIR]    the caches under DIR or URL (default: paths.cache_dir)
     saelab-cache inspect DIR               one cache's manifest, then a checksum of every shard
+    saelab-cache export --format saelens SRC DEST   a cache in SAELens's layout (saelab.cli.cache_export)
 
 Building ahead of a sweep is optional (the first job of a multirun builds the cache and the others wait),
 but it lets a cluster sweep start from a cache built on one GPU node.
