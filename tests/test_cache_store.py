@@ -152,3 +152,18 @@ def test_a_16_bit_rounding_reference_from_the_format_itself():
     assert np.array_equal(stored, rounded)
     assert torch.equal(cache_module.decode(stored, "bfloat16"),
                        torch.from_numpy((rounded.astype(np.uint32) << 16).view(np.float32)))
+
+
+def test_a_corpus_that_changed_under_the_same_key_rebuilds_a_local_cache_and_refuses_a_remote_one(tmp_path, caplog):
+    """A hub dataset's new revision keeps the key but not the windows: the recorded plan tells them apart."""
+    changed = {"train": WINDOWS["train"] + 7, "eval": WINDOWS["eval"]}
+    cache, _ = build(tmp_path, req=request(train_tokens=700))
+    bigger = request(train_tokens=2500)  # the budget grew: the cache must be extended, from the corpus as it is now
+    reader = open_caches({cache.hook: make(tmp_path)}, bigger, lambda: changed, FakeModel())[cache.hook]
+    assert "(its token windows differ from the corpus's now); rebuilding it" in caplog.text
+    first = reader.train[0].rows()[:, 0]
+    assert set(first.long().tolist()) <= set((changed["train"].flatten()).tolist())
+    url = f"memory://saelab-{uuid.uuid4().hex}/caches"
+    build(url, req=request(train_tokens=700))
+    with pytest.raises(ConfigError, match=r"records another pass: the corpus or the shard size changed"):
+        open_caches({cache.hook: make(url)}, bigger, lambda: changed, FakeModel())

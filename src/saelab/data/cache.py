@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -212,28 +213,40 @@ class ActivationCache:
                                             for s in STREAMS)
 
     # -- building ----------------------------------------------------------------------------------------
+    def plan_differs(self, plan: Plan) -> bool:
+        """Whether this cache records another pass than `plan` (the corpus or the shard size changed)."""
+        try:
+            return self.files.read_json(PLAN) != plan.record(self.window_count(plan.context_size), self.excluded)
+        except FileNotFoundError:
+            return False
+
     def write_plan(self, plan: Plan) -> None:
         """Record the pass (idempotent: every builder derives the same plan) and write the token windows."""
-        mine = plan.record(self.window_count(plan.context_size), self.excluded)
-        try:
-            existing = self.files.read_json(PLAN)
-        except FileNotFoundError:
-            existing = None
-        if existing is not None and existing != mine:
+        if self.plan_differs(plan):
             raise ConfigError("data.cache", self.store.url,
                               f"a cache whose plan matches this corpus ({self.files.where(PLAN)} records another "
                               "pass: the corpus or the shard size changed; delete that cache to rebuild it)")
-        if existing is None:
+        if not self.files.exists(PLAN):
             for stream in STREAMS:
                 self.files.write_bytes(f"{stream}-windows.npy", plan.windows_bytes[stream])
-            self.files.write_json(PLAN, mine)
+            self.files.write_json(PLAN, plan.record(self.window_count(plan.context_size), self.excluded))
 
-    def parts(self) -> dict[str, dict[str, Any]]:
-        """{shard file: its part} of every finished shard whose file is there with its recorded size."""
-        sizes, found = self.files.sizes(), {}
-        for name in self.files.sizes(PARTS):
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                part = self.files.read_json(f"{PARTS}/{name}")
+    def finished(self) -> set[str]:
+        """The shard files that are finished: their part is written (after the shard) and the file is there.
+        Two listings, whatever the cache's size: a resumed worker skips its finished shards without reading them."""
+        files = self.files.sizes()
+        return {name.removesuffix(".json") for name in self.files.sizes(PARTS)} & set(files)
+
+    def parts(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """{shard file: its part} for the finished ones among `names`, fetched concurrently (a finishing step of a
+        large remote cache reads many small objects); a part whose shard has another size is left out."""
+        sizes = self.files.sizes()
+        wanted = [n for n in names if n in self.finished()]
+        blobs = self.files.fs.cat([self.files._path(f"{PARTS}/{n}.json") for n in wanted]) if wanted else {}
+        found = {}
+        for blob in blobs.values():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                part = json.loads(blob)
                 if sizes.get(part["file"]) == part["bytes"]:
                     found[part["file"]] = part
         return found
@@ -249,11 +262,12 @@ class ActivationCache:
     def publish(self, request: Request, previous: Mapping[str, Any] | None) -> dict[str, Any]:
         """Write the manifest covering `request` from the finished parts; ConfigError naming what is missing."""
         plan = self.files.read_json(PLAN)
-        parts = self.parts()
+        counts = {s: shards_needed(plan["streams"][s]["rows"], request.needs(s)) for s in STREAMS}
+        parts = self.parts([_shard_file(s, i) for s in STREAMS for i in range(counts[s])])
         streams, missing = {}, []
         for stream in STREAMS:
             spec = plan["streams"][stream]
-            count = shards_needed(spec["rows"], request.needs(stream))
+            count = counts[stream]
             shards = []
             for index in range(count):
                 part = parts.get(_shard_file(stream, index))
@@ -329,7 +343,7 @@ def _build(caches: list[ActivationCache], plan: Plan, request: Request, activati
         cache.write_plan(plan)
         by_w.setdefault(cache.window_count(plan.context_size), []).append(cache)
     for w, group in by_w.items():
-        done = {cache.name: cache.parts() for cache in group}
+        done = {cache.name: cache.finished() for cache in group}
         items = []
         for stream in STREAMS:
             rows = plan.rows(stream, w, group[0].excluded)
@@ -338,8 +352,7 @@ def _build(caches: list[ActivationCache], plan: Plan, request: Request, activati
         log.info("activation cache: writing %d of %d shards of %s (W = %d windows a shard)", len(mine),
                  len(items), ", ".join(c.location for c in group), w)
         for stream, index in mine:
-            todo = [c for c in group if (part := done[c.name].get(_shard_file(stream, index))) is None
-                    or part["windows_sha256"] != plan.digests[stream]]
+            todo = [c for c in group if _shard_file(stream, index) not in done[c.name]]
             if not todo:
                 continue
             chunk = plan.ordered[stream][index * w : (index + 1) * w]
@@ -369,6 +382,12 @@ def open_caches(caches: Mapping[str, ActivationCache], request: Request, windows
                          cache.location, tokens(manifests[cache.name], "train"), tokens(manifests[cache.name], "eval"))
         if todo:
             plan = Plan(windows())
+            for cache in todo:
+                if cache.store.local and cache.plan_differs(plan):
+                    log.warning("activation cache %s is unusable (its token windows differ from the corpus's now); "
+                                "rebuilding it", cache.location)
+                    cache.files.remove("")
+                    manifests[cache.name] = None
             for cache in todo:
                 log.info("activation cache: %s %s (train pass: %d windows, held-out: %d windows)",
                          "building" if manifests[cache.name] is None else "extending", cache.location,
