@@ -232,6 +232,8 @@ def test_data_cache_setting(tmp_path):
         cache_store(str(tmp_path / "a_file" / "caches"), tmp_path)
     with pytest.raises(ConfigError, match="data.cache=3"):
         cache_store(3, tmp_path)
+    with pytest.raises(ConfigError, match=r"data.cache='nosuch://x' .* \(fsspec cannot open it: Protocol not known"):
+        cache_store("nosuch://x", tmp_path)
 
 
 # -- on the tiny model ---------------------------------------------------------------------------------------

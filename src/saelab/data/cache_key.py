@@ -51,7 +51,10 @@ def cache_store(value: Any, auto_root: str | Path, create: bool = True) -> Store
     if not isinstance(value, (str, os.PathLike)):
         raise ConfigError("data.cache", value, ALLOWED)
     location = str(auto_root if value == "auto" else value)
-    store = Store(location)
+    try:
+        store = Store(location)
+    except (ImportError, ValueError) as err:  # an unknown protocol, or its package (gcsfs, ...) not installed
+        raise ConfigError("data.cache", str(value), f"{ALLOWED} (fsspec cannot open it: {err})") from None
     made = [] if not store.local else [p for p in (Path(store.root), *Path(store.root).parents) if not p.exists()]
     try:
         store.check_writable(str(value))
