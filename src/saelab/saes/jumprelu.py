@@ -30,6 +30,7 @@ class JumpReLUConfig(SAEConfig):
     bandwidth: float = 0.001  # epsilon, the STE kernel width (in normalised-activation units)
     kernel: str = "rectangle"  # rectangle: 1[|u| < 1/2] | triangle: max(0, 1 - |u|)
     threshold_init: float = 0.05  # theta at init (papers: 0.001, which Adam needs many steps to leave)
+    threshold_init_density: float | None = None  # set theta at the first batch: each latent fires on this fraction
     threshold_param: str = "raw"  # raw: theta stored directly, floored above 0 | log: theta = exp(t)
     ste_to_preacts: bool = False  # pi also gets minus theta's STE pseudo-gradient (Anthropic 2025)
     pre_act_loss_coefficient: float = 0.0  # lambda_p sum_i ReLU(theta_i - pi_i) ||d_i|| (0 = off)
@@ -43,6 +44,8 @@ class JumpReLUConfig(SAEConfig):
         check_positive("sae.bandwidth", self.bandwidth)
         check_choice("sae.kernel", self.kernel, tuple(KERNELS))
         check_positive("sae.threshold_init", self.threshold_init)
+        if self.threshold_init_density is not None and not 0 < self.threshold_init_density < 1:
+            raise ConfigError("sae.threshold_init_density", self.threshold_init_density, "null or a fraction in (0, 1)")
         check_choice("sae.threshold_param", self.threshold_param, ("raw", "log"))
         check_bool("sae.ste_to_preacts", self.ste_to_preacts)
         check_positive("sae.pre_act_loss_coefficient", self.pre_act_loss_coefficient, allow_zero=True)
@@ -81,6 +84,34 @@ class JumpReLUSAE(SAE):
             self.raw_threshold = nn.Parameter(init)
         else:
             self.log_threshold = nn.Parameter(init.log())
+        # sae.threshold_init_density: thresholds set from the first training batch's pre-activations. The buffer
+        # says it is done (saved in checkpoints); the host flag mirrors it so a step never reads the device.
+        self._calibration_pending = cfg.threshold_init_density is not None
+        if self._calibration_pending:
+            self.register_buffer("threshold_calibrated", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        done = state_dict.get(prefix + "threshold_calibrated")
+        if done is not None:
+            self._calibration_pending = not bool(done)
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, x: Tensor) -> None:
+        """theta_i = the (1 - density) quantile of latent i's pre-activations over the batch x (floored above 0),
+        so every latent starts firing on that fraction of tokens whatever the encoder's initial scale."""
+        pre = self.preacts(x).float()
+        batch = pre.shape[0]
+        k = min(batch, max(1, round((1.0 - float(self.cfg.threshold_init_density)) * batch)))
+        theta = pre.kthvalue(k, dim=0).values.clamp_min(self.threshold_floor)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(theta, op=torch.distributed.ReduceOp.AVG)
+        if self.cfg.threshold_param == "raw":
+            self.raw_threshold.copy_(theta)
+        else:
+            self.log_threshold.copy_(theta.log())
+        self.threshold_calibrated.fill_(True)
+        self._calibration_pending = False
 
     @torch.no_grad()
     def reinitialise_scaled(self) -> None:
@@ -111,6 +142,8 @@ class JumpReLUSAE(SAE):
 
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
                       ) -> TrainStep:
+        if self._calibration_pending:
+            self.calibrate_thresholds(x)
         t = self.reconstruction_target(x, target)
         cfg = self.cfg
         if (cfg.sparsity == "l0" and not cfg.ste_to_preacts and cfg.pre_act_loss_coefficient == 0
@@ -143,6 +176,9 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def import_threshold(self, threshold: Tensor) -> None:
+        if self._calibration_pending:  # fine-tuning keeps the imported thresholds
+            self.threshold_calibrated.fill_(True)
+            self._calibration_pending = False
         if self.cfg.threshold_param == "raw":
             self.raw_threshold.copy_(threshold.clamp_min(self.threshold_floor))
             return
