@@ -239,6 +239,17 @@ def test_teardown_stops_a_read_ahead_still_held(tiny_model, tiny_corpus_dir):
     del stream
 
 
+def test_a_new_stream_stops_the_previous_ones_read_ahead(tiny_model, tiny_corpus_dir):
+    """Two threads must never run the one model at once (its fast path keeps per-call state)."""
+    dm = _datamodule(tiny_model, tiny_corpus_dir, 2, HOOKS[0])
+    first = dm.train_batches()
+    next(first)
+    second = dm.train_batches()
+    next(second)
+    assert len(_prefetch_threads()) == 1
+    del first, second
+
+
 def test_a_lightning_fit_on_the_prefetched_stream_leaves_no_thread(tiny_model, tiny_corpus_dir, tmp_path):
     import lightning as L
 

@@ -230,6 +230,9 @@ class ActivationDataModule(L.LightningDataModule):
         if not self.prefetch_batches:
             yield chunks
             return
+        # One read-ahead at a time: two threads must not run the one model at once (nor, on one rank, both draw
+        # from the one shared chunk iterator), so a new stream stops the previous one's thread.
+        self.teardown()
         with Prefetch(chunks, self.prefetch_batches) as ahead:
             self._read_ahead.add(ahead)
             yield ahead
