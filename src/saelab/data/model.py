@@ -20,8 +20,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str) -> str:
+    """model.device as an explicit device: a bare `cuda` ("the current device") is per thread, and the stream's
+    read-ahead thread (data.prefetch_batches) must run the model where the main thread loaded it."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
     return device
 
 
