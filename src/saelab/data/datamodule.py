@@ -13,7 +13,6 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
@@ -27,6 +26,7 @@ from saelab.data.cache_key import KeyedSource, ModelSpec, cache_store, key_input
 from saelab.data.cache_manifest import Request
 from saelab.data.model import LoadedModel
 from saelab.data.normalize import estimate_scale, normalised_rms
+from saelab.data.position import PositionedDataModule
 from saelab.data.prefetch import Prefetch
 from saelab.data.tokens import Document, SpecialTokens, pack, split_documents, tokenize
 from saelab.errors import ConfigError, check_positive
@@ -59,7 +59,7 @@ def _auto_cache_dir(data_cfg: Mapping[str, Any]) -> str:
     return str(found) if found else "outputs/cache"
 
 
-class ActivationDataModule(L.LightningDataModule):
+class ActivationDataModule(PositionedDataModule):
     """Training batches {hook: [batch, d]} for every hook of a group, all from one activation stream.
 
     Every hook sees the same tokens in the same order, the order a run on that hook alone would see: with the
@@ -242,22 +242,6 @@ class ActivationDataModule(L.LightningDataModule):
         the model with splice hooks): no forward is left running in the background."""
         for ahead in list(getattr(self, "_read_ahead", ())):
             ahead.close()
-
-    # -- data position: saved in checkpoints so a resumed run continues the stream where it stopped ---------
-    def state_dict(self) -> dict[str, Any]:
-        """Batches this rank has trained on, and the normalisation scales, at checkpoint time."""
-        return {"batches_consumed": self._batches_consumed(), "scales": dict(self.scales)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_batches = int(state["batches_consumed"])
-        self.scales.update(state.get("scales", {}))
-
-    def _batches_consumed(self) -> int:
-        # Lightning's count of training batches whose step ran (a skipped non-finite batch counts too); it
-        # includes the current batch when a checkpoint is written at its end. Prefetched batches do not count.
-        if self.trainer is None:
-            return self._resume_batches
-        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
     # -- loaders --------------------------------------------------------------------------------------------
     def _rank_and_world(self) -> tuple[int, int]:

@@ -24,15 +24,16 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from saelab.data.activations import collect
 from saelab.data.buffer import ShuffleBuffer
 from saelab.data.datamodule import Batches
 from saelab.data.normalize import estimate_scale, normalised_rms
+from saelab.data.position import PositionedDataModule
 from saelab.data.saelens_cache import SAELensCache
 from saelab.errors import ConfigError
 
@@ -44,7 +45,7 @@ def held_out(index: np.ndarray, fraction: float) -> np.ndarray:
     return np.floor((index + 1) * fraction) > np.floor(index * fraction)
 
 
-class SAELensCacheDataModule(L.LightningDataModule):
+class SAELensCacheDataModule(PositionedDataModule):
     """Training batches, scales and held-out activations of one hook of a SAELens cache."""
 
     def __init__(self, data_cfg: Mapping[str, Any], eval_tokens: int, seed: int, hooks: list[str],
@@ -99,17 +100,6 @@ class SAELensCacheDataModule(L.LightningDataModule):
                      len(held))
         self._ready = True
 
-    # -- data position: saved in checkpoints so a resumed run continues the stream where it stopped ---------
-    def state_dict(self) -> dict[str, Any]:
-        batches = self._resume_batches
-        if self.trainer is not None:
-            batches = int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-        return {"batches_consumed": batches, "scales": dict(self.scales)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_batches = int(state["batches_consumed"])
-        self.scales.update(state.get("scales", {}))
-
     # -- loaders --------------------------------------------------------------------------------------------
     def epochs(self, hook: str) -> Iterator[Tensor]:
         """The training rows, epoch after epoch, the data files in a new seeded order each epoch."""
@@ -136,10 +126,4 @@ class SAELensCacheDataModule(L.LightningDataModule):
 
 def _first_rows(chunks: Iterator[np.ndarray], n: int) -> Tensor:
     """The first n rows of a chunk stream (fewer if it ends first), read no further than needed."""
-    taken, have = [], 0
-    for chunk in chunks:
-        taken.append(chunk[: n - have])
-        have += len(taken[-1])
-        if have >= n:
-            break
-    return torch.from_numpy(np.concatenate(taken)) if taken else torch.empty(0)
+    return collect((torch.from_numpy(chunk) for chunk in chunks), n)

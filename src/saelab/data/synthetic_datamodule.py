@@ -15,19 +15,19 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from saelab.data.datamodule import Batches
 from saelab.data.normalize import estimate_scale, normalised_rms
+from saelab.data.position import PositionedDataModule
 from saelab.data.synthetic import SyntheticSpec, SyntheticWorld
 
 log = logging.getLogger(__name__)
 
 
-class WorldDataModule(L.LightningDataModule):
+class WorldDataModule(PositionedDataModule):
     """Batches from the world `make_world()` returns (made at setup). The normalisation scale is estimated on
     data.normalize_tokens samples drawn with world_seed + 2."""
 
@@ -67,15 +67,6 @@ class WorldDataModule(L.LightningDataModule):
         """The world in one log line."""
         return (f"{type(self.world).__name__}: {self.world.dictionary.shape[0]} features in "
                 f"{self.world.dictionary.shape[1]} dimensions, mean L0 {float(self.world.probability.sum()):.1f}")
-
-    def state_dict(self) -> dict[str, Any]:
-        batches = self._resume_batches
-        if self.trainer is not None:
-            batches = int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-        return {"batches_consumed": batches, "scales": dict(self.scales)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_batches = int(state["batches_consumed"])
 
     def train_batches(self) -> Iterator[dict[str, Tensor]]:
         rank, world = (0, 1) if self.trainer is None else (int(self.trainer.global_rank), int(self.trainer.world_size))
