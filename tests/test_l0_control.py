@@ -101,7 +101,7 @@ def test_the_integral_is_clamped_to_the_gains_bounds():
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("ramp_fraction", 1.0, r"a fraction in \[0, 1\)"), ("integral", 0, "positive"),
     ("proportional", -1, ""), ("hold_horizon", -0.1, ""),
-    ("gain", 1, "a field of hold_horizon, integral, proportional, ramp_fraction")])
+    ("gain", 1, "a field of hold_horizon, integral, proportional, ramp_fraction, signed")])
 def test_bad_settings_name_the_field(field, value, allowed):
     with pytest.raises(ConfigError, match=rf"l0_control\.{field}={value}.*{allowed}"):
         L0ControlConfig.from_config({field: value})

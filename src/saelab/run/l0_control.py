@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_positive
+from saelab.errors import ConfigError, check_bool, check_positive
 from saelab.sections import read_section
 
 GAIN_BOUNDS = (1e-4, 1e4)  # the gain's range: far beyond what any run needs, so hitting it means no L0 can be reached
@@ -56,6 +56,7 @@ class L0ControlConfig:
     proportional: float = 3.0  # k_p: log-gain per unit of log error, at once
     integral: float = 0.1  # k_i: log-gain per unit of log error, accumulated every step
     hold_horizon: float = 0.0  # hold the integral while L0 heads for the target within this fraction of the steps
+    signed: bool = False  # the gain may turn negative (sinh instead of exp of the log-gain): JumpReLU's L0 only
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> L0ControlConfig:
@@ -67,6 +68,7 @@ class L0ControlConfig:
         check_positive("l0_control.proportional", self.proportional, allow_zero=True)
         check_positive("l0_control.integral", self.integral)
         check_positive("l0_control.hold_horizon", self.hold_horizon, allow_zero=True)
+        check_bool("l0_control.signed", self.signed)
 
 
 class L0Controller(nn.Module):
@@ -118,7 +120,12 @@ class L0Controller(nn.Module):
             heading = (error * self.slope < 0) & (self.slope.abs() * self.hold_steps > error.abs())
             integrate = integrate.masked_fill(heading, 0.0)
         self.accumulated.add_(integrate).clamp_(*(math.log(b) for b in GAIN_BOUNDS))
-        self.gain.copy_(torch.exp(self.accumulated + self.cfg.proportional * error).clamp(*GAIN_BOUNDS))
+        log_gain = self.accumulated + self.cfg.proportional * error
+        if self.cfg.signed:  # sinh(u + asinh 1): 1 at u = 0, ~exp(u) above, through 0 to ~-exp(-u) below
+            low, high = (math.log(b) for b in GAIN_BOUNDS)
+            self.gain.copy_(torch.sinh(log_gain.clamp(low, high) + math.asinh(1.0)))
+        else:
+            self.gain.copy_(torch.exp(log_gain).clamp(*GAIN_BOUNDS))
         self.error.copy_(error)
 
     def logs(self, step: int) -> dict[str, Tensor]:
