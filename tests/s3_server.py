@@ -70,8 +70,11 @@ def seaweedfs(directory: Path, timeout: float = 60.0) -> Iterator[S3Server | str
                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     (directory / "s3.json").write_text(json.dumps(identities))
     ports = dict(zip(_PORTS, free_ports(len(_PORTS)), strict=True))
+    # Every bucket is a SeaweedFS collection that claims 7 volumes on its first write: -volume.max=16 ran out at
+    # the third bucket ("internal error" on a put, seen in CI); volumes are sparse files, so 500 small ones cost
+    # nothing.
     command = [binary, "server", f"-dir={directory / 'data'}", "-ip=127.0.0.1", "-s3", "-master.telemetry=false",
-               f"-s3.config={directory / 's3.json'}", "-volume.max=16", "-master.volumeSizeLimitMB=256",
+               f"-s3.config={directory / 's3.json'}", "-volume.max=500", "-master.volumeSizeLimitMB=64",
                *(f"-{name}={port}" for name, port in ports.items())]
     (directory / "data").mkdir(exist_ok=True)
     log = open(directory / "weed.log", "wb")  # noqa: SIM115 - closed below, after the server stops

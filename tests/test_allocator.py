@@ -55,6 +55,8 @@ def test_fit_start_stops_fresh_tensors_from_page_faulting():
         pytest.skip("mallopt is glibc's")
     plain, fit = faults_per_step("plain"), faults_per_step("fit")
     # Without the setting every such tensor is mmapped and unmapped again, and the next step faults its pages in
-    # again (thousands of faults per step). With it, none.
-    assert plain > 20
-    assert fit <= 2
+    # again: five tensors of 4.7-6.3 MB, ~6,900 faults per step. With it, none of those: a quiet window counts 0-2,
+    # and a loaded machine adds a few dozen from elsewhere in the process (38 seen under CI's xdist), never
+    # thousands.
+    assert plain > 1000
+    assert fit < plain / 50

@@ -185,7 +185,7 @@ def _data_cfg(corpus_dir, cache) -> dict:
             "path": str(corpus_dir), "context_size": 32, "prepend_bos": True,
             "eval_fraction": 0.1, "train_tokens": 4096, "batch_size": 256, "buffer_tokens": 2048,
             "model_batch_size": 16, "normalize": "unit_mean_squared_norm", "normalize_tokens": 1024,
-            "cache": cache}
+            "cache": cache, "cache_dtype": "float32"}
 
 
 @pytest.mark.parametrize("cached", [False, True])
