@@ -207,3 +207,59 @@ def test_export_reproduces_reconstructions_on_raw_activations(tmp_path):
         expected = scale * sae(x_raw / scale)
         assert 0 < (sae.encode(x_raw / scale) > 0).float().mean() < 1  # some latents on, some off
         torch.testing.assert_close(exported(x_raw), expected, atol=1e-4, rtol=1e-4)
+
+
+# -- sae.threshold_init_density: thresholds from the first training batch ----------------------------------
+@pytest.mark.parametrize("threshold_param", ["raw", "log"])
+def test_the_first_batch_sets_each_threshold_so_the_latent_fires_on_that_fraction(threshold_param):
+    """theta_i = the (1 - density) quantile of latent i's pre-activations on the first batch: on that batch each
+    latent fires on density x B tokens, so L0 starts at density x d_sae whatever the encoder's initial scale."""
+    torch.manual_seed(0)
+    sae = make(d_sae=32, decoder_init_norm=0.01, threshold_init_density=0.25, threshold_param=threshold_param)
+    x = torch.randn(400, 8)
+    before = sae.threshold.clone()
+    sae.training_loss(x, {"sparsity": 0.0})
+    pre = sae.preacts(x).detach()
+    fired = (pre > sae.threshold).float()
+    counts = fired.sum(0)  # 0.25 x 400 per latent, every latent (log: exp(log theta) may round by one token)
+    assert ((counts - 100).abs() <= (0 if threshold_param == "raw" else 1)).all(), counts
+    assert (pre > 0).float().mean() > 0.3 and not torch.equal(sae.threshold, before)
+    assert fired.sum(1).mean().item() == pytest.approx(0.25 * 32, abs=32 / 400)
+
+
+def test_the_thresholds_are_set_once_and_a_checkpoint_remembers_it():
+    torch.manual_seed(0)
+    sae = make(threshold_init_density=0.5)
+    x = torch.randn(64, 8)
+    sae.training_loss(x, {"sparsity": 0.0})
+    calibrated = sae.threshold.clone()
+    sae.training_loss(10 * x, {"sparsity": 0.0})  # a later batch of another scale changes nothing
+    assert torch.equal(sae.threshold, calibrated)
+    resumed = make(threshold_init_density=0.5)
+    resumed.load_state_dict(sae.state_dict())
+    resumed.training_loss(10 * x, {"sparsity": 0.0})
+    assert torch.equal(resumed.threshold, calibrated)  # resuming does not set them again
+    fresh = make(threshold_init_density=0.5)
+    fresh.training_loss(10 * x, {"sparsity": 0.0})
+    assert not torch.allclose(fresh.threshold, calibrated)
+
+
+def test_only_the_l0_count_takes_a_negative_coefficient():
+    """l0_control.signed's recipe (null): a negative L0 coefficient lowers thresholds; a negative tanh or L1
+    penalty would reward unbounded activations."""
+    assert make(sparsity="l0").signed_sparsity_coefficient is True
+    assert make(sparsity="tanh", decoder_constraint="none").signed_sparsity_coefficient is False
+    from saelab.saes.relu import ReluSAE
+
+    assert ReluSAE(ReluSAE.Config(d_in=8, d_sae=16)).signed_sparsity_coefficient is False
+
+
+def test_a_negative_l0_coefficient_pulls_the_thresholds_down():
+    """The STE gradient of lambda sum_i H(pi_i - theta_i) in theta is -lambda/eps K(...) (SPEC section 3): with
+    lambda < 0 gradient descent lowers theta where pre-activations sit within the bandwidth of it."""
+    torch.manual_seed(0)
+    sae = make(bandwidth=0.5, threshold_init=0.3)
+    x = torch.randn(256, 8)
+    before = sae.threshold.clone()
+    adam_steps(sae, [x] * 5, coefficient=-1.0, lr=1e-2)
+    assert (sae.threshold < before).float().mean() > 0.9

@@ -98,6 +98,25 @@ def test_the_integral_is_clamped_to_the_gains_bounds():
     assert ctl.gain.item() == pytest.approx(GAIN_BOUNDS[1] * math.exp(math.log(0.5)), rel=1e-9)
 
 
+def test_a_signed_gain_is_the_sinh_of_the_shifted_log_gain_and_turns_negative_below_the_target():
+    """signed: g = sinh(u + asinh 1) of the log-gain u = I + k_p e (module docstring): 1 at u = 0, ~exp(u) far
+    above, negative once u < -asinh 1."""
+    cfg = L0ControlConfig(ramp_fraction=0.0, proportional=2.0, integral=0.1, signed=True)
+    ctl = L0Controller(10.0, cfg, 0, 100)
+    integral = 0.0
+    for step, l0 in enumerate([10.0, 30.0, 4.0, 4.0, 5.0]):
+        ctl.update(torch.tensor(l0), step)
+        error = max(-1.0, min(1.0, math.log(l0 / 10.0)))
+        integral += 0.1 * error
+        expected = math.sinh(integral + 2.0 * error + math.asinh(1.0))
+        assert ctl.gain.item() == pytest.approx(expected, rel=1e-9), step
+    assert ctl.gain.item() < 0  # below the target the coefficient rewards firing
+    unsigned = L0Controller(10.0, L0ControlConfig(ramp_fraction=0.0, proportional=2.0, integral=0.1), 0, 100)
+    for step, l0 in enumerate([10.0, 30.0, 4.0, 4.0, 5.0]):
+        unsigned.update(torch.tensor(l0), step)
+    assert unsigned.gain.item() > 0
+
+
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("ramp_fraction", 1.0, r"a fraction in \[0, 1\)"), ("integral", 0, "positive"),
     ("proportional", -1, ""), ("hold_horizon", -0.1, ""),

@@ -130,7 +130,12 @@ def check_sae_config(job: Job) -> None:
     from saelab.saes.base import build_sae
 
     with torch.device("meta"):
-        build_sae(job.sae_config())
+        sae = build_sae(job.sae_config())
+    signed = job.cfg.get("l0_control", {}).get("signed")
+    if signed and "sparsity" in sae.scheduled_coefficients and not sae.signed_sparsity_coefficient:
+        raise ConfigError("l0_control.signed", signed, f"null or false for {type(sae).__name__} with sae.sparsity="
+                          f"{getattr(sae.cfg, 'sparsity', None)} (a negative coefficient is meaningful only for "
+                          "JumpReLU's L0 count)")
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path, multirun: bool = False) -> Path | None:

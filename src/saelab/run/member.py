@@ -9,6 +9,7 @@ named coefficients, applies the decoder constraint and keeps the dead-latent sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -78,8 +79,11 @@ class SAEMember(nn.Module):
         # sae.target_l0: the controller of the sparsity coefficient. Only a variant with a sparsity coefficient
         # is controlled (TopK's k already is its L0).
         target_l0 = getattr(sae.cfg, "target_l0", None) if "sparsity" in sae.scheduled_coefficients else None
+        control = L0ControlConfig.from_config(l0_control)
+        if control.signed is None:  # the variant's recipe: signed where a negative coefficient is meaningful
+            control = dataclasses.replace(control, signed=sae.signed_sparsity_coefficient)
         self.l0_controller = None if target_l0 is None else L0Controller(
-            target_l0, L0ControlConfig.from_config(l0_control),
+            target_l0, control,
             start_step=int(getattr(sae.cfg, "sparsity_warmup_steps", 0)), max_steps=self.max_steps)
         self.loggers: list = []  # this member's experiment loggers (one W&B run / CSV file per job)
         self.failure: BaseException | None = None  # set when the member stops (its job then fails alone)

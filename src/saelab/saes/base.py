@@ -184,6 +184,13 @@ class SAE(DeadLatentCounters, SAELensTensors):
             self.normalise_decoder()
 
     @property
+    def signed_sparsity_coefficient(self) -> bool:
+        """Whether a negative sparsity coefficient is meaningful (l0_control.signed): only for a penalty that counts
+        active latents (JumpReLU's L0), where it rewards firing and only moves thresholds; a negative L1 would
+        reward unbounded activations. Also the controller's recipe: signed where it is meaningful."""
+        return False
+
+    @property
     def recipe_lr_warmup_steps(self) -> int:
         """optim.lr_warmup_steps when it is null: 20 steps from 0.1 lr, none for a rescaled decoder. Adam moves its
         raw rows (norm 0.1 at the start) by a large angle per step, and a warm-up measured worse there: TopK on

@@ -122,6 +122,11 @@ class JumpReLUSAE(SAE):
             self.log_threshold.fill_(math.log(init))
 
     @property
+    def signed_sparsity_coefficient(self) -> bool:
+        """The L0 count takes a negative coefficient: its straight-through gradient then lowers the thresholds."""
+        return self.cfg.sparsity == "l0"
+
+    @property
     def threshold(self) -> Tensor:
         """theta in float32 (> 0 under both parameterisations)."""
         if self.cfg.threshold_param == "raw":
