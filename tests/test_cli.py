@@ -138,6 +138,8 @@ BAD_INPUTS = [
     (["data.context_size=1000"], "data.context_size=1000 is not allowed: expected at most the model's n_ctx (64)"),
     (["data.cache=/proc/saelab-cache"], "data.cache='/proc/saelab-cache'"),
     (["sae=topk", "sae.k=100000"], "sae.k=100000"),
+    (["sae.target_l0=8", "l0_control.signed=true"],
+     "l0_control.signed=True is not allowed: expected null or false for ReluSAE"),
     (["sae=jumprelu", "sae.bandwidth=0"], "sae.bandwidth=0"),
     # A sparsity penalty of another variant: l0/tanh are JumpReLU's, l1/ri_l1 ReLU's and Gated's; TopK has none.
     (["sae.sparsity=l0"], "sae.sparsity='l0' is not allowed: expected one of 'l1', 'ri_l1'"),
