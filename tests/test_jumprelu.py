@@ -176,7 +176,8 @@ def test_decoder_rows_stay_unit_norm_after_optimiser_steps():
 @pytest.mark.parametrize(("field", "value"), [
     ("bandwidth", 0.0), ("bandwidth", -1.0), ("kernel", "gaussian"), ("threshold_init", 0.0),
     ("threshold_param", "softplus"), ("sparsity", "l1"), ("ste_to_preacts", "yes"),
-    ("pre_act_loss_coefficient", -1e-6), ("tanh_scale", 0.0),
+    ("pre_act_loss_coefficient", -1e-6), ("tanh_scale", 0.0), ("threshold_pace", 0.0),
+    ("threshold_init_density", 1.0),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"sae.{field}="):
@@ -263,3 +264,25 @@ def test_a_negative_l0_coefficient_pulls_the_thresholds_down():
     before = sae.threshold.clone()
     adam_steps(sae, [x] * 5, coefficient=-1.0, lr=1e-2)
     assert (sae.threshold < before).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("threshold_param", ["raw", "log"])
+def test_threshold_pace_scales_how_far_adam_moves_theta_in_a_step(threshold_param):
+    """Adam's first step moves every parameter with a nonzero gradient by lr (bias-corrected m / sqrt(v) = sign g
+    with beta1 0); theta = pace x raw then moves by pace x lr (and log theta by pace x lr), with theta itself
+    unchanged at init."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    moved = {}
+    for pace in (1.0, 4.0):
+        torch.manual_seed(1)
+        sae = make(bandwidth=0.5, threshold_init=0.3, threshold_pace=pace, threshold_param=threshold_param)
+        assert torch.allclose(sae.threshold, torch.full((16,), 0.3))
+        before = sae.threshold.clone()
+        adam_steps(sae, [x], coefficient=1.0, lr=1e-3)
+        after = sae.threshold
+        moved[pace] = (after - before) if threshold_param == "raw" else (after.log() - before.log())
+    active = moved[1.0].abs() > 1e-6
+    assert active.sum() > 8
+    assert torch.allclose(moved[1.0][active].abs(), torch.full_like(moved[1.0][active], 1e-3), rtol=1e-2)
+    assert torch.allclose(moved[4.0][active], 4 * moved[1.0][active], rtol=1e-2)

@@ -9,7 +9,6 @@ here; BatchTopK and Matryoshka BatchTopK export into it too.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ class JumpReLUConfig(SAEConfig):
     threshold_init: float = 0.05  # theta at init (papers: 0.001, which Adam needs many steps to leave)
     threshold_init_density: float | None = None  # set theta at the first batch: each latent fires on this fraction
     threshold_param: str = "raw"  # raw: theta stored directly, floored above 0 | log: theta = exp(t)
+    threshold_pace: float = 1.0  # theta's stored parameter is scaled by this: Adam moves theta ~pace x lr a step
     ste_to_preacts: bool = False  # pi also gets minus theta's STE pseudo-gradient (Anthropic 2025)
     pre_act_loss_coefficient: float = 0.0  # lambda_p sum_i ReLU(theta_i - pi_i) ||d_i|| (0 = off)
     tanh_scale: float = 4.0  # c in the tanh penalty
@@ -47,6 +47,7 @@ class JumpReLUConfig(SAEConfig):
         if self.threshold_init_density is not None and not 0 < self.threshold_init_density < 1:
             raise ConfigError("sae.threshold_init_density", self.threshold_init_density, "null or a fraction in (0, 1)")
         check_choice("sae.threshold_param", self.threshold_param, ("raw", "log"))
+        check_positive("sae.threshold_pace", self.threshold_pace)
         check_bool("sae.ste_to_preacts", self.ste_to_preacts)
         check_positive("sae.pre_act_loss_coefficient", self.pre_act_loss_coefficient, allow_zero=True)
         check_positive("sae.tanh_scale", self.tanh_scale)
@@ -81,9 +82,11 @@ class JumpReLUSAE(SAE):
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         init = torch.full((self.d_sae,), float(cfg.threshold_init), dtype=torch.float32)
         if cfg.threshold_param == "raw":
-            self.raw_threshold = nn.Parameter(init)
+            self.raw_threshold = nn.Parameter(torch.empty_like(init))
         else:
-            self.log_threshold = nn.Parameter(init.log())
+            self.log_threshold = nn.Parameter(torch.empty_like(init))
+        with torch.no_grad():
+            self._store_threshold(init)
         # sae.threshold_init_density: thresholds set from the first training batch's pre-activations. The buffer
         # says it is done (saved in checkpoints); the host flag mirrors it so a step never reads the device.
         self._calibration_pending = cfg.threshold_init_density is not None
@@ -106,20 +109,21 @@ class JumpReLUSAE(SAE):
         theta = pre.kthvalue(k, dim=0).values.clamp_min(self.threshold_floor)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(theta, op=torch.distributed.ReduceOp.AVG)
-        if self.cfg.threshold_param == "raw":
-            self.raw_threshold.copy_(theta)
-        else:
-            self.log_threshold.copy_(theta.log())
+        self._store_threshold(theta)
         self.threshold_calibrated.fill_(True)
         self._calibration_pending = False
 
     @torch.no_grad()
     def reinitialise_scaled(self) -> None:
-        init = float(self.cfg.threshold_init)
+        self._store_threshold(torch.full_like(self.threshold, float(self.cfg.threshold_init)))
+
+    def _store_threshold(self, theta: Tensor) -> None:
+        """Write theta into its parameter: theta = pace x raw, or exp(pace x t) (sae.threshold_pace)."""
+        pace = float(self.cfg.threshold_pace)
         if self.cfg.threshold_param == "raw":
-            self.raw_threshold.fill_(init)
+            self.raw_threshold.copy_(theta.clamp_min(self.threshold_floor) / pace)
         else:
-            self.log_threshold.fill_(math.log(init))
+            self.log_threshold.copy_(theta.log() / pace)
 
     @property
     def signed_sparsity_coefficient(self) -> bool:
@@ -129,9 +133,10 @@ class JumpReLUSAE(SAE):
     @property
     def threshold(self) -> Tensor:
         """theta in float32 (> 0 under both parameterisations)."""
+        pace = float(self.cfg.threshold_pace)
         if self.cfg.threshold_param == "raw":
-            return self.raw_threshold.float()
-        return self.log_threshold.float().exp()
+            return self.raw_threshold.float() * pace if pace != 1.0 else self.raw_threshold.float()
+        return (self.log_threshold.float() * pace).exp()
 
     @property
     def threshold_floor(self) -> float:
@@ -177,20 +182,17 @@ class JumpReLUSAE(SAE):
         """Renormalise the decoder (base), then keep raw thresholds positive."""
         super().after_optimizer_step()
         if self.cfg.threshold_param == "raw":
-            self.raw_threshold.clamp_(min=self.threshold_floor)
+            self.raw_threshold.clamp_(min=self.threshold_floor / float(self.cfg.threshold_pace))
 
     @torch.no_grad()
     def import_threshold(self, threshold: Tensor) -> None:
         if self._calibration_pending:  # fine-tuning keeps the imported thresholds
             self.threshold_calibrated.fill_(True)
             self._calibration_pending = False
-        if self.cfg.threshold_param == "raw":
-            self.raw_threshold.copy_(threshold.clamp_min(self.threshold_floor))
-            return
-        if not (threshold > 0).all():
+        if self.cfg.threshold_param == "log" and not (threshold > 0).all():
             raise ConfigError("init_from", "threshold", "positive thresholds for sae.threshold_param=log "
                               "(sae.threshold_param=raw takes any)")
-        self.log_threshold.copy_(threshold.log())
+        self._store_threshold(threshold)
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
         return self.standard_tensors(scale) | {"threshold": self.threshold.detach() * scale}
