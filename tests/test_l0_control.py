@@ -124,3 +124,19 @@ def test_a_signed_gain_is_the_sinh_of_the_shifted_log_gain_and_turns_negative_be
 def test_bad_settings_name_the_field(field, value, allowed):
     with pytest.raises(ConfigError, match=rf"l0_control\.{field}={value}.*{allowed}"):
         L0ControlConfig.from_config({field: value})
+
+
+@pytest.mark.parametrize(("sae_cfg", "expected"), [
+    ({"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "sparsity": "l0"}, True),
+    ({"_target_": "saelab.saes.jumprelu.JumpReLUSAE", "sparsity": "tanh", "decoder_constraint": "none"}, False),
+    ({"_target_": "saelab.saes.relu.ReluSAE"}, False)])
+def test_signed_null_is_on_only_where_the_variant_takes_a_negative_coefficient(sae_cfg, expected):
+    """l0_control.signed=null: the member's controller is signed for JumpReLU's L0 count only; false stays
+    unsigned for every variant."""
+    from saelab.run.member import SAEMember
+    from saelab.saes.base import build_sae
+
+    for signed, want in ((None, expected), (False, False)):
+        sae = build_sae({**sae_cfg, "d_in": 8, "d_sae": 16, "target_l0": 4})
+        member = SAEMember(sae, {"lr": 1e-3}, max_steps=10, dead_window_tokens=10**9, l0_control={"signed": signed})
+        assert member.l0_controller is not None and member.l0_controller.cfg.signed is want
