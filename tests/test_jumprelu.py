@@ -177,7 +177,7 @@ def test_decoder_rows_stay_unit_norm_after_optimiser_steps():
     ("bandwidth", 0.0), ("bandwidth", -1.0), ("kernel", "gaussian"), ("threshold_init", 0.0),
     ("threshold_param", "softplus"), ("sparsity", "l1"), ("ste_to_preacts", "yes"),
     ("pre_act_loss_coefficient", -1e-6), ("tanh_scale", 0.0), ("threshold_pace", 0.0),
-    ("threshold_init_density", 1.0),
+    ("threshold_init_density", 1.0), ("threshold_units", "decoder_norm"),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"sae.{field}="):
@@ -286,3 +286,66 @@ def test_threshold_pace_scales_how_far_adam_moves_theta_in_a_step(threshold_para
     assert active.sum() > 8
     assert torch.allclose(moved[1.0][active].abs(), torch.full_like(moved[1.0][active], 1e-3), rtol=1e-2)
     assert torch.allclose(moved[4.0][active], 4 * moved[1.0][active], rtol=1e-2)
+
+
+# -- sae.threshold_units=encoder_norm: theta_i = t_i ||W_enc[:, i]|| ---------------------------------------
+def test_encoder_norm_thresholds_grow_with_the_encoder():
+    """Scaling latent i's encoder column and bias by c scales pi_i by c; with the threshold in units of the
+    column's norm, theta_i scales too, so the same tokens fire and f_i scales by c. An absolute threshold
+    stays put and lets more tokens through."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    fired = {}
+    for units in ("encoder_norm", "absolute"):
+        torch.manual_seed(1)
+        sae = make(threshold_init=0.3, threshold_units=units)
+        with torch.no_grad():
+            f = sae.encode(x)
+            sae.W_enc.mul_(3.0)
+            sae.b_enc.mul_(3.0)
+            fired[units] = ((f > 0).sum().item(), (sae.encode(x) > 0).sum().item())
+            if units == "encoder_norm":
+                torch.testing.assert_close(sae.encode(x), 3.0 * f)
+    assert fired["encoder_norm"][0] == fired["encoder_norm"][1] > 0
+    assert fired["absolute"][1] > fired["absolute"][0]
+
+
+def test_encoder_norm_thresholds_start_where_asked_and_export_in_absolute_units(tmp_path):
+    """threshold_init and the first batch's quantiles are absolute thresholds whatever the units they are stored
+    in; the export (SAELens's layout, absolute thresholds) computes what the SAE does."""
+    sae = make(threshold_init=0.3, threshold_units="encoder_norm", decoder_init_norm=0.1)
+    torch.testing.assert_close(sae.threshold, torch.full((16,), 0.3))
+    torch.manual_seed(0)
+    calibrated = make(threshold_init_density=0.25, threshold_units="encoder_norm", decoder_init_norm=0.1)
+    x = torch.randn(400, 8)
+    calibrated.training_loss(x, {"sparsity": 0.0})
+    counts = (calibrated.encode(x) > 0).sum(0)
+    assert ((counts - 100).abs() <= 1).all(), counts
+    exported = load_exported(export_sae(calibrated, 2.0, tmp_path / "sae", {}))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(2.0 * x), 2.0 * calibrated(x), atol=1e-4, rtol=1e-4)
+
+
+def test_preact_std_thresholds_follow_the_data_s_spread_not_the_encoder_s_noise():
+    """preact_std: theta_i = t_i sqrt(w_i^T Sigma w_i), Sigma the first batch's covariance over its mean
+    variance. The first batch keeps theta where it was; scaling w_i by c scales theta_i by c; a change of w_i
+    outside the data's span (here the last 4 of 8 dimensions, always 0) leaves theta_i alone, where encoder_norm
+    would raise it."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(512, 4) * torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.zeros(512, 4)], dim=1)
+    sae = make(threshold_init=0.3, threshold_units="preact_std")
+    sae.training_loss(x, {"sparsity": 0.0})
+    torch.testing.assert_close(sae.threshold, torch.full((16,), 0.3))
+    centred = x - x.mean(0)
+    covariance = centred.t() @ centred / 511
+    torch.testing.assert_close(sae.input_covariance, covariance / covariance.diagonal().mean())
+    before = sae.threshold.clone()
+    with torch.no_grad():
+        sae.W_enc.mul_(2.0)
+        torch.testing.assert_close(sae.threshold, 2.0 * before)
+        sae.W_enc[4:] += 5.0
+    torch.testing.assert_close(sae.threshold, 2.0 * before)
+    resumed = make(threshold_init=0.3, threshold_units="preact_std")
+    resumed.load_state_dict(sae.state_dict())
+    resumed.training_loss(3.0 * x, {"sparsity": 0.0})  # a checkpoint keeps Sigma: a later batch changes nothing
+    torch.testing.assert_close(resumed.threshold, 2.0 * before)
