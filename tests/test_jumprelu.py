@@ -177,7 +177,7 @@ def test_decoder_rows_stay_unit_norm_after_optimiser_steps():
     ("bandwidth", 0.0), ("bandwidth", -1.0), ("kernel", "gaussian"), ("threshold_init", 0.0),
     ("threshold_param", "softplus"), ("sparsity", "l1"), ("ste_to_preacts", "yes"),
     ("pre_act_loss_coefficient", -1e-6), ("tanh_scale", 0.0), ("threshold_pace", 0.0),
-    ("threshold_init_density", 1.0), ("threshold_units", "decoder_norm"),
+    ("threshold_init_density", 1.0), ("threshold_units", "encoder_norm"),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"sae.{field}="):
@@ -288,15 +288,15 @@ def test_threshold_pace_scales_how_far_adam_moves_theta_in_a_step(threshold_para
     assert torch.allclose(moved[4.0][active], 4 * moved[1.0][active], rtol=1e-2)
 
 
-# -- sae.threshold_units=encoder_norm: theta_i = t_i ||W_enc[:, i]|| ---------------------------------------
-def test_encoder_norm_thresholds_grow_with_the_encoder():
-    """Scaling latent i's encoder column and bias by c scales pi_i by c; with the threshold in units of the
-    column's norm, theta_i scales too, so the same tokens fire and f_i scales by c. An absolute threshold
-    stays put and lets more tokens through."""
+# -- sae.threshold_units=encoder_gain: theta_i = t_i (w_i . d_i / ||d_i||) ---------------------------------
+def test_encoder_gain_thresholds_grow_with_the_encoder():
+    """Scaling latent i's encoder column and bias by c scales pi_i by c, and its gain along d_i by c: theta_i
+    scales too, so the same tokens fire and f_i scales by c. An absolute threshold stays put and lets more
+    tokens through."""
     torch.manual_seed(0)
     x = torch.randn(256, 8)
     fired = {}
-    for units in ("encoder_norm", "absolute"):
+    for units in ("encoder_gain", "absolute"):
         torch.manual_seed(1)
         sae = make(threshold_init=0.3, threshold_units=units)
         with torch.no_grad():
@@ -304,48 +304,41 @@ def test_encoder_norm_thresholds_grow_with_the_encoder():
             sae.W_enc.mul_(3.0)
             sae.b_enc.mul_(3.0)
             fired[units] = ((f > 0).sum().item(), (sae.encode(x) > 0).sum().item())
-            if units == "encoder_norm":
+            if units == "encoder_gain":
                 torch.testing.assert_close(sae.encode(x), 3.0 * f)
-    assert fired["encoder_norm"][0] == fired["encoder_norm"][1] > 0
+    assert fired["encoder_gain"][0] == fired["encoder_gain"][1] > 0
     assert fired["absolute"][1] > fired["absolute"][0]
 
 
-def test_encoder_norm_thresholds_start_where_asked_and_export_in_absolute_units(tmp_path):
-    """threshold_init and the first batch's quantiles are absolute thresholds whatever the units they are stored
-    in; the export (SAELens's layout, absolute thresholds) computes what the SAE does."""
-    sae = make(threshold_init=0.3, threshold_units="encoder_norm", decoder_init_norm=0.1)
-    torch.testing.assert_close(sae.threshold, torch.full((16,), 0.3))
+def test_encoder_gain_ignores_what_the_encoder_gains_off_the_latent_s_direction():
+    """g_i = w_i . d_i / ||d_i||: adding to w_i a vector orthogonal to d_i leaves theta_i where it was; moving w_i
+    along d_i moves it by the same fraction. A transcoder's unit is ||w_i|| (its decoder writes another space)."""
     torch.manual_seed(0)
-    calibrated = make(threshold_init_density=0.25, threshold_units="encoder_norm", decoder_init_norm=0.1)
+    sae = make(threshold_init=0.3, threshold_units="encoder_gain", decoder_init_norm=0.1)
+    torch.testing.assert_close(sae.threshold, torch.full((16,), 0.3))  # tied init: g_i = ||d_i|| = 0.1
+    d = sae.W_dec.detach()[0]
+    off = torch.randn(8)
+    off -= (off @ d) / (d @ d) * d
+    with torch.no_grad():
+        sae.W_enc[:, 0] += off
+        torch.testing.assert_close(sae.threshold[0], torch.tensor(0.3))
+        sae.W_enc[:, 1] += sae.W_dec[1]  # tied init: w_1 = d_1, so w_1 becomes 2 d_1 and its gain doubles
+    torch.testing.assert_close(sae.threshold[1], torch.tensor(0.6))
+    transcoder = make(threshold_init=0.3, threshold_units="encoder_gain", d_out=4)
+    with torch.no_grad():
+        transcoder.W_enc[:, 0] *= 2.0
+    torch.testing.assert_close(transcoder.threshold[:2], torch.tensor([0.6, 0.3]))
+
+
+def test_encoder_gain_thresholds_start_where_asked_and_export_in_absolute_units(tmp_path):
+    """The first batch's quantiles are absolute thresholds whatever unit they are stored in; the export
+    (SAELens's layout, absolute thresholds) computes what the SAE does."""
+    torch.manual_seed(0)
+    sae = make(threshold_init_density=0.25, threshold_units="encoder_gain", decoder_init_norm=0.1)
     x = torch.randn(400, 8)
-    calibrated.training_loss(x, {"sparsity": 0.0})
-    counts = (calibrated.encode(x) > 0).sum(0)
-    assert ((counts - 100).abs() <= 1).all(), counts
-    exported = load_exported(export_sae(calibrated, 2.0, tmp_path / "sae", {}))
-    with torch.no_grad():
-        torch.testing.assert_close(exported(2.0 * x), 2.0 * calibrated(x), atol=1e-4, rtol=1e-4)
-
-
-def test_preact_std_thresholds_follow_the_data_s_spread_not_the_encoder_s_noise():
-    """preact_std: theta_i = t_i sqrt(w_i^T Sigma w_i), Sigma the first batch's covariance over its mean
-    variance. The first batch keeps theta where it was; scaling w_i by c scales theta_i by c; a change of w_i
-    outside the data's span (here the last 4 of 8 dimensions, always 0) leaves theta_i alone, where encoder_norm
-    would raise it."""
-    torch.manual_seed(0)
-    x = torch.cat([torch.randn(512, 4) * torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.zeros(512, 4)], dim=1)
-    sae = make(threshold_init=0.3, threshold_units="preact_std")
     sae.training_loss(x, {"sparsity": 0.0})
-    torch.testing.assert_close(sae.threshold, torch.full((16,), 0.3))
-    centred = x - x.mean(0)
-    covariance = centred.t() @ centred / 511
-    torch.testing.assert_close(sae.input_covariance, covariance / covariance.diagonal().mean())
-    before = sae.threshold.clone()
+    counts = (sae.encode(x) > 0).sum(0)
+    assert ((counts - 100).abs() <= 1).all(), counts
+    exported = load_exported(export_sae(sae, 2.0, tmp_path / "sae", {}))
     with torch.no_grad():
-        sae.W_enc.mul_(2.0)
-        torch.testing.assert_close(sae.threshold, 2.0 * before)
-        sae.W_enc[4:] += 5.0
-    torch.testing.assert_close(sae.threshold, 2.0 * before)
-    resumed = make(threshold_init=0.3, threshold_units="preact_std")
-    resumed.load_state_dict(sae.state_dict())
-    resumed.training_loss(3.0 * x, {"sparsity": 0.0})  # a checkpoint keeps Sigma: a later batch changes nothing
-    torch.testing.assert_close(resumed.threshold, 2.0 * before)
+        torch.testing.assert_close(exported(2.0 * x), 2.0 * sae(x), atol=1e-4, rtol=1e-4)

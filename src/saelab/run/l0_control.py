@@ -30,7 +30,7 @@ The coefficient is lambda_t = lambda_0 g_t with a gain g_t set by proportional-i
   target 8, 500 steps, 3 seeds): without the hold eps 1e-4 ends at 6.45-7.12, with 0.1 at 6.47-7.10, with 0.2
   at 8.00-8.14 (eps 1e-3: 8.17-8.23). Off by default: a Gated SAE's L0 keeps drifting down after its fast fall,
   and with the hold (0.2, 300 steps) 11 of its 29 reachable MiniLM runs ended more than 5% above the target.
-- A signed gain (`signed`, off by default; null = on where the variant takes it: JumpReLU's L0 penalty):
+- A signed gain (`signed`; null, the default, = on where the variant takes it: JumpReLU's L0 penalty):
   g_t = sinh(u_t + asinh 1) of the log-gain u_t instead of exp(u_t) -- 1 at u = 0, ~exp(u) above, through 0 to
   negative below. A coefficient >= 0 can only push JumpReLU's thresholds up, and past the ramp its
   L0 keeps falling as the encoder grows more selective: on the 8k SynthSAEBench world (free decoder at init 0.1)
@@ -64,7 +64,7 @@ class L0ControlConfig:
     proportional: float = 3.0  # k_p: log-gain per unit of log error, at once
     integral: float = 0.1  # k_i: log-gain per unit of log error, accumulated every step
     hold_horizon: float = 0.0  # hold the integral while L0 heads for the target within this fraction of the steps
-    signed: bool | None = False  # the gain may turn negative (module docstring); None: where the variant takes it
+    signed: bool | None = None  # the gain may turn negative (module docstring); None: where the variant takes it
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> L0ControlConfig:

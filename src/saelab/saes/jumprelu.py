@@ -32,7 +32,7 @@ class JumpReLUConfig(SAEConfig):
     threshold_init_density: float | None = None  # set theta at the first batch: each latent fires on this fraction
     threshold_param: str = "raw"  # raw: theta stored directly, floored above 0 | log: theta = exp(t)
     threshold_pace: float = 1.0  # theta's stored parameter is scaled by this: Adam moves theta ~pace x lr a step
-    threshold_units: str = "absolute"  # absolute | encoder_norm | preact_std: theta_i = t_i x that unit (not trained)
+    threshold_units: str = "absolute"  # absolute | encoder_gain: theta_i = t_i w_i.d_i/||d_i|| (gain not trained)
     ste_to_preacts: bool = False  # pi also gets minus theta's STE pseudo-gradient (Anthropic 2025)
     pre_act_loss_coefficient: float = 0.0  # lambda_p sum_i ReLU(theta_i - pi_i) ||d_i|| (0 = off)
     tanh_scale: float = 4.0  # c in the tanh penalty
@@ -49,7 +49,7 @@ class JumpReLUConfig(SAEConfig):
             raise ConfigError("sae.threshold_init_density", self.threshold_init_density, "null or a fraction in (0, 1)")
         check_choice("sae.threshold_param", self.threshold_param, ("raw", "log"))
         check_positive("sae.threshold_pace", self.threshold_pace)
-        check_choice("sae.threshold_units", self.threshold_units, ("absolute", "encoder_norm", "preact_std"))
+        check_choice("sae.threshold_units", self.threshold_units, ("absolute", "encoder_gain"))
         check_bool("sae.ste_to_preacts", self.ste_to_preacts)
         check_positive("sae.pre_act_loss_coefficient", self.pre_act_loss_coefficient, allow_zero=True)
         check_positive("sae.tanh_scale", self.tanh_scale)
@@ -87,13 +87,11 @@ class JumpReLUSAE(SAE):
             self.raw_threshold = nn.Parameter(torch.empty_like(init))
         else:
             self.log_threshold = nn.Parameter(torch.empty_like(init))
-        if cfg.threshold_units == "preact_std":  # the inputs' covariance, from the first batch (identity until then)
-            self.register_buffer("input_covariance", torch.eye(self.d_in))
         with torch.no_grad():
             self._store_threshold(init)
-        # sae.threshold_init_density, preact_std: set from the first training batch. The buffer says it is done
-        # (saved in checkpoints); the host flag mirrors it so a step never reads the device.
-        self._calibration_pending = cfg.threshold_init_density is not None or cfg.threshold_units == "preact_std"
+        # sae.threshold_init_density: thresholds set from the first training batch's pre-activations. The buffer
+        # says it is done (saved in checkpoints); the host flag mirrors it so a step never reads the device.
+        self._calibration_pending = cfg.threshold_init_density is not None
         if self._calibration_pending:
             self.register_buffer("threshold_calibrated", torch.zeros((), dtype=torch.bool))
 
@@ -107,21 +105,12 @@ class JumpReLUSAE(SAE):
     def calibrate_thresholds(self, x: Tensor) -> None:
         """theta_i = the (1 - density) quantile of latent i's pre-activations over the batch x (floored above 0),
         so every latent starts firing on that fraction of tokens whatever the encoder's initial scale."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        theta = self.threshold
-        if self.cfg.threshold_units == "preact_std":
-            covariance = torch.cov(x.detach().float().t())
-            covariance /= covariance.diagonal().mean().clamp_min(1e-24)  # isotropic data: the unit is ||w_i||
-            if distributed:
-                torch.distributed.all_reduce(covariance, op=torch.distributed.ReduceOp.AVG)
-            self.input_covariance.copy_(covariance)
-        if self.cfg.threshold_init_density is not None:
-            pre = self.preacts(x).float()
-            batch = pre.shape[0]
-            k = min(batch, max(1, round((1.0 - float(self.cfg.threshold_init_density)) * batch)))
-            theta = pre.kthvalue(k, dim=0).values.clamp_min(self.threshold_floor)
-            if distributed:
-                torch.distributed.all_reduce(theta, op=torch.distributed.ReduceOp.AVG)
+        pre = self.preacts(x).float()
+        batch = pre.shape[0]
+        k = min(batch, max(1, round((1.0 - float(self.cfg.threshold_init_density)) * batch)))
+        theta = pre.kthvalue(k, dim=0).values.clamp_min(self.threshold_floor)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(theta, op=torch.distributed.ReduceOp.AVG)
         self._store_threshold(theta)
         self.threshold_calibrated.fill_(True)
         self._calibration_pending = False
@@ -131,23 +120,22 @@ class JumpReLUSAE(SAE):
         self._store_threshold(torch.full_like(self.threshold, float(self.cfg.threshold_init)))
 
     def _threshold_unit(self) -> Tensor | None:
-        """The unit each threshold is stored in (sae.threshold_units), not differentiated. encoder_norm:
-        ||W_enc[:, i]||. preact_std: the spread of w_i . x, sqrt(w_i^T Sigma w_i), with Sigma the first batch's
-        covariance over its mean variance per dimension (on isotropic data, ||W_enc[:, i]|| again, so Adam's pace
-        on t is the same). Either way theta follows the encoder's growth (on MiniLM ~10x in the first 100 steps
-        from decoder_init_norm 0.1) without Adam having to move it there at ~lr a step; preact_std also ignores
-        what Adam's noise adds to W_enc outside the data's span."""
-        units = self.cfg.threshold_units
-        if units == "absolute":
+        """sae.threshold_units=encoder_gain: g_i = w_i . d_i / ||d_i||, the gain of latent i's pre-activation
+        along its own decoder direction (not differentiated; floored above 0). theta_i = t_i g_i is then a
+        threshold on the feature's coefficient itself: it follows the encoder's growth (on MiniLM pre-activations
+        grow ~10x in the first 100 steps from decoder_init_norm 0.1) without Adam having to move it there at ~lr
+        a step, and what Adam's noise adds to w_i off the latent's direction leaves it alone. A transcoder's
+        decoder writes another space, so there the unit is ||w_i||."""
+        if self.cfg.threshold_units == "absolute":
             return None
-        W = self.W_enc.detach().float()
-        if units == "encoder_norm":
+        W, D = self.W_enc.detach().float(), self.W_dec.detach().float()
+        if self.transcoder:
             return W.norm(dim=0).clamp_min(1e-12)
-        return ((self.input_covariance @ W) * W).sum(0).clamp_min(1e-24).sqrt()
+        return ((W.t() * D).sum(1) / D.norm(dim=1).clamp_min(1e-12)).clamp_min(1e-6)
 
     def _store_threshold(self, theta: Tensor) -> None:
         """Write theta into its parameter: theta = pace x raw, or exp(pace x t) (sae.threshold_pace), times the
-        encoder norm under sae.threshold_units=encoder_norm."""
+        unit of sae.threshold_units."""
         pace = float(self.cfg.threshold_pace)
         unit = self._threshold_unit()
         if unit is not None:
