@@ -342,3 +342,9 @@ def test_encoder_gain_thresholds_start_where_asked_and_export_in_absolute_units(
     exported = load_exported(export_sae(sae, 2.0, tmp_path / "sae", {}))
     with torch.no_grad():
         torch.testing.assert_close(exported(2.0 * x), 2.0 * sae(x), atol=1e-4, rtol=1e-4)
+    tensors = dict(reversed(sae.exported_tensors(2.0, None).items()))  # the threshold first: read after the weights
+    assert next(iter(tensors)) == "threshold"
+    imported = make(threshold_units="encoder_gain", decoder_init_norm=1.0)
+    imported.import_tensors(tensors, 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x), sae(x), atol=1e-5, rtol=1e-5)

@@ -72,8 +72,8 @@ class SAELensTensors(nn.Module):
             raise ConfigError("init_from", found, "the tensors this SAE exports: "
                               + str({k: tuple(v.shape) for k, v in expected.items()}))
         ratio = (target_scale if target_scale is not None else scale) / scale if self.transcoder else 1.0
-        for name, value in tensors.items():
-            value = value.to(torch.float32)
+        for name, value in sorted(tensors.items(), key=lambda item: item[0] == "threshold"):  # threshold last: its
+            value = value.to(torch.float32)                                            # unit may read the weights
             if name.startswith("b_") or name == "threshold":
                 value = value / scale
             if name in ("W_dec", "b_dec", "W_skip"):
