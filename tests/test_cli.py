@@ -149,8 +149,8 @@ BAD_INPUTS = [
     (["sae.sparsity=ri_l1"], "sae.sparsity='ri_l1' is not allowed: expected it with sae.decoder_constraint=none"),
     (["sae=gated", "sae.sparsity=ri_l1"], "sae.sparsity='ri_l1' is not allowed: expected it with "
      "sae.decoder_constraint=none"),
-    (["sae=jumprelu", "sae.sparsity=tanh"], "sae.sparsity='tanh' is not allowed: expected it with "
-     "sae.decoder_constraint=none"),
+    (["sae=jumprelu", "sae.sparsity=tanh", "sae.decoder_constraint=unit_norm"],
+     "sae.sparsity='tanh' is not allowed: expected it with sae.decoder_constraint=none"),
     (["sae=topk", "+sae.sparsity_coefficient=0.1"],
      "sae.sparsity_coefficient=0.1 is not allowed: expected 0 (sae.k sets the sparsity)"),
     (["paths.output_dir=/proc/saelab-out"],
