@@ -75,10 +75,10 @@ def test_sqrt_d_model_run_converts_and_logs_the_knobs(tiny_model_dir, tiny_corpu
     converted = run_cli([*args, "data.normalize=sqrt_d_model"])
     assert converted.returncode == 0, converted.stderr[-3000:]
     output = converted.stdout + converted.stderr
-    lines = [line for line in output.splitlines() if "sae.bandwidth = 0.05" in line]
+    lines = [line for line in output.splitlines() if "sae.bandwidth = 0.01" in line]
     assert len(lines) == 1 and "for data.normalize=sqrt_d_model" in lines[0], output[-3000:]
     rms = float(lines[0].rsplit("rms ", 1)[1].rstrip(")"))
     used = float(lines[0].split("-> ")[1].split()[0])
-    assert 0.8 * 32**0.5 < rms < 1.5 * 32**0.5 and used == pytest.approx(0.05 * rms, rel=1e-3)
+    assert 0.8 * 32**0.5 < rms < 1.5 * 32**0.5 and used == pytest.approx(0.01 * rms, rel=1e-3)
     default = run_cli(args)
     assert default.returncode == 0 and "(in units of E||x||^2 = 1)" not in default.stdout + default.stderr
