@@ -1,7 +1,9 @@
 """JumpReLU SAE (SPEC section 3): f_i = pi_i H(pi_i - theta_i), trained through straight-through estimators.
 
-The threshold theta is a float32 parameter whatever the compute precision: it lives at the scale of the
-bandwidth (1e-3 by default), where bf16's 8-bit mantissa could not move it by an Adam step.
+The threshold theta is a float32 parameter whatever the compute precision: Adam moves it at the scale of the
+bandwidth (the papers' 1e-3, the recipe's 1e-2), where bf16's 8-bit mantissa could not. With
+sae.threshold_units=encoder_gain (the recipe) it is stored as theta_i = t_i g_i, g_i = w_i . d_i / ||d_i|| not
+trained, so the thresholds follow the encoder's growth; the straight-through gradients reach t_i as g_i dL/dtheta_i.
 
 Exported, it is SAELens's "jumprelu" layout (and "jumprelu_transcoder", "jumprelu_skip_transcoder"), declared
 here; BatchTopK and Matryoshka BatchTopK export into it too.
