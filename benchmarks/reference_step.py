@@ -12,7 +12,9 @@ shapes, dtype and autocast divided by this one is the speed-up its kernels buy o
              changes no loss value and no matmul)
   jumprelu   f = pi H(pi - theta), pi = (x - b_dec) W_enc + b_enc; L = ||x - x_hat||^2 + lambda sum_i H(pi_i - theta_i);
              theta learns through the rectangle-kernel straight-through estimator (bandwidth eps), and is
-             clamped above 0 after each step
+             clamped above 0 after each step. With sae.threshold_units=encoder_gain (the default) theta_i =
+             t_i sg(w_i . d_i / ||d_i||) and t is the trained tensor (the first batch's calibration of the
+             thresholds, threshold_init_density, is a one-off set-up, not copied)
   topk       f = scatter(torch.topk(pi, k)) after a ReLU, decoded densely; L = ||x - x_hat||^2 (AuxK left out: it
              is zero until a latent has been silent for dead_window_tokens). With sae.decoder_constraint=rescale
              (TopK's default) pi is times the decoder rows' norms and x_hat decodes with the unit rows
@@ -82,7 +84,7 @@ def unsupported(variant: str, cfg: Any) -> str | None:
         "gated": {"sparsity": "l1", "gate": "heaviside", "tie_encoder": True, "r_mag": True,
                   "aux_loss": "frozen_decoder"},
         "jumprelu": {"sparsity": "l0", "kernel": "rectangle", "ste_to_preacts": False,
-                     "pre_act_loss_coefficient": 0.0, "threshold_param": "raw"},
+                     "pre_act_loss_coefficient": 0.0, "threshold_param": "raw", "threshold_pace": 1.0},
     }.get(variant, {})
     for field, value in rules.items():
         if getattr(cfg, field) != value:
@@ -111,7 +113,8 @@ class ReferenceSAE(nn.Module):
         for name in ["W_enc", "W_dec", "b_dec", *names]:
             setattr(self, name, nn.Parameter(raw_parameter(sae, name).detach().clone()))
         if variant == "jumprelu":
-            self.theta = nn.Parameter(sae.threshold.detach().clone())
+            self.encoder_gain = cfg.threshold_units == "encoder_gain"
+            self.theta = nn.Parameter(sae.raw_threshold.detach().clone())  # t under encoder_gain
             self.bandwidth = float(cfg.bandwidth)
             self.theta_floor = min(float(cfg.bandwidth), float(cfg.threshold_init)) * 1e-3
         self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=betas, fused=True)
@@ -139,8 +142,12 @@ class ReferenceSAE(nn.Module):
             return {"rec": self.squared_error(x, f @ self.W_dec + self.b_dec),
                     "sparsity": self.coefficient * f.sum(-1).mean()}
         if self.variant == "jumprelu":
-            f = RectangleJumpReLU.apply(pre, self.theta, self.bandwidth)
-            l0 = RectangleStep.apply(pre, self.theta, self.bandwidth).sum(-1).mean()
+            theta = self.theta
+            if self.encoder_gain:  # theta_i = t_i w_i . d_i / ||d_i||, the gain not trained
+                W_enc, W_dec = self.W_enc.detach(), self.W_dec.detach()
+                theta = theta * ((W_enc.t() * W_dec).sum(1) / W_dec.norm(dim=1)).clamp_min(1e-6)
+            f = RectangleJumpReLU.apply(pre, theta, self.bandwidth)
+            l0 = RectangleStep.apply(pre, theta, self.bandwidth).sum(-1).mean()
             return {"rec": self.squared_error(x, f @ self.W_dec + self.b_dec), "sparsity": self.coefficient * l0}
         decoder = self.W_dec
         if self.rescale:  # latents times ||d_i||, decoded by the unit rows d_i / ||d_i||

@@ -118,7 +118,8 @@ def test_reference_step_is_saelabs_loss_and_gradient_and_learns(variant, one_thr
     from saelab.saes.decoder_rescale import raw_parameter
 
     torch.manual_seed(0)
-    sae = build(variant, 16, 128, ["k=4"] if "topk" in variant else [])
+    overrides = {"topk": ["k=4"], "batchtopk": ["k=4"], "jumprelu": ["threshold_init_density=null"]}
+    sae = build(variant, 16, 128, overrides.get(variant, []))  # (the first batch's calibration is not a step)
     optim = optim_config(lr=1e-3, betas=None, lr_warmup_steps=0, lr_decay_fraction=0.0)
     member = SAEMember(sae, optim, max_steps=100, dead_window_tokens=10**9)
     reference = ReferenceSAE(variant, sae, lr=3e-3, betas=member.param_group()["betas"])
