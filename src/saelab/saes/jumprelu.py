@@ -157,7 +157,7 @@ class JumpReLUSAE(SAE):
         """theta in float32 (> 0 under both parameterisations)."""
         pace = float(self.cfg.threshold_pace)
         if self.cfg.threshold_param == "raw":
-            theta = self.raw_threshold.float() * pace if pace != 1.0 else self.raw_threshold.float()
+            theta = self.raw_threshold.float() * pace
         else:
             theta = (self.log_threshold.float() * pace).exp()
         unit = self._threshold_unit()
