@@ -22,6 +22,7 @@ from saelab.reports import pareto
 from saelab.reports.report import main as report_main
 from saelab.run.evaluation import batch_topk_metrics, held_out_metrics
 from saelab.run.stream import Stream
+from saelab.sites import Sites
 from tests.conftest import run_cli, synthetic_sentences
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
@@ -83,7 +84,7 @@ def stream_of(acts: Tensor, dictionary: Tensor | None = None, firing: Tensor | N
 
 
 def measure(sae: nn.Module, stream: Stream) -> dict[str, Any]:
-    metrics, _ = held_out_metrics(sae, stream, HOOK, None, batch_size=128)
+    metrics, _ = held_out_metrics(sae, stream, Sites.of(HOOK), batch_size=128)
     return metrics
 
 
@@ -105,7 +106,7 @@ def test_every_held_out_metric_is_registered_with_its_source():
 
     torch.manual_seed(0)
     sae = build_sae({"_target_": "saelab.saes.batchtopk.BatchTopKSAE", "d_in": D_IN, "d_sae": 32, "k": 4})
-    by_topk = batch_topk_metrics(sae, stream_of(acts, dictionary, firing), HOOK, None, 128)
+    by_topk = batch_topk_metrics(sae, stream_of(acts, dictionary, firing), Sites.of(HOOK), 128)
     assert by_topk and all(k.startswith(registry.BATCH_TOPK) for k in by_topk)
     assert unregistered(by_topk) == []
     assert registry.get("batch_topk_mcc").better == registry.get("mcc").better == "higher"

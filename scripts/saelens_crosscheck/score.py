@@ -89,17 +89,18 @@ def score_saelens(out: Path, overrides: list[str]) -> list[dict]:
 def score_dir(directory: Path, plan: list[dict], cfg, stream, hook: str) -> list[dict]:
     from saelab.run.evaluation import held_out_metrics
     from saelab.saes.saelens_format import load_exported
+    from saelab.sites import Sites
 
     own_l0 = json.loads((directory / "saelens_l0.json").read_text())
     rows = []
     for entry in plan:
         exported = load_exported(directory / entry["name"])
-        metrics, _ = held_out_metrics(Normalised(exported), stream, hook, None, int(cfg.eval.batch_size))
+        metrics, _ = held_out_metrics(Normalised(exported), stream, Sites.of(hook), int(cfg.eval.batch_size))
         if abs(metrics["l0"] - own_l0[entry["name"]]) > 1e-3 * max(1.0, own_l0[entry["name"]]):
             print(f"warning: {entry['name']}: L0 {metrics['l0']:.4f} in saelab's reading of the export, "
                   f"{own_l0[entry['name']]:.4f} in SAELens's own forward", file=sys.stderr)
         if entry["arch"] in BATCH_TOPK:
-            by_topk, _ = held_out_metrics(BatchTopKExported(exported, entry["target_l0"]), stream, hook, None,
+            by_topk, _ = held_out_metrics(BatchTopKExported(exported, entry["target_l0"]), stream, Sites.of(hook),
                                           int(cfg.eval.batch_size))
             metrics |= {f"batch_topk_{name}": value for name, value in by_topk.items()}
         variant = entry["arch"] + (f" [{entry['tag']}]" if entry.get("tag") else "")

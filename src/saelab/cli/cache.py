@@ -72,8 +72,8 @@ def build(overrides: list[str], shard: str | None = None, finishing: bool = Fals
     train_tokens = activations_needed(cfg, world_size(cfg))  # what `saelab-train` with this config will read
     if not source.needs_model:
         raise ConfigError("data", source.name, "a source read through a model (its activations are what is cached)")
-    hooks = source.hooks(cfg.model)
-    reader = Reader(hooks[0], hooks[1] if len(hooks) > 1 else None)
+    sites = source.sites(cfg.model)
+    reader = Reader(sites.hook, sites.target_hook, sites=sites)
     whole = share is None and not finishing
     stream = open_one_stream(cfg, reader, train_tokens, source=source, held_out_only=not whole)
     datamodule = stream.datamodule

@@ -124,6 +124,7 @@ def evaluate(plan: Plan) -> dict[str, Any]:
     run/evaluation.py), written to <out>/metrics.json."""
     from saelab.run.evaluation import held_out_metrics, raw_splice, spliced
     from saelab.run.stream import Reader, open_one_stream
+    from saelab.sites import Sites
 
     started, cfg, target = time.time(), plan.cfg, plan.target_hook
     d_in = int(plan.sae_cfg["d_in"])
@@ -132,7 +133,7 @@ def evaluate(plan: Plan) -> dict[str, Any]:
     scales = stream.datamodule.scales
     scale = scales[plan.hook]
     view = NormalisedView(exported, scale, scales[target] if target else scale)
-    metrics, _ = held_out_metrics(view, stream, plan.hook, target, int(cfg.eval.batch_size))
+    metrics, _ = held_out_metrics(view, stream, Sites.of(plan.hook, target), int(cfg.eval.batch_size))
 
     def predict(x: Tensor) -> Tensor:
         with torch.no_grad():

@@ -72,9 +72,11 @@ class LoadedModel:
 
 
 def configured_hooks(model_cfg: Mapping[str, Any]) -> list[str]:
-    """[`model.hook`]: the hook an SAE trains on (several hooks from one forward pass: a fan-out sweep over
-    model.hook, or a group's `hooks` passed to load_model)."""
-    return [str(model_cfg["hook"])]
+    """[`model.hook`]: the hook an SAE trains on, or a crosscoder's hooks (model.hook given as a list). Several
+    hooks from one forward pass also come from a fan-out sweep over model.hook, or a group's `hooks` passed to
+    load_model."""
+    hook = model_cfg["hook"]
+    return [str(hook)] if isinstance(hook, str) else [str(h) for h in hook]
 
 
 def load_model(model_cfg: Mapping[str, Any], hooks: list[str] | None = None, check_hooks: bool = True

@@ -51,6 +51,13 @@ class SyntheticSpec:
     magnitude_std: float = 0.3  # log-space standard deviation of m_i
     noise_std: float = 0.05  # isotropic noise, E||noise||^2 = noise_std^2
     world_seed: int = 0  # the features, probabilities and the held-out set
+    # Several sites (data/synthetic_sites.py): each feature has a direction and a strength at every site.
+    sites: int = 1  # sites the world writes, each d_in wide (> 1: a crosscoder's world)
+    exclusive_fraction: float = 0.0  # features present at one site alone
+    ratio_fraction: float = 0.0  # features at every site, but weak (weak_strength) at one
+    weak_strength: float = 0.3  # a ratio feature's strength at its weak site (1 elsewhere)
+    site_direction_overlap: float = 1.0  # 1: a feature's direction is the same at every site (a fine-tune of one
+    #                                     model); 0: independent directions (different layers)
 
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> SyntheticSpec:
@@ -73,6 +80,15 @@ class SyntheticSpec:
         if self.n_parents * (1 + self.children_per_parent) > self.n_features:
             raise ConfigError("data.synthetic.n_parents", self.n_parents,
                               "at most n_features / (1 + children_per_parent)")
+        check_positive("data.synthetic.sites", self.sites, integer=True)
+        for name in ("exclusive_fraction", "ratio_fraction", "site_direction_overlap"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"data.synthetic.{name}", getattr(self, name), "a fraction in [0, 1]")
+        if self.exclusive_fraction + self.ratio_fraction > 1:
+            raise ConfigError("data.synthetic.ratio_fraction", self.ratio_fraction,
+                              f"at most 1 - exclusive_fraction ({1 - self.exclusive_fraction:g})")
+        if not 0 < self.weak_strength <= 1:
+            raise ConfigError("data.synthetic.weak_strength", self.weak_strength, "a number in (0, 1]")
         if self.mean_l0 > self.max_probability * self.n_features:
             raise ConfigError("data.synthetic.mean_l0", self.mean_l0, "at most max_probability x n_features")
 
@@ -126,6 +142,17 @@ class SyntheticWorld:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(x [n, d] float32, firing [n, N] bool) drawn with `generator`."""
+        coefficients, firing = self.codes(n, generator)
+        return self.mix(coefficients, generator), firing
+
+    def mix(self, coefficients: Tensor, generator: torch.Generator) -> Tensor:
+        """x = sum_i c_i d_i + noise: the activations of the features' coefficients [n, N]."""
+        x = coefficients @ self.dictionary
+        x += self.spec.noise_std * torch.randn(x.shape, generator=generator) / math.sqrt(self.spec.d_in)
+        return x
+
+    def codes(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(coefficients a_i m_i [n, N], firing [n, N] bool) drawn with `generator`."""
         spec = self.spec
         e = torch.randn(n, spec.n_features, generator=generator)
         if spec.correlation > 0:
@@ -138,9 +165,7 @@ class SyntheticWorld:
         firing[:, self._children] &= firing[:, self._parent_of_children]
         log_m = spec.magnitude_std * torch.randn(n, spec.n_features, generator=generator)
         magnitude = spec.magnitude_mean * torch.exp(log_m - spec.magnitude_std**2 / 2)
-        x = (firing * magnitude) @ self.dictionary
-        x += spec.noise_std * torch.randn(n, spec.d_in, generator=generator) / math.sqrt(spec.d_in)
-        return x, firing
+        return firing * magnitude, firing
 
     def stream(self, batch: int, seed: int) -> Iterator[Tensor]:
         """Training samples forever, `batch` at a time, in the order the data seed gives."""

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from saelab.data.datamodule import Batches
 from saelab.data.normalize import estimate_scale, normalised_rms
 from saelab.data.position import PositionedDataModule
-from saelab.data.synthetic import SyntheticSpec, SyntheticWorld
+from saelab.data.synthetic import SyntheticSpec
+from saelab.data.synthetic_sites import make_world
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,23 @@ class WorldDataModule(PositionedDataModule):
         method = str(self.cfg["normalize"])
         head, _ = self.world.sample(int(self.cfg["normalize_tokens"]),
                                     torch.Generator().manual_seed(self.world_seed + 2))
-        scale = estimate_scale(head, method)
-        rms = normalised_rms(method, scale, head)
         eval_x, self.eval_firing = self.world.held_out(self.eval_tokens)
         for hook in self.hooks:
-            self.scales[hook], self.input_rms[hook], self.eval_acts[hook] = scale, rms, eval_x / scale
-        log.info("%s; normalisation %s: scale C = %.4g; %d held-out samples", self.describe(), method, scale,
-                 len(eval_x))
+            part = self.site_part(head, hook)  # each site its own scale (one site: the whole sample)
+            scale = estimate_scale(part, method)
+            rms = normalised_rms(method, scale, part)
+            self.scales[hook], self.input_rms[hook] = scale, rms
+            self.eval_acts[hook] = self.site_part(eval_x, hook) / scale
+        log.info("%s; normalisation %s: scale C = %s; %d held-out samples", self.describe(), method,
+                 ", ".join(f"{self.scales[h]:.4g}" for h in self.hooks), len(eval_x))
+
+    def site_part(self, x: Tensor, hook: str) -> Tensor:
+        """A site's columns of a world's sample (a world with `site_names` writes its sites side by side; any
+        other world writes one activation, which every hook reads)."""
+        names = getattr(self.world, "site_names", None)
+        if names is None or len(names) == 1:
+            return x
+        return x.chunk(len(names), dim=1)[names.index(hook)]
 
     def describe(self) -> str:
         """The world in one log line."""
@@ -73,7 +84,7 @@ class WorldDataModule(PositionedDataModule):
         skip, self._resume_batches = self._resume_batches, 0
         stream = self.world.stream(int(self.cfg["batch_size"]), self.seed)
         for x in itertools.islice(stream, rank + skip * world, None, world):
-            yield {hook: x / self.scales[hook] for hook in self.hooks}
+            yield {hook: self.site_part(x, hook) / self.scales[hook] for hook in self.hooks}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(Batches(self.train_batches), batch_size=None, num_workers=0)
@@ -84,7 +95,7 @@ class SyntheticDataModule(WorldDataModule):
 
     def __init__(self, data_cfg: Mapping[str, Any], eval_tokens: int, seed: int, hooks: list[str]):
         spec = SyntheticSpec.from_config(data_cfg)
-        super().__init__(data_cfg, eval_tokens, seed, hooks, make_world=lambda: SyntheticWorld(spec),
+        super().__init__(data_cfg, eval_tokens, seed, hooks, make_world=lambda: make_world(spec),
                          world_seed=spec.world_seed)
         self.spec = spec
 

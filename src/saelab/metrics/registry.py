@@ -42,14 +42,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 Better = Literal["lower", "higher", "none"]
-Need = Literal["ground_truth", "model", "target"]
+Need = Literal["ground_truth", "model", "target", "sites"]
 View = Literal["sweep", "table", "pareto", "dashboard"]
-Source = Literal["reconstruction", "ground_truth", "spliced", "run", "function"]
+Source = Literal["reconstruction", "ground_truth", "spliced", "run", "function", "sites"]
 
 BATCH_TOPK = "batch_topk_"  # run/evaluation.py's batch_topk_metrics: every held-out metric by the batch top-k
 SOURCE_NEEDS: dict[str, frozenset[str]] = {  # what a family's metrics need at the least
     "reconstruction": frozenset(), "ground_truth": frozenset({"ground_truth"}), "spliced": frozenset({"model"}),
-    "run": frozenset(), "function": frozenset(),
+    "run": frozenset(), "function": frozenset(), "sites": frozenset({"sites"}),
 }
 
 
@@ -121,6 +121,12 @@ ENTRIES: tuple[Metric, ...] = (
     _m("firing_f1", "F1 of matched latents' firing against their features' (|cos| > 0.5)", "higher", _G, "table"),
     _m("synthsaebench_f1", "SynthSAEBench's F1: every latent against its nearest feature", "higher", _G, "table"),
     _m("absorption_rate", "P(a parent's latent is silent | the parent and a child fire)", "lower", _G, "table"),
+    _m("exclusive_precision", "B-only latents (relative decoder norm > 0.9) whose feature is truly B's alone",
+       "higher", "sites", "table", needs=["ground_truth"]),
+    _m("exclusive_recall", "B-exclusive features that a B-only latent reads as", "higher", "sites", "table",
+       needs=["ground_truth"]),
+    _m("latent_scaling_auroc", "how well Latent Scaling's nu separates false B-only latents from true ones",
+       "higher", "sites", "table", needs=["ground_truth"]),
     _m("shrinkage", "||x_hat||^2 / <x, x_hat>: 1 is unbiased, below 1 shrunk", "none", _R,
        "sweep", "table", "dashboard"),
     _m("cosine", "mean per-token cosine of reconstruction and input", "higher", _R, "sweep", "dashboard"),
@@ -148,6 +154,20 @@ ENTRIES: tuple[Metric, ...] = (
     _m("spliced_tokens", "predicted positions the spliced losses average over", "none", _S),
     _m("spliced_hidden_cosine_zero", "spliced_hidden_cosine with the hook zero-ablated: the floor", "none", _S),
     _m("spliced_windows", "windows the hidden cosine averages over", "none", _S),
+    _m("site_fvu", "a crosscoder's FVU at each site ({site: fvu})", "none", "sites"),
+    _m("site_l0", "active latents per token that write to each site ({site: l0})", "none", "sites"),
+    _m("site_dead_fraction", "latents writing to a site that never fired ({site: fraction})", "none", "sites"),
+    _m("relative_norm_histogram", "firing latents in 20 bins of Minder et al.'s relative decoder norm", "none",
+       "sites"),
+    _m("exclusive_b_latents", "firing latents whose relative decoder norm is above 0.9 (B only)", "none", "sites"),
+    _m("latent_scaling_median", "median Latent Scaling ratio nu = beta_A / beta_B of the B-only latents", "none",
+       "sites"),
+    _m("false_exclusive_fraction", "1 - exclusive_precision", "lower", "sites", needs=["ground_truth"]),
+    _m("site_mcc", "recovery of each site's present features by that site's decoder ({site: mcc})", "none",
+       "sites", needs=["ground_truth"]),
+    _m("sites", "the sites a crosscoder reads and writes", "none", "run", needs=["sites"]),
+    _m("site_normalization_scales", "a crosscoder's normalisation constant at each site", "none", "run",
+       needs=["sites"]),
     _m("d_in", "input width", "none", "run"),
     _m("d_out", "a transcoder's output width", "none", "run", needs=["target"]),
     _m("hook_name", "the hook saelab-eval read", "none", "run"),
@@ -229,13 +249,16 @@ def better(name: str) -> Better | None:
     return metric.better if metric is not None else None
 
 
-def applicable(*, ground_truth: bool = False, model: bool = False, target: bool = False) -> list[Metric]:
-    """The metrics an evaluation can produce with what it has (a source's ground truth, a model, a target)."""
-    have = {need for need, present in (("ground_truth", ground_truth), ("model", model), ("target", target))
-            if present}
+def applicable(*, ground_truth: bool = False, model: bool = False, target: bool = False, sites: bool = False
+               ) -> list[Metric]:
+    """The metrics an evaluation can produce with what it has (a source's ground truth, a model, a target,
+    several sites: a crosscoder)."""
+    have = {need for need, present in (("ground_truth", ground_truth), ("model", model), ("target", target),
+                                       ("sites", sites)) if present}
     return [m for m in _registry.values() if m.needs <= have]
 
 
-def applicable_sources(*, ground_truth: bool = False, model: bool = False, target: bool = False) -> set[str]:
+def applicable_sources(*, ground_truth: bool = False, model: bool = False, target: bool = False,
+                       sites: bool = False) -> set[str]:
     """The sources (family functions) that have at least one applicable metric."""
-    return {m.source for m in applicable(ground_truth=ground_truth, model=model, target=target)}
+    return {m.source for m in applicable(ground_truth=ground_truth, model=model, target=target, sites=sites)}

@@ -18,24 +18,34 @@ from torch import Tensor, nn
 from saelab.metrics import registry
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
+from saelab.metrics.sites import site_metrics
 from saelab.metrics.spliced import Splice, Transcode, spliced_metrics_many
 from saelab.run.stream import Stream
+from saelab.sites import Sites
 
 
-def held_out_metrics(sae: nn.Module, stream: Stream, hook: str, target_hook: str | None, batch_size: int
-                     ) -> tuple[dict[str, Any], Tensor]:
+def held_out_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size: int) -> tuple[dict[str, Any], Tensor]:
     """(metrics, per-latent log10 firing density) of `sae` (normalised activations in, normalised output out) on
-    the stream's held-out activations at `hook`; a transcoder is measured against `target_hook`'s."""
+    the stream's held-out activations at the sites it reads; a transcoder is measured against its target's. A
+    crosscoder also gets the per-site metrics (metrics/sites.py)."""
     datamodule, truth = stream.datamodule, stream.truth
+    hook, target_hook = sites.hook, sites.target_hook
     wanted = registry.applicable(ground_truth=truth is not None, model=stream.model is not None,
-                                 target=target_hook is not None)
+                                 target=target_hook is not None, sites=sites.crosscoder)
     with_truth = any(m.source == "ground_truth" for m in wanted)
     firing: list[Tensor] | None = [] if with_truth else None
-    targets = datamodule.eval_acts[target_hook] if target_hook is not None else None
-    metrics, density = evaluate_sae(sae, datamodule.eval_acts[hook], int(batch_size), firing, targets)
+    acts = sites.input(datamodule.eval_acts)
+    metrics, density = evaluate_sae(sae, acts, int(batch_size), firing, sites.target(datamodule.eval_acts))
+    scales = [float(datamodule.scales[h]) for h in sites.writes]
     if with_truth:  # how well the SAE recovers the world's features, from the same held-out encode
-        metrics |= ground_truth_metrics(sae.W_dec, torch.cat(firing), truth.dictionary, datamodule.eval_firing,
+        decoder = sae.W_dec  # a crosscoder's sites in raw units (each its own scale), as the truth is
+        if sites.crosscoder:
+            decoder = decoder.detach() * torch.tensor(scales).repeat_interleave(decoder.shape[1] // len(scales))
+        metrics |= ground_truth_metrics(decoder, torch.cat(firing), truth.dictionary, datamodule.eval_firing,
                                         truth.parent)
+    if sites.crosscoder:
+        metrics |= site_metrics(sae, acts, list(sites.writes), scales, int(batch_size),
+                                truth if hasattr(truth, "strength") else None)
     for metric in wanted:  # metrics with a function of their own (registry: source "function")
         if metric.compute is not None:
             metrics[metric.name] = float(metric.compute(sae, stream, hook, target_hook))
@@ -58,13 +68,12 @@ class BatchTopKView(nn.Module):
         return self.sae.output(x, f)
 
 
-def batch_topk_metrics(sae: nn.Module, stream: Stream, hook: str, target_hook: str | None, batch_size: int
-                       ) -> dict[str, Any]:
+def batch_topk_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size: int) -> dict[str, Any]:
     """held_out_metrics by the batch top-k (eval.batch_topk), as batch_topk_<metric>; empty for an SAE without
     one."""
     if not hasattr(sae, "encode_batch_topk"):
         return {}
-    metrics, _ = held_out_metrics(BatchTopKView(sae), stream, hook, target_hook, batch_size)
+    metrics, _ = held_out_metrics(BatchTopKView(sae), stream, sites, batch_size)
     return {f"batch_topk_{name}": value for name, value in metrics.items()}
 
 

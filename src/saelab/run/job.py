@@ -27,6 +27,7 @@ from saelab.run.checkpoints import expect_own_checkpoints
 from saelab.run.loggers import quiet_third_party
 from saelab.run.schema import check_run_config
 from saelab.run.world_sparsity import fit_sparsity_to_world
+from saelab.sites import Sites
 
 log = logging.getLogger("saelab")
 
@@ -61,28 +62,35 @@ class Job:
         return build_source(self.cfg.data)
 
     @property
+    def sites(self) -> Sites:
+        """The sites this job's SAE reads and writes (its source says: a model's hooks, a transcoder's target, or a
+        source's own names for the activations it makes)."""
+        return self.source.sites(self.cfg.model)
+
+    @property
     def hook(self) -> str:
-        """The hook point this job's SAE trains on (its source says: a model's hook, or a source's own name for the
-        activations it makes)."""
-        return self.source.hooks(self.cfg.model)[0]
+        """The (first) hook point this job's SAE reads."""
+        return self.sites.hook
 
     @property
     def target_hook(self) -> str | None:
         """A transcoder's target (model.target_hook): the activation it predicts from `hook`'s. None: an SAE
-        (the schema refuses a target on a source without a model)."""
-        target = self.cfg.model.get("target_hook")
-        return str(target) if target is not None else None
+        or a crosscoder (the schema refuses a target on a source without a model)."""
+        return self.sites.target_hook
 
     @property
     def hooks_read(self) -> list[str]:
-        """Every hook whose activations this job trains on: its input, and a transcoder's target."""
-        return [self.hook] + ([self.target_hook] if self.target_hook else [])
+        """Every hook whose activations this job trains on: its input(s), and a transcoder's target."""
+        return self.sites.hooks
 
     def sae_config(self) -> dict:
-        """The SAE's config, with a transcoder's output width: the model's d_model (every trained hook has it)."""
+        """The SAE's config, with a transcoder's output width (the model's d_model: every trained hook has it) and
+        a crosscoder's number of sites."""
         sae_cfg = OmegaConf.to_container(self.cfg.sae, resolve=True)
         if self.target_hook is not None and sae_cfg.get("d_out") is None:
             sae_cfg["d_out"] = int(self.cfg.model.d_model)
+        if self.sites.crosscoder:
+            sae_cfg["sites"] = len(self.sites.reads)
         return sae_cfg
 
 

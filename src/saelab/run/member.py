@@ -25,6 +25,7 @@ from saelab.run.l0_control import L0ControlConfig, L0Controller
 from saelab.run.nonfinite import NonFiniteWatch
 from saelab.saes.base import SAE, TrainStep
 from saelab.saes.decoder_rescale import weights_once
+from saelab.sites import Sites
 
 log = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
@@ -52,7 +53,8 @@ class SAEMember(nn.Module):
     def __init__(self, sae: SAE, optim: Mapping[str, Any], max_steps: int, dead_window_tokens: int,
                  nan_policy: str = "stop", compile: bool = False, hook: str | None = None,
                  precision: str | int = "32-true", gradient_clip_val: float | None = None, name: str = "0",
-                 target_hook: str | None = None, l0_control: Mapping[str, Any] | None = None):
+                 target_hook: str | None = None, l0_control: Mapping[str, Any] | None = None,
+                 sites: Sites | None = None):
         """`nan_policy`: what a non-finite loss term does: "stop" ends this member (FloatingPointError naming
         the step and the term; the group goes on without it); "skip" drops its batch (no update) and warns.
         `compile`: run the SAE's training loss through torch.compile (fuses the elementwise work of the
@@ -60,9 +62,14 @@ class SAEMember(nn.Module):
         activations in a batch (None: batches are plain tensors); `target_hook` the key of a transcoder's
         target activations. `precision`: the member's autocast ("bf16-mixed") or none ("32-true"); `name`
         labels it in log lines (the job number in a sweep). `l0_control`: the l0_control section, the settings
-        of sae.target_l0's controller (run/l0_control.py; None: its defaults)."""
+        of sae.target_l0's controller (run/l0_control.py; None: its defaults). `sites`: the sites the SAE reads and
+        writes (saelab.sites), in place of `hook` and `target_hook` (a crosscoder's several)."""
         super().__init__()
         check_choice("nan_policy", nan_policy, NAN_POLICIES)
+        if sites is None and hook is not None:
+            sites = Sites.of(hook, target_hook)
+        self.sites = sites  # None: batches are plain tensors
+        hook, target_hook = (sites.hook, sites.target_hook) if sites is not None else (None, None)
         self.nan_policy, self.hook, self.target_hook, self.name = nan_policy, hook, target_hook, str(name)
         self.sae = sae
         self._training_loss = torch.compile(sae.training_loss, dynamic=False) if compile else sae.training_loss
@@ -75,6 +82,8 @@ class SAEMember(nn.Module):
         self.register_buffer("norm_scale", torch.tensor(1.0, dtype=torch.float64))
         if target_hook is not None:  # a transcoder's target has its own scale, folded into the export's output side
             self.register_buffer("target_scale", torch.tensor(1.0, dtype=torch.float64))
+        if sites is not None and sites.crosscoder:  # each site its own scale: norm_scale is the first site's
+            self.register_buffer("site_scales", torch.ones(len(sites.reads), dtype=torch.float64))
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
         # sae.target_l0: the controller of the sparsity coefficient. Only a variant with a sparsity coefficient
         # is controlled (TopK's k already is its L0).
@@ -97,6 +106,12 @@ class SAEMember(nn.Module):
     def spliced_hook(self) -> str | None:
         """Where spliced evaluation replaces the model's activation: a transcoder's target, an SAE's own hook."""
         return self.target_hook if self.target_hook is not None else self.hook
+
+    def input_and_target(self, batch: Tensor | Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The SAE's input and a transcoder's target from a batch ({site: tensor}, or a plain tensor)."""
+        if not isinstance(batch, Mapping):
+            return batch, None
+        return self.sites.input(batch), self.sites.target(batch)
 
     @property
     def target_l0(self) -> float | None:

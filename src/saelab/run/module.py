@@ -80,8 +80,7 @@ class SAEModule(L.LightningModule):
         for index, member in enumerate(self.members):
             if not member.alive:
                 continue
-            x = batch[member.hook] if isinstance(batch, Mapping) else batch
-            target = batch[member.target_hook] if member.target_hook is not None else None
+            x, target = member.input_and_target(batch)
             coefficients = member.coefficients(step)
             try:
                 with member.autocast(x.device.type):

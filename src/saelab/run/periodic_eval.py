@@ -23,6 +23,5 @@ class PeriodicEval(L.Callback):
             stream = self.stream or Stream(None, None, trainer.datamodule)
             for member in pl_module.members:
                 if member.alive:
-                    metrics, _ = held_out_metrics(member.sae, stream, member.hook, member.target_hook,
-                                                  self.batch_size)
+                    metrics, _ = held_out_metrics(member.sae, stream, member.sites, self.batch_size)
                     member.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, pl_module._log_step())

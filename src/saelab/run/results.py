@@ -20,11 +20,13 @@ from saelab.run.member import SAEMember
 from saelab.run.stream import Stream
 from saelab.saes.decoder_rescale import variant_class
 from saelab.saes.saelens_format import export_sae
+from saelab.sites import Sites
 
 log = logging.getLogger("saelab")
 
 
-def export_metadata(cfg: DictConfig, source: DataSource, hook: str, target_hook: str | None) -> dict[str, Any]:
+def export_metadata(cfg: DictConfig, source: DataSource, hook: str, target_hook: str | None,
+                    sites: Sites | None = None) -> dict[str, Any]:
     """The `metadata` of the export's cfg.json: SAELens's fields, plus saelab's own.
 
     `has_model` (bool) says whether a model made the activations the SAE was trained on: false for a source that
@@ -37,6 +39,7 @@ def export_metadata(cfg: DictConfig, source: DataSource, hook: str, target_hook:
         "model_name": str(cfg.model.name) if has_model else source.name,
         "hook_name": hook,
         **({"hook_name_out": target_hook} if target_hook is not None else {}),
+        **({"hook_names": list(sites.reads)} if sites is not None and sites.crosscoder else {}),
         "context_size": int(cfg.data.context_size),
         "prepend_bos": bool(cfg.data.prepend_bos),
         "exclude_special_tokens": True,
@@ -56,8 +59,10 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
     if truth is not None:  # the truth this SAE is measured against, with the run
         save_file(truth.tensors(), str(job.run_dir / "ground_truth.safetensors"))
     target_scale = scales[member.target_hook] if member.target_hook is not None else None
-    export_sae(sae, scale, job.run_dir / "sae", export_metadata(cfg, stream.source, member.hook, member.target_hook),
-               target_scale)
+    sites = member.sites
+    site_scales = [float(scales[h]) for h in sites.reads] if sites.crosscoder else None
+    export_sae(sae, scale, job.run_dir / "sae",
+               export_metadata(cfg, stream.source, member.hook, member.target_hook, sites), target_scale, site_scales)
     result = {
         **metrics,
         "variant": variant_class(sae).__name__,
@@ -66,6 +71,7 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
         "d_sae": sae.d_sae,
         **({"target_hook": member.target_hook, "d_out": sae.d_out,
             "target_normalization_scale": float(target_scale)} if member.target_hook is not None else {}),
+        **({"sites": list(sites.reads), "site_normalization_scales": site_scales} if sites.crosscoder else {}),
         "steps": int(trainer.global_step),
         "tokens_trained": int(trainer.global_step) * int(cfg.data.batch_size) * world,
         "world_size": world,

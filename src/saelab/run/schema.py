@@ -10,6 +10,7 @@ the variant's (`sae`: its Config class, saes/), a source's own fields (data/sour
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +27,7 @@ from saelab.run.l0_control import L0ControlConfig
 from saelab.run.member import NAN_POLICIES
 from saelab.run.trainer_checks import check_devices, check_precision
 from saelab.sections import read_section
+from saelab.sites import Sites
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,20 @@ class ModelSection:
 
     name: str | None
     path: str | None
-    hook: str
+    hook: Any  # one hook, or a list of hooks (a crosscoder)
     target_hook: str | None
     d_model: int
     dtype: str
     device: str
 
     def validate(self) -> None:
+        hooks = [self.hook] if isinstance(self.hook, str) else self.hook
+        if not isinstance(hooks, Sequence) or not hooks or not all(isinstance(h, str) for h in hooks):
+            raise ConfigError("model.hook", self.hook, "a hook name, or a list of hook names (a crosscoder)")
+        Sites.of(hooks).check()
+        if len(hooks) > 1 and self.target_hook is not None:
+            raise ConfigError("model.target_hook", self.target_hook, "null with a list of hooks in model.hook (a "
+                              "crosscoder reconstructs the hooks it reads)")
         check_choice("model.dtype", self.dtype, tuple(DTYPES))
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
             raise ConfigError("model.device", self.device, "auto, cpu, cuda, cuda:N or mps")
@@ -200,5 +209,5 @@ def _check_transcoder(cfg: DictConfig, source: DataSource) -> None:
     if not source.needs_model:
         raise ConfigError("model.target_hook", target, f"null with data={source.name} (no model to read a target "
                           "from)")
-    if str(target) == str(cfg.model.hook):
+    if str(target) in Sites.of(cfg.model.hook).reads:
         raise ConfigError("model.target_hook", target, "a hook other than model.hook")

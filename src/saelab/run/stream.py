@@ -17,6 +17,7 @@ from saelab.data.model import LoadedModel, check_sae_hooks, hook_widths, load_mo
 from saelab.data.protocol import StreamDataModule
 from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError
+from saelab.sites import Sites
 
 
 @dataclass
@@ -34,15 +35,18 @@ class Stream:
 @dataclass(frozen=True)
 class Reader:
     """What one SAE reads from a stream: its input hook, a transcoder's target hook, and the widths it expects
-    (None: not checked, e.g. before the SAE is built)."""
+    (None: not checked, e.g. before the SAE is built); a crosscoder's `sites` (each site d_in wide)."""
 
     hook: str
     target_hook: str | None = None
     d_in: int | None = None
     d_out: int | None = None
+    sites: Sites | None = None
 
     @property
     def hooks(self) -> list[str]:
+        if self.sites is not None:
+            return self.sites.hooks
         return [self.hook] + ([self.target_hook] if self.target_hook is not None else [])
 
 
@@ -113,7 +117,8 @@ def _check_fits(source: DataSource, model: LoadedModel | None, widths: Mapping[s
         if reader.d_in is not None and source.d_in is not None and source.d_in != reader.d_in:
             raise ConfigError("sae.d_in", reader.d_in, f"{source.d_in_field} ({source.d_in})")
         return
-    check_sae_hooks(model, widths, reader.hook, reader.target_hook, reader.d_in)
+    for hook in reader.sites.reads if reader.sites is not None else (reader.hook,):
+        check_sae_hooks(model, widths, hook, reader.target_hook, reader.d_in)
     if reader.target_hook is not None and reader.d_out is not None and reader.d_out != model.d_model:
         raise ConfigError("sae.d_out", reader.d_out, f"null or the model's d_model ({model.d_model})")
 
@@ -128,6 +133,6 @@ def open_stream_of(overrides: Sequence[str]) -> tuple[DictConfig, Stream, str]:
     setup_globals()  # the ${now:...} resolver the composed config names
     cfg = compose_run_config(overrides)
     source = build_source(cfg.data)
-    hooks = source.hooks(cfg.model)
-    reader = Reader(hooks[0], hooks[1] if len(hooks) > 1 else None)
-    return cfg, open_one_stream(cfg, reader, int(cfg.data.train_tokens), source=source), hooks[0]
+    sites = source.sites(cfg.model)
+    reader = Reader(sites.hook, sites.target_hook, sites=sites)
+    return cfg, open_one_stream(cfg, reader, int(cfg.data.train_tokens), source=source), sites.hook

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -85,7 +87,8 @@ def _train_saes(jobs: Sequence[Job], saes: dict[int, Any], started: float) -> di
     if world > 1 and any(jobs[i].cfg.get("nan_policy") == "skip" for i in saes):  # a rank that skipped its
         raise ConfigError("nan_policy", "skip", "stop when training on several devices")  # backward would hang
     precision.apply(first.trainer.get("precision"))  # TF32 matmuls or not: the whole group's, the model's too
-    readers = [Reader(jobs[i].hook, jobs[i].target_hook, saes[i].d_in, saes[i].d_out) for i in saes]
+    readers = [Reader(jobs[i].hook, jobs[i].target_hook, saes[i].d_in // saes[i].n_sites, saes[i].d_out,
+                      sites=jobs[i].sites) for i in saes]
     stream, misfits = open_stream(first, readers, activations_needed(first, world), source=jobs[0].source)
     outcomes: dict[int, Outcome] = {list(saes)[k]: err for k, err in misfits.items()}
     live = [i for i in saes if i not in outcomes]  # a job whose hook or width does not fit the stream fails alone
@@ -169,17 +172,20 @@ def _trainer_config(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
 
 
 def _member(job: Job, sae, max_steps: int, stream: Stream) -> SAEMember:
-    cfg, scales = job.cfg, stream.datamodule.scales
-    scale, input_rms = scales[job.hook], stream.datamodule.input_rms[job.hook]
+    cfg, scales, sites = job.cfg, stream.datamodule.scales, job.sites
+    scale = scales[job.hook]
+    input_rms = math.sqrt(sum(stream.datamodule.input_rms[h] ** 2 for h in sites.reads))  # sites side by side
     for name, (given, used) in sae.adapt_to_input_scale(input_rms).items():
         log.info("%ssae.%s = %.4g (in units of E||x||^2 = 1) -> %.4g for data.normalize=%s (inputs' rms %.4g)",
                  f"job {job.num}: " if job.multirun else "", name, given, used, cfg.data.normalize, input_rms)
     member = SAEMember(sae, cfg.optim, max_steps, cfg.dead_window_tokens, str(cfg.nan_policy),
-                       compile=bool(cfg.compile), hook=job.hook, target_hook=job.target_hook,
+                       compile=bool(cfg.compile), sites=sites,
                        precision=cfg.trainer.precision,
                        gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num),
                        l0_control=cfg.get("l0_control"))
     member.norm_scale.fill_(scale)
+    if sites.crosscoder:
+        member.site_scales.copy_(torch.tensor([scales[h] for h in sites.reads], dtype=torch.float64))
     target_scale = scales[job.target_hook] if job.target_hook is not None else None
     if target_scale is not None:
         member.target_scale.fill_(target_scale)
@@ -205,11 +211,10 @@ def _first(paths: list | None) -> str | None:
 def _evaluate(cfg: DictConfig, finishing: list[tuple[int, SAEMember]], stream: Stream
               ) -> dict[int, tuple[dict[str, Any], Any]]:
     """Held-out metrics per job (the group shares its eval config); spliced ones share the clean passes."""
-    results = {i: held_out_metrics(m.sae, stream, m.hook, m.target_hook, int(cfg.eval.batch_size))
-               for i, m in finishing}
+    results = {i: held_out_metrics(m.sae, stream, m.sites, int(cfg.eval.batch_size)) for i, m in finishing}
     if cfg.eval.get("batch_topk"):  # BatchTopK and Matryoshka also by their training selection
         for i, m in finishing:
-            results[i][0].update(batch_topk_metrics(m.sae, stream, m.hook, m.target_hook, int(cfg.eval.batch_size)))
+            results[i][0].update(batch_topk_metrics(m.sae, stream, m.sites, int(cfg.eval.batch_size)))
     splices = {i: (m.spliced_hook, normalised_splice(m.sae, m.hook, m.target_hook, stream.datamodule.scales))
                for i, m in finishing}
     for i, metrics in spliced(stream, splices, int(cfg.eval.spliced_windows or 0),

@@ -47,7 +47,8 @@ class SAE(DeadLatentCounters, SAELensTensors):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        self.d_in, self.d_sae = int(cfg.d_in), cfg.width
+        self.n_sites = int(cfg.sites)  # a crosscoder's sites (saelab.sites): its input is their concatenation
+        self.d_in, self.d_sae = int(cfg.d_in) * self.n_sites, cfg.width
         self.d_out = int(cfg.d_out) if cfg.d_out is not None else self.d_in
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
@@ -76,6 +77,17 @@ class SAE(DeadLatentCounters, SAELensTensors):
         """Whether the encoder sees x - b_dec: apply_b_dec_to_input, for SAEs (a transcoder's b_dec is the
         target's bias, as in SAELens, which refuses the flag for transcoders)."""
         return bool(self.cfg.apply_b_dec_to_input) and not self.transcoder
+
+    def site_decoder_norms(self) -> Tensor:
+        """[d_sae, sites]: each latent's decoder norm at each written site (one column for an SAE)."""
+        sites = self.n_sites if not self.transcoder else 1
+        return self.W_dec.view(self.d_sae, sites, self.d_out // sites).norm(dim=-1)
+
+    def decoder_norms(self) -> Tensor:
+        """[d_sae]: the weight a norm-weighted penalty (ri_l1, tanh) gives each latent: ||d_i||, and for a
+        crosscoder the sum over sites of its decoder norms (Lindsey et al. 2024), so that a latent pays for every
+        site it writes to."""
+        return self.W_dec.norm(dim=1) if self.n_sites == 1 else self.site_decoder_norms().sum(-1)
 
     def centre(self, x: Tensor) -> Tensor:
         return x - self.b_dec if self.centres_input else x

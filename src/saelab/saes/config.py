@@ -22,6 +22,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True  # the encoder sees x - b_dec (SAEs; a transcoder's b_dec is the target's)
     d_out: int | None = None  # output width: null = an SAE (reconstructs its input); set = a transcoder
     skip: bool = False  # transcoders: add an affine skip connection W_skip x to the prediction (skip-transcoder)
+    sites: int = 1  # sites the input concatenates, each d_in wide: > 1 is a crosscoder (filled in from model.hook)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field. Subclasses extend this and call super()."""
@@ -44,6 +45,10 @@ class SAEConfig:
         if self.skip and self.d_out is None:
             raise ConfigError("sae.skip", self.skip, "false for an SAE (a skip connection needs a transcoder: set "
                               "model.target_hook)")
+        check_positive("sae.sites", self.sites, integer=True)
+        if self.sites > 1 and self.d_out is not None:
+            raise ConfigError("sae.sites", self.sites, "1 for a transcoder (a crosscoder reads and writes the same "
+                              "sites: model.target_hook must be null)")
 
     def scale_dependent(self) -> dict[str, int]:
         """Fields given in units of inputs with E||x||^2 = 1 (data.normalize=unit_mean_squared_norm), with the

@@ -167,7 +167,7 @@ class GatedSAE(SAE):
         gate = self.gate_activation(gate_pre)
         if cfg.sparsity == "ri_l1":
             # Authors' rule: a decoder frozen in L_aux must be frozen in the penalty too (SAELens #539/#545).
-            norms = self.W_dec.norm(dim=1)
+            norms = self.decoder_norms()
             penalty = gate @ (norms.detach() if self.frozen_decoder else norms)
         else:
             penalty = gate.sum(-1)

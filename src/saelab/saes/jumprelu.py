@@ -195,10 +195,10 @@ class JumpReLUSAE(SAE):
         if cfg.sparsity == "l0":
             penalty = step(pre, theta, cfg.bandwidth, cfg.kernel, cfg.ste_to_preacts).sum(-1).mean()
         else:
-            penalty = torch.tanh(cfg.tanh_scale * f * self.W_dec.norm(dim=1)).sum(-1).mean()
+            penalty = torch.tanh(cfg.tanh_scale * f * self.decoder_norms()).sum(-1).mean()
         terms["sparsity"] = coefficients["sparsity"] * penalty
         if cfg.pre_act_loss_coefficient > 0:
-            below = torch.relu(theta - pre.float()) @ self.W_dec.norm(dim=1).float()
+            below = torch.relu(theta - pre.float()) @ self.decoder_norms().float()
             terms["pre_act"] = cfg.pre_act_loss_coefficient * below.mean()
         return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()})
 

@@ -67,7 +67,7 @@ class ReluSAE(SAE):
         if self.cfg.sparsity == "l1":
             penalty = f.sum(-1).mean()
         else:
-            penalty = (f @ self.W_dec.norm(dim=1)).mean()
+            penalty = (f @ self.decoder_norms()).mean()
         return TrainStep({"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}, f)
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:

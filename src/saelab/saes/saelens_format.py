@@ -10,7 +10,7 @@ encoder is the one the variant owning the cfg.json architecture declares (saelen
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,18 @@ CONFIG_FILE = "cfg.json"
 
 
 def export_sae(sae: SAE, scale: float, out_dir: Path, metadata: Mapping[str, Any],
-               target_scale: float | None = None) -> Path:
-    """Write the SAE for raw activations x_raw = scale * x (a transcoder's raw targets: target_scale * t)."""
+               target_scale: float | None = None, site_scales: Sequence[float] | None = None) -> Path:
+    """Write the SAE for raw activations x_raw = scale * x (a transcoder's raw targets: target_scale * t; a
+    crosscoder's sites: C_s * x^s, side by side, with `metadata["hook_names"]` naming them)."""
     out_dir = Path(out_dir)
-    exported = sae.exported_tensors(float(scale), target_scale)
+    exported = sae.exported_tensors(float(scale), target_scale, site_scales)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in exported.items()}
     atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     folded = {"normalization_scale_folded": float(scale)}
     if sae.transcoder:
         folded["target_normalization_scale_folded"] = float(target_scale if target_scale is not None else scale)
+    if site_scales is not None:
+        folded["site_normalization_scales_folded"] = [float(c) for c in site_scales]
     cfg = {
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,

@@ -8,7 +8,7 @@ read them back (import_threshold); the layout's names and encoder are in saelens
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -47,11 +47,15 @@ class SAELensTensors(nn.Module):
         """Architecture-specific cfg.json fields (beyond d_in, d_sae, ...)."""
         return {"architecture": self.saelens_architecture}
 
-    def exported_tensors(self, scale: float, target_scale: float | None = None) -> dict[str, Tensor]:
+    def exported_tensors(self, scale: float, target_scale: float | None = None,
+                         site_scales: Sequence[float] | None = None) -> dict[str, Tensor]:
         """export_tensors for raw inputs x_raw = scale * x; a transcoder's output side then for raw targets
         t_raw = target_scale * t. The latents carry `scale` (see export_tensors), so with r = target_scale / scale
-        the output side becomes W_dec' = r W_dec, b_dec' = target_scale b_dec and W_skip' = r W_skip."""
+        the output side becomes W_dec' = r W_dec, b_dec' = target_scale b_dec and W_skip' = r W_skip. A
+        crosscoder's sites each have a scale C_s (`site_scales`; `scale` is the first's): crosscoder_sites."""
         tensors = self.export_tensors(scale)
+        if getattr(self, "n_sites", 1) > 1:
+            return self.crosscoder_sites(tensors, scale, site_scales, inverse=False)
         if not self.transcoder:
             return tensors
         ratio = (target_scale if target_scale is not None else scale) / scale
@@ -60,6 +64,21 @@ class SAELensTensors(nn.Module):
         if self.W_skip is not None:
             tensors["W_skip"] = self.W_skip.detach() * ratio
         return tensors
+
+    def crosscoder_sites(self, tensors: dict[str, Tensor], scale: float, site_scales: Sequence[float] | None,
+                         inverse: bool) -> dict[str, Tensor]:
+        """A crosscoder's per-site scales folded in (or out, `inverse`): with r_s = C_s / scale for the columns of
+        site s, W_enc' = W_enc / r (rows), W_dec' = W_dec r and b_dec' = b_dec r (columns). The latents still carry
+        `scale`, and x_raw^s = C_s x^s then gives the same latents and x_hat_raw^s = C_s x_hat^s."""
+        if site_scales is None or len(site_scales) != self.n_sites:
+            raise ValueError(f"a crosscoder over {self.n_sites} sites exports with one scale a site")
+        ratio = torch.tensor([float(c) / scale for c in site_scales]).repeat_interleave(self.d_in // self.n_sites)
+        ratio = 1 / ratio if inverse else ratio
+        out = dict(tensors)
+        out["W_enc"] = tensors["W_enc"] / ratio.to(tensors["W_enc"]).unsqueeze(1)
+        out["W_dec"] = tensors["W_dec"] * ratio.to(tensors["W_dec"])
+        out["b_dec"] = tensors["b_dec"] * ratio.to(tensors["b_dec"])
+        return out
 
     @torch.no_grad()
     def import_tensors(self, tensors: Mapping[str, Tensor], scale: float, target_scale: float | None = None) -> None:

@@ -17,6 +17,7 @@ import lightning as L
 from saelab.data.protocol import StreamDataModule
 from saelab.data.tokens import Document
 from saelab.errors import ConfigError
+from saelab.sites import Sites
 
 
 class DataSource(ABC):
@@ -66,8 +67,12 @@ class DataSource(ABC):
         """Refuse this source's own fields (ConfigError) before anything heavy runs; nothing to check by default."""
 
     @abstractmethod
+    def sites(self, model_cfg: Mapping[str, Any]) -> Sites:
+        """The sites a job on this source reads and writes (saelab.sites: an SAE's, a transcoder's, a crosscoder's)."""
+
     def hooks(self, model_cfg: Mapping[str, Any]) -> list[str]:
-        """The hooks a job on this source reads, its input first (a transcoder's target after it)."""
+        """Every hook a job on this source reads, its input first (a transcoder's target after it)."""
+        return self.sites(model_cfg).hooks
 
     @abstractmethod
     def datamodule(self, data_cfg: Mapping[str, Any], model: Any, eval_tokens: int, seed: int, *,
@@ -87,11 +92,10 @@ class TextSource(DataSource):
     def documents(self) -> list[Document]:
         """The corpus, in a fixed order (the held-out split is by a hash of each document)."""
 
-    def hooks(self, model_cfg: Mapping[str, Any]) -> list[str]:
+    def sites(self, model_cfg: Mapping[str, Any]) -> Sites:
         from saelab.data.model import configured_hooks
 
-        target = model_cfg.get("target_hook")
-        return configured_hooks(model_cfg)[:1] + ([str(target)] if target is not None else [])
+        return Sites.of(configured_hooks(model_cfg), model_cfg.get("target_hook"))
 
     def datamodule(self, data_cfg, model, eval_tokens, seed, *, cache_dir, train_tokens, hooks):
         from saelab.data.datamodule import ActivationDataModule

@@ -23,6 +23,7 @@ from typing import Any
 from saelab.data.saelens_cache import NotASAELensCache, SAELensCache
 from saelab.data.sources.base import DataSource
 from saelab.errors import ConfigError, check_count
+from saelab.sites import Sites
 
 EXCLUDE_ALLOWED = ("model (the special ids of the model's tokenizer: BOS, EOS, PAD, CLS, SEP, UNK, ...) or a list "
                    "of token ids ([] keeps every position)")
@@ -91,8 +92,8 @@ class SAELensCacheSource(DataSource):
         return {"path": location, "fingerprint": self.cache.fingerprint, "files": list(self.cache.files),
                 "hook": self.hook, "excluded_token_ids": sorted(self.excluded_ids())}
 
-    def hooks(self, model_cfg: Mapping[str, Any]) -> list[str]:
-        return [self.hook]
+    def sites(self, model_cfg: Mapping[str, Any]) -> Sites:
+        return Sites.of(self.hook)
 
     def datamodule(self, data_cfg, model, eval_tokens, seed, *, cache_dir, train_tokens, hooks):
         from saelab.data.saelens_cache_datamodule import SAELensCacheDataModule

@@ -1,6 +1,7 @@
 """`data=synthetic`: activations generated from a known world of features (saelab.data.synthetic), no model.
 
-The SAE's d_in is the world's; every job reads one pseudo-hook, "synthetic"; the world is the ground truth the
+The SAE's d_in is the world's; every job reads the world's sites: one pseudo-hook, "synthetic", or with
+data.synthetic.sites > 1 site_0 .. site_{S-1} (a crosscoder reads them all); the world is the ground truth the
 ground-truth metrics measure against.
 """
 
@@ -12,6 +13,8 @@ from typing import Any
 
 from saelab.data.sources.base import DataSource
 from saelab.data.synthetic import SyntheticSpec
+from saelab.data.synthetic_sites import site_names
+from saelab.sites import Sites
 
 HOOK = "synthetic"
 
@@ -36,8 +39,8 @@ class SyntheticSource(DataSource):
     def own_key_inputs(self) -> dict[str, Any]:
         return asdict(self.spec)
 
-    def hooks(self, model_cfg: Mapping[str, Any]) -> list[str]:
-        return [HOOK]
+    def sites(self, model_cfg: Mapping[str, Any]) -> Sites:
+        return Sites.of(site_names(self.spec.sites))
 
     def datamodule(self, data_cfg, model, eval_tokens, seed, *, cache_dir, train_tokens, hooks):
         from saelab.data.synthetic_datamodule import SyntheticDataModule

@@ -15,6 +15,7 @@ from saelab.data.sources.base import DataSource
 from saelab.data.synthsaebench import SynthSAEBenchSpec, build_world, load_world, world_of
 from saelab.data.synthsaebench.saelens_io import read_config
 from saelab.errors import ConfigError
+from saelab.sites import Sites
 
 HOOK = "synthetic"
 
@@ -62,8 +63,8 @@ class SynthSAEBenchSource(DataSource):
             return {"path": str(Path(self.spec.path).expanduser().resolve()), "config": self.saved}
         return asdict(self.spec)
 
-    def hooks(self, model_cfg: Mapping[str, Any]) -> list[str]:
-        return [HOOK]
+    def sites(self, model_cfg: Mapping[str, Any]) -> Sites:
+        return Sites.of(HOOK)
 
     def datamodule(self, data_cfg, model, eval_tokens, seed, *, cache_dir, train_tokens, hooks):
         from saelab.data.synthetic_datamodule import WorldDataModule

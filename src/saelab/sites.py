@@ -1,0 +1,69 @@
+"""The sites an SAE reads and writes: the one contract for SAEs, transcoders and crosscoders.
+
+A site is a hook of the model (or a generated world's named activation). Batches reach a job as {site: tensor};
+its SAE reads the concatenation of its `reads` and is trained to output the concatenation of its `writes`:
+
+- an SAE reads and writes one site;
+- a transcoder reads one site and writes another (model.target_hook);
+- a crosscoder (Lindsey et al. 2024) reads and writes the same several sites (model.hook given as a list). Its
+  encoder then sums each site's projection (x W_enc over the concatenation) and its decoder has one block of
+  columns per site, so every variant's activation function serves it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Sites:
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, hook: str | Sequence[str], target_hook: str | None = None) -> Sites:
+        """From model.hook (one hook, or a list: a crosscoder) and model.target_hook (a transcoder's target)."""
+        reads = (str(hook),) if isinstance(hook, str) else tuple(str(h) for h in hook)
+        return cls(reads, reads if target_hook is None else (str(target_hook),))
+
+    @property
+    def hook(self) -> str:
+        """The first site read: the hook of an SAE or a transcoder."""
+        return self.reads[0]
+
+    @property
+    def target_hook(self) -> str | None:
+        """A transcoder's target (the site it writes, which it does not read); None when it writes what it reads."""
+        return None if self.writes == self.reads else self.writes[0]
+
+    @property
+    def hooks(self) -> list[str]:
+        """Every site, each once: what the stream must serve."""
+        return list(dict.fromkeys(self.reads + self.writes))
+
+    @property
+    def crosscoder(self) -> bool:
+        return len(self.reads) > 1
+
+    def input(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The SAE's input: the read sites' activations side by side ([B, n_reads * d])."""
+        return _side_by_side(batch, self.reads)
+
+    def target(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """A transcoder's target; None where the SAE reconstructs its input."""
+        return None if self.writes == self.reads else _side_by_side(batch, self.writes)
+
+    def check(self, field: str = "model.hook") -> None:
+        """A site listed twice would be counted twice in the loss: refused."""
+        if len(set(self.reads)) != len(self.reads):
+            raise ConfigError(field, list(self.reads), "a list of distinct hooks")
+
+
+def _side_by_side(batch: Mapping[str, Tensor], names: tuple[str, ...]) -> Tensor:
+    return batch[names[0]] if len(names) == 1 else torch.cat([batch[n] for n in names], dim=-1)
