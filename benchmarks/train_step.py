@@ -2,7 +2,12 @@
 
     python -m benchmarks.train_step --variant relu --d-sae 3072 --batch 4096 [--d-in 384] [--acts PATH]
         [--steps 30] [--warmup 5] [--device cpu|cuda] [--precision fp32|tf32|bf16] [--reference] [--json OUT]
-        [--lean] [--check-slice] [SAE overrides, e.g. k=64]
+        [--lean] [--check-slice] [--sites S] [SAE overrides, e.g. k=64]
+
+--sites S times a crosscoder over S sites of --d-in each (issue 36: 4 sites x 384 -> 3,072 latents): the step is
+handed {site: tensor} and puts the sites side by side as SAEModule does, and the roofline is that of the same
+matmuls at S x d_in (a crosscoder is an SAE over the sites' concatenation; the per-site decoder norms of its
+penalty are not matmuls and are not counted).
 
 Each step runs exactly what SAEModule runs per step (SAEMember.step_loss: the SAE's training loss and the
 dead-latent bookkeeping; backward; before_optimizer_step, i.e. the decoder-gradient projection; Adam's step;
@@ -96,6 +101,7 @@ from saelab.run.compose import CONF_DIR, compose_run_config
 from saelab.run.member import SAEMember
 from saelab.run.module import SAEModule
 from saelab.saes import build_sae
+from saelab.sites import Sites
 
 LOG_EVERY_N_STEPS = 10  # conf/trainer/default.yaml: L0 is computed on logging steps only, as in training
 DENSE_PASSES = {"relu": 5, "jumprelu": 5, "gated": 7, "topk": 1, "batchtopk": 1, "matryoshka_batchtopk": 1}
@@ -133,6 +139,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", choices=sorted(DENSE_PASSES), default="relu")
     parser.add_argument("--d-sae", type=int, default=3072)
     parser.add_argument("--d-in", type=int, default=384)
+    parser.add_argument("--sites", type=int, default=1,
+                        help="a crosscoder over this many sites, each --d-in wide (batches {site: tensor}, as trained)")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--acts", type=Path, help="float32 tensor [N, d_in] saved with torch.save")
     parser.add_argument("--steps", type=int, default=30)
@@ -171,15 +179,18 @@ def run(args: argparse.Namespace) -> dict:
     if args.acts:
         acts = torch.load(args.acts, weights_only=True).float()
         d_in = acts.shape[1]
-    else:  # synthetic, roughly the scale of normalised activations (E||x||^2 = 1)
-        d_in = args.d_in
-        acts = torch.randn(max(4 * args.batch, 16384), d_in) / d_in**0.5
+    else:  # synthetic, roughly the scale of normalised activations (E||x||^2 = 1 at each site)
+        d_in = args.d_in * args.sites
+        acts = torch.randn(max(4 * args.batch, 16384), d_in) / args.d_in**0.5
     acts = acts.to(device)  # the data is on the device before anything is timed
+    sites = Sites.of([f"site_{s}" for s in range(args.sites)]) if args.sites > 1 else None
     with torch.device(device):
-        sae = build(args.variant, d_in, args.d_sae, args.overrides)
+        sae = build(args.variant, d_in // args.sites, args.d_sae,
+                    args.overrides + ([f"sites={args.sites}"] if sites else []))
     optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optim" / "adam.yaml")) | {"lr": 1e-4}
     member = SAEMember(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000,  # none dead: AuxK 0
-                       precision=MEMBER_PRECISION[args.precision])
+                       precision=MEMBER_PRECISION[args.precision], sites=sites)
+    site_acts = [part.contiguous() for part in acts.chunk(args.sites, dim=1)] if sites else None
     module = SAEModule([member]).to(device)
     optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
     module.on_fit_start()  # what the Trainer calls first: the allocator setting training runs with
@@ -194,11 +205,20 @@ def run(args: argparse.Namespace) -> dict:
         start_row = (step * args.batch) % (len(acts) - args.batch + 1)
         return acts[start_row : start_row + args.batch]
 
+    def site_batch(step: int) -> Tensor | dict[str, Tensor]:
+        """What the module is handed: a tensor, or a crosscoder's {site: tensor}, which the step puts side by side."""
+        if sites is None:
+            return batch(step)
+        start_row = (step * args.batch) % (len(acts) - args.batch + 1)
+        return {name: part[start_row : start_row + args.batch] for name, part in zip(sites.reads, site_acts,
+                                                                                       strict=True)}
+
     clock = Clock(device)
 
     def saelab_step(x: Tensor, with_l0: bool) -> tuple[Any, Any, Any, Any]:
         """One step as SAEModule.training_step and the Trainer run it; clock marks at its phase boundaries."""
         start = clock.mark()
+        x, _ = member.input_and_target(x)  # a crosscoder's sites side by side (SAEModule.training_step's work)
         with member.autocast(device.type):
             loss, _ = member.step_loss(x, coefficients, with_l0=with_l0)
         optimizer.zero_grad(set_to_none=True)
@@ -218,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
     flops = step_flops(args.variant, sae, args.batch)
     marks, roofline_marks = [], []
     for step in range(args.warmup + args.steps):
-        x = batch(step)
+        x = site_batch(step)
         roofline_pass = roofline.run() if roofline is not None else None
         step_marks = saelab_step(x, with_l0=(step + 1) % LOG_EVERY_N_STEPS == 0)
         if step >= args.warmup:
@@ -240,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     with member.autocast(device.type):
         kernels = kernels_backend(batch(0))
     result = {
-        "variant": args.variant, "d_in": d_in, "d_sae": args.d_sae, "batch": args.batch,
+        "variant": args.variant, "d_in": d_in, "sites": args.sites, "d_sae": args.d_sae, "batch": args.batch,
         "threads": torch.get_num_threads(), "native_kernels": native.library() is not None,  # TopK's C++ kernels
         "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
         "gflops": gflops, "roofline_gflops": roofline_gflops,
@@ -312,7 +332,9 @@ def rate(tflops: float) -> str:
 
 def cpu_line(result: dict[str, Any], pairs: int, fractions: list[float]) -> str:
     """The CPU benchmark's line, as it has always read."""
-    return (f"{result['variant']:>9} d_in {result['d_in']} d_sae {result['d_sae']} batch {result['batch']}: "
+    d_in = (f"{result['sites']} sites x {result['d_in'] // result['sites']}" if result["sites"] > 1
+            else str(result["d_in"]))
+    return (f"{result['variant']:>9} d_in {d_in} d_sae {result['d_sae']} batch {result['batch']}: "
             f"{result['ms_per_step']:.1f} ms/step, {result['tokens_per_s']:,.0f} tok/s, {result['gflops']:.1f} GFLOP/s "
             f"of {result['roofline_gflops']:.1f} roofline; fraction {100 * result['roofline_fraction']:.0f}% (median "
             f"of {pairs} step/roofline pairs, range {100 * min(fractions):.0f}-{100 * max(fractions):.0f}%)"

@@ -35,7 +35,9 @@ def ref_relu(sae, x, coef):
     """SPEC 1: f = ReLU(W_enc (x - b_dec) + b_enc); l1: lambda ||f||_1; ri_l1: lambda sum_i f_i ||d_i||."""
     x_c = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
     f = torch.relu(x_c @ sae.W_enc + sae.b_enc)
-    weights = sae.W_dec.norm(dim=1) if sae.cfg.sparsity == "ri_l1" else torch.ones(f.shape[-1])
+    # A crosscoder (Lindsey et al. 2024) weights a latent by the sum over its sites of its decoder norms.
+    sites = sae.W_dec.view(sae.d_sae, sae.cfg.sites, -1).norm(dim=-1).sum(-1)
+    weights = sites if sae.cfg.sparsity == "ri_l1" else torch.ones(f.shape[-1])
     return {"rec": mse(x, f @ sae.W_dec + sae.b_dec), "sparsity": coef * (f * weights).sum(-1).mean()}
 
 
@@ -184,12 +186,12 @@ def x():
 
 
 @pytest.mark.parametrize("apply_b_dec", [True, False])
-@pytest.mark.parametrize("sparsity", ["l1", "ri_l1"])
-def test_relu(x, apply_b_dec, sparsity):
+@pytest.mark.parametrize(("sparsity", "sites"), [("l1", 1), ("ri_l1", 1), ("ri_l1", 4)])
+def test_relu(x, apply_b_dec, sparsity, sites):
     torch.manual_seed(0)
     constraint = "none" if sparsity == "ri_l1" else "unit_norm"
-    sae = ReluSAE(ReluSAE.Config(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec, sparsity=sparsity,
-                                 decoder_constraint=constraint))
+    sae = ReluSAE(ReluSAE.Config(d_in=D_IN // sites, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec,
+                                 sparsity=sparsity, decoder_constraint=constraint, sites=sites))
     perturb(sae)
     out = check(sae, lambda s, x: ref_relu(s, x, 0.1), x, {"sparsity": 0.1})
     torch.testing.assert_close(out.feature_acts, sae.encode(x))

@@ -28,6 +28,7 @@ from saelab.errors import ConfigError, cli_error_line
 from saelab.io import write_json
 from saelab.run.compose import compose_run_config, with_config_dirs
 from saelab.saes.saelens_format import ExportedSAE, layout_of, load_exported, read_sae_dir
+from saelab.sites import Sites
 
 log = logging.getLogger("saelab.eval")
 
@@ -40,29 +41,37 @@ class Plan:
     out_dir: Path
 
     @property
+    def sites(self) -> Sites:
+        """The sites the export reads and writes, as the run's source names them (cfg.json's hooks by default)."""
+        return build_source(self.cfg.data).sites(self.cfg.model)
+
+    @property
     def hook(self) -> str:
-        return str(self.cfg.model.hook)
+        return self.sites.hook
 
     @property
     def target_hook(self) -> str | None:
-        target = self.cfg.model.get("target_hook")
-        return str(target) if target is not None else None
+        return self.sites.target_hook
 
 
 class NormalisedView(nn.Module):
     """An exported SAE (raw activations in, raw output out) seen on saelab's normalised activations, so
     evaluate_sae measures it exactly as it measures a run: x -> export(C x) / C_out, latents / C."""
 
-    def __init__(self, exported: ExportedSAE, scale: float, target_scale: float):
+    def __init__(self, exported: ExportedSAE, scale: float, target_scale: float, site_scales: Tensor | None = None):
+        """`site_scales`: a crosscoder's C_s for each column of its sites side by side (`scale` is the first's)."""
         super().__init__()
         self.exported, self.scale, self.target_scale = exported, float(scale), float(target_scale)
         self.d_sae = int(exported.cfg["d_sae"])
+        self.W_dec = exported.W_dec / (site_scales if site_scales is not None else self.target_scale) * self.scale
+        self.columns = site_scales if site_scales is not None else torch.tensor(self.scale)
+        self.out_columns = site_scales if site_scales is not None else torch.tensor(self.target_scale)
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.exported.encode(x * self.scale) / self.scale
+        return self.exported.encode(x * self.columns) / self.scale
 
     def output(self, x: Tensor, f: Tensor) -> Tensor:
-        return self.exported.output(x * self.scale, f * self.scale) / self.target_scale
+        return self.exported.output(x * self.columns, f * self.scale) / self.out_columns
 
 
 def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
@@ -78,10 +87,11 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     metadata = sae_cfg.get("metadata") or {}
     implied = []
-    for key, field in (("model.hook", "hook_name"), ("model.target_hook", "hook_name_out")):
+    for key, field in (("model.hook", "hook_names"), ("model.hook", "hook_name"),
+                       ("model.target_hook", "hook_name_out")):
         value = sae_cfg.get(field, metadata.get(field))
-        if value is not None and key not in given:
-            implied.append(f"{key}={value}")
+        if value is not None and key not in given and not any(o.startswith(f"{key}=") for o in implied):
+            implied.append(f"{key}=[{','.join(value)}]" if isinstance(value, list) else f"{key}={value}")
     cfg, run_dir = _compose([*implied, *overrides])
     source = build_source(cfg.data)
     if not source.needs_model and type(source).ground_truth is not DataSource.ground_truth:
@@ -122,24 +132,29 @@ def _compose(overrides: list[str]) -> tuple[DictConfig, Path | None]:
 def evaluate(plan: Plan) -> dict[str, Any]:
     """The SAE's metrics on the run's held-out activations (the run pipeline's stream and evaluation: run/stream.py,
     run/evaluation.py), written to <out>/metrics.json."""
-    from saelab.run.evaluation import held_out_metrics, raw_splice, spliced
+    from saelab.run.evaluation import held_out_metrics, raw_splice, spliced, spliced_hooks
     from saelab.run.stream import Reader, open_one_stream
-    from saelab.sites import Sites
 
-    started, cfg, target = time.time(), plan.cfg, plan.target_hook
+    started, cfg, sites = time.time(), plan.cfg, plan.sites
+    target = sites.target_hook
     d_in = int(plan.sae_cfg["d_in"])
+    if d_in % len(sites.reads):
+        raise ConfigError("model.hook", list(sites.reads), f"sites that split the export's d_in ({d_in}) evenly")
     exported = load_exported(plan.sae_dir)
-    stream = open_one_stream(cfg, Reader(plan.hook, target, d_in), int(cfg.data.normalize_tokens))
+    reader = Reader(sites.hook, target, d_in // len(sites.reads), sites=sites)
+    stream = open_one_stream(cfg, reader, int(cfg.data.normalize_tokens))
     scales = stream.datamodule.scales
     scale = scales[plan.hook]
-    view = NormalisedView(exported, scale, scales[target] if target else scale)
-    metrics, _ = held_out_metrics(view, stream, Sites.of(plan.hook, target), int(cfg.eval.batch_size))
+    site_scales = (torch.tensor([scales[h] for h in sites.reads]).repeat_interleave(d_in // len(sites.reads))
+                   if sites.crosscoder else None)
+    view = NormalisedView(exported, scale, scales[target] if target else scale, site_scales)
+    metrics, _ = held_out_metrics(view, stream, sites, int(cfg.eval.batch_size))
 
     def predict(x: Tensor) -> Tensor:
         with torch.no_grad():
             return exported(x.float())
 
-    splice = {0: (target or plan.hook, raw_splice(predict, plan.hook, target))}
+    splice = {0: (spliced_hooks(sites), raw_splice(predict, sites))}
     metrics |= spliced(stream, splice, int(cfg.eval.spliced_windows or 0), int(cfg.data.model_batch_size)).get(0, {})
     architecture = str(plan.sae_cfg["architecture"])
     metadata = plan.sae_cfg.get("metadata") or {}
@@ -150,6 +165,7 @@ def evaluate(plan: Plan) -> dict[str, Any]:
         "d_in": d_in,
         "d_sae": int(plan.sae_cfg["d_sae"]),
         "hook_name": plan.hook,
+        **({"sites": list(sites.reads)} if sites.crosscoder else {}),
         **({"target_hook": target, "d_out": int(plan.sae_cfg.get("d_out", d_in))} if target else {}),
         "evaluated": str(plan.sae_dir.resolve()),
         "trained_by": metadata.get("trained_by", "unknown"),

@@ -31,18 +31,26 @@ from saelab.kernels.dense_grads import encoder_grads, keep_where_positive
 
 class ReluL1Function(torch.autograd.Function):
     """(x_hat, f, ||f||_1 / B, fired) for f = ReLU(x W_enc + b), x_hat = f W_dec + b_dec; fired ([d_sae] bool) is
-    None unless the Triton kernel found it on the way (with the bias, the ReLU and the penalty's sum)."""
+    None unless the Triton kernel found it on the way (with the bias, the ReLU and the penalty's sum).
+
+    With a `weight` [d_sae] the penalty is sum_i w_i f_i averaged over the batch (ri_l1: w = ||d_i||; a
+    crosscoder's: the sum over sites of its decoder norms), and w gets its gradient (the batch's column sums)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, W_dec: Tensor, b_dec: Tensor,
-                workspace: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                workspace: tuple[Tensor, Tensor], weight: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         if dispatch.backend_for(x, W_enc, b, W_dec) == "triton":
             f = torch.mm(x, W_enc, out=workspace[0])
             total, fired = dispatch.triton_kernels().relu_forward(f, b)
             penalty = total.to(x.dtype) / x.shape[0]
         else:
             f = torch.addmm(b, x, W_enc, out=workspace[0]).relu_()
-            penalty, fired = f.sum(-1).mean(), None
+            penalty, fired = (f.sum(-1).mean() if weight is None else None), None
+        ctx.weight = weight
+        if weight is not None:
+            ctx.column_sums = f.sum(0)
+            penalty = ctx.column_sums @ weight.to(f.dtype) / x.shape[0]
         x_hat = torch.addmm(b_dec, f, W_dec)
         ctx.save_for_backward(x, W_enc, W_dec, f)
         ctx.workspace = workspace[1]
@@ -55,11 +63,15 @@ class ReluL1Function(torch.autograd.Function):
         x, W_enc, W_dec, f = ctx.saved_tensors
         batch = f.shape[0]
         need = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 6
+        grads: list[Tensor | None] = [None] * 7
         if g_xhat is None and g_pen is None:
             return tuple(grads)
         g = ctx.workspace
         pen = (g_pen / batch).to(f.dtype) if g_pen is not None else f.new_zeros(())
+        if ctx.weight is not None:  # the weighted penalty: dL/df_i = g w_i / B, dL/dw_i = g sum_b f_bi / B
+            if need[6] and g_pen is not None:
+                grads[6] = (pen * ctx.column_sums).to(ctx.weight.dtype)
+            pen = pen * ctx.weight.to(f.dtype)
         if g_xhat is not None:
             torch.addmm(pen, g_xhat, W_dec.t(), out=g)  # dL/df, with the L1 term's constant gradient
             if need[3]:

@@ -28,6 +28,8 @@ With the ground truth of a multi-site world (data/synthetic_sites.py):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -51,7 +53,7 @@ def site_metrics(sae: nn.Module, acts: Tensor, sites: list[str], scales: list[fl
     """The metrics above for `sae` (normalised activations in and out) on held-out `acts` [n, S d] (normalised,
     sites side by side); `scales`: each site's normalisation scale; `truth`: a MultiSiteWorld or None."""
     n_sites = len(sites)
-    device = next(sae.parameters()).device
+    device = next(itertools.chain(sae.parameters(), sae.buffers())).device
     col_scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(acts.shape[1] // n_sites).to(device)
     W = (sae.W_dec.detach().float() * col_scale).view(sae.d_sae, n_sites, -1)  # raw units, [d_sae, S, d]
     norms = W.norm(dim=-1)  # [d_sae, S]

@@ -51,43 +51,66 @@ class Transcode:
     reads: str
 
 
-Splice = Reconstruct | Transcode  # what replaces a hook's activation: an SAE's reconstruction, or a transcoder's
+@dataclass
+class Crosscode:
+    """A crosscoder's splice: every site it writes is replaced at once by its output at that site, predicted from
+    the clean activations of all the sites it reads (side by side), which a clean pass captures first (an acausal
+    crosscoder reads later layers than some it writes)."""
+
+    predict: Reconstruct
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
 
 
-def _splice_hooks(hook: str, reconstruct: Splice | None, mask: Tensor | None) -> list:
+Splice = Reconstruct | Transcode | Crosscode  # what replaces the activations: an SAE's, a transcoder's, a crosscoder's
+Hooks = str | tuple[str, ...]  # the hook(s) a splice replaces (a crosscoder's: every site it writes)
+
+
+def _replace(mask: Tensor, value: Callable[[Tensor], Tensor]) -> Callable[[Tensor, object], Tensor]:
+    """A forward hook that puts value(activation) at the `mask` positions and leaves the others."""
+    def splice(acts: Tensor, hook: object) -> Tensor:
+        replaced = value(acts).to(device=acts.device, dtype=acts.dtype)
+        return torch.where(mask.to(acts.device)[..., None], replaced, acts)
+    return splice
+
+
+def _crosscode_hooks(model: LoadedModel, tokens: Tensor, crosscode: Crosscode, mask: Tensor) -> list:
+    _, cache = model.bridge.run_with_cache(tokens, names_filter=list(crosscode.reads))
+    out = crosscode.predict(torch.cat([cache[h].float() for h in crosscode.reads], dim=-1))
+    parts = out.chunk(len(crosscode.writes), dim=-1)
+    return [(h, _replace(mask, lambda acts, part=part: part)) for h, part in zip(crosscode.writes, parts, strict=True)]
+
+
+def _splice_hooks(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None,
+                  mask: Tensor | None) -> list:
     """Forward hooks replacing the activation at `hook` at `mask` positions by reconstruct(activation), by a
-    transcoder's prediction from its input hook, or (reconstruct None) by zero. No mask: none (a clean pass)."""
+    transcoder's prediction from its input hook, by a crosscoder's output at each site it writes, or (reconstruct
+    None) by zero (every hook of a tuple). No mask: none (a clean pass)."""
     if mask is None:
         return []
-    source: dict[str, Tensor] = {}
-
-    def splice(acts: Tensor, hook: object) -> Tensor:
-        if reconstruct is None:
-            replaced = torch.zeros_like(acts)
-        elif isinstance(reconstruct, Transcode):
-            replaced = reconstruct.predict(source["input"].float())
-        else:
-            replaced = reconstruct(acts.float())
-        replaced = replaced.to(device=acts.device, dtype=acts.dtype)
-        return torch.where(mask.to(acts.device)[..., None], replaced, acts)
-
+    if isinstance(reconstruct, Crosscode):
+        return _crosscode_hooks(model, tokens, reconstruct, mask)
+    if reconstruct is None:
+        return [(h, _replace(mask, torch.zeros_like)) for h in (hook if isinstance(hook, tuple) else (hook,))]
     if not isinstance(reconstruct, Transcode):
-        return [(hook, splice)]
+        return [(hook, _replace(mask, lambda acts: reconstruct(acts.float())))]
+    source: dict[str, Tensor] = {}
 
     def read_input(acts: Tensor, hook: object) -> None:
         source["input"] = acts  # returning None leaves the activation as it is
 
-    return [(reconstruct.reads, read_input), (hook, splice)]
+    predicted = _replace(mask, lambda acts: reconstruct.predict(source["input"].float()))
+    return [(reconstruct.reads, read_input), (hook, predicted)]
 
 
-def _logits(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None,
+def _logits(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None,
             mask: Tensor | None) -> Tensor:
     """Float32 logits [batch, ctx, vocab]; with a mask, the hook is spliced (reconstruct None = zeros)."""
-    fwd_hooks = _splice_hooks(hook, reconstruct, mask)
+    fwd_hooks = _splice_hooks(model, tokens, hook, reconstruct, mask)
     return model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits").float()
 
 
-def _log_probs(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None,
+def _log_probs(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None,
                mask: Tensor | None, predicted: Tensor) -> Tensor:
     """Next-token log-probabilities at the predicted positions (spliced when a mask is given)."""
     return _logits(model, tokens, hook, reconstruct, mask)[:, :-1][predicted].log_softmax(-1)
@@ -95,7 +118,7 @@ def _log_probs(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splic
 
 @torch.no_grad()
 def spliced_lm_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Splice], windows: Tensor,
-                            special: SpecialTokens, batch_windows: int, hook: str | None = None
+                            special: SpecialTokens, batch_windows: int, hook: Hooks | None = None
                             ) -> dict[Key, dict[str, float | str]]:
     """Next-token CE clean / spliced / zero-ablated, delta LM loss, loss recovered and KL(clean || spliced),
     for every SAE in `reconstructs` (the clean and zero-ablated passes run once for all of them).
@@ -149,7 +172,7 @@ class _Stop(Exception):
     """Raised by the capture hook to skip everything after the last block (e.g. an untrained MLM head)."""
 
 
-def _final_hidden(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None,
+def _final_hidden(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None,
                   mask: Tensor | None) -> Tensor:
     """Output of the last block [batch, ctx, d] (float32), with the hook spliced when a mask is given."""
     final_hook = f"blocks.{int(model.bridge.cfg.n_layers) - 1}.hook_out"
@@ -159,7 +182,7 @@ def _final_hidden(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Sp
         captured.append(acts)
         raise _Stop
 
-    fwd_hooks = _splice_hooks(hook, reconstruct, mask)
+    fwd_hooks = _splice_hooks(model, tokens, hook, reconstruct, mask)
     with contextlib.suppress(_Stop):
         model.bridge.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (final_hook, capture)], return_type=None)
     if not captured:
@@ -172,7 +195,7 @@ def _mean_pool(hidden: Tensor, keep: Tensor) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def _pooled_cosine(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: Splice | None, keep: Tensor,
+def _pooled_cosine(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None, keep: Tensor,
                    clean: Tensor) -> float:
     """Summed cosine between the clean pooled hidden states and those with the hook spliced."""
     spliced = _mean_pool(_final_hidden(model, tokens, hook, reconstruct, keep), keep)
@@ -181,7 +204,7 @@ def _pooled_cosine(model: LoadedModel, tokens: Tensor, hook: str, reconstruct: S
 
 @torch.no_grad()
 def spliced_encoder_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Splice], windows: Tensor,
-                                 special: SpecialTokens, batch_windows: int, hook: str | None = None
+                                 special: SpecialTokens, batch_windows: int, hook: Hooks | None = None
                                  ) -> dict[Key, dict[str, float | str]]:
     """Mean over windows of cos(pool(h_clean), pool(h_spliced)), h the last block's output, pooled over
     real-text positions (the sentence-transformers embedding, before its final normalisation), for every SAE
@@ -208,7 +231,7 @@ def spliced_encoder_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, 
 
 
 def spliced_metrics_many(model: LoadedModel, reconstructs: Mapping[Key, Splice], windows: Tensor,
-                         special: SpecialTokens, batch_windows: int, hook: str | None = None
+                         special: SpecialTokens, batch_windows: int, hook: Hooks | None = None
                          ) -> dict[Key, dict[str, float | str]]:
     """The spliced metrics that fit the model, for several SAEs on one hook: next-token losses for causal LMs,
     hidden cosine otherwise. The SAE-independent passes (clean, zero-ablated) run once per batch.

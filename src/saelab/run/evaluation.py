@@ -19,7 +19,7 @@ from saelab.metrics import registry
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
 from saelab.metrics.sites import site_metrics
-from saelab.metrics.spliced import Splice, Transcode, spliced_metrics_many
+from saelab.metrics.spliced import Crosscode, Hooks, Splice, Transcode, spliced_metrics_many
 from saelab.run.stream import Stream
 from saelab.sites import Sites
 
@@ -77,28 +77,38 @@ def batch_topk_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size:
     return {f"batch_topk_{name}": value for name, value in metrics.items()}
 
 
-def normalised_splice(sae: nn.Module, hook: str, target_hook: str | None, scales: Mapping[str, float]) -> Splice:
+def normalised_splice(sae: nn.Module, sites: Sites, scales: Mapping[str, float]) -> Splice:
     """Raw activations in, raw output out: x -> C sae(x / C) for an SAE trained on normalised activations; a
-    transcoder reads its input hook and predicts its target, x -> C_target sae(x / C_input)."""
-    in_scale = scales[hook]
-    out_scale = scales[target_hook] if target_hook is not None else in_scale
+    transcoder reads its input hook and predicts its target, x -> C_target sae(x / C_input); a crosscoder's sites
+    each have their scale C_s."""
     device = next(sae.parameters()).device
+    width = sae.d_in // len(sites.reads)
+    in_scale = torch.tensor([scales[h] for h in sites.reads]).repeat_interleave(width).to(device)
+    out_scale = torch.tensor([scales[h] for h in sites.writes]).repeat_interleave(sae.d_out // len(sites.writes))
+    out_scale = out_scale.to(device)
     sae.eval()
 
     def predict(x: Tensor) -> Tensor:
         with torch.no_grad():
             return sae(x.to(device).float() / in_scale) * out_scale
 
-    return raw_splice(predict, hook, target_hook)
+    return raw_splice(predict, sites)
 
 
-def raw_splice(predict: Callable[[Tensor], Tensor], hook: str, target_hook: str | None) -> Splice:
-    """A splice from a raw-activation function: an SAE's replaces its hook; a transcoder's reads `hook` and
-    replaces its target."""
-    return predict if target_hook is None else Transcode(predict, reads=hook)
+def raw_splice(predict: Callable[[Tensor], Tensor], sites: Sites) -> Splice:
+    """A splice from a raw-activation function: an SAE's replaces its hook; a transcoder's reads its input hook
+    and replaces its target; a crosscoder's replaces every site it writes."""
+    if sites.crosscoder:
+        return Crosscode(predict, sites.reads, sites.writes)
+    return predict if sites.target_hook is None else Transcode(predict, reads=sites.hook)
 
 
-def spliced(stream: Stream, splices: Mapping[Hashable, tuple[str, Splice]], n_windows: int, model_batch_size: int
+def spliced_hooks(sites: Sites) -> Hooks:
+    """What a splice replaces: the SAE's hook, a transcoder's target, or every site a crosscoder writes."""
+    return sites.writes if sites.crosscoder else sites.writes[0]
+
+
+def spliced(stream: Stream, splices: Mapping[Hashable, tuple[Hooks, Splice]], n_windows: int, model_batch_size: int
             ) -> dict[Hashable, dict[str, Any]]:
     """Spliced metrics for several SAEs, each (the hook its output replaces, its splice); the clean and
     zero-ablated passes are shared by the SAEs of one hook. Empty without a model or windows."""

@@ -102,11 +102,6 @@ class SAEMember(nn.Module):
         self.watch = NonFiniteWatch()
         self._step_times: deque[tuple[float, int]] = deque(maxlen=21)
 
-    @property
-    def spliced_hook(self) -> str | None:
-        """Where spliced evaluation replaces the model's activation: a transcoder's target, an SAE's own hook."""
-        return self.target_hook if self.target_hook is not None else self.hook
-
     def input_and_target(self, batch: Tensor | Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """The SAE's input and a transcoder's target from a batch ({site: tensor}, or a plain tensor)."""
         if not isinstance(batch, Mapping):

@@ -25,7 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from saelab.errors import ConfigError
 from saelab.run import precision
 from saelab.run.checkpoints import GroupCheckpointIO
-from saelab.run.evaluation import batch_topk_metrics, held_out_metrics, normalised_splice, spliced
+from saelab.run.evaluation import (
+    batch_topk_metrics,
+    held_out_metrics,
+    normalised_splice,
+    spliced,
+    spliced_hooks,
+)
 from saelab.run.grouping import shared_config
 from saelab.run.job import Job, activations_needed, run_steps
 from saelab.run.loggers import build_loggers, close_loggers
@@ -215,7 +221,7 @@ def _evaluate(cfg: DictConfig, finishing: list[tuple[int, SAEMember]], stream: S
     if cfg.eval.get("batch_topk"):  # BatchTopK and Matryoshka also by their training selection
         for i, m in finishing:
             results[i][0].update(batch_topk_metrics(m.sae, stream, m.sites, int(cfg.eval.batch_size)))
-    splices = {i: (m.spliced_hook, normalised_splice(m.sae, m.hook, m.target_hook, stream.datamodule.scales))
+    splices = {i: (spliced_hooks(m.sites), normalised_splice(m.sae, m.sites, stream.datamodule.scales))
                for i, m in finishing}
     for i, metrics in spliced(stream, splices, int(cfg.eval.spliced_windows or 0),
                               int(cfg.data.model_batch_size)).items():

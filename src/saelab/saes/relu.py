@@ -56,10 +56,12 @@ class ReluSAE(SAE):
     def training_loss(self, x: Tensor, coefficients: Mapping[str, float], target: Tensor | None = None
                       ) -> TrainStep:
         t = self.reconstruction_target(x, target)
-        if self.cfg.sparsity == "l1" and self.fused_ok(x):
+        if self.fused_ok(x):
             bias = self.folded_bias(self.W_enc, self.b_enc)
+            weight = None if self.cfg.sparsity == "l1" else self.decoder_norms()
             x_hat, f, penalty, fired = ReluL1Function.apply(x, self.W_enc, bias, self.W_dec, self.b_dec,
-                                                            (self.workspace("f", x), self.workspace("grad_f", x)))
+                                                            (self.workspace("f", x), self.workspace("grad_f", x)),
+                                                            weight)
             terms = {"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}
             return TrainStep(terms, f, fired_mask=fired)
         f = self.encode(x)
