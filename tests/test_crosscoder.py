@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -120,24 +119,25 @@ def test_latent_scaling_recovers_how_much_of_a_b_only_latent_site_a_carries():
         assert metrics["site_fvu"]["B"] == pytest.approx(0.0, abs=1e-6)
 
 
-def _synthetic_crosscoder(sae: str, out: Path, steps: int, *extra: str) -> dict:
-    result = run_cli(["data=synthetic", f"sae={sae}", "data.synthetic.sites=2", "data.synthetic.exclusive_fraction=0.2",
-                      "data.synthetic.ratio_fraction=0.2", f"data.train_tokens={512 * steps}", "optim.lr=3e-3",
-                      "logger=none", "eval.tokens=8192", f"paths.output_dir={out}", "hydra.run.dir=" + str(out / "run"),
-                      "callbacks.progress_bar.refresh_rate=0", *extra])
+def test_an_l1_crosscoder_learns_both_sites_and_latent_scaling_flags_its_false_b_only_latents(tmp_path):
+    """Minder et al.'s (a) and (c) on a two-site world at L0 8 (experiment=crosscoder_diffing runs all three claims
+    on a larger world, BatchTopK beside it, in docs/RESULTS.md)."""
+    result = run_cli(["data=synthetic", "sae=crosscoder_l1", "data.synthetic.sites=2", "data.synthetic.d_in=32",
+                      "data.synthetic.n_features=256", "data.synthetic.exclusive_fraction=0.1",
+                      "data.synthetic.ratio_fraction=0.2", "data.train_tokens=768000", "optim.lr=3e-3",
+                      "logger=none", "eval.tokens=8192", f"paths.output_dir={tmp_path}",
+                      f"hydra.run.dir={tmp_path / 'run'}", "callbacks.progress_bar.refresh_rate=0"])
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "run" / "metrics.json").read_text())
-
-
-def test_a_batchtopk_crosscoder_learns_both_sites_and_finds_the_b_only_features(tmp_path):
-    metrics = _synthetic_crosscoder("batchtopk", tmp_path, 2000)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sites"] == ["site_0", "site_1"] and abs(metrics["l0"] - 8) < 0.5
-    # chance for 512 random 64-d decoders against 512 features is ~0.3; a trained crosscoder recovers each site
-    assert min(metrics["site_mcc"].values()) > 0.75
-    assert metrics["exclusive_recall"] > 0.6 and metrics["exclusive_precision"] > 0.6
-    assert sum(metrics["relative_norm_histogram"]) > 0.5 * metrics["d_sae"]
+    assert min(metrics["site_mcc"].values()) > 0.8  # chance for random decoders here: ~0.4
+    assert sum(metrics["relative_norm_histogram"]) == metrics["d_sae"] * (1 - metrics["dead_fraction"])
+    # (a) many of its B-only latents read as features site A also carries (measured: about half)...
+    assert metrics["exclusive_recall"] > 0.6 and metrics["exclusive_precision"] < 0.75
+    # (c) ...and Latent Scaling's nu ranks those above the true ones
+    assert metrics["latent_scaling_auroc"] > 0.7
     cfg = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
-    assert cfg["d_in"] == 128 and cfg["metadata"]["hook_names"] == ["site_0", "site_1"]
+    assert cfg["d_in"] == 64 and cfg["metadata"]["hook_names"] == ["site_0", "site_1"]
 
 
 def test_a_crosscoder_over_two_layers_trains_evaluates_splices_and_exports(tiny_model_dir, tiny_corpus_dir, tmp_path):
@@ -149,9 +149,7 @@ def test_a_crosscoder_over_two_layers_trains_evaluates_splices_and_exports(tiny_
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sites"] == ["blocks.0.hook_out", "blocks.1.hook_out"] and metrics["d_in"] == 64
     assert set(metrics["site_fvu"]) == set(metrics["sites"]) and 0 < metrics["fvu"] < 1
-    assert "delta_lm_loss" in metrics and math.isfinite(metrics["delta_lm_loss"])
-    # every written site replaced: the crosscoder's splice loses less than zero-ablating both sites
-    assert metrics["ce_sae"] < metrics["ce_zero"]
+    assert math.isfinite(metrics["delta_lm_loss"]) and metrics["ce_sae"] != metrics["ce_clean"]
     tensors = load_file(str(tmp_path / "run" / "sae" / "sae_weights.safetensors"))
     assert tensors["W_enc"].shape == (64, metrics["d_sae"])
     # saelab-eval reads what saelab exports: the same sites and the same held-out numbers
@@ -178,3 +176,22 @@ def test_bad_crosscoder_sites_are_one_line_errors(override, field, tiny_model_di
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and field in last, result.stderr[-2000:]
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_a_crosscoder_splice_replaces_every_site_it_writes(tiny_model_dir, tiny_corpus_dir):
+    """Predicting zeros at both sites is zero-ablating both; predicting the clean activations changes nothing."""
+    from saelab.data.model import load_model
+    from saelab.data.tokens import SpecialTokens
+    from saelab.metrics.spliced import Crosscode, spliced_lm_metrics_many
+
+    sites = ("blocks.0.hook_out", "blocks.1.hook_out")
+    model = load_model({"name": "tiny", "path": str(tiny_model_dir), "hook": list(sites), "dtype": "float32",
+                        "device": "cpu"})
+    windows = torch.randint(2, 150, (4, 16), generator=torch.Generator().manual_seed(0))
+    special = SpecialTokens.from_tokenizer(model.tokenizer)
+    results = spliced_lm_metrics_many(model, {"zero": Crosscode(torch.zeros_like, sites, sites),
+                                              "same": Crosscode(lambda x: x, sites, sites)},
+                                      windows, special, 2, sites)
+    assert results["zero"]["ce_sae"] == pytest.approx(results["zero"]["ce_zero"], rel=1e-6)
+    assert results["same"]["ce_sae"] == pytest.approx(results["same"]["ce_clean"], rel=1e-6)
+    assert results["zero"]["ce_zero"] != pytest.approx(results["zero"]["ce_clean"], rel=1e-3)
