@@ -245,7 +245,8 @@ def _job(tmp_path: Path, num: int, **changes) -> Job:
     cfg = OmegaConf.create({
         "seed": 0, "model": {"name": "tiny", "hook": "blocks.0.hook_out", "hooks": None, "d_model": 32,
                              "device": "cpu"},
-        "data": {"seed": 0, "batch_size": 256, "train_tokens": 2560}, "trainer": {"precision": "32-true",
+        "data": {"_target_": "saelab.data.sources.pydocs.PyDocs", "seed": 0, "batch_size": 256,
+                 "train_tokens": 2560}, "trainer": {"precision": "32-true",
                                                                                  "max_steps": None},
         "callbacks": {"ckpt": {"dirpath": str(tmp_path / str(num) / "checkpoints")}}, "eval": {"tokens": 64},
         "paths": {"cache_dir": "c"}, "sae": {"_target_": "saelab.saes.relu.ReluSAE", "d_in": 32, "d_sae": 128},

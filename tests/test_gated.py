@@ -142,7 +142,7 @@ def as_jumprelu(sae: GatedSAE) -> SimpleNamespace:
     """Something `export_sae` can write: the Gated SAE seen through its JumpReLU tensors."""
     return SimpleNamespace(d_in=sae.d_in, d_sae=sae.d_sae, cfg=sae.cfg, centres_input=sae.centres_input,
                            transcoder=False,
-                           exported_tensors=lambda scale, target_scale=None: sae.export_as_jumprelu_tensors(scale),
+                           exported_tensors=lambda scale, *_: sae.export_as_jumprelu_tensors(scale),
                            exported_config=lambda: {"architecture": "jumprelu"})
 
 

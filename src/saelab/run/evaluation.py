@@ -36,7 +36,7 @@ def held_out_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size: i
     firing: list[Tensor] | None = [] if with_truth else None
     acts = sites.input(datamodule.eval_acts)
     metrics, density = evaluate_sae(sae, acts, int(batch_size), firing, sites.target(datamodule.eval_acts))
-    scales = [float(datamodule.scales[h]) for h in sites.writes]
+    scales = [float(datamodule.scales[h]) for h in sites.writes] if sites.crosscoder else []
     if with_truth:  # how well the SAE recovers the world's features, from the same held-out encode
         decoder = sae.W_dec  # a crosscoder's sites in raw units (each its own scale), as the truth is
         if sites.crosscoder:
