@@ -89,8 +89,11 @@ class Job:
         sae_cfg = OmegaConf.to_container(self.cfg.sae, resolve=True)
         if self.target_hook is not None and sae_cfg.get("d_out") is None:
             sae_cfg["d_out"] = int(self.cfg.model.d_model)
-        if self.sites.crosscoder:
-            sae_cfg["sites"] = len(self.sites.reads)
+        reads = len(self.sites.reads)
+        if sae_cfg.get("sites", 1) not in (1, reads):
+            raise ConfigError("sae.sites", sae_cfg["sites"], f"{reads}, the number of hooks in model.hook (it is "
+                              "filled in from them)")
+        sae_cfg["sites"] = reads
         return sae_cfg
 
 
