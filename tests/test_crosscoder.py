@@ -19,6 +19,7 @@ from saelab.saes.base import build_sae
 from saelab.saes.saelens_format import ExportedSAE, load_exported
 from saelab.sites import Sites
 from tests.conftest import run_cli, run_module, tiny_overrides
+from tests.test_dashboard import build, read_latent
 
 CROSSCODER_L1 = {"_target_": "saelab.saes.relu.ReluSAE", "d_in": 8, "d_sae": 16, "sites": 3, "sparsity": "ri_l1",
                  "decoder_constraint": "none"}
@@ -161,7 +162,16 @@ def test_a_crosscoder_over_two_layers_trains_evaluates_splices_and_exports(tiny_
     assert again["sites"] == metrics["sites"]
     assert again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-4) and again["l0"] == pytest.approx(metrics["l0"],
                                                                                                     rel=1e-4)
-    assert load_exported(tmp_path / "run" / "sae").cfg["metadata"]["hook_names"] == metrics["sites"]
+    exported = load_exported(tmp_path / "run" / "sae")
+    assert exported.cfg["metadata"]["hook_names"] == metrics["sites"]
+    # the dashboard encodes both sites and shows each latent's decoder norm at each (raw units, as exported)
+    build([tmp_path / "run", "latents=top:3", "tokens=1e6", "contexts=2"])
+    summary = json.loads((tmp_path / "run" / "dashboard" / "summary.json").read_text())
+    assert summary["sae"]["hook"] == ", ".join(metrics["sites"])
+    latent = summary["latents"][0]["id"]
+    shown = read_latent(tmp_path / "run" / "dashboard", latent)["site_norms"]
+    norms = exported.W_dec[latent].view(2, -1).norm(dim=-1)
+    assert shown == {site: pytest.approx(float(n), rel=1e-3) for site, n in zip(metrics["sites"], norms, strict=True)}
 
 
 @pytest.mark.parametrize(("override", "field"), [

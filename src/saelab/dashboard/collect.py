@@ -70,7 +70,7 @@ def held_out(stream, tokens: int) -> tuple[HeldOut, Any]:
     n = select_windows(windows, keep, tokens)
     windows, keep = windows[:n], keep[:n]
     chunks = activation_chunks(model, windows, datamodule.special, int(data_cfg["model_batch_size"]),
-                               hook=model.hooks[0])
+                               hooks=list(model.hooks))  # a crosscoder's sites side by side
     acts = torch.cat(list(chunks))
     where = keep.nonzero()
     if len(acts) != len(where):
@@ -222,8 +222,9 @@ def collect(plan: Plan) -> DashboardData:
     sae = load_exported(plan.sae_dir).float().cpu().eval()
     d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
     # A text source (plan.make_plan refuses others) and data.cache off (plan.make_plan): the run pipeline's model.
+    sites = plan.sites
     stream = open_one_stream({"model": plan.model, "data": plan.data, "eval": {"tokens": opts.tokens}, "seed": 0},
-                             Reader(plan.hook, None, d_in), held_out_only=True)
+                             Reader(sites.hook, None, d_in // len(sites.reads), sites=sites), held_out_only=True)
     model = stream.model
     loaded = time.time()
     data, special = held_out(stream, opts.tokens)
@@ -235,7 +236,8 @@ def collect(plan: Plan) -> DashboardData:
     fires, peak = firing_stats(sae, data.acts, batch)
     chosen = choose_latents(opts.latents, fires, opts.seed)
     ids = [i for i, _ in chosen]
-    effects, logit_note = logit_effects(model, sae.W_dec.cpu(), ids, opts.logit_tokens)
+    site_w_dec = sae.W_dec.cpu().view(d_sae, len(sites.reads), -1)  # [d_sae, sites, d]: one block a site
+    effects, logit_note = logit_effects(model, site_w_dec[:, -1], ids, opts.logit_tokens)  # the last site's
 
     records = []
     per_pass = max(1, MAX_COLUMN_FLOATS // n_tokens)
@@ -253,6 +255,8 @@ def collect(plan: Plan) -> DashboardData:
                 "contexts": top_contexts(column, data, opts.contexts, opts.window, model.tokenizer,
                                          special.excluded),
                 "logits": effects[start + j] if effects is not None else None,
+                "site_norms": ({h: _sig(n) for h, n in zip(sites.reads, site_w_dec[latent].norm(dim=-1).tolist(),
+                                                            strict=True)} if sites.crosscoder else None),
             })
     log.info("dashboard: %d held-out tokens (%d windows) at %s; model and SAE loaded in %.1f s, activations in "
              "%.1f s, %d latents encoded in %.1f s", n_tokens, len(data.windows), plan.hook, loaded - started,
@@ -263,7 +267,8 @@ def collect(plan: Plan) -> DashboardData:
         "title": plan.run_dir.name if plan.run_dir is not None else plan.sae_dir.name,
         "source": str(plan.source),
         "run_dir": str(plan.run_dir) if plan.run_dir is not None else None,
-        "sae": {"architecture": sae.cfg["architecture"], "d_in": d_in, "d_sae": d_sae, "hook": plan.hook,
+        "sae": {"architecture": sae.cfg["architecture"], "d_in": d_in, "d_sae": d_sae,
+                "hook": ", ".join(sites.reads),
                 "model_name": sae_field(sae.cfg, "model_name") or str(plan.model.get("name"))},
         "model": str(plan.model.get("name")),
         "data": {"source": str(plan.data.get("source")), "path": plan.data.get("path"),

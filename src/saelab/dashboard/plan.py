@@ -25,6 +25,7 @@ from saelab.data.sources import TextSource, build_source
 from saelab.errors import ConfigError
 from saelab.run.compose import CONF_DIR, compose_run_config
 from saelab.saes.saelens_format import CONFIG_FILE, read_sae_dir
+from saelab.sites import Sites
 
 SAE_CONFIG = CONFIG_FILE
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -47,8 +48,13 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
 
     @property
+    def sites(self) -> Sites:
+        """The hooks the SAE reads (a crosscoder's several)."""
+        return Sites.of(self.model.hook)
+
+    @property
     def hook(self) -> str:
-        return str(self.model.hook)
+        return self.sites.hook
 
 
 # -- the directory --------------------------------------------------------------------------------------------
@@ -160,9 +166,9 @@ def make_plan(path: str | os.PathLike, overrides: Sequence[str]) -> Plan:
     model, data = sections["model"], sections["data"]
 
     # The SAE's own record of where it reads beats the config's defaults, unless the command line says otherwise.
-    hook = sae_field(sae_cfg, "hook_name")
+    hook = sae_field(sae_cfg, "hook_names") or sae_field(sae_cfg, "hook_name")  # a crosscoder's: its sites
     if hook and "model.hook" not in touched:
-        model.hook = str(hook)
+        model.hook = list(hook) if isinstance(hook, list) else str(hook)
     if run_dir is None:
         for key in ("context_size", "prepend_bos"):
             value = sae_field(sae_cfg, key)

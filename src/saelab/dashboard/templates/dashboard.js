@@ -169,7 +169,9 @@
     box.appendChild(el("h2", { text: "Latent " + d.id }, [el("span", { className: "chosen", text: " " + d.chosen_by })]));
     var stats = el("table", { className: "kv stats" });
     [["firing density", pct(d.density) + " (" + d.fires + " of " + S.held_out.tokens + " held-out tokens)"],
-     ["max activation", num(d.max)], ["mean when firing", num(d.mean)]].forEach(function (r) {
+     ["max activation", num(d.max)], ["mean when firing", num(d.mean)]].concat(d.site_norms ?
+      Object.keys(d.site_norms).map(function (site) { return ["decoder norm at " + site, num(d.site_norms[site])]; })
+      : []).forEach(function (r) {
       stats.appendChild(el("tr", {}, [el("th", { text: r[0] }), el("td", { text: r[1] })]));
     });
     var row = el("div", { className: "row" }, [stats]);
