@@ -142,34 +142,38 @@ def test_an_l1_crosscoder_learns_both_sites_and_latent_scaling_flags_its_false_b
 
 
 def test_a_crosscoder_over_two_layers_trains_evaluates_splices_and_exports(tiny_model_dir, tiny_corpus_dir, tmp_path):
-    hooks = "[blocks.0.hook_out,blocks.1.hook_out]"
-    args = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path), f"model.hook={hooks}", "sae=batchtopk",
-            "sae.k=8", "hydra.run.dir=" + str(tmp_path / "run"), "eval.spliced_windows=8"]
-    result = run_cli(args)
+    """In one fan-out group beside an SAE on one of its hooks: one stream serves both."""
+    base = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path), "sae=batchtopk", "sae.k=8"]
+    result = run_cli(["-m", *base, "hydra/launcher=fanout", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                      "model.hook=blocks.1.hook_out,[blocks.0.hook_out,blocks.1.hook_out]", "eval.spliced_windows=8"])
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "jobs #0, #1 share one activation stream" in result.stdout + result.stderr
+    run = tmp_path / "sweep" / "1"
+    sae_only = json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "sites" not in sae_only and sae_only["d_in"] == 32
     assert metrics["sites"] == ["blocks.0.hook_out", "blocks.1.hook_out"] and metrics["d_in"] == 64
     assert set(metrics["site_fvu"]) == set(metrics["sites"]) and 0 < metrics["fvu"] < 1
     assert math.isfinite(metrics["delta_lm_loss"]) and metrics["ce_sae"] != metrics["ce_clean"]
-    tensors = load_file(str(tmp_path / "run" / "sae" / "sae_weights.safetensors"))
+    tensors = load_file(str(run / "sae" / "sae_weights.safetensors"))
     assert tensors["W_enc"].shape == (64, metrics["d_sae"])
     # saelab-eval reads what saelab exports: the same sites and the same held-out numbers
     out = tmp_path / "eval"
-    evaluated = run_module("saelab.cli.evaluate", [str(tmp_path / "run" / "sae"), *args[:-3], "--out", str(out),
+    evaluated = run_module("saelab.cli.evaluate", [str(run / "sae"), *base, "--out", str(out),
                                                    "eval.spliced_windows=0"])
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())
     assert again["sites"] == metrics["sites"]
     assert again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-4) and again["l0"] == pytest.approx(metrics["l0"],
                                                                                                     rel=1e-4)
-    exported = load_exported(tmp_path / "run" / "sae")
+    exported = load_exported(run / "sae")
     assert exported.cfg["metadata"]["hook_names"] == metrics["sites"]
     # the dashboard encodes both sites and shows each latent's decoder norm at each (raw units, as exported)
-    build([tmp_path / "run", "latents=top:3", "tokens=1e6", "contexts=2"])
-    summary = json.loads((tmp_path / "run" / "dashboard" / "summary.json").read_text())
+    build([run, "latents=top:3", "tokens=1e6", "contexts=2"])
+    summary = json.loads((run / "dashboard" / "summary.json").read_text())
     assert summary["sae"]["hook"] == ", ".join(metrics["sites"])
     latent = summary["latents"][0]["id"]
-    shown = read_latent(tmp_path / "run" / "dashboard", latent)["site_norms"]
+    shown = read_latent(run / "dashboard", latent)["site_norms"]
     norms = exported.W_dec[latent].view(2, -1).norm(dim=-1)
     assert shown == {site: pytest.approx(float(n), rel=1e-3) for site, n in zip(metrics["sites"], norms, strict=True)}
 

@@ -19,10 +19,14 @@ INTERVAL = 20  # checkpoint interval in steps
 STEPS = 200
 
 
+CROSSCODER = "model.hook=[blocks.0.hook_out,blocks.1.hook_out]"
+
+
 def _overrides(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, variant: str, data_cache: str
                ) -> list[str]:
+    sites = [CROSSCODER] if variant.startswith("crosscoder") else []
     return [
-        *tiny_overrides(model_dir, corpus_dir, out), f"paths.cache_dir={cache}", f"sae={variant}",
+        *tiny_overrides(model_dir, corpus_dir, out), *sites, f"paths.cache_dir={cache}", f"sae={variant}",
         f"data.cache={data_cache}",
         f"data.train_tokens={STEPS * 256}", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
         f"callbacks.model_checkpoint.every_n_train_steps={INTERVAL}", "+logger.csv.flush_logs_every_n_steps=1",
@@ -43,8 +47,9 @@ def _checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-# topk from the cache, relu streamed: both data paths and both kinds of step (CI time: relu-auto adds nothing new)
-@pytest.mark.parametrize(("variant", "data_cache"), [("topk", "auto"), ("relu", "off")])
+# topk from the cache; an L1 crosscoder (ReLU over two sites, each with its own scale) streamed: both data paths,
+# both kinds of step, one site and several (CI time: relu-auto adds nothing new)
+@pytest.mark.parametrize(("variant", "data_cache"), [("topk", "auto"), ("crosscoder_l1", "off")])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(variant, data_cache, tiny_model_dir, tiny_corpus_dir,
                                                         tmp_path):
     """From the activation cache, and streamed from the model (data.cache=off: the stream is regenerated)."""
