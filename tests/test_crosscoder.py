@@ -14,7 +14,8 @@ from torch import nn
 from saelab.data.synthetic import SyntheticSpec, SyntheticWorld
 from saelab.data.synthetic_sites import EXCLUSIVE, RATIO, SHARED, MultiSiteWorld
 from saelab.errors import ConfigError
-from saelab.metrics.sites import auroc, relative_norm, site_metrics
+from saelab.metrics.evaluate import evaluate_sae
+from saelab.metrics.sites import SiteMetrics, auroc, relative_norm
 from saelab.saes.base import build_sae
 from saelab.saes.saelens_format import ExportedSAE, load_exported
 from saelab.sites import Sites
@@ -82,6 +83,11 @@ def test_the_export_folds_each_sites_scale_in():
         out = sae(x)
         assert torch.allclose(exported(raw), torch.cat([out[:, :4] * scales[0], out[:, 4:] * scales[1]], 1),
                               atol=1e-5)
+    # init_from: the export read back into a fresh crosscoder on the same scales is the same crosscoder
+    fresh = build_sae({**CROSSCODER_L1, "sites": 2, "d_in": 4, "d_sae": 6})
+    fresh.import_tensors(sae.exported_tensors(scales[0], None, scales), scales[0], None, scales)
+    for name, value in sae.named_parameters():
+        torch.testing.assert_close(dict(fresh.named_parameters())[name], value, rtol=1e-6, atol=1e-6)
 
 
 def test_relative_norm_and_auroc_follow_their_definitions():
@@ -113,7 +119,10 @@ def test_latent_scaling_recovers_how_much_of_a_b_only_latent_site_a_carries():
     c = torch.rand(400)
     for beta_a in (0.0, 0.6):
         x = torch.cat([beta_a * c[:, None] * d, c[:, None] * d], dim=1)  # site A carries beta_a of the latent
-        metrics = site_metrics(_OneLatent(d), x, ["A", "B"], [1.0, 1.0], 128)
+        sae = _OneLatent(d)
+        by_site = SiteMetrics(sae.W_dec, ["A", "B"], [1.0, 1.0])
+        evaluate_sae(sae, x, 128, observe=by_site)  # the held-out pass feeds it, batch by batch
+        metrics = by_site.compute()
         # beta^s = sum f <d, y^s> / sum f^2 ||d||^2: beta^B = 1, beta^A = beta_a, nu = beta_a (Minder et al.)
         assert metrics["latent_scaling_median"] == pytest.approx(beta_a, abs=1e-5)
         assert metrics["exclusive_b_latents"] == 1
@@ -164,6 +173,8 @@ def test_a_crosscoder_over_two_layers_trains_evaluates_splices_and_exports(tiny_
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())
     assert again["sites"] == metrics["sites"]
+    assert again["relative_norm_histogram"] == metrics["relative_norm_histogram"]  # the export's decoder, per site
+    assert again["site_fvu"] == pytest.approx(metrics["site_fvu"], rel=1e-4)
     assert again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-4) and again["l0"] == pytest.approx(metrics["l0"],
                                                                                                     rel=1e-4)
     exported = load_exported(run / "sae")

@@ -67,3 +67,8 @@ class Sites:
 
 def _side_by_side(batch: Mapping[str, Tensor], names: tuple[str, ...]) -> Tensor:
     return batch[names[0]] if len(names) == 1 else torch.cat([batch[n] for n in names], dim=-1)
+
+
+def column_scales(scales: Sequence[float], width: int) -> Tensor:
+    """Each column's normalisation scale for sites side by side, each `width` wide ([len(scales) * width])."""
+    return torch.tensor([float(c) for c in scales], dtype=torch.float32).repeat_interleave(width)

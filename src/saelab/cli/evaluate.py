@@ -11,6 +11,7 @@ that can be checked before the model loads is; a wrong width or hook fails right
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -28,7 +29,7 @@ from saelab.errors import ConfigError, cli_error_line
 from saelab.io import write_json
 from saelab.run.compose import compose_run_config, with_config_dirs
 from saelab.saes.saelens_format import ExportedSAE, layout_of, load_exported, read_sae_dir
-from saelab.sites import Sites
+from saelab.sites import Sites, column_scales
 
 log = logging.getLogger("saelab.eval")
 
@@ -40,7 +41,7 @@ class Plan:
     cfg: DictConfig  # seed, model, data, eval and paths of the composed train config, resolved
     out_dir: Path
 
-    @property
+    @functools.cached_property
     def sites(self) -> Sites:
         """The sites the export reads and writes, as the run's source names them (cfg.json's hooks by default)."""
         return build_source(self.cfg.data).sites(self.cfg.model)
@@ -145,8 +146,8 @@ def evaluate(plan: Plan) -> dict[str, Any]:
     stream = open_one_stream(cfg, reader, int(cfg.data.normalize_tokens))
     scales = stream.datamodule.scales
     scale = scales[plan.hook]
-    site_scales = (torch.tensor([scales[h] for h in sites.reads]).repeat_interleave(d_in // len(sites.reads))
-                   if sites.crosscoder else None)
+    site_scales = (column_scales([scales[h] for h in sites.reads], d_in // len(sites.reads)) if sites.crosscoder
+                   else None)
     view = NormalisedView(exported, scale, scales[target] if target else scale, site_scales)
     metrics, _ = held_out_metrics(view, stream, sites, int(cfg.eval.batch_size))
 

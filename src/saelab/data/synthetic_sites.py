@@ -28,7 +28,6 @@ from torch import Tensor
 from saelab.data.synthetic import SyntheticSpec, SyntheticWorld
 
 SHARED, EXCLUSIVE, RATIO = 0, 1, 2
-KINDS = {SHARED: "shared", EXCLUSIVE: "exclusive", RATIO: "ratio"}
 
 
 def site_names(sites: int) -> list[str]:

@@ -162,7 +162,6 @@ ENTRIES: tuple[Metric, ...] = (
     _m("exclusive_b_latents", "firing latents whose relative decoder norm is above 0.9 (B only)", "none", "sites"),
     _m("latent_scaling_median", "median Latent Scaling ratio nu = beta_A / beta_B of the B-only latents", "none",
        "sites"),
-    _m("false_exclusive_fraction", "1 - exclusive_precision", "lower", "sites", needs=["ground_truth"]),
     _m("site_mcc", "recovery of each site's present features by that site's decoder ({site: mcc})", "none",
        "sites", needs=["ground_truth"]),
     _m("sites", "the sites a crosscoder reads and writes", "none", "run", needs=["sites"]),

@@ -21,20 +21,21 @@ With the ground truth of a multi-site world (data/synthetic_sites.py):
   decoder columns;
 - `exclusive_precision` / `exclusive_recall`: each B-only latent is read as its nearest true feature at site B
   (|cos| > 0.5); precision is the share of those whose feature is truly exclusive to B, recall the share of
-  B-exclusive features that some B-only latent reads as; `false_exclusive_fraction` = 1 - precision;
+  B-exclusive features that some B-only latent reads as;
 - `latent_scaling_auroc`: how well nu separates the false exclusives (higher nu) from the true ones (0.5:
   chance, 1: perfectly), over the B-only latents that read as a feature.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from saelab.data.synthetic_sites import EXCLUSIVE
 from saelab.metrics.ground_truth import MATCHED, match
+from saelab.sites import column_scales
 
 B_ONLY = 0.9  # Delta above which a latent is "B only" (Minder et al.'s chat-only band, [0.9, 1])
 WRITES = 0.1  # a latent writes to a site where its decoder norm is at least this fraction of its largest
@@ -47,60 +48,60 @@ def relative_norm(site_norms: Tensor) -> Tensor:
     return 0.5 * ((b - a) / torch.maximum(a, b).clamp_min(1e-12) + 1)
 
 
-@torch.no_grad()
-def site_metrics(sae: nn.Module, acts: Tensor, sites: list[str], scales: list[float], batch_size: int,
-                 truth=None) -> dict:
-    """The metrics above for `sae` (normalised activations in and out) on held-out `acts` [n, S d] (normalised,
-    sites side by side); `scales`: each site's normalisation scale; `truth`: a MultiSiteWorld or None."""
-    n_sites = len(sites)
-    device = next(itertools.chain(sae.parameters(), sae.buffers())).device
-    col_scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(acts.shape[1] // n_sites).to(device)
-    W = (sae.W_dec.detach().float() * col_scale).view(sae.d_sae, n_sites, -1)  # raw units, [d_sae, S, d]
-    norms = W.norm(dim=-1)  # [d_sae, S]
-    writes = norms >= WRITES * norms.max(dim=1, keepdim=True).values.clamp_min(1e-12)
-    d_b = W[:, -1]  # [d_sae, d]: each latent's B decoder direction, for Latent Scaling
-    sse, sq = (torch.zeros(n_sites, dtype=torch.float64, device=device) for _ in range(2))
-    colsum = torch.zeros(acts.shape[1], dtype=torch.float64, device=device)
-    active = torch.zeros(n_sites, dtype=torch.float64, device=device)
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-    fit = torch.zeros(n_sites, sae.d_sae, dtype=torch.float64, device=device)  # sum_x f_j <d_j^B, error^s>
-    f_sq = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    was_training = sae.training
-    sae.eval()
-    try:
-        for start in range(0, len(acts), batch_size):
-            x = acts[start:start + batch_size].to(device)
-            f = sae.encode(x)
-            x_raw, err = (x * col_scale).double(), ((x - sae.output(x, f)) * col_scale).double()
-            fired |= (f > 0).any(0)
-            active += (f > 0).double().sum(0) @ writes.double()
-            f_sq += f.double().pow(2).sum(0)
-            colsum += x_raw.sum(0)
-            sq += x_raw.pow(2).view(len(x), n_sites, -1).sum((0, 2))
-            sse += err.pow(2).view(len(x), n_sites, -1).sum((0, 2))
-            for s, es in enumerate(err.chunk(n_sites, 1)):
-                fit[s] += ((f.t().double() @ es) * d_b.double()).sum(1)
-    finally:
-        sae.train(was_training)
-    n = float(len(acts))
-    variance = sq - colsum.pow(2).view(n_sites, -1).sum(1) / n  # each site's, about each dimension's mean
-    own = (W * d_b.unsqueeze(1)).sum(-1).t().double()  # [S, d_sae]: <d_j^B, d_j^s>
-    beta = (fit + f_sq * own) / (f_sq * d_b.double().pow(2).sum(-1)).clamp_min(1e-12)
-    nu = (beta[0] / beta[-1].clamp_min(1e-12)).float()
-    delta = relative_norm(norms)
-    b_only = fired & (delta > B_ONLY)
-    metrics = {
-        "site_fvu": {name: float(sse[s] / variance[s].clamp_min(1e-30)) for s, name in enumerate(sites)},
-        "site_l0": {name: float(active[s]) / n for s, name in enumerate(sites)},
-        "site_dead_fraction": {name: float((writes[:, s] & ~fired).sum()) / max(int(writes[:, s].sum()), 1)
-                               for s, name in enumerate(sites)},
-        "relative_norm_histogram": torch.histc(delta[fired].cpu(), BINS, 0.0, 1.0).int().tolist(),
-        "exclusive_b_latents": int(b_only.sum()),
-        "latent_scaling_median": float(nu[b_only].median()) if b_only.any() else float("nan"),
-    }
-    if truth is not None:
-        metrics |= _truth_metrics(W.cpu(), b_only.cpu(), nu.cpu(), truth, sites)
-    return metrics
+class SiteMetrics:
+    """The metrics above, accumulated over the batches of the held-out pass that measures the rest (evaluate_sae's
+    `observe`): the target x [B, S d] (normalised, sites side by side), the SAE's output and its latents."""
+
+    def __init__(self, W_dec: Tensor, sites: list[str], scales: list[float]):
+        """`W_dec` [d_sae, S d] in normalised units; `scales`: each site's normalisation scale."""
+        self.sites, n_sites = sites, len(sites)
+        self.col_scale = column_scales(scales, W_dec.shape[1] // n_sites).to(W_dec.device)
+        self.W = (W_dec.detach().float() * self.col_scale).view(W_dec.shape[0], n_sites, -1)  # raw, [d_sae, S, d]
+        self.norms = self.W.norm(dim=-1)  # [d_sae, S]
+        self.writes = self.norms >= WRITES * self.norms.max(dim=1, keepdim=True).values.clamp_min(1e-12)
+        self.d_b = self.W[:, -1].double()  # [d_sae, d]: each latent's B decoder, for Latent Scaling
+        zeros = functools.partial(torch.zeros, dtype=torch.float64, device=W_dec.device)
+        self.sse, self.sq, self.active = zeros(n_sites), zeros(n_sites), zeros(n_sites)
+        self.colsum, self.f_sq = zeros(W_dec.shape[1]), zeros(W_dec.shape[0])
+        self.fit = zeros(n_sites, W_dec.shape[0])  # sum_x f_j <d_j^B, error^s>
+        self.fired = torch.zeros(W_dec.shape[0], dtype=torch.bool, device=W_dec.device)
+        self.n = 0
+
+    def __call__(self, x: Tensor, output: Tensor, f: Tensor) -> None:
+        n_sites = len(self.sites)
+        x_raw, err = (x * self.col_scale).double(), ((x - output) * self.col_scale).double()
+        f64 = f.double()
+        self.fired |= (f > 0).any(0)
+        self.active += (f > 0).double().sum(0) @ self.writes.double()
+        self.f_sq += f64.pow(2).sum(0)
+        self.colsum += x_raw.sum(0)
+        self.sq += x_raw.pow(2).view(len(x), n_sites, -1).sum((0, 2))
+        self.sse += err.pow(2).view(len(x), n_sites, -1).sum((0, 2))
+        for s, es in enumerate(err.chunk(n_sites, 1)):
+            self.fit[s] += ((f64.t() @ es) * self.d_b).sum(1)
+        self.n += len(x)
+
+    def compute(self, truth=None) -> dict:
+        """The metrics; with `truth` (a MultiSiteWorld) those against the ground truth too."""
+        sites, n = self.sites, float(self.n)
+        variance = self.sq - self.colsum.pow(2).view(len(sites), -1).sum(1) / n  # about each dimension's mean
+        own = (self.W.double() * self.d_b.unsqueeze(1)).sum(-1).t()  # [S, d_sae]: <d_j^B, d_j^s>
+        beta = (self.fit + self.f_sq * own) / (self.f_sq * self.d_b.pow(2).sum(-1)).clamp_min(1e-12)
+        nu = (beta[0] / beta[-1].clamp_min(1e-12)).float()
+        delta = relative_norm(self.norms)
+        b_only = self.fired & (delta > B_ONLY)
+        metrics = {
+            "site_fvu": {name: float(self.sse[s] / variance[s].clamp_min(1e-30)) for s, name in enumerate(sites)},
+            "site_l0": {name: float(self.active[s]) / n for s, name in enumerate(sites)},
+            "site_dead_fraction": {name: float((self.writes[:, s] & ~self.fired).sum())
+                                   / max(int(self.writes[:, s].sum()), 1) for s, name in enumerate(sites)},
+            "relative_norm_histogram": torch.histc(delta[self.fired].cpu(), BINS, 0.0, 1.0).int().tolist(),
+            "exclusive_b_latents": int(b_only.sum()),
+            "latent_scaling_median": float(nu[b_only].median()) if b_only.any() else float("nan"),
+        }
+        if truth is not None:
+            metrics |= _truth_metrics(self.W.cpu(), b_only.cpu(), nu.cpu(), truth, sites)
+        return metrics
 
 
 def _truth_metrics(W: Tensor, b_only: Tensor, nu: Tensor, truth, sites: list[str]) -> dict:
@@ -120,7 +121,6 @@ def _truth_metrics(W: Tensor, b_only: Tensor, nu: Tensor, truth, sites: list[str
     exclusive_b = (truth.kind == EXCLUSIVE) & (truth.site == last)
     true_excl = reads & exclusive_b[feature]
     metrics["exclusive_precision"] = float(true_excl.sum() / reads.sum()) if reads.any() else float("nan")
-    metrics["false_exclusive_fraction"] = 1 - metrics["exclusive_precision"]
     found = torch.zeros_like(exclusive_b)
     found[feature[true_excl]] = True
     metrics["exclusive_recall"] = float(found.sum() / exclusive_b.sum()) if exclusive_b.any() else float("nan")

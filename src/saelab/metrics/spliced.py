@@ -75,7 +75,8 @@ def _replace(mask: Tensor, value: Callable[[Tensor], Tensor]) -> Callable[[Tenso
 
 
 def _crosscode_hooks(model: LoadedModel, tokens: Tensor, crosscode: Crosscode, mask: Tensor) -> list:
-    _, cache = model.bridge.run_with_cache(tokens, names_filter=list(crosscode.reads))
+    _, cache = model.bridge.run_with_cache(tokens, names_filter=list(crosscode.reads),
+                                           stop_at_layer=model.stop_at_layer)  # no block past the deepest hook
     out = crosscode.predict(torch.cat([cache[h].float() for h in crosscode.reads], dim=-1))
     parts = out.chunk(len(crosscode.writes), dim=-1)
     return [(h, _replace(mask, lambda acts, part=part: part)) for h, part in zip(crosscode.writes, parts, strict=True)]

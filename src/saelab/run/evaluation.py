@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saelab.data.synthetic_sites import MultiSiteWorld
 from saelab.metrics import registry
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
-from saelab.metrics.sites import site_metrics
+from saelab.metrics.sites import SiteMetrics
 from saelab.metrics.spliced import Crosscode, Hooks, Splice, Transcode, spliced_metrics_many
 from saelab.run.stream import Stream
-from saelab.sites import Sites
+from saelab.sites import Sites, column_scales
 
 
 def held_out_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size: int) -> tuple[dict[str, Any], Tensor]:
@@ -34,18 +35,17 @@ def held_out_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size: i
                                  target=target_hook is not None, sites=sites.crosscoder)
     with_truth = any(m.source == "ground_truth" for m in wanted)
     firing: list[Tensor] | None = [] if with_truth else None
-    acts = sites.input(datamodule.eval_acts)
-    metrics, density = evaluate_sae(sae, acts, int(batch_size), firing, sites.target(datamodule.eval_acts))
-    scales = [float(datamodule.scales[h]) for h in sites.writes] if sites.crosscoder else []
+    by_site = (SiteMetrics(sae.W_dec, list(sites.writes), [float(datamodule.scales[h]) for h in sites.writes])
+               if sites.crosscoder else None)
+    metrics, density = evaluate_sae(sae, sites.input(datamodule.eval_acts), int(batch_size), firing,
+                                    sites.target(datamodule.eval_acts), observe=by_site)
     if with_truth:  # how well the SAE recovers the world's features, from the same held-out encode
-        decoder = sae.W_dec  # a crosscoder's sites in raw units (each its own scale), as the truth is
-        if sites.crosscoder:
-            decoder = decoder.detach() * torch.tensor(scales).repeat_interleave(decoder.shape[1] // len(scales))
+        # a crosscoder's decoder in raw units (each site its own scale), as the truth is
+        decoder = sae.W_dec if by_site is None else by_site.W.flatten(1)
         metrics |= ground_truth_metrics(decoder, torch.cat(firing), truth.dictionary, datamodule.eval_firing,
                                         truth.parent)
-    if sites.crosscoder:
-        metrics |= site_metrics(sae, acts, list(sites.writes), scales, int(batch_size),
-                                truth if hasattr(truth, "strength") else None)
+    if by_site is not None:
+        metrics |= by_site.compute(truth if isinstance(truth, MultiSiteWorld) else None)
     for metric in wanted:  # metrics with a function of their own (registry: source "function")
         if metric.compute is not None:
             metrics[metric.name] = float(metric.compute(sae, stream, hook, target_hook))
@@ -82,10 +82,8 @@ def normalised_splice(sae: nn.Module, sites: Sites, scales: Mapping[str, float])
     transcoder reads its input hook and predicts its target, x -> C_target sae(x / C_input); a crosscoder's sites
     each have their scale C_s."""
     device = next(sae.parameters()).device
-    width = sae.d_in // len(sites.reads)
-    in_scale = torch.tensor([scales[h] for h in sites.reads]).repeat_interleave(width).to(device)
-    out_scale = torch.tensor([scales[h] for h in sites.writes]).repeat_interleave(sae.d_out // len(sites.writes))
-    out_scale = out_scale.to(device)
+    in_scale = column_scales([scales[h] for h in sites.reads], sae.d_in // len(sites.reads)).to(device)
+    out_scale = column_scales([scales[h] for h in sites.writes], sae.d_out // len(sites.writes)).to(device)
     sae.eval()
 
     def predict(x: Tensor) -> Tensor:

@@ -190,13 +190,14 @@ def _member(job: Job, sae, max_steps: int, stream: Stream) -> SAEMember:
                        gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num),
                        l0_control=cfg.get("l0_control"))
     member.norm_scale.fill_(scale)
-    if sites.crosscoder:
-        member.site_scales.copy_(torch.tensor([scales[h] for h in sites.reads], dtype=torch.float64))
+    site_scales = [scales[h] for h in sites.reads] if sites.crosscoder else None
+    if site_scales is not None:
+        member.site_scales.copy_(torch.tensor(site_scales, dtype=torch.float64))
     target_scale = scales[job.target_hook] if job.target_hook is not None else None
     if target_scale is not None:
         member.target_scale.fill_(target_scale)
     if cfg.get("init_from"):  # fine-tuning: the export's function, on this run's normalised activations
-        import_sae(sae, Path(cfg.init_from), scale, target_scale)
+        import_sae(sae, Path(cfg.init_from), scale, target_scale, site_scales)
         log.info("%sinitialised from %s", f"job {job.num}: " if job.multirun else "", cfg.init_from)
     return member
 

@@ -144,11 +144,13 @@ def load_exported(path: Path) -> ExportedSAE:
     return ExportedSAE(read_config(path), load_file(str(path / WEIGHTS_FILE)))
 
 
-def import_sae(sae: SAE, path: Path, scale: float, target_scale: float | None = None) -> None:
+def import_sae(sae: SAE, path: Path, scale: float, target_scale: float | None = None,
+               site_scales: Sequence[float] | None = None) -> None:
     """init_from: set `sae`'s parameters from an export so that, on activations normalised by `scale` (a
-    transcoder's targets by `target_scale`), it computes exactly what the export computes on raw ones."""
+    transcoder's targets by `target_scale`, a crosscoder's sites by `site_scales`), it computes exactly what the
+    export computes on raw ones."""
     check_importable(sae, path)
-    sae.import_tensors(load_file(str(Path(path) / WEIGHTS_FILE)), scale, target_scale)
+    sae.import_tensors(load_file(str(Path(path) / WEIGHTS_FILE)), scale, target_scale, site_scales)
 
 
 def check_importable(sae: SAE, path: Path) -> None:

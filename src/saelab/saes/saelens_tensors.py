@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from saelab.errors import ConfigError
 from saelab.saes.decoder_rescale import raw_parameter
 from saelab.saes.saelens_layout import transcoder_architecture
+from saelab.sites import column_scales
 
 
 class SAELensTensors(nn.Module):
@@ -25,6 +26,8 @@ class SAELensTensors(nn.Module):
     saelens_architecture: ClassVar[str] = "standard"  # the layout written (a name in saelens_layout's registry)
     transcoder: bool
     d_out: int
+    d_in: int
+    n_sites: int
     W_skip: nn.Parameter | None
 
     def export_tensors(self, scale: float) -> dict[str, Tensor]:
@@ -54,7 +57,7 @@ class SAELensTensors(nn.Module):
         the output side becomes W_dec' = r W_dec, b_dec' = target_scale b_dec and W_skip' = r W_skip. A
         crosscoder's sites each have a scale C_s (`site_scales`; `scale` is the first's): crosscoder_sites."""
         tensors = self.export_tensors(scale)
-        if getattr(self, "n_sites", 1) > 1:
+        if self.n_sites > 1:
             return self.crosscoder_sites(tensors, scale, site_scales, inverse=False)
         if not self.transcoder:
             return tensors
@@ -72,7 +75,7 @@ class SAELensTensors(nn.Module):
         `scale`, and x_raw^s = C_s x^s then gives the same latents and x_hat_raw^s = C_s x_hat^s."""
         if site_scales is None or len(site_scales) != self.n_sites:
             raise ValueError(f"a crosscoder over {self.n_sites} sites exports with one scale a site")
-        ratio = torch.tensor([float(c) / scale for c in site_scales]).repeat_interleave(self.d_in // self.n_sites)
+        ratio = column_scales(site_scales, self.d_in // self.n_sites) / scale
         ratio = 1 / ratio if inverse else ratio
         out = dict(tensors)
         out["W_enc"] = tensors["W_enc"] / ratio.to(tensors["W_enc"]).unsqueeze(1)
@@ -81,15 +84,19 @@ class SAELensTensors(nn.Module):
         return out
 
     @torch.no_grad()
-    def import_tensors(self, tensors: Mapping[str, Tensor], scale: float, target_scale: float | None = None) -> None:
+    def import_tensors(self, tensors: Mapping[str, Tensor], scale: float, target_scale: float | None = None,
+                       site_scales: Sequence[float] | None = None) -> None:
         """The inverse of exported_tensors (init_from): biases and thresholds back to the normalised scale
-        (/ scale), a transcoder's output side back by r = target_scale / scale; weights as they are. Parameters are
-        matched by name; a threshold goes through import_threshold (variants keep it their own way)."""
-        expected = self.exported_tensors(scale, target_scale)
+        (/ scale), a transcoder's output side back by r = target_scale / scale, a crosscoder's sites back by
+        theirs (crosscoder_sites); weights as they are. Parameters are matched by name; a threshold goes through
+        import_threshold (variants keep it their own way)."""
+        expected = self.exported_tensors(scale, target_scale, site_scales)
         if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
             found = {k: tuple(v.shape) for k, v in tensors.items()}
             raise ConfigError("init_from", found, "the tensors this SAE exports: "
                               + str({k: tuple(v.shape) for k, v in expected.items()}))
+        if self.n_sites > 1:
+            tensors = self.crosscoder_sites({k: v.float() for k, v in tensors.items()}, scale, site_scales, True)
         ratio = (target_scale if target_scale is not None else scale) / scale if self.transcoder else 1.0
         for name, value in sorted(tensors.items(), key=lambda item: item[0] == "threshold"):  # threshold last: its
             value = value.to(torch.float32)                                            # unit may read the weights
