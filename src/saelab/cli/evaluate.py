@@ -89,7 +89,7 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
     metadata = sae_cfg.get("metadata") or {}
     implied = []
     for key, field in (("model.hook", "hook_names"), ("model.hook", "hook_name"),
-                       ("model.target_hook", "hook_name_out")):
+                       ("model.target_hook", "hook_name_out"), ("model.diff_with", "diff_with")):
         value = sae_cfg.get(field, metadata.get(field))
         if value is not None and key not in given and not any(o.startswith(f"{key}=") for o in implied):
             implied.append(f"{key}=[{','.join(value)}]" if isinstance(value, list) else f"{key}={value}")

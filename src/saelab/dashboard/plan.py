@@ -169,6 +169,9 @@ def make_plan(path: str | os.PathLike, overrides: Sequence[str]) -> Plan:
     hook = sae_field(sae_cfg, "hook_names") or sae_field(sae_cfg, "hook_name")  # a crosscoder's: its sites
     if hook and "model.hook" not in touched:
         model.hook = list(hook) if isinstance(hook, list) else str(hook)
+    diff_with = sae_field(sae_cfg, "diff_with")  # a diffing crosscoder's second model
+    if diff_with and "model.diff_with" not in touched:
+        model.diff_with = str(diff_with)
     if run_dir is None:
         for key in ("context_size", "prepend_bos"):
             value = sae_field(sae_cfg, key)

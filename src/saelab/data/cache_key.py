@@ -149,10 +149,12 @@ class ModelSpec:
 
     @classmethod
     def of(cls, model: LoadedModel, hook: str | None = None) -> ModelSpec:
-        """The spec of `model` for `hook` (default: its first hook)."""
+        """The spec of `model` for `hook` (default: its first hook); for a site diff/<hook>, the spec of the
+        diffing pair's second model (model.diff_with) for <hook>: its own files key its cache."""
+        model, hook = model.side(hook or model.hooks[0])
         cfg = model.bridge.cfg
         return cls(model.name, str(getattr(cfg, "model_name", None) or model.name),
-                   str(getattr(cfg, "dtype", "")).removeprefix("torch."), hook or model.hooks[0])
+                   str(getattr(cfg, "dtype", "")).removeprefix("torch."), hook)
 
 
 def cache_name(inputs: Mapping[str, Any]) -> str:

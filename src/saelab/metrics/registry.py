@@ -14,8 +14,9 @@ hook). run/evaluation.py asks `applicable()` which sources to run; nothing else 
 The order of the entries below is the display order of every view (`show`): `sweep` (report.csv's leading
 columns, reports/sweep.py), `table` (the markdown report and its seeds table, reports/tables.py), `pareto`
 (an extra Pareto plot of its own, reports/report.py, beside --y), `dashboard` (the run-metrics box,
-dashboard/collect.py). `batch_topk_<name>` (eval.batch_topk) is `<name>` measured another way: `get` derives
-its entry, so it needs none of its own.
+dashboard/collect.py). `batch_topk_<name>` (eval.batch_topk) is `<name>` measured another way, and `diff_<name>`
+a spliced metric measured in the second model of a diffing pair (model.diff_with): `get` derives their entries,
+so they need none of their own.
 
 A new metric touches exactly:
 
@@ -47,6 +48,7 @@ View = Literal["sweep", "table", "pareto", "dashboard"]
 Source = Literal["reconstruction", "ground_truth", "spliced", "run", "function", "sites"]
 
 BATCH_TOPK = "batch_topk_"  # run/evaluation.py's batch_topk_metrics: every held-out metric by the batch top-k
+SECOND_MODEL = "diff_"  # run/evaluation.py's spliced: a diffing crosscoder's spliced metrics in model.diff_with
 SOURCE_NEEDS: dict[str, frozenset[str]] = {  # what a family's metrics need at the least
     "reconstruction": frozenset(), "ground_truth": frozenset({"ground_truth"}), "spliced": frozenset({"model"}),
     "run": frozenset(), "function": frozenset(), "sites": frozenset({"sites"}),
@@ -213,12 +215,16 @@ for _entry in ENTRIES:
 
 
 def find(name: str) -> Metric | None:
-    """The entry of a metrics.json key (`batch_topk_<name>` derived from `<name>`'s), or None."""
+    """The entry of a metrics.json key (`batch_topk_<name>` and `diff_<name>` derived from `<name>`'s), or None."""
     if name in _registry:
         return _registry[name]
     if name.startswith(BATCH_TOPK) and name[len(BATCH_TOPK):] in _registry:
         base = _registry[name[len(BATCH_TOPK):]]
         return replace(base, name=name, description=f"{base.description}, by the batch top-k", show=frozenset())
+    base = _registry.get(name[len(SECOND_MODEL):]) if name.startswith(SECOND_MODEL) else None
+    if base is not None and base.source == "spliced":
+        return replace(base, name=name, description=f"{base.description}, in the second model (model.diff_with)",
+                       show=frozenset())
     return None
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.data.activations import window_activations
 from saelab.data.model import LoadedModel
 from saelab.data.tokens import SpecialTokens, keep_mask
 
@@ -75,11 +76,14 @@ def _replace(mask: Tensor, value: Callable[[Tensor], Tensor]) -> Callable[[Tenso
 
 
 def _crosscode_hooks(model: LoadedModel, tokens: Tensor, crosscode: Crosscode, mask: Tensor) -> list:
-    _, cache = model.bridge.run_with_cache(tokens, names_filter=list(crosscode.reads),
-                                           stop_at_layer=model.stop_at_layer)  # no block past the deepest hook
-    out = crosscode.predict(torch.cat([cache[h].float() for h in crosscode.reads], dim=-1))
+    """Replace the sites the crosscoder writes in `model`; its reads may include the other model of a diffing pair
+    (LoadedModel.side), whose sites another pass replaces (run/evaluation.py's spliced)."""
+    reads = window_activations(model, tokens, list(crosscode.reads), fast=False)  # no block past the deepest hook
+    out = crosscode.predict(torch.cat([reads[h].float() for h in crosscode.reads], dim=-1))
     parts = out.chunk(len(crosscode.writes), dim=-1)
-    return [(h, _replace(mask, lambda acts, part=part: part)) for h, part in zip(crosscode.writes, parts, strict=True)]
+    located = [model.side(site) for site in crosscode.writes]
+    return [(hook, _replace(mask, lambda acts, part=part: part))
+            for (side, hook), part in zip(located, parts, strict=True) if side is model]
 
 
 def _splice_hooks(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None,
@@ -101,7 +105,7 @@ def _splice_hooks(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: 
         source["input"] = acts  # returning None leaves the activation as it is
 
     predicted = _replace(mask, lambda acts: reconstruct.predict(source["input"].float()))
-    return [(reconstruct.reads, read_input), (hook, predicted)]
+    return [(model.side(reconstruct.reads)[1], read_input), (hook, predicted)]
 
 
 def _logits(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None,

@@ -109,13 +109,33 @@ def spliced_hooks(sites: Sites) -> Hooks:
 def spliced(stream: Stream, splices: Mapping[Hashable, tuple[Hooks, Splice]], n_windows: int, model_batch_size: int
             ) -> dict[Hashable, dict[str, Any]]:
     """Spliced metrics for several SAEs, each (the hook its output replaces, its splice); the clean and
-    zero-ablated passes are shared by the SAEs of one hook. Empty without a model or windows."""
+    zero-ablated passes are shared by the SAEs of one hook. Empty without a model or windows.
+
+    A diffing crosscoder (sites in both models of model.diff_with's pair) is spliced into each model in turn, its
+    sites there replaced at once: the first model's metrics under their names, the second's as diff_<name>."""
     if not n_windows or not splices or "spliced" not in registry.applicable_sources(model=stream.model is not None):
         return {}
+    runs: dict[tuple[Any, Hooks], dict[tuple[Hashable, str], Splice]] = {}  # (model, its hooks) -> splices
+    for key, (hooks, splice) in splices.items():
+        for model, local, prefix in _model_sides(stream.model, hooks):
+            runs.setdefault((model, local), {})[(key, prefix)] = splice
     results: dict[Hashable, dict[str, Any]] = {}
     datamodule = stream.datamodule
-    for hook in dict.fromkeys(h for h, _ in splices.values()):
-        on_hook = {key: splice for key, (h, splice) in splices.items() if h == hook}
-        results |= spliced_metrics_many(stream.model, on_hook, datamodule.eval_windows[:n_windows],
-                                        datamodule.special, int(model_batch_size), hook)
+    for (model, hooks), on_hooks in runs.items():
+        measured = spliced_metrics_many(model, on_hooks, datamodule.eval_windows[:n_windows], datamodule.special,
+                                        int(model_batch_size), hooks)
+        for (key, prefix), metrics in measured.items():
+            results.setdefault(key, {}).update({prefix + name: value for name, value in metrics.items()})
     return results
+
+
+def _model_sides(model: Any, hooks: Hooks) -> list[tuple[Any, Hooks, str]]:
+    """[(model of the pair, the hooks replaced in it as it names them, its metrics' prefix)]: one model unless a
+    crosscoder writes sites of both models of a diffing pair (model.diff_with)."""
+    sites = hooks if isinstance(hooks, tuple) else (hooks,)
+    by_model: dict[Any, list[str]] = {}
+    for side, hook in map(model.side, sites):
+        by_model.setdefault(side, []).append(hook)
+    prefix = registry.SECOND_MODEL if len(by_model) > 1 else ""
+    return [(side, tuple(local) if isinstance(hooks, tuple) else local[0], prefix if side.prefix else "")
+            for side, local in by_model.items()]

@@ -40,6 +40,7 @@ def export_metadata(cfg: DictConfig, source: DataSource, hook: str, target_hook:
         "hook_name": hook,
         **({"hook_name_out": target_hook} if target_hook is not None else {}),
         **({"hook_names": list(sites.reads)} if sites is not None and sites.crosscoder else {}),
+        **({"diff_with": str(cfg.model.diff_with)} if has_model and cfg.model.get("diff_with") else {}),
         "context_size": int(cfg.data.context_size),
         "prepend_bos": bool(cfg.data.prepend_bos),
         "exclude_special_tokens": True,
