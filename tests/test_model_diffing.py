@@ -15,6 +15,7 @@ from saelab.data.activations import window_activations
 from saelab.data.model import load_model
 from saelab.metrics import registry
 from tests.conftest import build_tiny_model, run_cli, run_module, tiny_overrides
+from tests.test_dashboard import build, read_latent
 
 HOOK = "blocks.1.hook_out"
 
@@ -98,6 +99,10 @@ def test_a_crosscoder_over_two_models_trains_splices_into_each_and_exports(tiny_
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())
     assert again["sites"] == metrics["sites"] and again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-4)
+    # and so does the dashboard: each latent's decoder norm in each model
+    build([run, "latents=top:2", "tokens=1e6", "contexts=2"])
+    latent = json.loads((run / "dashboard" / "summary.json").read_text())["latents"][0]["id"]
+    assert set(read_latent(run / "dashboard", latent)["site_norms"]) == set(metrics["sites"])
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
