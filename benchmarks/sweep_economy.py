@@ -112,12 +112,12 @@ def child(cli_args: list[str]) -> None:
     in_fit = [False]
     forward = activations.window_activations
 
-    def counted(model, windows):
+    def counted(model, windows, *args, **kwargs):
         counts["calls"] += 1
         counts["windows"] += int(windows.shape[0])
         t0 = time.perf_counter()
         try:
-            return forward(model, windows)
+            return forward(model, windows, *args, **kwargs)
         finally:
             counts["seconds"]["activations"] += time.perf_counter() - t0
             if in_fit[0]:

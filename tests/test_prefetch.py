@@ -217,10 +217,10 @@ def test_a_forward_that_fails_in_the_read_ahead_fails_the_stream(tiny_model, tin
     dm = _datamodule(tiny_model, tiny_corpus_dir, 2, HOOKS[0])
     real, calls = activations.window_activations, itertools.count()
 
-    def fails_on_the_fifth(model, windows):
+    def fails_on_the_fifth(model, windows, *args, **kwargs):
         if next(calls) == 4:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(model, windows)
+        return real(model, windows, *args, **kwargs)
 
     monkeypatch.setattr(activations, "window_activations", fails_on_the_fifth)
     with pytest.raises(RuntimeError, match="simulated"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -47,6 +48,16 @@ def cli_error_line(err: BaseException) -> str | None:
     if isinstance(err, (HydraException, OmegaConfBaseException)):
         return f"error: {str(err).splitlines()[0]}"
     return None
+
+
+def bad_input_exit(err: Exception) -> int:
+    """In a command's `except Exception`: print the one line of bad input (cli_error_line) and return the exit
+    status 2; anything else is raised again, with its traceback."""
+    line = cli_error_line(err)
+    if line is None:
+        raise err
+    print(line, file=sys.stderr)
+    return 2
 
 
 def check_count(field: str, value: Any) -> int:

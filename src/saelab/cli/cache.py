@@ -26,7 +26,7 @@ from saelab.cli.checks import check_group_overrides
 from saelab.data.cache_key import is_off
 from saelab.data.cache_manifest import MANIFEST, all_files, read_manifest, summary, verify
 from saelab.data.cache_store import Store
-from saelab.errors import ConfigError, cli_error_line
+from saelab.errors import ConfigError, bad_input_exit
 from saelab.run.compose import compose_run_config
 
 _COLUMNS = ("name", "model", "hook", "source", "dtype", "train_tokens", "eval_tokens", "mbytes",
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             code = inspect(args.dir)
     except Exception as err:
-        line = cli_error_line(err)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        code = 2
+        code = bad_input_exit(err)
     sys.exit(code)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from saelab.cli.checks import writable_problem
 from saelab.data.sources import DataSource, build_source
-from saelab.errors import ConfigError, cli_error_line
+from saelab.errors import ConfigError, bad_input_exit
 from saelab.io import write_json
 from saelab.run.compose import compose_run_config, with_config_dirs
 from saelab.saes.saelens_format import ExportedSAE, layout_of, load_exported, read_sae_dir
@@ -193,11 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(args.sae_dir, with_config_dirs(args.overrides, args.config_dir), args.out)
         result = evaluate(plan)
     except Exception as err:
-        line = cli_error_line(err)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return 2
+        return bad_input_exit(err)
     print(f"{plan.out_dir / 'metrics.json'}: L0 {result['l0']:.2f}, FVU {result['fvu']:.4f}")
     return 0
 

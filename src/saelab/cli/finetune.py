@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.errors import ConfigError, check_positive, cli_error_line
+from saelab.errors import ConfigError, bad_input_exit, check_positive
 
 log = logging.getLogger("saelab.finetune")
 IGNORE = -100  # cross_entropy's ignored label
@@ -173,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
         record = finetune(compose_run_config(overrides), out, settings)
     except Exception as err:
-        line = cli_error_line(err)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return 2
+        return bad_input_exit(err)
     log.info("saved %s (loss %.4f -> %.4f); use it as model.diff_with=%s", out, record["first_loss"],
              record["mean_loss_last_tenth"], out)
     return 0

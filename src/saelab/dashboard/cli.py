@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
     from saelab.dashboard.plan import make_plan
-    from saelab.errors import cli_error_line
+    from saelab.errors import bad_input_exit
 
     started = time.time()
     try:
@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         data = collect(plan)
         out = render(data, plan.out_dir)
     except Exception as err:
-        line = cli_error_line(err)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        sys.exit(2)
+        sys.exit(bad_input_exit(err))
     print(f"dashboard: {len(data.latents)} latents on {data.summary['held_out']['tokens']} held-out tokens in "
           f"{time.time() - started:.1f} s -> {out / 'index.html'}")
 
