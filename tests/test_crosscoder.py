@@ -15,7 +15,7 @@ from saelab.data.synthetic import SyntheticSpec, SyntheticWorld
 from saelab.data.synthetic_sites import EXCLUSIVE, RATIO, SHARED, MultiSiteWorld
 from saelab.errors import ConfigError
 from saelab.metrics.evaluate import evaluate_sae
-from saelab.metrics.sites import SiteMetrics, auroc, relative_norm
+from saelab.metrics.sites import SiteMetrics, auroc, diff_sides, relative_norm
 from saelab.saes.base import build_sae
 from saelab.saes.saelens_format import ExportedSAE, load_exported
 from saelab.sites import Sites
@@ -94,20 +94,26 @@ def test_relative_norm_and_auroc_follow_their_definitions():
     norms = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [2.0, 1.0]])
     # Minder et al.: ((||d^B|| - ||d^A||) / max + 1) / 2
     assert relative_norm(norms).tolist() == pytest.approx([0.0, 1.0, 0.5, 0.25])
+    # two models at two layers: each side's decoders concatenated, ||(3, 4)|| = 5 against ||(0, 5)|| = 5
+    sites = ["blocks.2", "blocks.3", "diff/blocks.2", "diff/blocks.3"]
+    assert diff_sides(sites) == ([0, 1], [2, 3]) and diff_sides(["a", "b", "c"]) == ([0], [2])
+    assert relative_norm(torch.tensor([[3.0, 4.0, 0.0, 5.0], [1.0, 0.0, 0.0, 0.0]]), [0, 1], [2, 3]).tolist() == \
+        pytest.approx([0.5, 0.0])
     assert auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
     assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
 
 
 class _OneLatent(nn.Module):
-    """A crosscoder with one latent: f = <x_B, d> (so f = the planted coefficient), decoding to d at B and 0 at A."""
+    """A crosscoder with one latent: f = <x_B, d> (so f = the planted coefficient), decoding to d at B's sites (the
+    last `layers` sites) and 0 at A's."""
 
-    def __init__(self, d: torch.Tensor):
+    def __init__(self, d: torch.Tensor, layers: int = 1):
         super().__init__()
-        self.d_sae, self.d = 1, d
-        self.W_dec = nn.Parameter(torch.cat([torch.zeros_like(d), d]).unsqueeze(0))
+        self.d_sae, self.d = 1, torch.cat([d] * layers)
+        self.W_dec = nn.Parameter(torch.cat([torch.zeros_like(self.d), self.d]).unsqueeze(0))
 
     def encode(self, x):
-        return torch.relu(x[:, len(self.d):] @ self.d).unsqueeze(1)
+        return torch.relu(x[:, len(self.d):] @ self.d / (self.d @ self.d)).unsqueeze(1)
 
     def output(self, x, f):
         return f @ self.W_dec
@@ -127,6 +133,14 @@ def test_latent_scaling_recovers_how_much_of_a_b_only_latent_site_a_carries():
         assert metrics["latent_scaling_median"] == pytest.approx(beta_a, abs=1e-5)
         assert metrics["exclusive_b_latents"] == 1
         assert metrics["site_fvu"]["B"] == pytest.approx(0.0, abs=1e-6)
+
+    # two models at two layers: A's two sites against B's, paired in order; A carries 0.6 of the latent at both
+    d2 = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    x = torch.cat([0.6 * c[:, None] * d, 0.6 * c[:, None] * d2, c[:, None] * d, c[:, None] * d2], dim=1)
+    sae = _OneLatent(torch.cat([d, d2]), layers=1)
+    by_site = SiteMetrics(sae.W_dec, ["blocks.2", "blocks.3", "diff/blocks.2", "diff/blocks.3"], [1.0] * 4)
+    evaluate_sae(sae, x, 128, observe=by_site)
+    assert by_site.compute()["latent_scaling_median"] == pytest.approx(0.6, abs=1e-5)
 
 
 def test_an_l1_crosscoder_learns_both_sites_and_latent_scaling_flags_its_false_b_only_latents(tmp_path):

@@ -1,8 +1,10 @@
 """Metrics of an SAE that reads and writes several sites (a crosscoder), per site and for model diffing.
 
 Everything is measured in raw units (each site's normalised activations and decoder columns times the site's
-normalisation scale), so sites with different scales compare. Site A is the first site, B the last (in model
-diffing: the base model and its fine-tune).
+normalisation scale), so sites with different scales compare. A and B are the two sides of the diff
+(`diff_sides`): a two-model crosscoder's sites in the first model and in the second (model.diff_with: diff/<hook>),
+paired in order, e.g. [blocks.2, blocks.3] against [diff/blocks.2, diff/blocks.3]; otherwise the first site
+against the last. A side's decoder is its sites' decoders concatenated.
 
 - `site_fvu`, `site_l0`, `site_dead_fraction` ({site: value}): FVU of each site's reconstruction; active latents
   per token that write to the site (decoder norm there at least a tenth of the latent's largest); of the latents
@@ -12,9 +14,10 @@ diffing: the base model and its fine-tune).
   1 is B only, 0.5 equal; `exclusive_b_latents`: latents that fired with Delta_j > 0.9 (their "B-only" band).
 - Latent Scaling (Minder et al. 2025, section 3): for latent j with B decoder d = d_j^B and latents f_j(x),
   beta_j^s = argmin_beta sum_x ||beta f_j(x) d - y^s(x)||^2 with y^s = the site's error with the latent's own
-  contribution added back (x^s - x_hat^s + f_j d_j^s), i.e. sum_x f_j <d, y^s> / (sum_x f_j^2 ||d||^2);
-  nu_j = beta_j^A / beta_j^B is near 0 for a truly B-only latent and near A's strength for one that A also
-  carries. `latent_scaling_median` is the median nu over the B-only latents.
+  contribution added back (x^s - x_hat^s + f_j d_j^s), i.e. sum_x f_j <d, y^s> / (sum_x f_j^2 ||d||^2), over a
+  side's sites concatenated (A's k-th site against B's k-th decoder block); nu_j = beta_j^A / beta_j^B is near
+  0 for a truly B-only latent and near A's strength for one that A also carries. `latent_scaling_median` is the
+  median nu over the B-only latents.
 
 With the ground truth of a multi-site world (data/synthetic_sites.py):
 - `site_mcc` ({site: mcc}): the one-to-one recovery of the features present at each site from that site's
@@ -33,6 +36,7 @@ import functools
 import torch
 from torch import Tensor
 
+from saelab.data.model import is_diff_site
 from saelab.data.synthetic_sites import EXCLUSIVE
 from saelab.metrics.ground_truth import MATCHED, match
 from saelab.sites import column_scales
@@ -42,10 +46,20 @@ WRITES = 0.1  # a latent writes to a site where its decoder norm is at least thi
 BINS = 20
 
 
-def relative_norm(site_norms: Tensor) -> Tensor:
-    """Minder et al.'s Delta_j of [d_sae, S] decoder norms, between the first site (A) and the last (B)."""
-    a, b = site_norms[:, 0], site_norms[:, -1]
-    return 0.5 * ((b - a) / torch.maximum(a, b).clamp_min(1e-12) + 1)
+def diff_sides(sites: list[str]) -> tuple[list[int], list[int]]:
+    """(A's site indices, B's): the first model's sites and the second's (diff/<hook>) when both have as many,
+    paired in order; otherwise the first site and the last."""
+    a = [i for i, site in enumerate(sites) if not is_diff_site(site)]
+    b = [i for i, site in enumerate(sites) if is_diff_site(site)]
+    return (a, b) if a and len(a) == len(b) else ([0], [len(sites) - 1])
+
+
+def relative_norm(site_norms: Tensor, a: list[int] | None = None, b: list[int] | None = None) -> Tensor:
+    """Minder et al.'s Delta_j of [d_sae, S] decoder norms, between side A's concatenated decoders and side B's
+    (default: the first site and the last)."""
+    norm_a = site_norms[:, a if a is not None else [0]].norm(dim=1)
+    norm_b = site_norms[:, b if b is not None else [-1]].norm(dim=1)
+    return 0.5 * ((norm_b - norm_a) / torch.maximum(norm_a, norm_b).clamp_min(1e-12) + 1)
 
 
 class SiteMetrics:
@@ -59,7 +73,11 @@ class SiteMetrics:
         self.W = (W_dec.detach().float() * self.col_scale).view(W_dec.shape[0], n_sites, -1)  # raw, [d_sae, S, d]
         self.norms = self.W.norm(dim=-1)  # [d_sae, S]
         self.writes = self.norms >= WRITES * self.norms.max(dim=1, keepdim=True).values.clamp_min(1e-12)
-        self.d_b = self.W[:, -1].double()  # [d_sae, d]: each latent's B decoder, for Latent Scaling
+        self.a, self.b = diff_sides(sites)
+        # Latent Scaling fits each site's error with the block of B's decoder that site pairs with
+        self.ref = [self.b[self.a.index(s)] if s in self.a else self.b[self.b.index(s)] if s in self.b else self.b[0]
+                    for s in range(n_sites)]
+        self.d_ref = {r: self.W[:, r].double() for r in set(self.ref)}  # [d_sae, d] each
         zeros = functools.partial(torch.zeros, dtype=torch.float64, device=W_dec.device)
         self.sse, self.sq, self.active = zeros(n_sites), zeros(n_sites), zeros(n_sites)
         self.colsum, self.f_sq = zeros(W_dec.shape[1]), zeros(W_dec.shape[0])
@@ -78,17 +96,18 @@ class SiteMetrics:
         self.sq += x_raw.pow(2).view(len(x), n_sites, -1).sum((0, 2))
         self.sse += err.pow(2).view(len(x), n_sites, -1).sum((0, 2))
         for s, es in enumerate(err.chunk(n_sites, 1)):
-            self.fit[s] += ((f64.t() @ es) * self.d_b).sum(1)
+            self.fit[s] += ((f64.t() @ es) * self.d_ref[self.ref[s]]).sum(1)
         self.n += len(x)
 
     def compute(self, truth=None) -> dict:
         """The metrics; with `truth` (a MultiSiteWorld) those against the ground truth too."""
         sites, n = self.sites, float(self.n)
         variance = self.sq - self.colsum.pow(2).view(len(sites), -1).sum(1) / n  # about each dimension's mean
-        own = (self.W.double() * self.d_b.unsqueeze(1)).sum(-1).t()  # [S, d_sae]: <d_j^B, d_j^s>
-        beta = (self.fit + self.f_sq * own) / (self.f_sq * self.d_b.pow(2).sum(-1)).clamp_min(1e-12)
-        nu = (beta[0] / beta[-1].clamp_min(1e-12)).float()
-        delta = relative_norm(self.norms)
+        own = torch.stack([(self.W[:, s].double() * self.d_ref[r]).sum(-1) for s, r in enumerate(self.ref)])
+        # beta^G = sum_{s in G} (fit_s + f^2 <d^B, d^s>) / (sum_x f^2 ||d^B||^2); the denominator cancels in nu
+        side_fit = lambda side: (self.fit[side] + self.f_sq * own[side]).sum(0)  # noqa: E731  [d_sae]
+        nu = (side_fit(self.a) / side_fit(self.b).clamp_min(1e-12)).float()
+        delta = relative_norm(self.norms, self.a, self.b)
         b_only = self.fired & (delta > B_ONLY)
         metrics = {
             "site_fvu": {name: float(self.sse[s] / variance[s].clamp_min(1e-30)) for s, name in enumerate(sites)},
