@@ -4,10 +4,5 @@
 # circuit-tracer lives in its own throwaway environment (it pins transformer-lens < 4, saelab uses 4.x), created on
 # first use at $CIRCUIT_TRACER_VENV (default ~/.cache/saelab/circuit-tracer-venv; torch==2.13.0 first, so pip takes
 # the CPU wheel). Usage, from the project root:  bash scripts/circuit_tracer_compat/run.sh
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-source scripts/circuit_tracer_compat/venv.sh  # sets VENV, made on first use
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
-.venv/bin/python scripts/circuit_tracer_compat/make_clt_fixture.py "$OUT" > /dev/null
-"$VENV/bin/python" scripts/circuit_tracer_compat/check_clt.py "$OUT"
+exec bash "$(dirname "$0")/../compat_check.sh" scripts/circuit_tracer_compat/venv.sh \
+    scripts/circuit_tracer_compat/make_clt_fixture.py scripts/circuit_tracer_compat/check_clt.py
