@@ -9,7 +9,7 @@ import torch
 
 from saelab.data.activations import window_activations
 from saelab.data.hf_reader import block_output_reader
-from saelab.data.model import load_model
+from saelab.data.model import load_model, stop_layer
 
 
 def _load(path, hook: str):
@@ -33,7 +33,7 @@ def with_hooks(model, *hooks: str):
 
 def bridge_activations(model, windows) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(windows, names_filter=model.hooks, stop_at_layer=model.stop_at_layer)
+        _, cache = model.bridge.run_with_cache(windows, names_filter=model.hooks, stop_at_layer=stop_layer(model.hooks))
     return {hook: cache[hook] for hook in model.hooks}
 
 

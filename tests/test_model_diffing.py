@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.data.activations import window_activations
+from saelab.data.cache_key import ModelSpec
 from saelab.data.model import load_model
 from saelab.metrics import registry
 from tests.conftest import build_tiny_model, run_cli, run_module, tiny_overrides
@@ -62,12 +63,16 @@ def test_the_finetune_is_deterministic_learns_and_loads_like_any_local_model(tin
 
 def test_each_site_of_a_pair_reads_its_own_model(tiny_model_dir, tuned_dir):
     windows = torch.randint(2, 150, (3, 16), generator=torch.Generator().manual_seed(0))
-    both = window_activations(pair(tiny_model_dir, tuned_dir, [HOOK, f"diff/{HOOK}"]), windows)
+    models = pair(tiny_model_dir, tuned_dir, [HOOK, f"diff/{HOOK}"])
+    both = window_activations(models, windows)
     alone = {name: load_model({"name": name, "path": str(path), "hook": HOOK, "dtype": "float32", "device": "cpu"})
              for name, path in (("base", tiny_model_dir), ("tuned", tuned_dir))}
     assert torch.equal(both[HOOK], window_activations(alone["base"], windows)[HOOK])
     assert torch.equal(both[f"diff/{HOOK}"], window_activations(alone["tuned"], windows)[HOOK])
     assert not torch.allclose(both[HOOK], both[f"diff/{HOOK}"])
+    # each site's cache is keyed by its own model's files and hook
+    spec, tuned = ModelSpec.of(models, f"diff/{HOOK}"), ModelSpec.of(alone["tuned"], HOOK)
+    assert (spec.source, spec.hook) == (tuned.source, tuned.hook) != (ModelSpec.of(models, HOOK).source, HOOK)
 
 
 def test_a_crosscoder_over_two_models_trains_splices_into_each_and_exports(tiny_model_dir, tiny_corpus_dir,

@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out).expanduser()
         if out.exists():
             raise ConfigError("--out", str(out), "a directory that does not exist yet")
-        settings = Settings(**{f: getattr(args, f) for f in asdict(Settings())})
-        settings.check()
+        settings = Settings(**{f: getattr(args, f) for f in asdict(Settings())})  # checked by finetune()
         import saelab.data.model  # noqa: F401  registers the package_model_path resolver
 
         record = finetune(compose_run_config(overrides), out, settings)

@@ -29,6 +29,14 @@ def is_diff_site(site: str) -> bool:
     return site.startswith(DIFF)
 
 
+def check_diff_sites(sites: list[str], diff_with: str | None) -> None:
+    """A second model's sites (diff/<hook>) need that model: model.diff_with."""
+    second = [site for site in sites if is_diff_site(site)]
+    if second and not diff_with:
+        raise ConfigError("model.diff_with", diff_with, f"a second model's directory or hub name, for the sites "
+                          f"{', '.join(second)}")
+
+
 def resolve_device(device: str) -> str:
     """model.device as an explicit device: a bare `cuda` ("the current device") is per thread, and the stream's
     read-ahead thread (data.prefetch_batches) must run the model where the main thread loaded it."""
@@ -68,11 +76,6 @@ class LoadedModel:
     other: LoadedModel | None = None  # the other model of a diffing pair (model.diff_with), each pointing at the other
     prefix: str = ""  # how this model's hooks are named as sites: "" for the model, DIFF for model.diff_with's
 
-    @property
-    def stop_at_layer(self) -> int | None:
-        """Run blocks up to and including the deepest hook's block, none after it."""
-        return stop_layer([local for model, local in map(self.side, self.hooks) if model is self])
-
     def side(self, site: str) -> tuple[LoadedModel, str]:
         """(the model of the pair whose hook `site` is, the hook's name in that model)."""
         want = DIFF if is_diff_site(site) else ""
@@ -82,7 +85,6 @@ class LoadedModel:
                               "which is null)")
         return model, site[len(want):]
 
-    @property
     def site_names(self) -> dict[str, Any]:
         """{site: hook point} over the pair: this model's hooks and the other's, each named as a site."""
         models = [self] if self.other is None else [self, self.other]
@@ -120,17 +122,16 @@ def load_model(model_cfg: Mapping[str, Any], hooks: list[str] | None = None, che
     (model diffing), checked to share the model's tokenizer and width."""
     hooks = list(hooks) if hooks is not None else configured_hooks(model_cfg)
     diff_with = model_cfg.get("diff_with")
-    if any(map(is_diff_site, hooks)) and not diff_with:
-        raise ConfigError("model.diff_with", diff_with, f"a second model's directory or hub name, for the sites "
-                          f"{', '.join(filter(is_diff_site, hooks))}")
+    check_diff_sites(hooks, diff_with)
     device = resolve_device(str(model_cfg["device"]))
     source = str(Path(model_cfg["path"]).expanduser()) if model_cfg.get("path") else str(model_cfg["name"])
     model = LoadedModel(*_boot(source, device, str(model_cfg["dtype"]), bool(model_cfg.get("path"))), hooks, device,
                         str(model_cfg["name"]))
     if any(map(is_diff_site, hooks)):
         model.other = _second_model(model, str(diff_with), str(model_cfg["dtype"]))
+    names = model.site_names() if check_hooks else {}
     for hook in hooks if check_hooks else ():
-        check_hook(hook, model.site_names)
+        check_hook(hook, names)
     return model
 
 
@@ -186,8 +187,9 @@ def hook_widths(model: LoadedModel, hooks: list[str]) -> dict[str, int]:
     the second model's sites after the first's)."""
     probe = torch.zeros(1, 2, dtype=torch.long, device=model.device)
     widths: dict[str, int] = {}
-    for side in dict.fromkeys(m for m, _ in map(model.side, hooks)):
-        local = [name for m, name in map(model.side, hooks) if m is side]
+    located = [model.side(hook) for hook in hooks]
+    for side in dict.fromkeys(m for m, _ in located):
+        local = [name for m, name in located if m is side]
         _, cache = side.bridge.run_with_cache(probe, names_filter=local)
         widths |= {side.prefix + name: int(acts.shape[-1]) for name, acts in cache.items()}
     return widths
@@ -198,7 +200,8 @@ def check_sae_hooks(model: LoadedModel, widths: Mapping[str, int], hook: str, ta
     """An SAE's hook (and a transcoder's target) on this model, given `hook_widths` of the model's valid hooks:
     each exists and is d_model wide (the activation stream and caches assume it), the SAE's d_in is d_model
     (None: not checked), and a target comes after the input in the forward pass."""
-    check_hook(hook, model.site_names)
+    names = model.site_names()
+    check_hook(hook, names)
     if widths[hook] != model.d_model:
         raise ConfigError("model.hook", hook, f"a hook d_model ({model.d_model}) wide (this one is {widths[hook]} "
                           "wide)")
@@ -206,7 +209,7 @@ def check_sae_hooks(model: LoadedModel, widths: Mapping[str, int], hook: str, ta
         raise ConfigError("sae.d_in", d_in, f"the model's d_model ({model.d_model}); set model.d_model")
     if target_hook is None:
         return
-    check_hook(target_hook, model.site_names, field="model.target_hook")
+    check_hook(target_hook, names, field="model.target_hook")
     if widths[target_hook] != model.d_model:
         raise ConfigError("model.target_hook", target_hook, f"a hook d_model ({model.d_model}) wide, like model.hook "
                           f"(this one is {widths[target_hook]} wide)")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from saelab.data.cache_key import cache_store
 from saelab.data.cache_manifest import STORED_DTYPES
-from saelab.data.model import DTYPES, is_diff_site
+from saelab.data.model import DTYPES, check_diff_sites
 from saelab.data.normalize import METHODS
 from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError, check_choice, check_count, check_positive
@@ -72,10 +72,7 @@ class ModelSection:
         if not isinstance(hooks, Sequence) or not hooks or not all(isinstance(h, str) for h in hooks):
             raise ConfigError("model.hook", self.hook, "a hook name, or a list of hook names (a crosscoder)")
         Sites.of(hooks).check()
-        second = [h for h in hooks if is_diff_site(h)]
-        if second and not self.diff_with:
-            raise ConfigError("model.diff_with", self.diff_with, f"a second model's directory or hub name, for the "
-                              f"sites {', '.join(second)}")
+        check_diff_sites(list(hooks), self.diff_with)
         if len(hooks) > 1 and self.target_hook is not None:
             raise ConfigError("model.target_hook", self.target_hook, "null with a list of hooks in model.hook (a "
                               "crosscoder reconstructs the hooks it reads)")

@@ -108,7 +108,8 @@ def _widths(model: LoadedModel | None, hooks: Sequence[str]) -> dict[str, int]:
     """{hook: width} of the model's hooks among `hooks` (one short forward pass; empty without a model)."""
     if model is None:
         return {}
-    return hook_widths(model, [h for h in hooks if h in model.site_names])
+    names = model.site_names()
+    return hook_widths(model, [h for h in hooks if h in names])
 
 
 def _check_fits(source: DataSource, model: LoadedModel | None, widths: Mapping[str, int], reader: Reader) -> None:
