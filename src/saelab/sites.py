@@ -7,7 +7,10 @@ its SAE reads the concatenation of its `reads` and is trained to output the conc
 - a transcoder reads one site and writes another (model.target_hook);
 - a crosscoder (Lindsey et al. 2024) reads and writes the same several sites (model.hook given as a list). Its
   encoder then sums each site's projection (x W_enc over the concatenation) and its decoder has one block of
-  columns per site, so every variant's activation function serves it unchanged.
+  columns per site, so every variant's activation function serves it unchanged;
+- a cross-layer transcoder (Ameisen et al. 2025) reads several layers' MLP inputs and writes their MLP outputs
+  (model.hook and model.target_hook given as lists of one length, in forward order): the latents of layer l read
+  reads[l] alone and write writes[l] and every later write (saes/cross_layer.py keeps its weights to that shape).
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ class Sites:
     writes: tuple[str, ...]
 
     @classmethod
-    def of(cls, hook: str | Sequence[str], target_hook: str | None = None) -> Sites:
-        """From model.hook (one hook, or a list: a crosscoder) and model.target_hook (a transcoder's target)."""
-        reads = (str(hook),) if isinstance(hook, str) else tuple(str(h) for h in hook)
-        return cls(reads, reads if target_hook is None else (str(target_hook),))
+    def of(cls, hook: str | Sequence[str], target_hook: str | Sequence[str] | None = None) -> Sites:
+        """From model.hook (one hook, or a list: a crosscoder) and model.target_hook (a transcoder's target; a list
+        as long as model.hook's: a cross-layer transcoder)."""
+        reads = _names(hook)
+        return cls(reads, reads if target_hook is None else _names(target_hook))
 
     @property
     def hook(self) -> str:
@@ -39,8 +43,25 @@ class Sites:
 
     @property
     def target_hook(self) -> str | None:
-        """A transcoder's target (the site it writes, which it does not read); None when it writes what it reads."""
+        """A transcoder's target (the first site it writes, which it does not read); None when it writes what it
+        reads."""
         return None if self.writes == self.reads else self.writes[0]
+
+    @property
+    def several(self) -> bool:
+        """Whether the SAE reads several sites (a crosscoder or a cross-layer transcoder): each has its own scale."""
+        return len(self.reads) > 1
+
+    @property
+    def cross_layer(self) -> bool:
+        """A cross-layer transcoder: several reads, each paired with a write of its layer."""
+        return self.several and self.writes != self.reads
+
+    @property
+    def scaled(self) -> tuple[str, ...]:
+        """The sites whose normalisation scales an export folds in, in order: the reads, then a cross-layer
+        transcoder's writes."""
+        return self.reads + (self.writes if self.cross_layer else ())
 
     @property
     def hooks(self) -> list[str]:
@@ -49,7 +70,8 @@ class Sites:
 
     @property
     def crosscoder(self) -> bool:
-        return len(self.reads) > 1
+        """Several sites, read and written alike."""
+        return self.several and self.writes == self.reads
 
     def input(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The SAE's input: the read sites' activations side by side ([B, n_reads * d])."""
@@ -60,9 +82,23 @@ class Sites:
         return None if self.writes == self.reads else _side_by_side(batch, self.writes)
 
     def check(self, field: str = "model.hook") -> None:
-        """A site listed twice would be counted twice in the loss: refused."""
+        """A site listed twice would be counted twice in the loss: refused. Several targets pair with the reads
+        one to one (a cross-layer transcoder), and none of them is read."""
         if len(set(self.reads)) != len(self.reads):
             raise ConfigError(field, list(self.reads), "a list of distinct hooks")
+        if self.writes == self.reads:
+            return
+        if len(self.writes) > 1 or self.several:
+            if len(self.writes) != len(self.reads):
+                raise ConfigError("model.target_hook", list(self.writes), f"a list as long as model.hook's "
+                                  f"({len(self.reads)}: one MLP output for each MLP input, a cross-layer transcoder)")
+            if len(set(self.writes)) != len(self.writes) or set(self.writes) & set(self.reads):
+                raise ConfigError("model.target_hook", list(self.writes), "distinct hooks, none of them in "
+                                  "model.hook")
+
+
+def _names(hooks: str | Sequence[str]) -> tuple[str, ...]:
+    return (str(hooks),) if isinstance(hooks, str) else tuple(str(h) for h in hooks)
 
 
 def _side_by_side(batch: Mapping[str, Tensor], names: tuple[str, ...]) -> Tensor:

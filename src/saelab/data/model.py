@@ -11,7 +11,7 @@ import contextlib
 import difflib
 import importlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,3 +218,14 @@ def check_sae_hooks(model: LoadedModel, widths: Mapping[str, int], hook: str, ta
     order = list(widths)
     if order.index(target_hook) <= order.index(hook):
         raise ConfigError("model.target_hook", target_hook, f"a hook reached after model.hook ({hook})")
+
+
+def check_layer_order(widths: Mapping[str, int], reads: Sequence[str], writes: Sequence[str]) -> None:
+    """A cross-layer transcoder's layers in forward order: each MLP input, then its output, then the next layer's
+    input (`widths` is in the order the forward pass reaches the hooks), so layer l's output can only depend on
+    the inputs of layers up to l."""
+    order = list(widths)
+    positions = [order.index(h) for pair in zip(reads, writes, strict=True) for h in pair]
+    if positions != sorted(positions):
+        raise ConfigError("model.hook", list(reads), "layers in forward order, paired with model.target_hook's: "
+                          "each MLP input, its output, then the next layer's input")

@@ -58,6 +58,9 @@ class SyntheticSpec:
     weak_strength: float = 0.3  # a ratio feature's strength at its weak site (1 elsewhere)
     site_direction_overlap: float = 1.0  # 1: a feature's direction is the same at every site (a fine-tune of one
     #                                     model); 0: independent directions (different layers)
+    # Layers (data/synthetic_layers.py): MLP inputs in_l and outputs out_l, a cross-layer transcoder's world.
+    layers: int = 0  # L: 0 = off; > 0 = sites in_0..in_{L-1} (read) and out_0..out_{L-1} (written)
+    cross_layer_fraction: float = 0.5  # features written by their home layer's MLP and every later one's
 
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> SyntheticSpec:
@@ -81,6 +84,12 @@ class SyntheticSpec:
             raise ConfigError("data.synthetic.n_parents", self.n_parents,
                               "at most n_features / (1 + children_per_parent)")
         check_positive("data.synthetic.sites", self.sites, integer=True)
+        check_positive("data.synthetic.layers", self.layers, allow_zero=True, integer=True)
+        if self.layers and self.sites != 1:
+            raise ConfigError("data.synthetic.layers", self.layers, "0 with data.synthetic.sites > 1 (a world has "
+                              "sites or layers)")
+        if not 0 <= self.cross_layer_fraction <= 1:
+            raise ConfigError("data.synthetic.cross_layer_fraction", self.cross_layer_fraction, "a fraction in [0, 1]")
         for name in ("exclusive_fraction", "ratio_fraction", "site_direction_overlap"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"data.synthetic.{name}", getattr(self, name), "a fraction in [0, 1]")

@@ -80,5 +80,10 @@ class MultiSiteWorld(SyntheticWorld):
 
 
 def make_world(spec: SyntheticSpec) -> SyntheticWorld:
-    """The world of a spec: one site (SyntheticWorld, unchanged) or several (MultiSiteWorld)."""
+    """The world of a spec: one site (SyntheticWorld, unchanged), several (MultiSiteWorld) or layers
+    (synthetic_layers.LayeredWorld)."""
+    if spec.layers:
+        from saelab.data.synthetic_layers import LayeredWorld
+
+        return LayeredWorld(spec)
     return SyntheticWorld(spec) if spec.sites == 1 else MultiSiteWorld(spec)

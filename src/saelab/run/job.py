@@ -88,7 +88,7 @@ class Job:
         a crosscoder's number of sites."""
         sae_cfg = OmegaConf.to_container(self.cfg.sae, resolve=True)
         if self.target_hook is not None and sae_cfg.get("d_out") is None:
-            sae_cfg["d_out"] = int(self.cfg.model.d_model)
+            sae_cfg["d_out"] = int(sae_cfg["d_in"])  # d_model, or a generated world's width
         reads = len(self.sites.reads)
         if sae_cfg.get("sites", 1) not in (1, reads):
             raise ConfigError("sae.sites", sae_cfg["sites"], f"{reads}, the number of hooks in model.hook (it is "

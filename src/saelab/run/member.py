@@ -82,8 +82,8 @@ class SAEMember(nn.Module):
         self.register_buffer("norm_scale", torch.tensor(1.0, dtype=torch.float64))
         if target_hook is not None:  # a transcoder's target has its own scale, folded into the export's output side
             self.register_buffer("target_scale", torch.tensor(1.0, dtype=torch.float64))
-        if sites is not None and sites.crosscoder:  # each site its own scale: norm_scale is the first site's
-            self.register_buffer("site_scales", torch.ones(len(sites.reads), dtype=torch.float64))
+        if sites is not None and sites.several:  # each site its own scale: norm_scale is the first site's
+            self.register_buffer("site_scales", torch.ones(len(sites.scaled), dtype=torch.float64))
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
         # sae.target_l0: the controller of the sparsity coefficient. Only a variant with a sparsity coefficient
         # is controlled (TopK's k already is its L0).

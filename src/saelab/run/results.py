@@ -39,7 +39,8 @@ def export_metadata(cfg: DictConfig, source: DataSource, hook: str, target_hook:
         "model_name": str(cfg.model.name) if has_model else source.name,
         "hook_name": hook,
         **({"hook_name_out": target_hook} if target_hook is not None else {}),
-        **({"hook_names": list(sites.reads)} if sites is not None and sites.crosscoder else {}),
+        **({"hook_names": list(sites.reads)} if sites is not None and sites.several else {}),
+        **({"hook_names_out": list(sites.writes)} if sites is not None and sites.cross_layer else {}),
         **({"diff_with": str(cfg.model.diff_with)} if has_model and cfg.model.get("diff_with") else {}),
         "context_size": int(cfg.data.context_size),
         "prepend_bos": bool(cfg.data.prepend_bos),
@@ -61,7 +62,7 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
         save_file(truth.tensors(), str(job.run_dir / "ground_truth.safetensors"))
     target_scale = scales[member.target_hook] if member.target_hook is not None else None
     sites = member.sites
-    site_scales = [float(scales[h]) for h in sites.reads] if sites.crosscoder else None
+    site_scales = [float(scales[h]) for h in sites.scaled] if sites.several else None
     export_sae(sae, scale, job.run_dir / "sae",
                export_metadata(cfg, stream.source, member.hook, member.target_hook, sites), target_scale, site_scales)
     result = {
@@ -72,7 +73,8 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
         "d_sae": sae.d_sae,
         **({"target_hook": member.target_hook, "d_out": sae.d_out,
             "target_normalization_scale": float(target_scale)} if member.target_hook is not None else {}),
-        **({"sites": list(sites.reads), "site_normalization_scales": site_scales} if sites.crosscoder else {}),
+        **({"sites": list(sites.scaled), "site_normalization_scales": site_scales} if sites.several else {}),
+        **({"cross_layer": bool(sae.cfg.cross_layer)} if sites.cross_layer else {}),
         "steps": int(trainer.global_step),
         "tokens_trained": int(trainer.global_step) * int(cfg.data.batch_size) * world,
         "world_size": world,

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from saelab.data.cache_key import cache_store
 from saelab.data.cache_manifest import STORED_DTYPES
-from saelab.data.model import DTYPES, check_diff_sites
+from saelab.data.model import DTYPES, check_diff_sites, is_diff_site
 from saelab.data.normalize import METHODS
 from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError, check_choice, check_count, check_positive
@@ -61,7 +61,7 @@ class ModelSection:
     name: str | None
     path: str | None
     hook: Any  # one hook, or a list of hooks (a crosscoder)
-    target_hook: str | None
+    target_hook: Any  # null, one hook (a transcoder), or a list as long as hook's (a cross-layer transcoder)
     d_model: int
     dtype: str
     device: str
@@ -71,11 +71,17 @@ class ModelSection:
         hooks = [self.hook] if isinstance(self.hook, str) else self.hook
         if not isinstance(hooks, Sequence) or not hooks or not all(isinstance(h, str) for h in hooks):
             raise ConfigError("model.hook", self.hook, "a hook name, or a list of hook names (a crosscoder)")
-        Sites.of(hooks).check()
-        check_diff_sites(list(hooks), self.diff_with)
-        if len(hooks) > 1 and self.target_hook is not None:
-            raise ConfigError("model.target_hook", self.target_hook, "null with a list of hooks in model.hook (a "
-                              "crosscoder reconstructs the hooks it reads)")
+        targets = [self.target_hook] if isinstance(self.target_hook, str) else self.target_hook
+        if targets is not None and (not isinstance(targets, Sequence) or not targets
+                                    or not all(isinstance(h, str) for h in targets)):
+            raise ConfigError("model.target_hook", self.target_hook, "null, a hook name (a transcoder), or a list of "
+                              "hook names as long as model.hook's (a cross-layer transcoder)")
+        sites = Sites.of(hooks, targets)
+        sites.check()
+        check_diff_sites(list(sites.hooks), self.diff_with)
+        if sites.cross_layer and any(is_diff_site(h) for h in sites.hooks):
+            raise ConfigError("model.target_hook", list(targets), "hooks of one model (a cross-layer transcoder "
+                              "does not span model.diff_with's pair)")
         check_choice("model.dtype", self.dtype, tuple(DTYPES))
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
             raise ConfigError("model.device", self.device, "auto, cpu, cuda, cuda:N or mps")
@@ -211,5 +217,5 @@ def _check_transcoder(cfg: DictConfig, source: DataSource) -> None:
     if not source.needs_model:
         raise ConfigError("model.target_hook", target, f"null with data={source.name} (no model to read a target "
                           "from)")
-    if str(target) in Sites.of(cfg.model.hook).reads:
+    if isinstance(target, str) and str(target) in Sites.of(cfg.model.hook).reads:
         raise ConfigError("model.target_hook", target, "a hook other than model.hook")

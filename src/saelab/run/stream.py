@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from saelab.data.model import LoadedModel, check_sae_hooks, hook_widths, load_model
+from saelab.data.model import LoadedModel, check_layer_order, check_sae_hooks, hook_widths, load_model
 from saelab.data.protocol import StreamDataModule
 from saelab.data.sources import DataSource, build_source
 from saelab.errors import ConfigError
@@ -118,8 +118,12 @@ def _check_fits(source: DataSource, model: LoadedModel | None, widths: Mapping[s
         if reader.d_in is not None and source.d_in is not None and source.d_in != reader.d_in:
             raise ConfigError("sae.d_in", reader.d_in, f"{source.d_in_field} ({source.d_in})")
         return
-    for hook in reader.sites.reads if reader.sites is not None else (reader.hook,):
-        check_sae_hooks(model, widths, hook, reader.target_hook, reader.d_in)
+    sites = reader.sites if reader.sites is not None else Sites.of(reader.hook, reader.target_hook)
+    targets = sites.writes if sites.cross_layer else (reader.target_hook,) * len(sites.reads)
+    for hook, target in zip(sites.reads, targets, strict=True):
+        check_sae_hooks(model, widths, hook, target, reader.d_in)
+    if sites.cross_layer:
+        check_layer_order(widths, sites.reads, sites.writes)
     if reader.target_hook is not None and reader.d_out is not None and reader.d_out != model.d_model:
         raise ConfigError("sae.d_out", reader.d_out, f"null or the model's d_model ({model.d_model})")
 

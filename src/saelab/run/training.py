@@ -93,7 +93,8 @@ def _train_saes(jobs: Sequence[Job], saes: dict[int, Any], started: float) -> di
     if world > 1 and any(jobs[i].cfg.get("nan_policy") == "skip" for i in saes):  # a rank that skipped its
         raise ConfigError("nan_policy", "skip", "stop when training on several devices")  # backward would hang
     precision.apply(first.trainer.get("precision"))  # TF32 matmuls or not: the whole group's, the model's too
-    readers = [Reader(jobs[i].hook, jobs[i].target_hook, saes[i].d_in // saes[i].n_sites, saes[i].d_out,
+    readers = [Reader(jobs[i].hook, jobs[i].target_hook, saes[i].d_in // saes[i].n_sites,
+                      saes[i].d_out // len(jobs[i].sites.writes),
                       sites=jobs[i].sites) for i in saes]
     stream, misfits = open_stream(first, readers, activations_needed(first, world), source=jobs[0].source)
     outcomes: dict[int, Outcome] = {list(saes)[k]: err for k, err in misfits.items()}
@@ -190,7 +191,7 @@ def _member(job: Job, sae, max_steps: int, stream: Stream) -> SAEMember:
                        gradient_clip_val=cfg.trainer.get("gradient_clip_val"), name=str(job.num),
                        l0_control=cfg.get("l0_control"))
     member.norm_scale.fill_(scale)
-    site_scales = [scales[h] for h in sites.reads] if sites.crosscoder else None
+    site_scales = [scales[h] for h in sites.scaled] if sites.several else None
     if site_scales is not None:
         member.site_scales.copy_(torch.tensor(site_scales, dtype=torch.float64))
     target_scale = scales[job.target_hook] if job.target_hook is not None else None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError
 from saelab.saes.config import SAEConfig
+from saelab.saes.cross_layer import LayerStructure
 from saelab.saes.dead_latents import DeadLatentCounters, DeadRead
 from saelab.saes.decoder_rescale import rescale_by_decoder_norm
 from saelab.saes.saelens_tensors import SAELensTensors
@@ -49,7 +50,10 @@ class SAE(DeadLatentCounters, SAELensTensors):
         self.cfg = cfg
         self.n_sites = int(cfg.sites)  # a crosscoder's sites (saelab.sites): its input is their concatenation
         self.d_in, self.d_sae = int(cfg.d_in) * self.n_sites, cfg.width
-        self.d_out = int(cfg.d_out) if cfg.d_out is not None else self.d_in
+        self.d_out = int(cfg.d_out) * self.n_sites if cfg.d_out is not None else self.d_in
+        # A transcoder over several layers (a CLT): weights kept to its block shape (cross_layer.py).
+        self.layer_structure = (LayerStructure(self.n_sites, bool(cfg.cross_layer))
+                                if cfg.d_out is not None and self.n_sites > 1 else None)
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.W_skip = nn.Parameter(torch.zeros(self.d_out, self.d_in)) if cfg.skip else None
@@ -79,15 +83,18 @@ class SAE(DeadLatentCounters, SAELensTensors):
         return bool(self.cfg.apply_b_dec_to_input) and not self.transcoder
 
     def site_decoder_norms(self) -> Tensor:
-        """[d_sae, sites]: each latent's decoder norm at each written site (one column for an SAE)."""
-        sites = self.n_sites if not self.transcoder else 1
+        """[d_sae, sites]: each latent's decoder norm at each written site (one column for a one-site SAE or
+        transcoder; a CLT's: one per output layer)."""
+        sites = self.n_sites if self.layer_structure is not None or not self.transcoder else 1
         return self.W_dec.view(self.d_sae, sites, self.d_out // sites).norm(dim=-1)
 
     def decoder_norms(self) -> Tensor:
-        """[d_sae]: the weight a norm-weighted penalty (ri_l1, tanh) gives each latent: ||d_i||, and for a
-        crosscoder the sum over sites of its decoder norms (Lindsey et al. 2024), so that a latent pays for every
-        site it writes to."""
-        return self.W_dec.norm(dim=1) if self.n_sites == 1 else self.site_decoder_norms().sum(-1)
+        """[d_sae]: the weight a norm-weighted penalty (ri_l1, tanh) gives each latent: ||d_i||; for a crosscoder
+        the sum over sites of its decoder norms (Lindsey et al. 2024), so that a latent pays for every site it
+        writes to; for a CLT the norm of its decoders to every layer, concatenated (Ameisen et al. 2025)."""
+        if self.n_sites == 1 or self.layer_structure is not None:
+            return self.W_dec.norm(dim=1)
+        return self.site_decoder_norms().sum(-1)
 
     def centre(self, x: Tensor) -> Tensor:
         return x - self.b_dec if self.centres_input else x
@@ -186,7 +193,10 @@ class SAE(DeadLatentCounters, SAELensTensors):
 
     # -- around the optimiser step (the module calls these; variants may extend them) ---------------
     def before_optimizer_step(self) -> None:
-        """Called after backward, before the step: the unit-norm constraint's gradient projection."""
+        """Called after backward, before the step: a CLT's zero blocks keep zero gradients; the unit-norm
+        constraint's gradient projection."""
+        if self.layer_structure is not None:
+            self.layer_structure.mask_gradients(self)
         if self.unit_norm_decoder:
             self.remove_parallel_decoder_grad()
 
@@ -230,6 +240,8 @@ def build_sae(sae_cfg: Mapping[str, Any]) -> SAE:
     """Build and validate an SAE from its config group (`_target_` names the SAE class)."""
     cls, config = sae_config(sae_cfg)
     sae = cls(config)
+    if sae.layer_structure is not None:
+        sae.layer_structure.apply(sae)
     if config.decoder_constraint == "rescale":
         rescale_by_decoder_norm(sae)
     return sae

@@ -23,6 +23,7 @@ class SAEConfig:
     d_out: int | None = None  # output width: null = an SAE (reconstructs its input); set = a transcoder
     skip: bool = False  # transcoders: add an affine skip connection W_skip x to the prediction (skip-transcoder)
     sites: int = 1  # sites the input concatenates, each d_in wide: > 1 is a crosscoder (filled in from model.hook)
+    cross_layer: bool = True  # a transcoder over several layers: latents write their layer and every later one (CLT)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field. Subclasses extend this and call super()."""
@@ -46,9 +47,10 @@ class SAEConfig:
             raise ConfigError("sae.skip", self.skip, "false for an SAE (a skip connection needs a transcoder: set "
                               "model.target_hook)")
         check_positive("sae.sites", self.sites, integer=True)
-        if self.sites > 1 and self.d_out is not None:
-            raise ConfigError("sae.sites", self.sites, "1 for a transcoder (a crosscoder reads and writes the same "
-                              "sites: model.target_hook must be null)")
+        check_bool("sae.cross_layer", self.cross_layer)
+        if self.sites > 1 and self.d_out is not None and self.width % self.sites:
+            raise ConfigError("sae.d_sae", self.width, f"a multiple of the {self.sites} layers a cross-layer "
+                              "transcoder reads (each layer has d_sae / layers latents)")
 
     def scale_dependent(self) -> dict[str, int]:
         """Fields given in units of inputs with E||x||^2 = 1 (data.normalize=unit_mean_squared_norm), with the
@@ -65,6 +67,9 @@ class SAEConfig:
 
     @property
     def width(self) -> int:
+        """d_sae; from expansion_factor: round(expansion_factor * d_in), per layer for a cross-layer transcoder
+        (so it has as many latents as the per-layer transcoders it replaces)."""
         if self.d_sae is not None:
             return int(self.d_sae)
-        return max(1, round(float(self.expansion_factor) * self.d_in))
+        layers = self.sites if self.d_out is not None else 1
+        return layers * max(1, round(float(self.expansion_factor) * self.d_in))

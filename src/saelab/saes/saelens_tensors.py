@@ -58,6 +58,8 @@ class SAELensTensors(nn.Module):
         crosscoder's sites each have a scale C_s (`site_scales`; `scale` is the first's): crosscoder_sites."""
         tensors = self.export_tensors(scale)
         if self.n_sites > 1:
+            if self.W_skip is not None:
+                tensors["W_skip"] = self.W_skip.detach().clone()
             return self.crosscoder_sites(tensors, scale, site_scales, inverse=False)
         if not self.transcoder:
             return tensors
@@ -70,17 +72,25 @@ class SAELensTensors(nn.Module):
 
     def crosscoder_sites(self, tensors: dict[str, Tensor], scale: float, site_scales: Sequence[float] | None,
                          inverse: bool) -> dict[str, Tensor]:
-        """A crosscoder's per-site scales folded in (or out, `inverse`): with r_s = C_s / scale for the columns of
-        site s, W_enc' = W_enc / r (rows), W_dec' = W_dec r and b_dec' = b_dec r (columns). The latents still carry
-        `scale`, and x_raw^s = C_s x^s then gives the same latents and x_hat_raw^s = C_s x_hat^s."""
-        if site_scales is None or len(site_scales) != self.n_sites:
-            raise ValueError(f"a crosscoder over {self.n_sites} sites exports with one scale a site")
-        ratio = column_scales(site_scales, self.d_in // self.n_sites) / scale
-        ratio = 1 / ratio if inverse else ratio
+        """Per-site scales folded in (or out, `inverse`) for an SAE over several sites: `site_scales` are the scales
+        of the sites read, then (a cross-layer transcoder) of those written. With r_in = C_s / scale for the input
+        columns of site s and r_out likewise for the output's, W_enc' = W_enc / r_in (rows; a Gated SAE's W_mag
+        too), W_dec' = W_dec r_out, b_dec' = b_dec r_out (columns) and W_skip' = r_out W_skip / r_in. The latents
+        still carry `scale`, and x_raw^s = C_s x^s then gives the same latents and x_hat_raw^s = C_s x_hat^s."""
+        n, written = self.n_sites, self.n_sites * (2 if self.transcoder else 1)
+        if site_scales is None or len(site_scales) != written:
+            raise ValueError(f"an SAE over {n} sites exports with one scale a site ({written} scales)")
+        r_in = column_scales(site_scales[:n], self.d_in // n) / scale
+        r_out = column_scales(site_scales[-n:], self.d_out // n) / scale
+        r_in, r_out = (1 / r_in, 1 / r_out) if inverse else (r_in, r_out)
         out = dict(tensors)
-        out["W_enc"] = tensors["W_enc"] / ratio.to(tensors["W_enc"]).unsqueeze(1)
-        out["W_dec"] = tensors["W_dec"] * ratio.to(tensors["W_dec"])
-        out["b_dec"] = tensors["b_dec"] * ratio.to(tensors["b_dec"])
+        for name in ("W_enc", "W_mag"):
+            if name in tensors:
+                out[name] = tensors[name] / r_in.to(tensors[name]).unsqueeze(1)
+        out["W_dec"] = tensors["W_dec"] * r_out.to(tensors["W_dec"])
+        out["b_dec"] = tensors["b_dec"] * r_out.to(tensors["b_dec"])
+        if "W_skip" in tensors:
+            out["W_skip"] = tensors["W_skip"] * r_out.to(tensors["W_skip"]).unsqueeze(1) / r_in.to(tensors["W_skip"])
         return out
 
     @torch.no_grad()
@@ -97,7 +107,8 @@ class SAELensTensors(nn.Module):
                               + str({k: tuple(v.shape) for k, v in expected.items()}))
         if self.n_sites > 1:
             tensors = self.crosscoder_sites({k: v.float() for k, v in tensors.items()}, scale, site_scales, True)
-        ratio = (target_scale if target_scale is not None else scale) / scale if self.transcoder else 1.0
+        one_target = self.transcoder and self.n_sites == 1  # several sites' scales were folded out above
+        ratio = (target_scale if target_scale is not None else scale) / scale if one_target else 1.0
         for name, value in sorted(tensors.items(), key=lambda item: item[0] == "threshold"):  # threshold last: its
             value = value.to(torch.float32)                                            # unit may read the weights
             if name.startswith("b_") or name == "threshold":

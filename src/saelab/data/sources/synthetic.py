@@ -13,6 +13,7 @@ from typing import Any
 
 from saelab.data.sources.base import DataSource
 from saelab.data.synthetic import SyntheticSpec
+from saelab.data.synthetic_layers import layer_site_names
 from saelab.data.synthetic_sites import site_names
 from saelab.sites import Sites
 
@@ -40,6 +41,10 @@ class SyntheticSource(DataSource):
         return asdict(self.spec)
 
     def sites(self, model_cfg: Mapping[str, Any]) -> Sites:
+        """Every site of the world: its one activation, its sites side by side, or its layers' MLP inputs (read)
+        and outputs (written: a cross-layer transcoder, or per-layer transcoders with sae.cross_layer=false)."""
+        if self.spec.layers:
+            return Sites.of(*layer_site_names(self.spec.layers))
         return Sites.of(site_names(self.spec.sites))
 
     def datamodule(self, data_cfg, model, eval_tokens, seed, *, cache_dir, train_tokens, hooks):
