@@ -129,6 +129,14 @@ ENTRIES: tuple[Metric, ...] = (
        needs=["ground_truth"]),
     _m("latent_scaling_auroc", "how well Latent Scaling's nu separates false B-only latents from true ones",
        "higher", "sites", "table", needs=["ground_truth"]),
+    _m("layer_writes_recovered", "a layered world's (feature, layer) writes some latent's decoder block matches "
+       "(|cos| > 0.9)", "higher", "sites", "table", needs=["ground_truth"]),
+    _m("cross_features_recovered", "cross-layer features with every write recovered", "higher", "sites", "table",
+       needs=["ground_truth"]),
+    _m("latents_per_cross_feature", "distinct latents that recover one cross-layer feature's writes (a CLT: 1)",
+       "lower", "sites", "table", needs=["ground_truth"]),
+    _m("cross_feature_span", "layers a recovered cross-layer feature writes (per-layer transcoders need that many "
+       "latents)", "none", "sites", needs=["ground_truth"]),
     _m("shrinkage", "||x_hat||^2 / <x, x_hat>: 1 is unbiased, below 1 shrunk", "none", _R,
        "sweep", "table", "dashboard"),
     _m("cosine", "mean per-token cosine of reconstruction and input", "higher", _R, "sweep", "dashboard"),

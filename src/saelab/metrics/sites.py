@@ -66,9 +66,10 @@ class SiteMetrics:
     """The metrics above, accumulated over the batches of the held-out pass that measures the rest (evaluate_sae's
     `observe`): the target x [B, S d] (normalised, sites side by side), the SAE's output and its latents."""
 
-    def __init__(self, W_dec: Tensor, sites: list[str], scales: list[float]):
-        """`W_dec` [d_sae, S d] in normalised units; `scales`: each site's normalisation scale."""
-        self.sites, n_sites = sites, len(sites)
+    def __init__(self, W_dec: Tensor, sites: list[str], scales: list[float], diffing: bool = True):
+        """`W_dec` [d_sae, S d] in normalised units; `scales`: each site's normalisation scale; `diffing` false
+        (a cross-layer transcoder's output layers): the per-site metrics alone, none comparing sites A and B."""
+        self.sites, n_sites, self.diffing = sites, len(sites), diffing
         self.col_scale = column_scales(scales, W_dec.shape[1] // n_sites).to(W_dec.device)
         self.W = (W_dec.detach().float() * self.col_scale).view(W_dec.shape[0], n_sites, -1)  # raw, [d_sae, S, d]
         self.norms = self.W.norm(dim=-1)  # [d_sae, S]
@@ -114,6 +115,10 @@ class SiteMetrics:
             "site_l0": {name: float(self.active[s]) / n for s, name in enumerate(sites)},
             "site_dead_fraction": {name: float((self.writes[:, s] & ~self.fired).sum())
                                    / max(int(self.writes[:, s].sum()), 1) for s, name in enumerate(sites)},
+        }
+        if not self.diffing:
+            return metrics
+        metrics |= {
             "relative_norm_histogram": torch.histc(delta[self.fired].cpu(), BINS, 0.0, 1.0).int().tolist(),
             "exclusive_b_latents": int(b_only.sum()),
             "latent_scaling_median": float(nu[b_only].median()) if b_only.any() else float("nan"),

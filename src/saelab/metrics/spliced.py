@@ -63,6 +63,17 @@ class Crosscode:
     writes: tuple[str, ...]
 
 
+@dataclass
+class CrossLayerTranscode(Crosscode):
+    """A cross-layer transcoder's splice (the replacement model of Ameisen et al. 2025): every MLP output it writes
+    is replaced by its prediction at once. `causal` (an elementwise encoder): layer l's output is predicted from
+    the MLP inputs the spliced pass itself reached at layers up to l (the later ones are zeros, which a causal CLT
+    never reads for layer l), so each replacement feeds the next layer's input. Otherwise (TopK, whose selection
+    spans all layers) from a clean pass's inputs, as a crosscoder's."""
+
+    causal: bool = True
+
+
 Splice = Reconstruct | Transcode | Crosscode  # what replaces the activations: an SAE's, a transcoder's, a crosscoder's
 Hooks = str | tuple[str, ...]  # the hook(s) a splice replaces (a crosscoder's: every site it writes)
 
@@ -86,6 +97,27 @@ def _crosscode_hooks(model: LoadedModel, tokens: Tensor, crosscode: Crosscode, m
             for (side, hook), part in zip(located, parts, strict=True) if side is model]
 
 
+def _cross_layer_hooks(model: LoadedModel, clt: CrossLayerTranscode, mask: Tensor) -> list:
+    """Read each MLP input as the spliced pass reaches it; replace each MLP output by the CLT's output there,
+    predicted from the inputs read so far (later layers' zero)."""
+    seen: dict[int, Tensor] = {}
+
+    def read(layer: int) -> Callable[[Tensor, object], None]:
+        def hook(acts: Tensor, hook: object) -> None:
+            seen[layer] = acts.float()
+        return hook
+
+    def write(layer: int) -> Callable[[Tensor], Tensor]:
+        def value(acts: Tensor) -> Tensor:
+            x = torch.cat([seen.get(k, torch.zeros_like(acts, dtype=torch.float32)) for k in range(len(clt.reads))],
+                          dim=-1)
+            return clt.predict(x).chunk(len(clt.writes), dim=-1)[layer]
+        return value
+
+    hooks = [(model.side(h)[1], read(k)) for k, h in enumerate(clt.reads)]
+    return hooks + [(model.side(h)[1], _replace(mask, write(k))) for k, h in enumerate(clt.writes)]
+
+
 def _splice_hooks(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: Splice | None,
                   mask: Tensor | None) -> list:
     """Forward hooks replacing the activation at `hook` at `mask` positions by reconstruct(activation), by a
@@ -93,6 +125,8 @@ def _splice_hooks(model: LoadedModel, tokens: Tensor, hook: Hooks, reconstruct: 
     None) by zero (every hook of a tuple). No mask: none (a clean pass)."""
     if mask is None:
         return []
+    if isinstance(reconstruct, CrossLayerTranscode) and reconstruct.causal:
+        return _cross_layer_hooks(model, reconstruct, mask)
     if isinstance(reconstruct, Crosscode):
         return _crosscode_hooks(model, tokens, reconstruct, mask)
     if reconstruct is None:

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saelab.data.synthetic_layers import LayeredWorld
 from saelab.data.synthetic_sites import MultiSiteWorld
 from saelab.metrics import registry
 from saelab.metrics.evaluate import evaluate_sae
 from saelab.metrics.ground_truth import ground_truth_metrics
+from saelab.metrics.layers import layer_recovery
 from saelab.metrics.sites import SiteMetrics
-from saelab.metrics.spliced import Crosscode, Hooks, Splice, Transcode, spliced_metrics_many
+from saelab.metrics.spliced import Crosscode, CrossLayerTranscode, Hooks, Splice, Transcode, spliced_metrics_many
 from saelab.run.stream import Stream
 from saelab.sites import Sites, column_scales
 
@@ -32,11 +34,11 @@ def held_out_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size: i
     datamodule, truth = stream.datamodule, stream.truth
     hook, target_hook = sites.hook, sites.target_hook
     wanted = registry.applicable(ground_truth=truth is not None, model=stream.model is not None,
-                                 target=target_hook is not None, sites=sites.crosscoder)
+                                 target=target_hook is not None, sites=sites.several)
     with_truth = any(m.source == "ground_truth" for m in wanted)
     firing: list[Tensor] | None = [] if with_truth else None
-    by_site = (SiteMetrics(sae.W_dec, list(sites.writes), [float(datamodule.scales[h]) for h in sites.writes])
-               if sites.crosscoder else None)
+    by_site = (SiteMetrics(sae.W_dec, list(sites.writes), [float(datamodule.scales[h]) for h in sites.writes],
+                           diffing=sites.crosscoder) if sites.several else None)
     metrics, density = evaluate_sae(sae, sites.input(datamodule.eval_acts), int(batch_size), firing,
                                     sites.target(datamodule.eval_acts), observe=by_site)
     if with_truth:  # how well the SAE recovers the world's features, from the same held-out encode
@@ -46,6 +48,8 @@ def held_out_metrics(sae: nn.Module, stream: Stream, sites: Sites, batch_size: i
                                         truth.parent)
     if by_site is not None:
         metrics |= by_site.compute(truth if isinstance(truth, MultiSiteWorld) else None)
+    if isinstance(truth, LayeredWorld) and by_site is not None:  # latents per feature across layers
+        metrics |= layer_recovery(by_site.W.flatten(1), truth.writes, truth.output_dictionary)
     for metric in wanted:  # metrics with a function of their own (registry: source "function")
         if metric.compute is not None:
             metrics[metric.name] = float(metric.compute(sae, stream, hook, target_hook))
@@ -90,20 +94,25 @@ def normalised_splice(sae: nn.Module, sites: Sites, scales: Mapping[str, float])
         with torch.no_grad():
             return sae(x.to(device).float() / in_scale) * out_scale
 
-    return raw_splice(predict, sites)
+    return raw_splice(predict, sites, causal=bool(getattr(sae, "elementwise_encoder", True)))
 
 
-def raw_splice(predict: Callable[[Tensor], Tensor], sites: Sites) -> Splice:
+def raw_splice(predict: Callable[[Tensor], Tensor], sites: Sites, causal: bool = True) -> Splice:
     """A splice from a raw-activation function: an SAE's replaces its hook; a transcoder's reads its input hook
-    and replaces its target; a crosscoder's replaces every site it writes."""
+    and replaces its target; a crosscoder's replaces every site it writes; a cross-layer transcoder's replaces every
+    MLP output, each from the inputs the spliced pass reached (`causal`: its encoder is elementwise, so layer l's
+    output needs the inputs up to l alone; otherwise from a clean pass's)."""
+    if sites.cross_layer:
+        return CrossLayerTranscode(predict, sites.reads, sites.writes, causal)
     if sites.crosscoder:
         return Crosscode(predict, sites.reads, sites.writes)
     return predict if sites.target_hook is None else Transcode(predict, reads=sites.hook)
 
 
 def spliced_hooks(sites: Sites) -> Hooks:
-    """What a splice replaces: the SAE's hook, a transcoder's target, or every site a crosscoder writes."""
-    return sites.writes if sites.crosscoder else sites.writes[0]
+    """What a splice replaces: the SAE's hook, a transcoder's target, or every site a crosscoder or a cross-layer
+    transcoder writes."""
+    return sites.writes if sites.several else sites.writes[0]
 
 
 def spliced(stream: Stream, splices: Mapping[Hashable, tuple[Hooks, Splice]], n_windows: int, model_batch_size: int

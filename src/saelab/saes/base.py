@@ -44,6 +44,8 @@ class SAE(DeadLatentCounters, SAELensTensors):
     Config: ClassVar[type[SAEConfig]] = SAEConfig
     recipe_adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     rescalable_decoder: ClassVar[bool] = False  # takes sae.decoder_constraint=rescale (decoder_rescale.py)
+    # encode() decides each latent from its own pre-activation (so a CLT's layer l output needs layers <= l alone)
+    elementwise_encoder: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

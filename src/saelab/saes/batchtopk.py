@@ -38,6 +38,7 @@ class BatchTopKConfig(TopKConfig):
 class BatchTopKSAE(TopKSAE):
     Config = BatchTopKConfig
     saelens_architecture = "jumprelu"
+    elementwise_encoder = True  # at inference, the learned threshold
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)

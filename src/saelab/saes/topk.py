@@ -84,6 +84,7 @@ class TopKSAE(SAE, AuxKLoss):
     saelens_architecture = "topk"
     recipe_adam_betas = (0.9, 0.999)
     rescalable_decoder = True  # k sets the sparsity: the latents' scale enters no penalty
+    elementwise_encoder = False  # each token's k largest: a latent's fate depends on the others
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
