@@ -18,6 +18,8 @@ from saelab.io import write_json
 from saelab.run.job import Job
 from saelab.run.member import SAEMember
 from saelab.run.stream import Stream
+from saelab.saes.circuit_tracer_format import export_circuit_tracer
+from saelab.saes.circuit_tracer_format import refusal as ct_refusal
 from saelab.saes.decoder_rescale import variant_class
 from saelab.saes.saelens_format import export_sae
 from saelab.sites import Sites
@@ -65,6 +67,8 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
     site_scales = [float(scales[h]) for h in sites.scaled] if sites.several else None
     export_sae(sae, scale, job.run_dir / "sae",
                export_metadata(cfg, stream.source, member.hook, member.target_hook, sites), target_scale, site_scales)
+    if sites.cross_layer:
+        write_circuit_tracer(sae, scale, site_scales, sites, job, stream)
     result = {
         **metrics,
         "variant": variant_class(sae).__name__,
@@ -90,6 +94,18 @@ def write_results(job: Job, member: SAEMember, metrics: dict[str, Any], stream: 
              f"job {job.num}: " if job.multirun else "", metrics["l0"], metrics["fvu"], metrics["shrinkage"],
              100 * metrics["dead_fraction"], result["tokens_trained"], result["wall_time_s"], job.run_dir)
     return result
+
+
+def write_circuit_tracer(sae, scale: float, site_scales: list[float], sites: Sites, job: Job, stream: Stream) -> None:
+    """A cross-layer transcoder also in circuit-tracer's format (<run>/circuit_tracer), where it can be."""
+    architecture = sae.exported_config()["architecture"]
+    why_not = ct_refusal(architecture) if sae.cfg.cross_layer else "per-layer transcoders (sae.cross_layer=false)"
+    if why_not is not None:
+        log.info("%sno circuit-tracer export: %s", f"job {job.num}: " if job.multirun else "", why_not)
+        return
+    model_name = str(job.cfg.model.name) if stream.source.needs_model else stream.source.name
+    export_circuit_tracer(sae.exported_tensors(scale, None, site_scales), sae.n_sites, job.run_dir / "circuit_tracer",
+                          sites.reads, sites.writes, model_name)
 
 
 def log_final(loggers: list, metrics: dict[str, Any], log10_density: torch.Tensor, step: int) -> None:
