@@ -59,14 +59,17 @@ class NormalisedView(nn.Module):
     """An exported SAE (raw activations in, raw output out) seen on saelab's normalised activations, so
     evaluate_sae measures it exactly as it measures a run: x -> export(C x) / C_out, latents / C."""
 
-    def __init__(self, exported: ExportedSAE, scale: float, target_scale: float, site_scales: Tensor | None = None):
-        """`site_scales`: a crosscoder's C_s for each column of its sites side by side (`scale` is the first's)."""
+    def __init__(self, exported: ExportedSAE, scale: float, target_scale: float, site_scales: Tensor | None = None,
+                 out_site_scales: Tensor | None = None):
+        """`site_scales`: C_s for each input column of several sites side by side (`scale` is the first's);
+        `out_site_scales` the output's (a cross-layer transcoder's writes; default: a crosscoder's, the same)."""
         super().__init__()
         self.exported, self.scale, self.target_scale = exported, float(scale), float(target_scale)
         self.d_sae = int(exported.cfg["d_sae"])
-        self.W_dec = exported.W_dec / (site_scales if site_scales is not None else self.target_scale) * self.scale
+        out_site_scales = out_site_scales if out_site_scales is not None else site_scales
         self.columns = site_scales if site_scales is not None else torch.tensor(self.scale)
-        self.out_columns = site_scales if site_scales is not None else torch.tensor(self.target_scale)
+        self.out_columns = out_site_scales if out_site_scales is not None else torch.tensor(self.target_scale)
+        self.W_dec = exported.W_dec / self.out_columns * self.scale
 
     def encode(self, x: Tensor) -> Tensor:
         return self.exported.encode(x * self.columns) / self.scale
@@ -88,8 +91,8 @@ def make_plan(sae_dir: str, overrides: list[str], out: Path | None) -> Plan:
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     metadata = sae_cfg.get("metadata") or {}
     implied = []
-    for key, field in (("model.hook", "hook_names"), ("model.hook", "hook_name"),
-                       ("model.target_hook", "hook_name_out"), ("model.diff_with", "diff_with")):
+    for key, field in (("model.hook", "hook_names"), ("model.hook", "hook_name"), ("model.target_hook",
+                       "hook_names_out"), ("model.target_hook", "hook_name_out"), ("model.diff_with", "diff_with")):
         value = sae_cfg.get(field, metadata.get(field))
         if value is not None and key not in given and not any(o.startswith(f"{key}=") for o in implied):
             implied.append(f"{key}=[{','.join(value)}]" if isinstance(value, list) else f"{key}={value}")
@@ -146,16 +149,18 @@ def evaluate(plan: Plan) -> dict[str, Any]:
     stream = open_one_stream(cfg, reader, int(cfg.data.normalize_tokens))
     scales = stream.datamodule.scales
     scale = scales[plan.hook]
-    site_scales = (column_scales([scales[h] for h in sites.reads], d_in // len(sites.reads)) if sites.crosscoder
-                   else None)
-    view = NormalisedView(exported, scale, scales[target] if target else scale, site_scales)
+    n_sites, d_out = len(sites.reads), int(plan.sae_cfg.get("d_out", d_in))
+    site_scales = column_scales([scales[h] for h in sites.reads], d_in // n_sites) if sites.several else None
+    out_scales = column_scales([scales[h] for h in sites.writes], d_out // n_sites) if sites.several else None
+    view = NormalisedView(exported, scale, scales[target] if target else scale, site_scales, out_scales)
     metrics, _ = held_out_metrics(view, stream, sites, int(cfg.eval.batch_size))
 
     def predict(x: Tensor) -> Tensor:
         with torch.no_grad():
             return exported(x.float())
 
-    splice = {0: (spliced_hooks(sites), raw_splice(predict, sites))}
+    causal = "topk" not in str(plan.sae_cfg["architecture"])  # TopK selects among every layer's latents
+    splice = {0: (spliced_hooks(sites), raw_splice(predict, sites, causal))}
     metrics |= spliced(stream, splice, int(cfg.eval.spliced_windows or 0), int(cfg.data.model_batch_size)).get(0, {})
     architecture = str(plan.sae_cfg["architecture"])
     metadata = plan.sae_cfg.get("metadata") or {}
@@ -166,7 +171,7 @@ def evaluate(plan: Plan) -> dict[str, Any]:
         "d_in": d_in,
         "d_sae": int(plan.sae_cfg["d_sae"]),
         "hook_name": plan.hook,
-        **({"sites": list(sites.reads)} if sites.crosscoder else {}),
+        **({"sites": list(sites.scaled)} if sites.several else {}),
         **({"target_hook": target, "d_out": int(plan.sae_cfg.get("d_out", d_in))} if target else {}),
         "evaluated": str(plan.sae_dir.resolve()),
         "trained_by": metadata.get("trained_by", "unknown"),
