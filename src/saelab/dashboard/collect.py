@@ -58,9 +58,10 @@ def select_windows(windows: Tensor, keep: Tensor, tokens: int) -> int:
     return min(int(torch.searchsorted(counts, torch.tensor(tokens))) + 1, len(windows))
 
 
-def held_out(stream, tokens: int) -> tuple[HeldOut, Any]:
+def held_out(stream, tokens: int, reads: list[str] | None = None) -> tuple[HeldOut, Any]:
     """The first held-out windows of the stream holding `tokens` real-text tokens and their activations at the
-    model's hook (the stream is opened held-out only: no set-up, no training text tokenised)."""
+    sites the SAE reads (default: the model's hooks; the stream is opened held-out only: no set-up, no training
+    text tokenised)."""
     from saelab.data.activations import activation_chunks
     from saelab.data.tokens import keep_mask
 
@@ -70,7 +71,7 @@ def held_out(stream, tokens: int) -> tuple[HeldOut, Any]:
     n = select_windows(windows, keep, tokens)
     windows, keep = windows[:n], keep[:n]
     chunks = activation_chunks(model, windows, datamodule.special, int(data_cfg["model_batch_size"]),
-                               hooks=list(model.hooks))  # a crosscoder's sites side by side
+                               hooks=reads or list(model.hooks))  # a crosscoder's sites side by side
     acts = torch.cat(list(chunks))
     where = keep.nonzero()
     if len(acts) != len(where):
@@ -227,7 +228,7 @@ def collect(plan: Plan) -> DashboardData:
                              Reader(sites.hook, None, d_in // len(sites.reads), sites=sites), held_out_only=True)
     model = stream.model
     loaded = time.time()
-    data, special = held_out(stream, opts.tokens)
+    data, special = held_out(stream, opts.tokens, list(sites.reads))
     n_tokens = len(data.acts)
     if n_tokens == 0:
         raise ConfigError("data", str(plan.data.get("source")), "held-out text with at least one real token")
@@ -236,8 +237,11 @@ def collect(plan: Plan) -> DashboardData:
     fires, peak = firing_stats(sae, data.acts, batch)
     chosen = choose_latents(opts.latents, fires, opts.seed)
     ids = [i for i, _ in chosen]
-    site_w_dec = sae.W_dec.cpu().view(d_sae, len(sites.reads), -1)  # [d_sae, sites, d]: one block a site
-    effects, logit_note = logit_effects(model, site_w_dec[:, -1], ids, opts.logit_tokens)  # the last site's
+    written = sites.writes if sites.cross_layer else sites.reads  # a CLT's blocks: one an output layer
+    site_w_dec = sae.W_dec.cpu().view(d_sae, len(written), -1)  # [d_sae, sites, d]: one block a site
+    # the last site's decoder; a CLT's every output layer adds to the residual stream: their sum
+    direction = site_w_dec.sum(1) if sites.cross_layer else site_w_dec[:, -1]
+    effects, logit_note = logit_effects(model, direction, ids, opts.logit_tokens)
 
     records = []
     per_pass = max(1, MAX_COLUMN_FLOATS // n_tokens)
@@ -255,8 +259,8 @@ def collect(plan: Plan) -> DashboardData:
                 "contexts": top_contexts(column, data, opts.contexts, opts.window, model.tokenizer,
                                          special.excluded),
                 "logits": effects[start + j] if effects is not None else None,
-                "site_norms": ({h: _sig(n) for h, n in zip(sites.reads, site_w_dec[latent].norm(dim=-1).tolist(),
-                                                            strict=True)} if sites.crosscoder else None),
+                "site_norms": ({h: _sig(n) for h, n in zip(written, site_w_dec[latent].norm(dim=-1).tolist(),
+                                                            strict=True)} if sites.several else None),
             })
     log.info("dashboard: %d held-out tokens (%d windows) at %s; model and SAE loaded in %.1f s, activations in "
              "%.1f s, %d latents encoded in %.1f s", n_tokens, len(data.windows), plan.hook, loaded - started,

@@ -49,8 +49,10 @@ class Plan:
 
     @property
     def sites(self) -> Sites:
-        """The hooks the SAE reads (a crosscoder's several)."""
-        return Sites.of(self.model.hook)
+        """The hooks the SAE reads (a crosscoder's several), and a cross-layer transcoder's MLP outputs."""
+        targets = self.model.get("target_hook")
+        return Sites.of(self.model.hook, list(targets) if isinstance(targets, Sequence) and not isinstance(
+            targets, str) else None)
 
     @property
     def hook(self) -> str:
@@ -169,6 +171,9 @@ def make_plan(path: str | os.PathLike, overrides: Sequence[str]) -> Plan:
     hook = sae_field(sae_cfg, "hook_names") or sae_field(sae_cfg, "hook_name")  # a crosscoder's: its sites
     if hook and "model.hook" not in touched:
         model.hook = list(hook) if isinstance(hook, list) else str(hook)
+    outputs = sae_field(sae_cfg, "hook_names_out")  # a cross-layer transcoder's MLP outputs
+    if outputs and "model.target_hook" not in touched:
+        model.target_hook = list(outputs)
     diff_with = sae_field(sae_cfg, "diff_with")  # a diffing crosscoder's second model
     if diff_with and "model.diff_with" not in touched:
         model.diff_with = str(diff_with)
