@@ -4,6 +4,13 @@
         [--steps 30] [--warmup 5] [--device cpu|cuda] [--precision fp32|tf32|bf16] [--reference] [--json OUT]
         [--lean] [--check-slice] [--sites S] [SAE overrides, e.g. k=64]
 
+--clt L times a cross-layer transcoder over L layers of --d-in each with --d-sae latents in all (issue 37: MiniLM's
+6 layers), and in the same run the L per-layer transcoders it replaces (--d-sae / L latents each; one is timed, the
+set's time is L times its step). FLOPs are the CLT's useful ones (its L encoder blocks and L(L+1)/2 decoder blocks,
+2 x B x d_in x (d_sae / L) per block and pass; the zero blocks it stores are not counted), and the roofline is
+the per-layer matmul shape's rate. It prints clt_over_per_layer (the CLT's step time / the set's) and the CLT's
+roofline fraction.
+
 --sites S times a crosscoder over S sites of --d-in each (issue 36: 4 sites x 384 -> 3,072 latents): the step is
 handed {site: tensor} and puts the sites side by side as SAEModule does, and the roofline is that of the same
 matmuls at S x d_in (a crosscoder is an SAE over the sites' concatenation; the per-site decoder norms of its
@@ -123,6 +130,16 @@ def step_flops(variant: str, sae, batch: int) -> float:
     return dense
 
 
+def clt_flops(variant: str, sae, batch: int, layers: int) -> float:
+    """A CLT's useful FLOPs: each pass over its L encoder blocks and L(L+1)/2 decoder blocks (per block 2 B d F)."""
+    d, F = sae.d_in // layers, sae.d_sae // layers
+    block, dec_blocks = 2.0 * batch * d * F, layers * (layers + 1) / 2
+    if variant in SPARSE:  # the encoder forward; the decoder side's sparse products on the B k selected entries
+        return layers * block + 4 * 2.0 * batch * int(sae.cfg.k) * d * (layers + 1) / 2
+    enc_passes = 2
+    return block * (enc_passes * layers + (DENSE_PASSES[variant] - enc_passes) * dec_blocks)
+
+
 def kernels_backend(x: Tensor) -> str:
     """What saelab.kernels.dispatch.backend_for says runs the step's kernels for x ("native", "triton",
     "torch")."""
@@ -141,6 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--d-in", type=int, default=384)
     parser.add_argument("--sites", type=int, default=1,
                         help="a crosscoder over this many sites, each --d-in wide (batches {site: tensor}, as trained)")
+    parser.add_argument("--clt", type=int, default=0, metavar="L",
+                        help="a cross-layer transcoder over L layers, against the L per-layer transcoders it replaces")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--acts", type=Path, help="float32 tensor [N, d_in] saved with torch.save")
     parser.add_argument("--steps", type=int, default=30)
@@ -167,30 +186,62 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         with matmul_precision(args.precision):
+            if args.clt:
+                return clt_comparison(args)
             return run(args)
     finally:
         if args.device == "cuda":  # in-process callers (benchmarks/gpu_check.py) run the next shape on a clean pool
             torch.cuda.empty_cache()
 
 
+def clt_comparison(args: argparse.Namespace) -> dict:
+    """The CLT's step and, in the same run, one per-layer transcoder's (the set of L costs L of them)."""
+    clt = run(args)
+    single = run(argparse.Namespace(**{**vars(args), "clt": 1, "d_sae": args.d_sae // args.clt, "json": None}))
+    per_layer_ms = args.clt * single["ms_per_step"]
+    result = clt | {"per_layer_transcoder_ms": single["ms_per_step"], "per_layer_set_ms": per_layer_ms,
+                    "clt_over_per_layer": clt["ms_per_step"] / per_layer_ms,
+                    "per_layer_roofline_fraction": single["roofline_fraction"]}
+    print(f"clt {args.variant} {args.clt} layers x {args.d_in} -> {args.d_sae} latents, batch {args.batch}: "
+          f"{clt['ms_per_step']:.0f} ms/step, {args.clt} per-layer transcoders {per_layer_ms:.0f} ms "
+          f"({result['clt_over_per_layer']:.2f}x); CLT roofline fraction {clt['roofline_fraction']:.2f}, "
+          f"per-layer {single['roofline_fraction']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    if args.acts:
+    layers = args.clt  # a transcoder over this many layers (1: one per-layer transcoder), 0: an SAE
+    if layers:
+        acts = torch.randn(max(4 * args.batch, 16384), 2 * layers * args.d_in, device=device) / args.d_in**0.5
+        reads, writes = [f"in_{i}" for i in range(layers)], [f"out_{i}" for i in range(layers)]
+        sites = Sites.of(reads, writes) if layers > 1 else Sites.of(reads[0], writes[0])
+        with torch.device(device):
+            sae = build(args.variant, args.d_in, args.d_sae, args.overrides + [f"d_out={args.d_in}"]
+                        + ([f"sites={layers}"] if layers > 1 else []))
+        d_in = args.d_in * layers
+        site_acts = [part.contiguous() for part in acts.chunk(2 * layers, dim=1)]
+        hooks = list(sites.reads) + list(sites.writes)
+    elif args.acts:
         acts = torch.load(args.acts, weights_only=True).float()
         d_in = acts.shape[1]
     else:  # synthetic, roughly the scale of normalised activations (E||x||^2 = 1 at each site)
         d_in = args.d_in * args.sites
         acts = torch.randn(max(4 * args.batch, 16384), d_in) / args.d_in**0.5
-    acts = acts.to(device)  # the data is on the device before anything is timed
-    sites = Sites.of([f"site_{s}" for s in range(args.sites)]) if args.sites > 1 else None
-    with torch.device(device):
-        sae = build(args.variant, d_in // args.sites, args.d_sae,
-                    args.overrides + ([f"sites={args.sites}"] if sites else []))
+    if not layers:
+        acts = acts.to(device)  # the data is on the device before anything is timed
+        sites = Sites.of([f"site_{s}" for s in range(args.sites)]) if args.sites > 1 else None
+        with torch.device(device):
+            sae = build(args.variant, d_in // args.sites, args.d_sae,
+                        args.overrides + ([f"sites={args.sites}"] if sites else []))
+        site_acts = [part.contiguous() for part in acts.chunk(args.sites, dim=1)] if sites else None
+        hooks = list(sites.reads) if sites else []
     optim_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optim" / "adam.yaml")) | {"lr": 1e-4}
     member = SAEMember(sae, optim_cfg, max_steps=args.steps, dead_window_tokens=10_000_000,  # none dead: AuxK 0
                        precision=MEMBER_PRECISION[args.precision], sites=sites)
-    site_acts = [part.contiguous() for part in acts.chunk(args.sites, dim=1)] if sites else None
     module = SAEModule([member]).to(device)
     optimizer = module.configure_optimizers()["optimizer"]  # the optimiser training uses (fused Adam)
     module.on_fit_start()  # what the Trainer calls first: the allocator setting training runs with
@@ -210,17 +261,16 @@ def run(args: argparse.Namespace) -> dict:
         if sites is None:
             return batch(step)
         start_row = (step * args.batch) % (len(acts) - args.batch + 1)
-        return {name: part[start_row : start_row + args.batch] for name, part in zip(sites.reads, site_acts,
-                                                                                       strict=True)}
+        return {name: part[start_row : start_row + args.batch] for name, part in zip(hooks, site_acts, strict=True)}
 
     clock = Clock(device)
 
     def saelab_step(x: Tensor, with_l0: bool) -> tuple[Any, Any, Any, Any]:
         """One step as SAEModule.training_step and the Trainer run it; clock marks at its phase boundaries."""
         start = clock.mark()
-        x, _ = member.input_and_target(x)  # a crosscoder's sites side by side (SAEModule.training_step's work)
+        x, target = member.input_and_target(x)  # sites side by side (SAEModule.training_step's work)
         with member.autocast(device.type):
-            loss, _ = member.step_loss(x, coefficients, with_l0=with_l0)
+            loss, _ = member.step_loss(x, coefficients, with_l0=with_l0, target=target)
         optimizer.zero_grad(set_to_none=True)
         forward_end = clock.mark()
         loss.backward()
@@ -233,9 +283,11 @@ def run(args: argparse.Namespace) -> dict:
     # This VM's speed drifts (by 10-30% within a minute at times), so every measured step is paired with a
     # roofline pass timed just before it, and the fraction is the median of the per-pair fractions.
     dtype = matmul_dtype(args.precision)
-    roofline = None if args.lean else Roofline(DENSE_PASSES[args.variant], args.batch, d_in, args.d_sae, dtype=dtype,
+    roof_in, roof_sae = (args.d_in, args.d_sae // layers) if layers else (d_in, args.d_sae)  # per-layer shapes
+    roofline = None if args.lean else Roofline(DENSE_PASSES[args.variant], args.batch, roof_in, roof_sae, dtype=dtype,
                                                device=device)
-    flops = step_flops(args.variant, sae, args.batch)
+    flops = clt_flops(args.variant, sae, args.batch, layers) if layers > 1 else step_flops(args.variant, sae,
+                                                                                            args.batch)
     marks, roofline_marks = [], []
     for step in range(args.warmup + args.steps):
         x = site_batch(step)
