@@ -270,3 +270,14 @@ def test_bad_clt_sites_are_one_line_errors(override, field, tiny_model_dir, tiny
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and field in last, result.stderr[-2000:]
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_a_topk_clts_block_encoder_is_the_dense_product():
+    """TopK's fused step computes a CLT's pre-activations from the diagonal blocks alone: x W_enc all the same."""
+    torch.manual_seed(3)
+    sae = clt("batchtopk")
+    x = torch.randn(16, L * D)
+    bias = torch.randn(L * F)
+    pre, pending = sae.float32_preacts(x, bias)
+    dense = x @ sae.W_enc + (bias if pending is None else 0)
+    assert torch.allclose(pre, dense, atol=1e-5) and not torch.equal(pre, torch.zeros_like(pre))

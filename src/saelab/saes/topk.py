@@ -122,6 +122,8 @@ class TopKSAE(SAE, AuxKLoss):
         are the float32 top-k (the kernels' tests check equality).
         """
         self.screen_candidates_per_token = None  # this step's, for diagnostics (benchmarks/train_step.py)
+        if self.layer_structure is not None:  # a CLT: the screen would multiply its zero blocks too
+            return None
         screen = bf16_screen(x, self.W_enc, bias, self.cfg.bf16_screen,
                              lambda: self.workspace("screen", x, torch.bfloat16))
         selected = self.select_screened(screen) if screen is not None else None
@@ -198,6 +200,9 @@ class TopKSAE(SAE, AuxKLoss):
     def float32_preacts(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor | None]:
         """(pi, the bias still to add to it, or None): x W_enc into a reused buffer. Where the selection adds the
         bias as it scans (a C++ kernel), addmm is spared a pass that writes it into pi; elsewhere addmm adds it."""
+        if self.layer_structure is not None:  # a CLT: its encoder's diagonal blocks alone
+            pre = self.layer_structure.encode_blocks(x, self.W_enc, out=self.workspace("pre", x))
+            return (pre, bias) if selection_adds_bias(x, bias) else (pre.add_(bias), None)
         if selection_adds_bias(x, bias):
             return torch.mm(x, self.W_enc, out=self.workspace("pre", x)), bias
         return torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x)), None
