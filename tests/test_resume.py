@@ -20,11 +20,15 @@ STEPS = 200
 
 
 CROSSCODER = "model.hook=[blocks.0.hook_out,blocks.1.hook_out]"
+CLT = ["model.hook=[blocks.0.hook_resid_mid,blocks.1.hook_resid_mid]",
+       "model.target_hook=[blocks.0.hook_mlp_out,blocks.1.hook_mlp_out]"]
 
 
 def _overrides(model_dir: Path, corpus_dir: Path, out: Path, cache: Path, variant: str, data_cache: str
                ) -> list[str]:
     sites = [CROSSCODER] if variant.startswith("crosscoder") else []
+    if variant == "clt":  # a cross-layer transcoder: JumpReLU with Ameisen et al.'s tanh penalty
+        sites, variant = [*CLT, "sae.sparsity=tanh", "sae.decoder_constraint=none"], "jumprelu"
     return [
         *tiny_overrides(model_dir, corpus_dir, out), *sites, f"paths.cache_dir={cache}", f"sae={variant}",
         f"data.cache={data_cache}",
@@ -47,9 +51,10 @@ def _checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-# topk from the cache; an L1 crosscoder (ReLU over two sites, each with its own scale) streamed: both data paths,
-# both kinds of step, one site and several (CI time: relu-auto adds nothing new)
-@pytest.mark.parametrize(("variant", "data_cache"), [("topk", "auto"), ("crosscoder_l1", "off")])
+# topk from the cache; a cross-layer transcoder (JumpReLU over two layers' MLP inputs and outputs, each site with
+# its own scale, zero blocks kept) streamed: both data paths, both kinds of step, one site and several (CI time:
+# relu-auto adds nothing new, and a crosscoder's several sites are a CLT's reads alone)
+@pytest.mark.parametrize(("variant", "data_cache"), [("topk", "auto"), ("clt", "off")])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(variant, data_cache, tiny_model_dir, tiny_corpus_dir,
                                                         tmp_path):
     """From the activation cache, and streamed from the model (data.cache=off: the stream is regenerated)."""
