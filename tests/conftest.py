@@ -118,6 +118,15 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600,
     return run_module("saelab.cli.train", args, cwd, timeout, fresh)
 
 
+def assert_one_line_refusal(args: list[str], field: str, out: Path) -> None:
+    """saelab-train refuses `args` in one line naming `field`, and leaves no metrics.json under `out`."""
+    result = run_cli(args)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and field in last, result.stderr[-2000:]
+    assert not list(out.rglob("metrics.json"))
+
+
 def run_until_then_kill(args: list[str], ready, timeout: float = 300) -> subprocess.Popen:
     """Start `python -m saelab.cli.train args` and SIGKILL it (its whole process group) as soon as `ready()` is
     true; the caller asserts it really was killed (returncode == -SIGKILL), not finished first."""

@@ -19,7 +19,7 @@ from saelab.errors import ConfigError
 from saelab.saes.base import build_sae
 from saelab.saes.circuit_tracer_format import export_circuit_tracer
 from saelab.sites import Sites, column_scales
-from tests.conftest import REPO, run_cli, run_module, tiny_overrides
+from tests.conftest import REPO, assert_one_line_refusal, run_cli, run_module, tiny_overrides
 from tests.test_dashboard import build, read_latent
 
 L, D, F = 3, 8, 6  # layers, width, latents per layer
@@ -265,11 +265,7 @@ def test_a_clt_on_a_model_trains_splices_exports_evaluates_and_shows_per_layer_n
 def test_bad_clt_sites_are_one_line_errors(override, field, tiny_model_dir, tiny_corpus_dir, tmp_path):
     args = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path),
             "model.hook=[blocks.0.hook_resid_mid,blocks.1.hook_resid_mid]", override]
-    result = run_cli(args)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and field in last, result.stderr[-2000:]
-    assert not list(tmp_path.rglob("metrics.json"))
+    assert_one_line_refusal(args, field, tmp_path)
 
 
 def test_a_topk_clts_block_encoder_is_the_dense_product():

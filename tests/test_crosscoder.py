@@ -19,7 +19,7 @@ from saelab.metrics.sites import SiteMetrics, auroc, diff_sides, relative_norm
 from saelab.saes.base import build_sae
 from saelab.saes.saelens_format import ExportedSAE, load_exported
 from saelab.sites import Sites
-from tests.conftest import run_cli, run_module, tiny_overrides
+from tests.conftest import assert_one_line_refusal, run_cli, run_module, tiny_overrides
 from tests.test_dashboard import build, read_latent
 
 CROSSCODER_L1 = {"_target_": "saelab.saes.relu.ReluSAE", "d_in": 8, "d_sae": 16, "sites": 3, "sparsity": "ri_l1",
@@ -210,11 +210,7 @@ def test_a_crosscoder_over_two_layers_trains_evaluates_splices_and_exports(tiny_
 def test_bad_crosscoder_sites_are_one_line_errors(override, field, tiny_model_dir, tiny_corpus_dir, tmp_path):
     args = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path),
             "model.hook=[blocks.0.hook_out,blocks.1.hook_out]", override]
-    result = run_cli(args)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and field in last, result.stderr[-2000:]
-    assert not list(tmp_path.rglob("metrics.json"))
+    assert_one_line_refusal(args, field, tmp_path)
 
 
 def test_a_crosscoder_splice_replaces_every_site_it_writes(tiny_model_dir, tiny_corpus_dir):

@@ -15,7 +15,7 @@ from saelab.data.activations import window_activations
 from saelab.data.cache_key import ModelSpec
 from saelab.data.model import load_model
 from saelab.metrics import registry
-from tests.conftest import build_tiny_model, run_cli, run_module, tiny_overrides
+from tests.conftest import assert_one_line_refusal, build_tiny_model, run_cli, run_module, tiny_overrides
 from tests.test_dashboard import build, read_latent
 
 HOOK = "blocks.1.hook_out"
@@ -123,8 +123,4 @@ def test_bad_diffing_inputs_are_one_line_errors(overrides, field, tiny_model_dir
         build_tiny_model(narrow, d_model=16)
     args = [*tiny_overrides(tiny_model_dir, tiny_corpus_dir, tmp_path / "out"),
             *(o.replace("TUNED", str(tuned_dir)).replace("NARROW", str(narrow)) for o in overrides)]
-    result = run_cli(args)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and field in last, result.stderr[-2000:]
-    assert not list((tmp_path / "out").rglob("metrics.json"))
+    assert_one_line_refusal(args, field, tmp_path / "out")
