@@ -91,7 +91,9 @@ class TopKSAE(SAE, AuxKLoss):
         self.W_enc = nn.Parameter(self.init_decoder_and_tied_encoder())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.k = int(round(cfg.target_l0)) if cfg.target_l0 is not None else int(cfg.k)
-        self.k_aux = int(cfg.k_aux) if cfg.k_aux is not None else max(1, self.d_in // 2)
+        # d_model / 2 (Gao et al.); a CLT's d_in is L layers side by side, so its k_aux is one layer's d / 2
+        model_width = int(cfg.d_in) if self.layer_structure is not None else self.d_in
+        self.k_aux = int(cfg.k_aux) if cfg.k_aux is not None else max(1, model_width // 2)
 
     @property
     def scheduled_coefficients(self) -> dict[str, tuple[float, int]]:
