@@ -93,8 +93,8 @@ def test_installed_saelab_trains_and_evaluates_from_an_empty_directory(installed
                               *overrides], cwd=work, capture_output=True, text=True, env=env, timeout=120)
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines() == [
-        "error: experiment='theirs' is not allowed: expected one of clt_replacement, crosscoder_diffing, crosscoder_model_diffing, "
-        "gated_aux_ablation, jumprelu_bandwidth, "
+        "error: experiment='theirs' is not allowed: expected one of clt_replacement, crosscoder_diffing, "
+        "crosscoder_model_diffing, gated_aux_ablation, jumprelu_bandwidth, "
         "matryoshka_vs_batchtopk, mine, quickstart, synthetic_variants, synthsaebench, variant_pareto"]
 
 
