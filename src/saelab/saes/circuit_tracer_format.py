@@ -29,12 +29,12 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-ACTIVATIONS = {"transcoder": "relu", "jumprelu_transcoder": "jumprelu"}  # SAELens architectures it can hold
+WRITABLE = frozenset({"transcoder", "jumprelu_transcoder"})  # the SAELens architectures it can hold: ReLU, JumpReLU
 
 
 def refusal(architecture: str) -> str | None:
     """Why a CLT of this SAELens architecture cannot be written in circuit-tracer's format (None: it can)."""
-    if architecture in ACTIVATIONS:
+    if architecture in WRITABLE:
         return None
     if "skip" in architecture:
         return "circuit-tracer's load_clt ignores a skip connection (train with sae.skip=false)"

@@ -89,11 +89,3 @@ class LayerStructure:
         diagonal = W_enc.view(layers, d, layers, F).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [L, d, F]
         per_layer = torch.bmm(x.view(batch, layers, d).transpose(0, 1), diagonal)  # [L, B, F]
         return out.view(batch, layers, F).copy_(per_layer.transpose(0, 1)).view(batch, layers * F)
-
-    def output_norms(self, W_dec: Tensor) -> Tensor:
-        """[d_sae, layers]: each latent's decoder norm at each output layer (zero before its own layer)."""
-        return W_dec.view(W_dec.shape[0], self.layers, -1).norm(dim=-1)
-
-    def latent_layer(self, d_sae: int) -> Tensor:
-        """[d_sae]: the layer whose input each latent reads (latents are grouped by layer)."""
-        return torch.arange(self.layers).repeat_interleave(d_sae // self.layers)
