@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent("""
         SAEModule.single(ReluSAE(ReluSAE.Config(d_in=8, d_sae=16)), {"lr": 1e-3}, max_steps=1,
                   dead_window_tokens=10).on_fit_start()
     x, w = torch.ones(4096, 384), torch.ones(3072, 384)  # a TopK step's [B, d_in] and [d_sae, d_in] shapes
+    big = torch.ones(4608, 2304)  # a 6-layer CLT's [d_sae, d_in] (42 MB: above glibc's 32 MiB mmap ceiling)
 
     def step():  # fresh tensors of two sizes, alive together, then freed
         a = x * 2
@@ -30,7 +31,8 @@ SCRIPT = textwrap.dedent("""
         c = w * 2
         d = b - x
         e = c + 1
-        del a, b, c, d, e
+        f = big * 2
+        del a, b, c, d, e, f
 
     for _ in range(3):  # settle glibc's dynamic thresholds
         step()
@@ -55,8 +57,9 @@ def test_fit_start_stops_fresh_tensors_from_page_faulting():
         pytest.skip("mallopt is glibc's")
     plain, fit = faults_per_step("plain"), faults_per_step("fit")
     # Without the setting every such tensor is mmapped and unmapped again, and the next step faults its pages in
-    # again: five tensors of 4.7-6.3 MB, ~6,900 faults per step. With it, none of those: a quiet window counts 0-2,
-    # and a loaded machine adds a few dozen from elsewhere in the process (38 seen under CI's xdist), never
-    # thousands.
+    # again: five tensors of 4.7-6.3 MB and one of 42 MB, ~17,000 faults per step (the 42 MB one alone ~10,000,
+    # which the mmap threshold cannot keep: only turning mmap off does). With it, none of those: a quiet window
+    # counts 0-2, and a loaded machine adds a few dozen from elsewhere in the process (38 seen under CI's xdist),
+    # never thousands.
     assert plain > 1000
-    assert fit < plain / 50
+    assert fit < plain / 50  # the 42 MB tensor alone would leave ~10,000
