@@ -159,6 +159,44 @@ def test_sparse_products_equal_dense_matmuls(build, d):
     close(product, (z.t() @ (dense - shift)).t())
 
 
+def block_mask(layers: int, group: int, step: int, suffix: bool) -> torch.Tensor:
+    """[layers * group, layers * step]: 1 where latent j (of layer j // group) has a weight, written out from the
+    CLT's definition (saes/cross_layer.py): its own layer's columns, and with suffix every later layer's too."""
+    mask = torch.zeros(layers * group, layers * step)
+    for j in range(layers * group):
+        for layer in range(layers):
+            if layer == j // group or (suffix and layer > j // group):
+                mask[j, layer * step:(layer + 1) * step] = 1
+    return mask
+
+
+@pytest.mark.parametrize("step", [130, 20, 7, 128])
+@pytest.mark.parametrize("suffix", [True, False])
+def test_layer_spans_skip_the_zero_blocks_exactly(build, step, suffix):
+    """With a span the products read a table's rows on their blocks alone (the rows are zero elsewhere: the
+    results equal the dense products), and sparse_t_dense leaves the gradient's zero blocks at 0."""
+    layers, group = 3, 24
+    row_of, cols, values, offsets, z = sparse_case(layers * step, d_sae=layers * group)
+    mask = block_mask(layers, group, step, suffix)
+    span = native.LayerSpan(group, step, suffix)
+    table = torch.randn(mask.shape) * mask
+    dense = torch.randn(z.shape[0], layers * step)
+    bias = torch.randn(layers * step)
+
+    out, sq = native.sparse_decode(values, cols, offsets, table, bias=bias, minus=dense, row_sq=True, span=span)
+    close(out, z @ table + bias - dense)
+    close(sq, out.pow(2).sum(-1))
+    close(native.sampled_dot(cols, offsets, table, dense, span=span), (dense @ table.t())[row_of, cols])
+    order, col_offsets = native.group_by(cols, z.shape[1])
+    product, sums = native.sparse_t_dense(order, col_offsets, row_of, values, dense, col_sums=True, span=span)
+    close(product, (z.t() @ dense) * mask)
+    close(sums, z.sum(0))
+    shift = torch.randn(layers * step)
+    product, _ = native.sparse_t_dense(order, col_offsets, row_of, values, dense, transposed=True, shift=shift,
+                                       span=span)
+    close(product, ((z.t() @ (dense - shift)) * mask).t())
+
+
 def test_results_do_not_depend_on_the_thread_count(build):
     row_of, cols, values, offsets, z = sparse_case(130, rows=200, d_sae=300)
     table, dense = torch.randn(300, 130), torch.randn(200, 130)

@@ -16,6 +16,7 @@ each kernel against that twin.
 from __future__ import annotations
 
 import ctypes
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,9 +24,10 @@ from torch import Tensor
 from saelab.kernels.native_library import DISABLE_VARIABLE, library, pointer, threads, usable, usable_library
 from saelab.kernels.native_screen import Screen, bf16_screen, fast_bf16, screened_batch_topk, screened_row_topk
 
-__all__ = ["DISABLE_VARIABLE", "Screen", "batch_topk", "bf16_screen", "fast_bf16", "gated_backward_gate",
-           "gated_backward_mag", "gated_forward", "group_by", "jumprelu_forward", "library", "row_topk", "sampled_dot",
-           "screened_batch_topk", "screened_row_topk", "sparse_decode", "sparse_t_dense", "usable"]
+__all__ = ["DISABLE_VARIABLE", "NO_SPAN", "LayerSpan", "Screen", "batch_topk", "bf16_screen", "fast_bf16",
+           "gated_backward_gate", "gated_backward_mag", "gated_forward", "group_by", "jumprelu_forward", "library",
+           "row_topk", "sampled_dot", "screened_batch_topk", "screened_row_topk", "sparse_decode", "sparse_t_dense",
+           "usable"]
 
 
 def _bias_ok(bias: Tensor | None, width: int) -> bool:
@@ -71,10 +73,25 @@ def group_by(ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor] | None:
     return order, offsets
 
 
+class LayerSpan(NamedTuple):
+    """A cross-layer transcoder's block structure, which lets the sparse products skip its zero blocks: latent j
+    (of group g = j // group, its layer) has a nonzero table row, or output row, only on the columns
+    [g step, (g + 1) step), or [g step, end) if suffix (a CLT's decoder: its layer and every later one)."""
+
+    group: int  # latents per layer
+    step: int  # columns per layer
+    suffix: bool
+
+
+NO_SPAN = LayerSpan(0, 0, False)
+
+
 def sparse_decode(values: Tensor, cols: Tensor, row_offsets: Tensor, table: Tensor, bias: Tensor | None = None,
-                  minus: Tensor | None = None, row_sq: bool = False) -> tuple[Tensor, Tensor | None] | None:
+                  minus: Tensor | None = None, row_sq: bool = False,
+                  span: LayerSpan | None = None) -> tuple[Tensor, Tensor | None] | None:
     """(out, ||out[r]||^2 per row if row_sq): out[r] = bias + sum over row r's entries of values[e] table[cols[e]]
-    - minus[r], a [rows, d] tensor (bias [d] and minus [rows, d] optional)."""
+    - minus[r], a [rows, d] tensor (bias [d] and minus [rows, d] optional). With a span, table's rows are read on
+    their span alone (they must be zero elsewhere)."""
     extra = [t for t in (bias, minus) if t is not None]
     if any(t.dtype != torch.float32 for t in (values, table, *extra)):
         return None
@@ -86,28 +103,31 @@ def sparse_decode(values: Tensor, cols: Tensor, row_offsets: Tensor, table: Tens
     out = torch.empty(rows, d, dtype=torch.float32)
     sq = torch.empty(rows, dtype=torch.float32) if row_sq else None
     lib.saelab_sparse_decode(values.data_ptr(), cols.data_ptr(), row_offsets.data_ptr(), rows, table.data_ptr(), d,
-                             pointer(bias), pointer(minus), out.data_ptr(), pointer(sq), threads())
+                             pointer(bias), pointer(minus), out.data_ptr(), pointer(sq), *(span or NO_SPAN), threads())
     return out, sq
 
 
-def sampled_dot(cols: Tensor, row_offsets: Tensor, table: Tensor, dense: Tensor) -> Tensor | None:
-    """out[e] = dense[row(e)] . table[cols[e]] for each entry e (rows given by row_offsets)."""
+def sampled_dot(cols: Tensor, row_offsets: Tensor, table: Tensor, dense: Tensor,
+                span: LayerSpan | None = None) -> Tensor | None:
+    """out[e] = dense[row(e)] . table[cols[e]] for each entry e (rows given by row_offsets); with a span, summed
+    over the span of table's row alone (it must be zero elsewhere)."""
     if table.dtype != torch.float32 or dense.dtype != torch.float32:
         return None
     if (lib := usable_library(cols, row_offsets, table, dense)) is None:
         return None
     out = torch.empty(cols.numel(), dtype=torch.float32)
     lib.saelab_sampled_dot(cols.data_ptr(), row_offsets.data_ptr(), row_offsets.numel() - 1, table.data_ptr(),
-                           dense.data_ptr(), table.shape[1], out.data_ptr(), threads())
+                           dense.data_ptr(), table.shape[1], out.data_ptr(), *(span or NO_SPAN), threads())
     return out
 
 
 def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tensor, dense: Tensor,
                    transposed: bool = False, col_sums: bool = False,
-                   shift: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
+                   shift: Tensor | None = None, span: LayerSpan | None = None) -> tuple[Tensor, Tensor | None] | None:
     """Z^T (dense - shift) ([n_cols, d], or its transpose [d, n_cols]) for the sparse Z with entries
     (rows[e], col, coef[e]) grouped by column (order, col_offsets); shift [d] is optional (none: zero). Also Z's
-    column sums if col_sums."""
+    column sums if col_sums. With a span, column c's row of the product is computed on c's span and is 0 elsewhere
+    (where the weight it is the gradient of is a zero block)."""
     extra = [] if shift is None else [shift]
     if any(t.dtype != torch.float32 for t in (coef, dense, *extra)):
         return None
@@ -120,7 +140,7 @@ def sparse_t_dense(order: Tensor, col_offsets: Tensor, rows: Tensor, coef: Tenso
     sums = torch.empty(n_cols, dtype=torch.float32) if col_sums else None
     lib.saelab_sparse_t_dense(order.data_ptr(), col_offsets.data_ptr(), n_cols, rows.data_ptr(), coef.data_ptr(),
                               dense.data_ptr(), d, pointer(shift), out.data_ptr(), int(transposed), pointer(sums),
-                              threads())
+                              *(span or NO_SPAN), threads())
     return out, sums
 
 

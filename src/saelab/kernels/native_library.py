@@ -36,13 +36,14 @@ FLAGS = ("-O3", "-march=native", *(("-mprefer-vector-width=512",) if platform.ma
 DISABLE_VARIABLE = "SAELAB_NATIVE_KERNELS"  # set to 0 to use the torch operators instead
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_span = (_i64, _i64, _int)  # a LayerSpan: latents per group, columns per group, suffix (native.LayerSpan)
 _SIGNATURES = {
     "saelab_row_topk": (None, [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int]),
     "saelab_batch_topk": (_i64, [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int]),
     "saelab_group_by": (None, [_ptr, _i64, _i64, _ptr, _ptr]),
-    "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int]),
-    "saelab_sampled_dot": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _int]),
-    "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _ptr, _int]),
+    "saelab_sparse_decode": (None, [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, *_span, _int]),
+    "saelab_sampled_dot": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, *_span, _int]),
+    "saelab_sparse_t_dense": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _ptr, *_span, _int]),
     **{name: (_i64, [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr, _ptr, _i64, _i64,
                      _i64, _i64, _ptr, _ptr, _int])
        for name in ("saelab_screened_row_topk", "saelab_screened_batch_topk")},

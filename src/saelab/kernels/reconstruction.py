@@ -45,7 +45,7 @@ class SparseReconstructionError(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
                 pattern: SparsePattern) -> tuple[Tensor, Tensor]:
-        diff, row_sq = pattern.decode(values, W_dec, bias=b_dec, minus=x, row_sq=True)
+        diff, row_sq = pattern.decode(values, W_dec, bias=b_dec, minus=x, row_sq=True, span=pattern.decoder_span)
         ctx.save_for_backward(values, W_dec, diff)
         ctx.pattern = pattern
         ctx.mark_non_differentiable(diff)
@@ -62,9 +62,9 @@ class SparseReconstructionError(torch.autograd.Function):
         need = ctx.needs_input_grad
         scale = 2 * g / diff.shape[0]
         if need[0]:
-            grads[0] = pattern.entry_dots(W_dec, diff) * scale
+            grads[0] = pattern.entry_dots(W_dec, diff, span=pattern.decoder_span) * scale
         if need[1]:
-            grads[1] = pattern.transpose_times(values * scale, diff)[0]
+            grads[1] = pattern.transpose_times(values * scale, diff, span=pattern.decoder_span)[0]
         if need[2]:
             grads[2] = diff.sum(0) * scale
         if need[3]:  # training never asks for it (x is data)

@@ -237,9 +237,15 @@ void row_topk(const float* row, const float* bias, i64 m, i64 k, float* vals, i6
 // plus, minus are [d] or null (zero). With AVX-512, 128
 // floats of y are held in 8 registers across all terms (loads and FMAs only; accumulating into memory would
 // store y once per term). The sum runs over terms in order, so the result does not depend on threads.
-template <class Term>
+// skip(t, lo, hi), if given, says that term t's src is zero on [lo, hi): the term is then left out of those
+// columns (a cross-layer transcoder's decoder rows are zero before their layer; LayerSpan).
+struct NeverSkip {
+  bool operator()(i64, i64, i64) const { return false; }
+};
+
+template <class Term, class Skip = NeverSkip>
 inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term, const float* plus = nullptr,
-                             const float* minus = nullptr) {
+                             const float* minus = nullptr, Skip skip = Skip{}) {
   i64 c0 = 0;
 #if defined(__AVX512F__)
   const auto start = [&](i64 at, __mmask16 lanes) {
@@ -251,6 +257,7 @@ inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term, const fl
            a3 = start(c0 + 48, 0xFFFF), a4 = start(c0 + 64, 0xFFFF), a5 = start(c0 + 80, 0xFFFF),
            a6 = start(c0 + 96, 0xFFFF), a7 = start(c0 + 112, 0xFFFF);
     for (i64 t = 0; t < n_terms; ++t) {
+      if (skip(t, c0, c0 + 128)) continue;
       const auto [coef, src] = term(t);
       const __m512 c = _mm512_set1_ps(coef);
       const float* p = src + c0;
@@ -277,6 +284,7 @@ inline void weighted_row_sum(float* y, i64 d, i64 n_terms, Term&& term, const fl
     const __mmask16 lanes = c0 + 16 <= d ? 0xFFFF : static_cast<__mmask16>((1u << (d - c0)) - 1);
     __m512 acc = start(c0, lanes);
     for (i64 t = 0; t < n_terms; ++t) {
+      if (skip(t, c0, c0 + 16)) continue;
       const auto [coef, src] = term(t);
       acc = _mm512_fmadd_ps(_mm512_set1_ps(coef), _mm512_maskz_loadu_ps(lanes, src + c0), acc);
     }
@@ -312,6 +320,24 @@ inline float dot(const float* a, const float* b, i64 d) {
   for (; i < d; ++i) s += a[i] * b[i];
   return s;
 }
+
+// A cross-layer transcoder's block structure, for the sparse products below (saes/cross_layer.py): latents come
+// in groups of `group` (one per layer), and row j of a table (or, for sparse_t_dense, output row j) is nonzero
+// only on the columns [lo, hi) of its group g = j / group: lo = g * step, and hi = lo + step (an encoder, or a
+// per-layer decoder: its layer alone) or the row's end (a CLT's decoder: its layer and every later one). The
+// products then skip the columns outside; group 0 means no structure (every column).
+struct LayerSpan {
+  i64 group, step;
+  int suffix;
+  void of(i64 j, i64 d, i64& lo, i64& hi) const {
+    if (group <= 0) {
+      lo = 0, hi = d;
+      return;
+    }
+    lo = std::min(d, j / group * step);
+    hi = suffix ? d : std::min(d, lo + step);
+  }
+};
 
 // The bfloat16 screen. approx = bf16(xb Wb) (xb = bf16(x), Wb = bf16(W); a bf16 matmul accumulating in float32)
 // misses the exact pre-activation v = x . w_j + bias_j by at most
@@ -492,7 +518,9 @@ void saelab_group_by(const i64* ids, i64 n, i64 n_groups, i64* order, i64* offse
 // is [*, d], out and minus [rows, d], bias [d]; bias and minus may be null. row_sq (optional, [rows]) gets
 // ||out[r]||^2.
 void saelab_sparse_decode(const float* values, const i64* cols, const i64* row_offsets, i64 rows, const float* table,
-                          i64 d, const float* bias, const float* minus, float* out, float* row_sq, int threads) {
+                          i64 d, const float* bias, const float* minus, float* out, float* row_sq, i64 span_group,
+                          i64 span_step, int span_suffix, int threads) {
+  const LayerSpan span{span_group, span_step, span_suffix};
   run_parts(balanced_bounds(row_offsets, rows, threads, 1), [&](int, i64 lo, i64 hi) {
     for (i64 r = lo; r < hi; ++r) {
       const i64 first = row_offsets[r];
@@ -500,18 +528,28 @@ void saelab_sparse_decode(const float* values, const i64* cols, const i64* row_o
       weighted_row_sum(
           y, d, row_offsets[r + 1] - first,
           [&](i64 t) { return std::pair<float, const float*>(values[first + t], table + cols[first + t] * d); }, bias,
-          minus ? minus + r * d : nullptr);
+          minus ? minus + r * d : nullptr, [&](i64 t, i64 c_lo, i64 c_hi) {
+            i64 s_lo, s_hi;
+            span.of(cols[first + t], d, s_lo, s_hi);
+            return c_hi <= s_lo || c_lo >= s_hi;
+          });
       if (row_sq) row_sq[r] = dot(y, y, d);
     }
   });
 }
 
 // out[e] = dense[r] . table[cols[e]] for every entry e of row r: a dense product sampled at Z's entries.
+// With a span, only the columns where table's row is nonzero are summed.
 void saelab_sampled_dot(const i64* cols, const i64* row_offsets, i64 rows, const float* table, const float* dense,
-                        i64 d, float* out, int threads) {
+                        i64 d, float* out, i64 span_group, i64 span_step, int span_suffix, int threads) {
+  const LayerSpan span{span_group, span_step, span_suffix};
   run_parts(balanced_bounds(row_offsets, rows, threads, 1), [&](int, i64 lo, i64 hi) {
     for (i64 r = lo; r < hi; ++r)
-      for (i64 e = row_offsets[r]; e < row_offsets[r + 1]; ++e) out[e] = dot(dense + r * d, table + cols[e] * d, d);
+      for (i64 e = row_offsets[r]; e < row_offsets[r + 1]; ++e) {
+        i64 s_lo, s_hi;
+        span.of(cols[e], d, s_lo, s_hi);
+        out[e] = dot(dense + r * d + s_lo, table + cols[e] * d + s_lo, s_hi - s_lo);
+      }
   });
 }
 
@@ -519,10 +557,12 @@ void saelab_sampled_dot(const i64* cols, const i64* row_offsets, i64 rows, const
 // columns; rows[e] is entry e's row): sum_e coef[e] dense[rows[e]] per column c, minus (sum_e coef[e]) shift if
 // shift ([d]) is given, written as out[c, :] ([n_cols, d]) or, if transposed, as out[:, c] ([d, n_cols]).
 // col_sums (optional, [n_cols]) gets sum_e coef[e] per column. With shift = b_dec this is (x - b_dec)^T Z, the
-// encoder's weight gradient when its input is centred, without forming x - b_dec.
+// encoder's weight gradient when its input is centred, without forming x - b_dec. With a span, out[c, :] is
+// computed on column c's span alone and is 0 elsewhere (the weight's zero blocks, whose gradient is masked).
 void saelab_sparse_t_dense(const i64* order, const i64* col_offsets, i64 n_cols, const i64* rows, const float* coef,
                            const float* dense, i64 d, const float* shift, float* out, int transposed, float* col_sums,
-                           int threads) {
+                           i64 span_group, i64 span_step, int span_suffix, int threads) {
+  const LayerSpan span{span_group, span_step, span_suffix};
   // Transposed, 16 columns are summed into a tile and then written a row of out at a time (16 floats, one
   // cache line): out's row stride is often a multiple of 4 KiB, so writing column by column would thrash L1.
   constexpr i64 TILE = 16;
@@ -533,16 +573,20 @@ void saelab_sparse_t_dense(const i64* order, const i64* col_offsets, i64 n_cols,
       for (i64 c = c0; c < c0 + width; ++c) {
         const i64 first = col_offsets[c], count = col_offsets[c + 1] - first;
         float* y = transposed ? tile.data() + (c - c0) * d : out + c * d;
-        weighted_row_sum(y, d, count, [&](i64 t) {
+        i64 s_lo, s_hi;
+        span.of(c, d, s_lo, s_hi);
+        std::fill(y, y + s_lo, 0.f);
+        std::fill(y + s_hi, y + d, 0.f);
+        weighted_row_sum(y + s_lo, s_hi - s_lo, count, [&](i64 t) {
           const i64 e = order[first + t];
-          return std::pair<float, const float*>(coef[e], dense + rows[e] * d);
+          return std::pair<float, const float*>(coef[e], dense + rows[e] * d + s_lo);
         });
         if (col_sums || shift) {
           float total = 0.f;
           for (i64 t = 0; t < count; ++t) total += coef[order[first + t]];
           if (col_sums) col_sums[c] = total;
           if (shift)
-            for (i64 i = 0; i < d; ++i) y[i] -= total * shift[i];
+            for (i64 i = s_lo; i < s_hi; ++i) y[i] -= total * shift[i];
         }
       }
       if (transposed)

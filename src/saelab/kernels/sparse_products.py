@@ -33,8 +33,13 @@ class SparsePattern:
 
     check_invariants = False  # tests turn this on to have torch verify the CSR structure
 
-    def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int):
+    def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int,
+                 encoder_span: native.LayerSpan | None = None, decoder_span: native.LayerSpan | None = None):
         self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
+        # A cross-layer transcoder's block structure (saes/cross_layer.py): the native products then skip the zero
+        # blocks of W_enc (its gradient's, through x) and of W_dec. Elsewhere they are multiplied, and the zero
+        # blocks' gradients are masked before the step, so every backend trains the same weights.
+        self.encoder_span, self.decoder_span = encoder_span, decoder_span
         self.backend = dispatch.backend_for(latents)
         grouped = native.group_by(latents, d_sae) if self.backend == "native" else None
         if grouped is None:
@@ -50,15 +55,16 @@ class SparsePattern:
                                        check_invariants=self.check_invariants)
 
     def decode(self, values: Tensor, table: Tensor, bias: Tensor | None = None, minus: Tensor | None = None,
-               row_sq: bool = False) -> tuple[Tensor, Tensor | None]:
+               row_sq: bool = False, span: native.LayerSpan | None = None) -> tuple[Tensor, Tensor | None]:
         """(Z table + bias - minus, a [B, n] tensor; and its rows' squared norms if row_sq): each token's entries'
-        values times their rows of table ([d_sae, n]), summed; bias [n] and minus [B, n] are optional."""
+        values times their rows of table ([d_sae, n]), summed; bias [n] and minus [B, n] are optional; span: where
+        table's rows are nonzero."""
         found = None
         if self.backend == "triton":
             found = dispatch.triton_kernels().sparse_decode(values, self.latents, self._row_offsets, table, bias,
                                                             minus, row_sq)
         elif self.backend == "native":
-            found = native.sparse_decode(values, self.latents, self._row_offsets, table, bias, minus, row_sq)
+            found = native.sparse_decode(values, self.latents, self._row_offsets, table, bias, minus, row_sq, span)
         if found is not None:
             return found
         out = torch.nn.functional.embedding_bag(self.latents, table, self._row_offsets[:-1], mode="sum",
@@ -69,11 +75,12 @@ class SparsePattern:
             out = out - minus
         return out, (out.pow(2).sum(-1) if row_sq else None)
 
-    def entry_dots(self, table: Tensor, dense: Tensor) -> Tensor:
-        """(dense @ table^T)[row_j, latent_j] for every entry j, in entry order: table [d_sae, n], dense [B, n]."""
+    def entry_dots(self, table: Tensor, dense: Tensor, span: native.LayerSpan | None = None) -> Tensor:
+        """(dense @ table^T)[row_j, latent_j] for every entry j, in entry order: table [d_sae, n], dense [B, n];
+        span: where table's rows are nonzero."""
         if self.backend == "triton":
             return dispatch.triton_kernels().sampled_dot(self.rows, self.latents, table, dense)
-        out = (native.sampled_dot(self.latents, self._row_offsets, table, dense.contiguous())
+        out = (native.sampled_dot(self.latents, self._row_offsets, table, dense.contiguous(), span)
                if self.backend == "native" else None)
         if out is None:
             sampled = torch.sparse.sampled_addmm(self.transposed(table.new_zeros(self.rows.shape)), table,
@@ -82,16 +89,19 @@ class SparsePattern:
         return out
 
     def transpose_times(self, values: Tensor, dense: Tensor, transposed: bool = False, with_sums: bool = False,
-                        shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                        shift: Tensor | None = None,
+                        span: native.LayerSpan | None = None) -> tuple[Tensor, Tensor | None]:
         """(Z^T (dense - shift), as [d_sae, n] or, if transposed, [n, d_sae]; and Z's column sums if with_sums).
-        shift ([n], optional) is subtracted from every row of dense without forming dense - shift."""
+        shift ([n], optional) is subtracted from every row of dense without forming dense - shift. span: the
+        entries of latent j's row of the product that the weight it is the gradient of can have (0 elsewhere,
+        where the native kernel skips them)."""
         found = None
         if self.backend == "triton":
             found = dispatch.triton_kernels().sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense,
-                                                             transposed, with_sums, shift)
+                                                             transposed, with_sums, shift, span)
         elif self.backend == "native":
             found = native.sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense.contiguous(),
-                                          transposed, with_sums, shift)
+                                          transposed, with_sums, shift, span)
         if found is not None:
             return found
         product = self.transposed(values) @ dense
@@ -135,7 +145,8 @@ class SparseGather(torch.autograd.Function):
         g = g.to(x.dtype)
         if need[1] or need[2] or need[3]:
             shift = b_dec.detach() if b_dec is not None else None
-            grad_w, sums = pattern.transpose_times(g, x, transposed=True, with_sums=True, shift=shift)
+            grad_w, sums = pattern.transpose_times(g, x, transposed=True, with_sums=True, shift=shift,
+                                                   span=pattern.encoder_span)
             grads[1] = grad_w if need[1] else None
             grads[2] = sums if need[2] else None
             if need[3]:
@@ -157,7 +168,7 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx: Any, values: Tensor, W_dec: Tensor, pattern: SparsePattern) -> Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
-        return pattern.decode(values, W_dec)[0]
+        return pattern.decode(values, W_dec, span=pattern.decoder_span)[0]
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
@@ -166,7 +177,7 @@ class SparseDecode(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 3
         if need[0]:
-            grads[0] = pattern.entry_dots(W_dec, g)  # W_dec[latent_j] . g[row_j]
+            grads[0] = pattern.entry_dots(W_dec, g, span=pattern.decoder_span)  # W_dec[latent_j] . g[row_j]
         if need[1]:
-            grads[1] = pattern.transpose_times(values, g)[0]
+            grads[1] = pattern.transpose_times(values, g, span=pattern.decoder_span)[0]
         return tuple(grads)

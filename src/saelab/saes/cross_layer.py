@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from saelab.kernels.native import LayerSpan
+
 Keep = Callable[[int, int], bool]  # (row block, column block) -> whether the block is a weight
 
 
@@ -52,8 +54,15 @@ class LayerStructure:
     """Which blocks of each weight matrix a CLT (or a side-by-side set of per-layer transcoders) has."""
 
     def __init__(self, layers: int, cross_layer: bool):
-        self.layers = int(layers)
+        self.layers, self.cross_layer = int(layers), bool(cross_layer)
         self.decoder_keep: Keep = this_and_later if cross_layer else same_layer
+
+    def spans(self, d_in: int, d_sae: int, d_out: int) -> tuple[LayerSpan, LayerSpan]:
+        """(the encoder's, the decoder's) block structure as the sparse products' kernels skip it: latent j of
+        layer l reads x's columns of layer l, and writes y's of layer l (and, in a CLT, every later one)."""
+        group = d_sae // self.layers
+        return (LayerSpan(group, d_in // self.layers, False),
+                LayerSpan(group, d_out // self.layers, self.cross_layer))
 
     def masks(self, sae: nn.Module) -> list[tuple[Tensor, Keep]]:
         """(weight, its block pattern) for the weights that have one: the encoders (W_enc, a Gated SAE's W_mag)

@@ -216,7 +216,9 @@ class TopKSAE(SAE, AuxKLoss):
         active.values become the values with a gradient, after a ReLU if `relu`. The selection's values may
         already be ReLU'd: ReLU(ReLU(p)) = ReLU(p), and its backward masks the same entries (where p <= 0).
         """
-        pattern = SparsePattern(active.rows, active.latents, active.batch_size, active.d_sae)
+        spans = (self.layer_structure.spans(self.d_in, self.d_sae, self.d_out) if self.layer_structure is not None
+                 else (None, None))  # a CLT's zero blocks, which the sparse products skip
+        pattern = SparsePattern(active.rows, active.latents, active.batch_size, active.d_sae, *spans)
         b_dec = self.b_dec if self.centres_input else None
         values = SparseGather.apply(x, self.W_enc, self.b_enc, b_dec, active.values, pattern)
         active.values = values.relu() if relu else values
