@@ -277,3 +277,47 @@ def test_a_topk_clts_block_encoder_is_the_dense_product():
     pre, pending = sae.float32_preacts(x, bias)
     dense = x @ sae.W_enc + (bias if pending is None else 0)
     assert torch.allclose(pre, dense, atol=1e-5) and not torch.equal(pre, torch.zeros_like(pre))
+
+
+@pytest.mark.parametrize("cross_layer", [True, False])
+def test_block_products_equal_the_dense_products_of_block_shaped_weights(cross_layer):
+    """The dense step's five matmuls over a CLT's blocks alone (kernels/block_products.py) against plain dense
+    matmuls of the block-shaped weights; a weight gradient is the dense one on its blocks and 0 elsewhere."""
+    torch.manual_seed(4)
+    sae = clt("relu", cross_layer)
+    enc_mask = torch.block_diag(*[torch.ones(D, F)] * L)
+    dec_mask = torch.cat([torch.cat([torch.full((F, D), float(j >= i if cross_layer else j == i)) for j in range(L)],
+                                    1) for i in range(L)])
+    W_enc, W_dec = torch.randn(L * D, L * F) * enc_mask, torch.randn(L * F, L * D) * dec_mask
+    x, f, g, gf = torch.randn(32, L * D), torch.randn(32, L * F), torch.randn(32, L * D), torch.randn(32, L * F)
+    bias_f, bias_y = torch.randn(L * F), torch.randn(L * D)
+    products = sae.products
+    torch.testing.assert_close(products.encode(x, W_enc, bias_f), x @ W_enc + bias_f)
+    torch.testing.assert_close(products.decode(f, W_dec, bias_y), f @ W_dec + bias_y)
+    torch.testing.assert_close(products.decode_t(g, W_dec, bias_f), g @ W_dec.t() + bias_f)
+    torch.testing.assert_close(products.decoder_grad(f, g), (f.t() @ g) * dec_mask)
+    torch.testing.assert_close(products.encoder_grad(x, gf), (x.t() @ gf) * enc_mask)
+
+
+@pytest.mark.parametrize("variant", ["relu", "jumprelu"])
+def test_a_dense_clts_fused_step_takes_the_gradients_autograd_takes(variant):
+    """The fused kernels run a CLT's matmuls over its blocks: the loss terms and (masked) gradients equal those of
+    plain autograd through the dense block-shaped weights."""
+    torch.manual_seed(5)
+    x, y = torch.randn(64, L * D), torch.randn(64, L * D)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(6)
+        sae = clt(variant)
+        if not fused:
+            sae.fused_ok = lambda x: False
+        step = sae.training_loss(x, {"sparsity": 0.1}, target=y)
+        sum(step.terms.values()).backward()
+        sae.before_optimizer_step()
+        results.append(({k: v.item() for k, v in step.terms.items()},
+                        {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}))
+    (fused_terms, fused_grads), (plain_terms, plain_grads) = results
+    assert fused_terms == pytest.approx(plain_terms, rel=1e-5)
+    assert fused_grads.keys() == plain_grads.keys() and "W_enc" in fused_grads
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from saelab.kernels import dispatch, native
+from saelab.kernels.block_products import DENSE, DenseProducts
 from saelab.kernels.dense_grads import encoder_grads, keep_where_positive
 
 
@@ -38,20 +39,21 @@ class ReluL1Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, W_dec: Tensor, b_dec: Tensor,
-                workspace: tuple[Tensor, Tensor], weight: Tensor | None = None
+                workspace: tuple[Tensor, Tensor], weight: Tensor | None = None, products: DenseProducts = DENSE
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        ctx.products = products
         if dispatch.backend_for(x, W_enc, b, W_dec) == "triton":
-            f = torch.mm(x, W_enc, out=workspace[0])
+            f = products.encode(x, W_enc, out=workspace[0])
             total, fired = dispatch.triton_kernels().relu_forward(f, b)
             penalty = total.to(x.dtype) / x.shape[0]
         else:
-            f = torch.addmm(b, x, W_enc, out=workspace[0]).relu_()
+            f = products.encode(x, W_enc, b, out=workspace[0]).relu_()
             penalty, fired = (f.sum(-1).mean() if weight is None else None), None
         ctx.weight = weight
         if weight is not None:
             ctx.column_sums = f.sum(0)
             penalty = ctx.column_sums @ weight.to(f.dtype) / x.shape[0]
-        x_hat = torch.addmm(b_dec, f, W_dec)
+        x_hat = products.decode(f, W_dec, b_dec)
         ctx.save_for_backward(x, W_enc, W_dec, f)
         ctx.workspace = workspace[1]
         ctx.mark_non_differentiable(f)
@@ -63,7 +65,8 @@ class ReluL1Function(torch.autograd.Function):
         x, W_enc, W_dec, f = ctx.saved_tensors
         batch = f.shape[0]
         need = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 7
+        grads: list[Tensor | None] = [None] * 8
+        products: DenseProducts = ctx.products
         if g_xhat is None and g_pen is None:
             return tuple(grads)
         g = ctx.workspace
@@ -73,15 +76,15 @@ class ReluL1Function(torch.autograd.Function):
                 grads[6] = (pen * ctx.column_sums).to(ctx.weight.dtype)
             pen = pen * ctx.weight.to(f.dtype)
         if g_xhat is not None:
-            torch.addmm(pen, g_xhat, W_dec.t(), out=g)  # dL/df, with the L1 term's constant gradient
+            products.decode_t(g_xhat, W_dec, pen.expand(f.shape[1]), out=g)  # dL/df, with the L1 term's gradient
             if need[3]:
-                grads[3] = f.t() @ g_xhat
+                grads[3] = products.decoder_grad(f, g_xhat)
             if need[4]:
                 grads[4] = g_xhat.sum(0)
         else:
             g.copy_(pen.expand_as(g))
         keep_where_positive(g, f, out=g)  # ReLU: zero where f == 0
-        encoder_grads(grads, need, g, x, W_enc)
+        encoder_grads(grads, need, g, x, W_enc, products)
         return tuple(grads)
 
 
@@ -100,16 +103,16 @@ class JumpReLUL0Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
-                bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor]
+                bandwidth: float, kernel: str, workspace: tuple[Tensor, Tensor], products: DenseProducts = DENSE
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         backend = dispatch.backend_for(x, W_enc, b, theta)
-        ctx.bandwidth, ctx.kernel, ctx.backend = bandwidth, kernel, backend
+        ctx.bandwidth, ctx.kernel, ctx.backend, ctx.products = bandwidth, kernel, backend, products
         ctx.set_materialize_grads(False)
         if backend == "triton":  # pre keeps p = x W_enc + b for the backward, which recomputes the window from it
-            pre = torch.mm(x, W_enc, out=workspace[0])
+            pre = products.encode(x, W_enc, out=workspace[0])
             n_active, fired = dispatch.triton_kernels().jumprelu_forward(pre, b, theta, out=workspace[1])
             f = workspace[1]
-            x_hat = torch.addmm(b_dec, f, W_dec)
+            x_hat = products.decode(f, W_dec, b_dec)
             ctx.save_for_backward(x, W_enc, theta, W_dec, f, pre)
             ctx.mark_non_differentiable(f)
             return x_hat, f, n_active.to(x.dtype) / x.shape[0], fired
@@ -122,12 +125,12 @@ class JumpReLUL0Function(torch.autograd.Function):
         sync_free, found = dispatch.host_sync_free(x), None
         theta_positive = not sync_free and bool(theta.min() > 0)
         if backend == "native" and theta_positive:
-            pre = torch.mm(x, W_enc, out=workspace[0])
+            pre = products.encode(x, W_enc, out=workspace[0])
             found = native.jumprelu_forward(pre, b, theta, width, bandwidth, out=workspace[1])
             if found is None:
                 pre.add_(b)
         else:
-            pre = torch.addmm(b, x, W_enc, out=workspace[0])
+            pre = products.encode(x, W_enc, b, out=workspace[0])
         if found is not None:  # f in workspace[1]; backward's dL/df then goes to workspace[0]
             n_active, fired, rows, cols, weights = found
             f, grad_buffer, active = workspace[1], workspace[0], None
@@ -151,7 +154,7 @@ class JumpReLUL0Function(torch.autograd.Function):
                     rows, cols = (distance < width).nonzero(as_tuple=True)
                     band = (rows, cols, 1.0 - distance[rows, cols] / bandwidth if kernel == "triangle" else None)
             fired, grad_buffer = None, workspace[1]
-        x_hat = torch.addmm(b_dec, f, W_dec)
+        x_hat = products.decode(f, W_dec, b_dec)
         ctx.save_for_backward(x, W_enc, theta, W_dec, f, active)
         ctx.band, ctx.workspace = band, grad_buffer
         ctx.mark_non_differentiable(f)
@@ -164,8 +167,9 @@ class JumpReLUL0Function(torch.autograd.Function):
         x, W_enc, theta, W_dec, f, active = ctx.saved_tensors
         batch, eps = f.shape[0], ctx.bandwidth
         need = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 9
-        g_f = torch.mm(g_xhat, W_dec.t(), out=ctx.workspace) if g_xhat is not None else None
+        grads: list[Tensor | None] = [None] * 10
+        products: DenseProducts = ctx.products
+        g_f = products.decode_t(g_xhat, W_dec, out=ctx.workspace) if g_xhat is not None else None
         if need[3] and isinstance(ctx.band, Tensor):  # the dense window K(u) [B, m]
             per_entry = theta * g_f if g_f is not None else theta.new_zeros(())
             if g_l0 is not None:
@@ -183,14 +187,14 @@ class JumpReLUL0Function(torch.autograd.Function):
         if g_f is None:
             return tuple(grads)
         if need[4]:
-            grads[4] = f.t() @ g_xhat
+            grads[4] = products.decoder_grad(f, g_xhat)
         if need[5]:
             grads[5] = g_xhat.sum(0)
         if active is None:  # d f / d pi = H(pi - theta) = 1[f > 0] when theta > 0
             g_pre = keep_where_positive(g_f, f, out=g_f)
         else:
             g_pre = g_f.mul_(active)
-        encoder_grads(grads, need, g_pre, x, W_enc)
+        encoder_grads(grads, need, g_pre, x, W_enc, products)
         return tuple(grads)
 
     @staticmethod
@@ -199,10 +203,11 @@ class JumpReLUL0Function(torch.autograd.Function):
         reduces the threshold's STE gradient over the batch."""
         x, W_enc, theta, W_dec, f, pre = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 9
-        g_f = g_xhat @ W_dec.t() if g_xhat is not None else None
+        grads: list[Tensor | None] = [None] * 10
+        products: DenseProducts = ctx.products
+        g_f = products.decode_t(g_xhat, W_dec) if g_xhat is not None else None
         if need[4] and g_xhat is not None:  # before the kernel: f and g_xhat are read, not written, by it
-            grads[4] = f.t() @ g_xhat
+            grads[4] = products.decoder_grad(f, g_xhat)
         grad_theta = dispatch.triton_kernels().jumprelu_backward(g_f, pre, theta, g_l0, ctx.bandwidth, ctx.kernel,
                                                                  need[3])
         if grad_theta is not None:
@@ -211,5 +216,5 @@ class JumpReLUL0Function(torch.autograd.Function):
             return tuple(grads)
         if need[5]:
             grads[5] = g_xhat.sum(0)
-        encoder_grads(grads, need, g_f, x, W_enc)
+        encoder_grads(grads, need, g_f, x, W_enc, products)
         return tuple(grads)

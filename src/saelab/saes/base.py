@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError
+from saelab.kernels.block_products import DENSE
 from saelab.saes.config import SAEConfig
 from saelab.saes.cross_layer import LayerStructure
 from saelab.saes.dead_latents import DeadLatentCounters, DeadRead
@@ -56,6 +57,8 @@ class SAE(DeadLatentCounters, SAELensTensors):
         # A transcoder over several layers (a CLT): weights kept to its block shape (cross_layer.py).
         self.layer_structure = (LayerStructure(self.n_sites, bool(cfg.cross_layer))
                                 if cfg.d_out is not None and self.n_sites > 1 else None)
+        # The fused dense step's matmuls (kernels/block_products.py): a CLT's over its weight blocks alone.
+        self.products = self.layer_structure.products if self.layer_structure is not None else DENSE
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.W_skip = nn.Parameter(torch.zeros(self.d_out, self.d_in)) if cfg.skip else None

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from saelab.kernels.block_products import BlockProducts
 from saelab.kernels.native import LayerSpan
 
 Keep = Callable[[int, int], bool]  # (row block, column block) -> whether the block is a weight
@@ -56,6 +57,7 @@ class LayerStructure:
     def __init__(self, layers: int, cross_layer: bool):
         self.layers, self.cross_layer = int(layers), bool(cross_layer)
         self.decoder_keep: Keep = this_and_later if cross_layer else same_layer
+        self.products = BlockProducts(self.layers, self.cross_layer)  # the dense step's matmuls, blocks alone
 
     def spans(self, d_in: int, d_sae: int, d_out: int) -> tuple[LayerSpan, LayerSpan]:
         """(the encoder's, the decoder's) block structure as the sparse products' kernels skip it: latent j of

@@ -186,7 +186,7 @@ class JumpReLUSAE(SAE):
             theta = self.threshold
             x_hat, f, l0, fired = JumpReLUL0Function.apply(
                 x, self.W_enc, self.folded_bias(self.W_enc, self.b_enc), theta, self.W_dec, self.b_dec,
-                cfg.bandwidth, cfg.kernel, (self.workspace("f", x), self.workspace("grad_f", x)))
+                cfg.bandwidth, cfg.kernel, (self.workspace("f", x), self.workspace("grad_f", x)), self.products)
             terms = {"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * l0}
             return TrainStep(terms, f, extras={"threshold_mean": theta.detach().mean()}, fired_mask=fired)
         pre, theta = self.preacts(x), self.threshold

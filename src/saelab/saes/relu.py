@@ -61,7 +61,7 @@ class ReluSAE(SAE):
             weight = None if self.cfg.sparsity == "l1" else self.decoder_norms()
             x_hat, f, penalty, fired = ReluL1Function.apply(x, self.W_enc, bias, self.W_dec, self.b_dec,
                                                             (self.workspace("f", x), self.workspace("grad_f", x)),
-                                                            weight)
+                                                            weight, self.products)
             terms = {"rec": squared_error(t, x_hat), "sparsity": coefficients["sparsity"] * penalty}
             return TrainStep(terms, f, fired_mask=fired)
         f = self.encode(x)
