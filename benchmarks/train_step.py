@@ -8,8 +8,10 @@
 6 layers), and in the same run the L per-layer transcoders it replaces (--d-sae / L latents each; one is timed, the
 set's time is L times its step). FLOPs are the CLT's useful ones (its L encoder blocks and L(L+1)/2 decoder blocks,
 2 x B x d_in x (d_sae / L) per block and pass; the zero blocks it stores are not counted), and the roofline is
-the per-layer matmul shape's rate. It prints clt_over_per_layer (the CLT's step time / the set's) and the CLT's
-roofline fraction.
+the per-layer matmul shape's rate. It prints clt_over_per_layer (the CLT's step time / the set's), the same ratio
+of useful FLOPs (a dense variant's CLT has L(L+1)/2 decoder blocks to the set's L: 3.5x at L 6, 2.5x the step's
+FLOPs, so it cannot come within 1.3x; TopK-family CLTs do the set's work, ~0.94x), and the CLT's roofline fraction
+(a TopK-family step's is bounded by its selection, as the per-layer transcoder's beside it shows).
 
 --sites S times a crosscoder over S sites of --d-in each (issue 36: 4 sites x 384 -> 3,072 latents): the step is
 handed {site: tensor} and puts the sites side by side as SAEModule does, and the roofline is that of the same
@@ -201,11 +203,14 @@ def clt_comparison(args: argparse.Namespace) -> dict:
     per_layer_ms = args.clt * single["ms_per_step"]
     result = clt | {"per_layer_transcoder_ms": single["ms_per_step"], "per_layer_set_ms": per_layer_ms,
                     "clt_over_per_layer": clt["ms_per_step"] / per_layer_ms,
+                    # the CLT's useful FLOPs over the set's: a dense variant's CLT has L(L+1)/2 decoder blocks to the
+                    # set's L, so its time ratio cannot fall below about this
+                    "clt_flops_over_per_layer": clt["flops"] / (args.clt * single["flops"]),
                     "per_layer_roofline_fraction": single["roofline_fraction"]}
     print(f"clt {args.variant} {args.clt} layers x {args.d_in} -> {args.d_sae} latents, batch {args.batch}: "
           f"{clt['ms_per_step']:.0f} ms/step, {args.clt} per-layer transcoders {per_layer_ms:.0f} ms "
-          f"({result['clt_over_per_layer']:.2f}x); CLT roofline fraction {clt['roofline_fraction']:.2f}, "
-          f"per-layer {single['roofline_fraction']:.2f}")
+          f"({result['clt_over_per_layer']:.2f}x; useful FLOPs {result['clt_flops_over_per_layer']:.2f}x); "
+          f"CLT roofline fraction {clt['roofline_fraction']:.2f}, per-layer {single['roofline_fraction']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -315,7 +320,7 @@ def run(args: argparse.Namespace) -> dict:
         "variant": args.variant, "d_in": d_in, "sites": args.sites, "d_sae": args.d_sae, "batch": args.batch,
         "threads": torch.get_num_threads(), "native_kernels": native.library() is not None,  # TopK's C++ kernels
         "ms_per_step": 1e3 * step_s, "tokens_per_s": args.batch / step_s,
-        "gflops": gflops, "roofline_gflops": roofline_gflops,
+        "flops": flops, "gflops": gflops, "roofline_gflops": roofline_gflops,
         "roofline_fraction": statistics.median(fractions) if fractions else None,
         "roofline_fraction_range": [min(fractions), max(fractions)] if fractions else None,  # over the pairs
         # Medians of the step's phases: the loss (forward, with bookkeeping), backward, and the optimiser phase

@@ -23,7 +23,8 @@ FIELDS = {"tokens_per_s", "ms_per_step", "gflops", "roofline_gflops", "roofline_
 def test_train_step_benchmark_reports_every_variant_on_synthetic_and_saved_activations(tmp_path):
     acts = tmp_path / "acts.pt"
     torch.save(torch.randn(512, 24) / 24**0.5, acts)
-    jobs = [(v, ["--d-in", "16"]) for v in VARIANTS] + [("topk", ["--acts", str(acts)])]
+    jobs = [(v, ["--d-in", "16"]) for v in VARIANTS] + [("topk", ["--acts", str(acts)])] + [
+        (v, ["--d-in", "8", "--clt", "2"]) for v in ("relu", "batchtopk")]  # 2 layers x 8 -> 64 latents
     argvs = [["--variant", v, "--d-sae", "64", "--batch", "64", "--steps", "3", "--warmup", "1", *extra,
               "--json", str(tmp_path / f"{i}.json"), *(["k=4"] if "topk" in v else [])]
              for i, (v, extra) in enumerate(jobs)]
@@ -42,6 +43,13 @@ def test_train_step_benchmark_reports_every_variant_on_synthetic_and_saved_activ
         assert 0 < low <= result["roofline_fraction"] <= high
         assert ("dense_equivalent_fraction" in result) == (variant in SPARSE)
         assert result["native_kernels"] is True  # g++ is here, so TopK's figures are the C++ kernels'
+        if "--clt" in extra:  # useful FLOPs per layer block (2 B d F, d 8, F 32) and sparse pass (2 B k d, k 4)
+            block, sparse = 2 * 64 * 8 * 32, 2 * 64 * 4 * 8
+            clt, per_layer = ((2 * 2 + 3 * 3) * block, 5 * block) if variant == "relu" else (
+                2 * block + 4 * sparse * 1.5, block + 4 * sparse)  # a CLT latent writes 1.5 layers on average
+            assert result["clt_flops_over_per_layer"] == pytest.approx(clt / (2 * per_layer))
+            assert result["clt_over_per_layer"] == pytest.approx(
+                result["ms_per_step"] / result["per_layer_set_ms"])
         if variant in SPARSE:  # the bf16 screen ran exactly where the CPU has bf16 dot products
             assert result["bf16_screen"] is native.fast_bf16()
             if result["bf16_screen"]:  # at least the k = 4 selected values per token were computed exactly
