@@ -1,5 +1,6 @@
-"""The five matmuls of a dense training step (fused_relu.py), for a dense weight and for a cross-layer transcoder's
-block weights.
+"""A cross-layer transcoder's block structure as the step's kernels use it: LayerSpan (which columns a latent's
+rows can have, for the sparse products of TopK/BatchTopK: native.py skips the rest), and the five matmuls of a
+dense training step (fused_relu.py), for a dense weight and for a CLT's block weights.
 
 A dense SAE's step multiplies x W_enc, f W_dec, and in backward g W_dec^T, f^T g and x^T g. A CLT over L layers
 stores W_enc [L d, L F] block-diagonal and W_dec [L F, L d] block-upper-triangular (saes/cross_layer.py), and
@@ -11,8 +12,23 @@ gradient's zero blocks at 0 (they are masked before the step in any case).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+
+class LayerSpan(NamedTuple):
+    """A cross-layer transcoder's block structure, which lets the sparse products skip its zero blocks: latent j
+    (of group g = j // group, its layer) has a nonzero table row, or output row, only on the columns
+    [g step, (g + 1) step), or [g step, end) if suffix (a CLT's decoder: its layer and every later one)."""
+
+    group: int  # latents per layer
+    step: int  # columns per layer
+    suffix: bool
+
+
+NO_SPAN = LayerSpan(0, 0, False)
 
 
 class DenseProducts:

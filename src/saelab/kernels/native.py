@@ -16,11 +16,11 @@ each kernel against that twin.
 from __future__ import annotations
 
 import ctypes
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from saelab.kernels.block_products import NO_SPAN, LayerSpan
 from saelab.kernels.native_library import DISABLE_VARIABLE, library, pointer, threads, usable, usable_library
 from saelab.kernels.native_screen import Screen, bf16_screen, fast_bf16, screened_batch_topk, screened_row_topk
 
@@ -71,19 +71,6 @@ def group_by(ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor] | None:
     offsets = torch.empty(n_groups + 1, dtype=torch.int64)
     lib.saelab_group_by(ids.data_ptr(), ids.numel(), n_groups, order.data_ptr(), offsets.data_ptr())
     return order, offsets
-
-
-class LayerSpan(NamedTuple):
-    """A cross-layer transcoder's block structure, which lets the sparse products skip its zero blocks: latent j
-    (of group g = j // group, its layer) has a nonzero table row, or output row, only on the columns
-    [g step, (g + 1) step), or [g step, end) if suffix (a CLT's decoder: its layer and every later one)."""
-
-    group: int  # latents per layer
-    step: int  # columns per layer
-    suffix: bool
-
-
-NO_SPAN = LayerSpan(0, 0, False)
 
 
 def sparse_decode(values: Tensor, cols: Tensor, row_offsets: Tensor, table: Tensor, bias: Tensor | None = None,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from saelab.kernels import dispatch, native
+from saelab.kernels.block_products import LayerSpan
 
 # Built per step by SparsePattern; the CSR products used here are stable, so the one-time notice is noise.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
@@ -34,7 +35,7 @@ class SparsePattern:
     check_invariants = False  # tests turn this on to have torch verify the CSR structure
 
     def __init__(self, rows: Tensor, latents: Tensor, batch_size: int, d_sae: int,
-                 encoder_span: native.LayerSpan | None = None, decoder_span: native.LayerSpan | None = None):
+                 encoder_span: LayerSpan | None = None, decoder_span: LayerSpan | None = None):
         self.rows, self.latents, self.batch_size, self.d_sae = rows, latents, batch_size, d_sae
         # A cross-layer transcoder's block structure (saes/cross_layer.py): the native products then skip the zero
         # blocks of W_enc (its gradient's, through x) and of W_dec. Elsewhere they are multiplied, and the zero
@@ -55,7 +56,7 @@ class SparsePattern:
                                        check_invariants=self.check_invariants)
 
     def decode(self, values: Tensor, table: Tensor, bias: Tensor | None = None, minus: Tensor | None = None,
-               row_sq: bool = False, span: native.LayerSpan | None = None) -> tuple[Tensor, Tensor | None]:
+               row_sq: bool = False, span: LayerSpan | None = None) -> tuple[Tensor, Tensor | None]:
         """(Z table + bias - minus, a [B, n] tensor; and its rows' squared norms if row_sq): each token's entries'
         values times their rows of table ([d_sae, n]), summed; bias [n] and minus [B, n] are optional; span: where
         table's rows are nonzero."""
@@ -75,7 +76,7 @@ class SparsePattern:
             out = out - minus
         return out, (out.pow(2).sum(-1) if row_sq else None)
 
-    def entry_dots(self, table: Tensor, dense: Tensor, span: native.LayerSpan | None = None) -> Tensor:
+    def entry_dots(self, table: Tensor, dense: Tensor, span: LayerSpan | None = None) -> Tensor:
         """(dense @ table^T)[row_j, latent_j] for every entry j, in entry order: table [d_sae, n], dense [B, n];
         span: where table's rows are nonzero."""
         if self.backend == "triton":
@@ -90,7 +91,7 @@ class SparsePattern:
 
     def transpose_times(self, values: Tensor, dense: Tensor, transposed: bool = False, with_sums: bool = False,
                         shift: Tensor | None = None,
-                        span: native.LayerSpan | None = None) -> tuple[Tensor, Tensor | None]:
+                        span: LayerSpan | None = None) -> tuple[Tensor, Tensor | None]:
         """(Z^T (dense - shift), as [d_sae, n] or, if transposed, [n, d_sae]; and Z's column sums if with_sums).
         shift ([n], optional) is subtracted from every row of dense without forming dense - shift. span: the
         entries of latent j's row of the product that the weight it is the gradient of can have (0 elsewhere,
@@ -98,7 +99,7 @@ class SparsePattern:
         found = None
         if self.backend == "triton":
             found = dispatch.triton_kernels().sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense,
-                                                             transposed, with_sums, shift, span)
+                                                             transposed, with_sums, shift)
         elif self.backend == "native":
             found = native.sparse_t_dense(self.order, self._latent_offsets, self.rows, values, dense.contiguous(),
                                           transposed, with_sums, shift, span)

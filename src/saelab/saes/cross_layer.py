@@ -26,8 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from saelab.kernels.block_products import BlockProducts
-from saelab.kernels.native import LayerSpan
+from saelab.kernels.block_products import BlockProducts, LayerSpan
 
 Keep = Callable[[int, int], bool]  # (row block, column block) -> whether the block is a weight
 
