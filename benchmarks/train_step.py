@@ -49,7 +49,8 @@ the float32 matmul): the FLOPs counted and the roofline stay float32's, so the f
 computed per token, and `bf16_roofline_gflops` is the bf16 matmul's rate on the encoder shape in this run;
 pass the override bf16_screen=false for the float32-only step. The JSON also gives
 dense_equivalent_fraction = (time a dense 5-pass step would take at the 5-pass roofline) / (measured step
-time): above 1 means the sparse step is faster than any dense implementation could be on this machine.
+time): above 1 means the sparse step is faster than any dense implementation could be on this machine (for a
+CLT, a dense step over its useful blocks alone).
 
 --precision: fp32 = float32 matmuls with TF32 off; tf32 = float32 parameters, TF32 matmuls; bf16 = the SAE
 member's bf16 autocast (SAEMember(precision="bf16-mixed"), as trainer.precision=bf16-mixed trains). The roofline
@@ -338,8 +339,10 @@ def run(args: argparse.Namespace) -> dict:
         bf16 = Roofline(DENSE_PASSES[args.variant], args.batch, d_in, args.d_sae, dtype=torch.bfloat16, device=device)
         result["bf16_roofline_gflops"] = bf16.gflops(max(5, args.steps // 2))  # the encoder shape
         del bf16
-        dense = Roofline(DENSE_PASSES["relu"], args.batch, d_in, args.d_sae, dtype=dtype, device=device)
-        dense_step_s = dense.flops / (dense.gflops(max(5, args.steps // 2)) * 1e9)
+        # a CLT's dense step is its useful blocks' (clt_flops), at the rate of the per-layer shape
+        dense = Roofline(DENSE_PASSES["relu"], args.batch, roof_in, roof_sae, dtype=dtype, device=device)
+        dense_flops = clt_flops("relu", sae, args.batch, layers) if layers > 1 else dense.flops
+        dense_step_s = dense_flops / (dense.gflops(max(5, args.steps // 2)) * 1e9)
         del dense
         result["dense_equivalent_fraction"] = dense_step_s / step_s
     if with_reference:
