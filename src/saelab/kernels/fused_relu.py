@@ -13,7 +13,8 @@ checks loss terms and gradients against a straightforward reference), but with f
 
 The elementwise passes between the matmuls run where kernels/dispatch.py says: kernels/native.py's C++ on the
 CPU, the Triton launchers of kernels/triton_gpu.py on CUDA (without a host synchronisation), torch operators
-otherwise. The matmuls are torch's everywhere.
+otherwise. The matmuls are torch's everywhere, run by the SAE's `products` (block_products.py): a cross-layer
+transcoder's over its weight blocks alone.
 
 Used in float (no autocast) training on 2-D batches; the variants fall back to autograd otherwise.
 """
