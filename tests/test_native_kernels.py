@@ -174,7 +174,8 @@ def block_mask(layers: int, group: int, step: int, suffix: bool) -> torch.Tensor
 @pytest.mark.parametrize("suffix", [True, False])
 def test_layer_spans_skip_the_zero_blocks_exactly(build, step, suffix):
     """With a span the products read a table's rows on their blocks alone (the rows are zero elsewhere: the
-    results equal the dense products), and sparse_t_dense leaves the gradient's zero blocks at 0."""
+    results equal the dense products; sampled_dot reads exactly the span, so a row's values outside it are left
+    out), and sparse_t_dense leaves the gradient's zero blocks at 0."""
     layers, group = 3, 24
     row_of, cols, values, offsets, z = sparse_case(layers * step, d_sae=layers * group)
     mask = block_mask(layers, group, step, suffix)
@@ -186,7 +187,8 @@ def test_layer_spans_skip_the_zero_blocks_exactly(build, step, suffix):
     out, sq = native.sparse_decode(values, cols, offsets, table, bias=bias, minus=dense, row_sq=True, span=span)
     close(out, z @ table + bias - dense)
     close(sq, out.pow(2).sum(-1))
-    close(native.sampled_dot(cols, offsets, table, dense, span=span), (dense @ table.t())[row_of, cols])
+    outside = torch.randn(mask.shape) * (1 - mask)  # values no product may read
+    close(native.sampled_dot(cols, offsets, table + outside, dense, span=span), (dense @ table.t())[row_of, cols])
     order, col_offsets = native.group_by(cols, z.shape[1])
     product, sums = native.sparse_t_dense(order, col_offsets, row_of, values, dense, col_sums=True, span=span)
     close(product, (z.t() @ dense) * mask)

@@ -89,13 +89,3 @@ class LayerStructure:
         for weight, keep in self.masks(sae):
             if weight.grad is not None:
                 zero_outside(weight.grad, self.layers, keep)
-
-    @torch.no_grad()
-    def encode_blocks(self, x: Tensor, W_enc: Tensor, out: Tensor) -> Tensor:
-        """x W_enc ([B, L d] x [L d, L F] -> out [B, L F]) from the diagonal blocks alone: L products of the
-        per-layer shape instead of one L times as large (no autograd: TopK's sparse backward gives the gradient)."""
-        layers, batch = self.layers, x.shape[0]
-        d, F = W_enc.shape[0] // layers, W_enc.shape[1] // layers
-        diagonal = W_enc.view(layers, d, layers, F).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [L, d, F]
-        per_layer = torch.bmm(x.view(batch, layers, d).transpose(0, 1), diagonal)  # [L, B, F]
-        return out.view(batch, layers, F).copy_(per_layer.transpose(0, 1)).view(batch, layers * F)

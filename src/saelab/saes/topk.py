@@ -201,13 +201,11 @@ class TopKSAE(SAE, AuxKLoss):
 
     def float32_preacts(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor | None]:
         """(pi, the bias still to add to it, or None): x W_enc into a reused buffer. Where the selection adds the
-        bias as it scans (a C++ kernel), addmm is spared a pass that writes it into pi; elsewhere addmm adds it."""
-        if self.layer_structure is not None:  # a CLT: its encoder's diagonal blocks alone
-            pre = self.layer_structure.encode_blocks(x, self.W_enc, out=self.workspace("pre", x))
-            return (pre, bias) if selection_adds_bias(x, bias) else (pre.add_(bias), None)
+        bias as it scans (a C++ kernel), addmm is spared a pass that writes it into pi; elsewhere addmm adds it.
+        A CLT's product runs over its encoder's diagonal blocks alone (self.products)."""
         if selection_adds_bias(x, bias):
-            return torch.mm(x, self.W_enc, out=self.workspace("pre", x)), bias
-        return torch.addmm(bias, x, self.W_enc, out=self.workspace("pre", x)), None
+            return self.products.encode(x, self.W_enc, out=self.workspace("pre", x)), bias
+        return self.products.encode(x, self.W_enc, bias, out=self.workspace("pre", x)), None
 
     def attach_gradient(self, active: ActiveLatents, x: Tensor, relu: bool = True) -> SparsePattern:
         """Give the selected entries, whose values were taken from pi = x W_enc + folded bias without autograd,
